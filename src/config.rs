@@ -1,0 +1,433 @@
+//! The plugin configuration: serde gives it shape, `Config::parse` gives it meaning.
+//!
+//! Every field has a default, so `{}` is a complete configuration. Anything unknown or out of
+//! range is refused with an error that names the field, and the filter then refuses to load.
+
+use serde::Deserialize;
+use std::fmt;
+
+/// Milliseconds: the filter's only unit of time.
+pub type Millis = u64;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WhenFull {
+    /// Answer `503` with `Retry-After`: no request runs without its guarantee.
+    Reject,
+    /// Forward without idempotency: availability over the guarantee.
+    Pass,
+}
+
+/// Which upstream statuses are not stored (their claim is released so a retry runs the work).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusRule {
+    Exact(u16),
+    /// `5xx`: every status in the hundred.
+    Class(u16),
+}
+
+impl StatusRule {
+    fn matches(&self, status: u16) -> bool {
+        match self {
+            StatusRule::Exact(code) => *code == status,
+            StatusRule::Class(hundred) => status / 100 == *hundred,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Upper-case method names whose requests are covered.
+    pub methods: Vec<String>,
+    /// Lower-case header name carrying the key.
+    pub key_header: String,
+    pub require_key: bool,
+    /// Lower-case header whose value (hashed) is the organisation.
+    pub scope_header: String,
+    pub ttl: Millis,
+    pub lease: Millis,
+    pub max_wait: Millis,
+    pub max_waiting: usize,
+    pub max_request_body_bytes: usize,
+    pub max_response_body_bytes: usize,
+    pub unstored_statuses: Vec<StatusRule>,
+    pub capacity_records: usize,
+    pub capacity_bytes: usize,
+    pub when_full: WhenFull,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid configuration: `{}`: {}", self.field, self.reason)
+    }
+}
+
+fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.to_string(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawStatus {
+    Code(u16),
+    Text(String),
+}
+
+/// The document as written, before its meaning is checked.
+struct Raw {
+    methods: Vec<String>,
+    key_header: String,
+    require_key: bool,
+    scope_header: String,
+    ttl: String,
+    lease: String,
+    max_wait: String,
+    max_waiting: usize,
+    max_request_body_bytes: usize,
+    max_response_body_bytes: usize,
+    unstored_statuses: Vec<RawStatus>,
+    capacity_records: usize,
+    capacity_bytes: usize,
+    when_full: String,
+    key_prefix: String,
+}
+
+/// Reads one field, naming it in the error (serde alone names the position, not the field).
+fn field<T: serde::de::DeserializeOwned>(
+    name: &'static str,
+    value: serde_json::Value,
+) -> Result<T, ConfigError> {
+    serde_json::from_value(value).map_err(|e| invalid(name, e.to_string()))
+}
+
+impl Raw {
+    fn from_json(json: &[u8]) -> Result<Raw, ConfigError> {
+        let document: serde_json::Value =
+            serde_json::from_slice(json).map_err(|e| invalid("(document)", e.to_string()))?;
+        let serde_json::Value::Object(fields) = document else {
+            return Err(invalid("(document)", "expected a JSON object"));
+        };
+        let mut raw = Raw::default();
+        for (name, value) in fields {
+            match name.as_str() {
+                "methods" => raw.methods = field("methods", value)?,
+                "key_header" => raw.key_header = field("key_header", value)?,
+                "require_key" => raw.require_key = field("require_key", value)?,
+                "scope_header" => raw.scope_header = field("scope_header", value)?,
+                "ttl" => raw.ttl = field("ttl", value)?,
+                "lease" => raw.lease = field("lease", value)?,
+                "max_wait" => raw.max_wait = field("max_wait", value)?,
+                "max_waiting" => raw.max_waiting = field("max_waiting", value)?,
+                "max_request_body_bytes" => {
+                    raw.max_request_body_bytes = field("max_request_body_bytes", value)?
+                }
+                "max_response_body_bytes" => {
+                    raw.max_response_body_bytes = field("max_response_body_bytes", value)?
+                }
+                "unstored_statuses" => raw.unstored_statuses = field("unstored_statuses", value)?,
+                "capacity_records" => raw.capacity_records = field("capacity_records", value)?,
+                "capacity_bytes" => raw.capacity_bytes = field("capacity_bytes", value)?,
+                "when_full" => raw.when_full = field("when_full", value)?,
+                "key_prefix" => raw.key_prefix = field("key_prefix", value)?,
+                _ => return Err(invalid(&name, "unknown field")),
+            }
+        }
+        Ok(raw)
+    }
+}
+
+impl Default for Raw {
+    fn default() -> Self {
+        Raw {
+            methods: vec!["POST".into(), "PATCH".into()],
+            key_header: "idempotency-key".into(),
+            require_key: false,
+            scope_header: "authorization".into(),
+            ttl: "24h".into(),
+            lease: "60s".into(),
+            max_wait: "10s".into(),
+            max_waiting: 1000,
+            max_request_body_bytes: 1 << 20,
+            max_response_body_bytes: 1 << 20,
+            unstored_statuses: vec![
+                RawStatus::Text("5xx".into()),
+                RawStatus::Code(408),
+                RawStatus::Code(425),
+                RawStatus::Code(429),
+            ],
+            capacity_records: 10_000,
+            capacity_bytes: 64 << 20,
+            when_full: "reject".into(),
+            key_prefix: "idempotency/".into(),
+        }
+    }
+}
+
+/// Limits that keep one misconfiguration from exhausting the host.
+const MAX_CAPACITY_RECORDS: usize = 10_000_000;
+const MAX_BODY_BYTES: usize = 64 << 20;
+
+impl Config {
+    pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
+        let json = if json.iter().all(u8::is_ascii_whitespace) {
+            b"{}".as_slice()
+        } else {
+            json
+        };
+        Config::validate(Raw::from_json(json)?)
+    }
+
+    fn validate(raw: Raw) -> Result<Config, ConfigError> {
+        if raw.methods.is_empty() {
+            return Err(invalid("methods", "must name at least one method"));
+        }
+        let mut methods = Vec::with_capacity(raw.methods.len());
+        for method in &raw.methods {
+            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
+                return Err(invalid("methods", format!("`{method}` is not a method name")));
+            }
+            methods.push(method.to_ascii_uppercase());
+        }
+        let key_header = header_name("key_header", &raw.key_header)?;
+        let scope_header = header_name("scope_header", &raw.scope_header)?;
+        let ttl = duration("ttl", &raw.ttl)?;
+        if ttl == 0 {
+            return Err(invalid("ttl", "must be longer than 0s"));
+        }
+        let lease = duration("lease", &raw.lease)?;
+        let max_wait = duration("max_wait", &raw.max_wait)?;
+        if raw.max_request_body_bytes > MAX_BODY_BYTES {
+            return Err(invalid(
+                "max_request_body_bytes",
+                format!("at most {MAX_BODY_BYTES}"),
+            ));
+        }
+        if raw.max_response_body_bytes > MAX_BODY_BYTES {
+            return Err(invalid(
+                "max_response_body_bytes",
+                format!("at most {MAX_BODY_BYTES}"),
+            ));
+        }
+        let unstored_statuses = raw
+            .unstored_statuses
+            .iter()
+            .map(status_rule)
+            .collect::<Result<Vec<_>, _>>()?;
+        if raw.capacity_records == 0 || raw.capacity_records > MAX_CAPACITY_RECORDS {
+            return Err(invalid(
+                "capacity_records",
+                format!("must be between 1 and {MAX_CAPACITY_RECORDS}"),
+            ));
+        }
+        let shard_bytes = raw.capacity_bytes / crate::table::LEDGER_SHARDS;
+        if shard_bytes < raw.max_response_body_bytes.max(1) {
+            return Err(invalid(
+                "capacity_bytes",
+                format!(
+                    "must be at least {} x max_response_body_bytes, so any storable response fits",
+                    crate::table::LEDGER_SHARDS
+                ),
+            ));
+        }
+        let when_full = match raw.when_full.as_str() {
+            "reject" => WhenFull::Reject,
+            "pass" => WhenFull::Pass,
+            other => {
+                return Err(invalid(
+                    "when_full",
+                    format!("`{other}`: expected `reject` or `pass`"),
+                ))
+            }
+        };
+        if raw.key_prefix.is_empty() {
+            return Err(invalid(
+                "key_prefix",
+                "must not be empty: shared data is shared by every plugin of the VM",
+            ));
+        }
+        Ok(Config {
+            methods,
+            key_header,
+            require_key: raw.require_key,
+            scope_header,
+            ttl,
+            lease,
+            max_wait,
+            max_waiting: raw.max_waiting,
+            max_request_body_bytes: raw.max_request_body_bytes,
+            max_response_body_bytes: raw.max_response_body_bytes,
+            unstored_statuses,
+            capacity_records: raw.capacity_records,
+            capacity_bytes: raw.capacity_bytes,
+            when_full,
+            key_prefix: raw.key_prefix,
+        })
+    }
+
+    pub fn covers(&self, method: &str) -> bool {
+        self.methods.iter().any(|m| m == method)
+    }
+
+    pub fn stores_status(&self, status: u16) -> bool {
+        !self.unstored_statuses.iter().any(|rule| rule.matches(status))
+    }
+}
+
+fn header_name(field: &'static str, name: &str) -> Result<String, ConfigError> {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if name.is_empty() || !name.bytes().all(token) {
+        return Err(invalid(field, format!("`{name}` is not a header name")));
+    }
+    Ok(name.to_ascii_lowercase())
+}
+
+fn status_rule(raw: &RawStatus) -> Result<StatusRule, ConfigError> {
+    let field = "unstored_statuses";
+    match raw {
+        RawStatus::Code(code) if (100..=599).contains(code) => Ok(StatusRule::Exact(*code)),
+        RawStatus::Code(code) => Err(invalid(field, format!("{code} is not an HTTP status"))),
+        RawStatus::Text(text) => {
+            let bytes = text.as_bytes();
+            match bytes {
+                [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
+                    Ok(StatusRule::Class(u16::from(d - b'0')))
+                }
+                _ => match text.parse::<u16>() {
+                    Ok(code) if (100..=599).contains(&code) => Ok(StatusRule::Exact(code)),
+                    _ => Err(invalid(
+                        field,
+                        format!("`{text}`: expected a status like 429 or a class like \"5xx\""),
+                    )),
+                },
+            }
+        }
+    }
+}
+
+/// Parses "250ms", "30s", "5m", "24h" (and "0s").
+pub fn duration(field: &'static str, text: &str) -> Result<Millis, ConfigError> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let scale: Millis = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(invalid(
+                field,
+                format!("`{text}`: expected a duration like \"500ms\", \"30s\", \"5m\" or \"24h\""),
+            ))
+        }
+    };
+    digits
+        .parse::<Millis>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|ms| *ms <= 366 * 24 * 3_600_000)
+        .ok_or_else(|| invalid(field, format!("`{text}` is not a duration of at most 366 days")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(json: &str) -> String {
+        match Config::parse(json.as_bytes()) {
+            Err(error) => error.field,
+            Ok(_) => "(accepted)".into(),
+        }
+    }
+
+    #[test]
+    fn empty_document_gives_the_contract_defaults() {
+        let config = Config::parse(b"{}").unwrap();
+        assert_eq!(config.methods, ["POST", "PATCH"]);
+        assert_eq!(config.key_header, "idempotency-key");
+        assert!(!config.require_key);
+        assert_eq!(config.scope_header, "authorization");
+        assert_eq!(config.ttl, 86_400_000);
+        assert_eq!(config.lease, 60_000);
+        assert_eq!(config.when_full, WhenFull::Reject);
+        for status in [500, 503, 599, 408, 425, 429] {
+            assert!(!config.stores_status(status), "{status}");
+        }
+        for status in [200, 201, 204, 301, 400, 404, 409, 422] {
+            assert!(config.stores_status(status), "{status}");
+        }
+    }
+
+    #[test]
+    fn blank_configuration_is_the_empty_document() {
+        assert!(Config::parse(b"").is_ok());
+        assert!(Config::parse(b"  \n").is_ok());
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let error = Config::parse(br#"{"ttl":"1h","tll":"2h"}"#).unwrap_err();
+        assert!(error.to_string().contains("`tll`"), "{error}");
+        assert!(Config::parse(b"[]").is_err());
+    }
+
+    #[test]
+    fn bad_values_name_their_field() {
+        assert_eq!(field_of(r#"{"ttl":"soon"}"#), "ttl");
+        assert_eq!(field_of(r#"{"ttl":"0s"}"#), "ttl");
+        assert_eq!(field_of(r#"{"lease":"5 s"}"#), "lease");
+        assert_eq!(field_of(r#"{"methods":[]}"#), "methods");
+        assert_eq!(field_of(r#"{"methods":["PO ST"]}"#), "methods");
+        assert_eq!(field_of(r#"{"key_header":"idem key"}"#), "key_header");
+        assert_eq!(field_of(r#"{"unstored_statuses":[700]}"#), "unstored_statuses");
+        assert_eq!(field_of(r#"{"unstored_statuses":["6xx"]}"#), "unstored_statuses");
+        assert_eq!(field_of(r#"{"capacity_records":0}"#), "capacity_records");
+        assert_eq!(field_of(r#"{"capacity_bytes":1024}"#), "capacity_bytes");
+        assert_eq!(field_of(r#"{"when_full":"drop"}"#), "when_full");
+        assert_eq!(field_of(r#"{"key_prefix":""}"#), "key_prefix");
+        assert_eq!(field_of(r#"{"require_key":"yes"}"#), "require_key");
+        assert_eq!(field_of(r#"{"max_waiting":-1}"#), "max_waiting");
+    }
+
+    #[test]
+    fn durations_take_the_usual_units() {
+        assert_eq!(duration("ttl", "250ms"), Ok(250));
+        assert_eq!(duration("ttl", "30s"), Ok(30_000));
+        assert_eq!(duration("ttl", "5m"), Ok(300_000));
+        assert_eq!(duration("ttl", "24h"), Ok(86_400_000));
+        assert_eq!(duration("lease", "0s"), Ok(0));
+        assert!(duration("ttl", "").is_err());
+        assert!(duration("ttl", "s").is_err());
+        assert!(duration("ttl", "99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn status_rules_take_codes_and_classes() {
+        let config = Config::parse(br#"{"unstored_statuses":["4xx", 503, "302"]}"#).unwrap();
+        assert!(!config.stores_status(404));
+        assert!(!config.stores_status(503));
+        assert!(!config.stores_status(302));
+        assert!(config.stores_status(500));
+        assert!(config.stores_status(200));
+    }
+
+    #[test]
+    fn methods_and_headers_are_normalised() {
+        let config =
+            Config::parse(br#"{"methods":["post","Put"],"key_header":"X-Idem-Key"}"#).unwrap();
+        assert!(config.covers("POST"));
+        assert!(config.covers("PUT"));
+        assert!(!config.covers("PATCH"));
+        assert_eq!(config.key_header, "x-idem-key");
+    }
+}

@@ -1,0 +1,336 @@
+//! The state machine of one record, as pure functions from (current entries, request, now) to
+//! (verdict, new entries). Stores apply them under their own atomicity (a compare-and-swap on a
+//! bucket, a transaction on a remote store); nothing here knows where the entries live.
+
+use crate::config::Millis;
+use crate::identity::Digest32;
+use crate::record::{Bucket, Entry, State};
+
+/// A request asking for a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claim {
+    pub tuple: Digest32,
+    pub fingerprint: Digest32,
+    /// Unique per attempt: it proves ownership when the attempt ends.
+    pub token: u64,
+    pub lease: Millis,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// This request owns the record now and goes upstream. `reclaimed` is the response length
+    /// of the expired record it replaced, whose bytes must be given back.
+    Claimed { slot: usize, reclaimed: u32 },
+    /// A complete record with the same fingerprint: replay the response at `slot`.
+    Replay { slot: usize, token: u64, len: u32 },
+    /// Same tuple, different fingerprint.
+    Conflict,
+    /// Same request, still running; the lease ends in `remaining`.
+    InFlight { remaining: Millis },
+    /// Same request, ended without a known outcome; held for `remaining`.
+    Held { remaining: Millis },
+    /// The work ran, but its response was too large to keep.
+    NotStored,
+    /// No entry free for this tuple.
+    Full,
+}
+
+impl Verdict {
+    /// Whether the verdict changed the bucket (and so must be written back).
+    pub fn writes(&self) -> bool {
+        matches!(self, Verdict::Claimed { .. })
+    }
+}
+
+/// Looks the claim up in a bucket and, where nothing live matches, takes a free entry.
+pub fn claim(bucket: &mut Bucket, claim: &Claim, now: Millis) -> Verdict {
+    if let Some((slot, entry)) = bucket
+        .entries
+        .iter()
+        .enumerate()
+        .find(|(_, e)| e.is_live(now) && e.tuple == claim.tuple)
+    {
+        if entry.fingerprint != claim.fingerprint {
+            return Verdict::Conflict;
+        }
+        let remaining = entry.deadline - now;
+        return match entry.state {
+            State::InFlight => Verdict::InFlight { remaining },
+            State::Held => Verdict::Held { remaining },
+            State::Complete => Verdict::Replay {
+                slot,
+                token: entry.token,
+                len: entry.response_len,
+            },
+            State::Unstored | State::Empty => Verdict::NotStored,
+        };
+    }
+    // Empty entries first: taking an expired one costs giving its response bytes back.
+    let free = bucket
+        .entries
+        .iter()
+        .position(|e| e.state == State::Empty)
+        .or_else(|| bucket.entries.iter().position(|e| !e.is_live(now)));
+    let Some(slot) = free else {
+        return Verdict::Full;
+    };
+    let previous = bucket.entries[slot];
+    let reclaimed = if previous.state == State::Complete {
+        previous.response_len
+    } else {
+        0
+    };
+    bucket.entries[slot] = Entry {
+        state: State::InFlight,
+        tuple: claim.tuple,
+        fingerprint: claim.fingerprint,
+        token: claim.token,
+        deadline: now.saturating_add(claim.lease.max(1)),
+        response_len: 0,
+    };
+    Verdict::Claimed { slot, reclaimed }
+}
+
+/// How an attempt ended, as the owner reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// The response is stored under the claim's token, `len` bytes; kept for `ttl`.
+    Stored { len: u32, ttl: Millis },
+    /// The work ran but its response is not kept; later duplicates learn that.
+    Unstored { ttl: Millis },
+    /// The outcome is known not to need keeping (not stored, or never reached the upstream).
+    Released,
+    /// The outcome is unknown: keep the claim until its lease ends.
+    Held,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    Done,
+    /// The entry is no longer this claim's (its lease ended and another request took it).
+    Lost,
+}
+
+/// Applies an ending to the entry at `slot`, if it is still this claim's.
+pub fn finish(bucket: &mut Bucket, slot: usize, token: u64, ending: Ending, now: Millis) -> Finish {
+    let Some(entry) = bucket.entries.get_mut(slot) else {
+        return Finish::Lost;
+    };
+    if entry.state != State::InFlight || entry.token != token || entry.deadline <= now {
+        return Finish::Lost;
+    }
+    match ending {
+        Ending::Stored { len, ttl } => {
+            entry.state = State::Complete;
+            entry.deadline = now.saturating_add(ttl);
+            entry.response_len = len;
+        }
+        Ending::Unstored { ttl } => {
+            entry.state = State::Unstored;
+            entry.deadline = now.saturating_add(ttl);
+        }
+        Ending::Released => *entry = Entry::EMPTY,
+        Ending::Held => entry.state = State::Held,
+    }
+    Finish::Done
+}
+
+fn is_reclaimable(entry: &Entry, now: Millis) -> bool {
+    entry.state == State::Complete && !entry.is_live(now)
+}
+
+/// The entries whose response bytes can be given back: expired complete records.
+pub fn reclaimable(bucket: &Bucket, now: Millis) -> impl Iterator<Item = usize> + '_ {
+    bucket
+        .entries
+        .iter()
+        .enumerate()
+        .filter(move |(_, e)| is_reclaimable(e, now))
+        .map(|(slot, _)| slot)
+}
+
+/// Takes an expired complete entry for the sweeper, as a claim would, so that nobody else writes
+/// its response while the sweeper gives the bytes back. False if it is no longer reclaimable.
+pub fn take_for_sweep(bucket: &mut Bucket, slot: usize, token: u64, until: Millis, now: Millis) -> bool {
+    match bucket.entries.get_mut(slot) {
+        Some(entry) if is_reclaimable(entry, now) => {
+            *entry = Entry {
+                state: State::InFlight,
+                token,
+                deadline: until,
+                ..Entry::EMPTY
+            };
+            true
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::BUCKET_ENTRIES;
+
+    const LEASE: Millis = 60_000;
+    const TTL: Millis = 86_400_000;
+
+    fn request(tuple: u8, fingerprint: u8, token: u64) -> Claim {
+        Claim {
+            tuple: [tuple; 32],
+            fingerprint: [fingerprint; 32],
+            token,
+            lease: LEASE,
+        }
+    }
+
+    fn claimed_slot(verdict: Verdict) -> usize {
+        match verdict {
+            Verdict::Claimed { slot, .. } => slot,
+            other => panic!("expected a claim, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_first_request_claims_and_a_duplicate_sees_it_in_flight() {
+        let mut bucket = Bucket::empty();
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 1000));
+        assert_eq!(bucket.entries[slot].state, State::InFlight);
+        assert_eq!(
+            claim(&mut bucket, &request(1, 1, 11), 1500),
+            Verdict::InFlight {
+                remaining: LEASE - 500
+            }
+        );
+    }
+
+    #[test]
+    fn a_different_fingerprint_conflicts_in_flight_and_complete() {
+        let mut bucket = Bucket::empty();
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        assert_eq!(claim(&mut bucket, &request(1, 2, 11), 1), Verdict::Conflict);
+        let stored = Ending::Stored { len: 5, ttl: TTL };
+        assert_eq!(finish(&mut bucket, slot, 10, stored, 2), Finish::Done);
+        let before = bucket.clone();
+        assert_eq!(claim(&mut bucket, &request(1, 2, 12), 3), Verdict::Conflict);
+        assert_eq!(bucket, before, "a conflict leaves the record untouched");
+    }
+
+    #[test]
+    fn a_complete_record_replays_until_its_ttl() {
+        let mut bucket = Bucket::empty();
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        finish(&mut bucket, slot, 10, Ending::Stored { len: 99, ttl: TTL }, 100);
+        assert_eq!(
+            claim(&mut bucket, &request(1, 1, 11), 100 + TTL - 1),
+            Verdict::Replay {
+                slot,
+                token: 10,
+                len: 99
+            }
+        );
+        assert!(
+            matches!(
+                claim(&mut bucket, &request(1, 1, 12), 100 + TTL),
+                Verdict::Claimed { .. }
+            ),
+            "past the TTL the work runs again"
+        );
+    }
+
+    #[test]
+    fn taking_an_expired_record_gives_its_bytes_back() {
+        let mut bucket = Bucket::empty();
+        for n in 0..BUCKET_ENTRIES as u8 {
+            let slot = claimed_slot(claim(&mut bucket, &request(n, 0, u64::from(n)), 0));
+            finish(&mut bucket, slot, u64::from(n), Ending::Stored { len: 99, ttl: 10 }, 0);
+        }
+        assert!(matches!(
+            claim(&mut bucket, &request(200, 0, 99), 10),
+            Verdict::Claimed { reclaimed: 99, .. }
+        ));
+    }
+
+    #[test]
+    fn a_released_claim_lets_the_next_request_run() {
+        let mut bucket = Bucket::empty();
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        assert_eq!(finish(&mut bucket, slot, 10, Ending::Released, 5), Finish::Done);
+        assert!(matches!(
+            claim(&mut bucket, &request(1, 1, 11), 6),
+            Verdict::Claimed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_held_claim_answers_in_progress_until_its_lease_ends() {
+        let mut bucket = Bucket::empty();
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        finish(&mut bucket, slot, 10, Ending::Held, 1000);
+        assert_eq!(
+            claim(&mut bucket, &request(1, 1, 11), 1000),
+            Verdict::Held {
+                remaining: LEASE - 1000
+            }
+        );
+        assert!(matches!(
+            claim(&mut bucket, &request(1, 1, 12), LEASE),
+            Verdict::Claimed { .. }
+        ));
+    }
+
+    #[test]
+    fn a_claim_whose_owner_vanished_expires_with_its_lease() {
+        let mut bucket = Bucket::empty();
+        claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        assert!(matches!(
+            claim(&mut bucket, &request(1, 1, 11), LEASE),
+            Verdict::Claimed { .. }
+        ));
+    }
+
+    #[test]
+    fn an_owner_past_its_lease_cannot_finish_over_a_newer_claim() {
+        let mut bucket = Bucket::empty();
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        let taken = claimed_slot(claim(&mut bucket, &request(1, 1, 11), LEASE + 1));
+        let stored = Ending::Stored { len: 1, ttl: TTL };
+        assert_eq!(finish(&mut bucket, slot, 10, stored, LEASE + 2), Finish::Lost);
+        assert_eq!(bucket.entries[taken].token, 11);
+        assert_eq!(bucket.entries[taken].state, State::InFlight);
+    }
+
+    #[test]
+    fn an_unstored_record_is_kept_for_the_ttl_without_its_response() {
+        let mut bucket = Bucket::empty();
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        finish(&mut bucket, slot, 10, Ending::Unstored { ttl: TTL }, 10);
+        assert_eq!(claim(&mut bucket, &request(1, 1, 11), 20), Verdict::NotStored);
+        assert_eq!(claim(&mut bucket, &request(1, 2, 11), 20), Verdict::Conflict);
+    }
+
+    #[test]
+    fn a_full_bucket_refuses_new_tuples_but_serves_its_own() {
+        let mut bucket = Bucket::empty();
+        for n in 0..BUCKET_ENTRIES as u8 {
+            claimed_slot(claim(&mut bucket, &request(n, 0, u64::from(n)), 0));
+        }
+        assert_eq!(claim(&mut bucket, &request(200, 0, 99), 1), Verdict::Full);
+        assert!(matches!(
+            claim(&mut bucket, &request(3, 0, 99), 1),
+            Verdict::InFlight { .. }
+        ));
+        assert!(matches!(
+            claim(&mut bucket, &request(200, 0, 99), LEASE),
+            Verdict::Claimed { .. }
+        ));
+    }
+
+    #[test]
+    fn expired_complete_entries_are_reclaimable() {
+        let mut bucket = Bucket::empty();
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        finish(&mut bucket, slot, 10, Ending::Stored { len: 7, ttl: 100 }, 0);
+        assert_eq!(reclaimable(&bucket, 99).count(), 0);
+        assert_eq!(reclaimable(&bucket, 100).collect::<Vec<_>>(), [slot]);
+    }
+}

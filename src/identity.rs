@@ -1,0 +1,171 @@
+//! What makes two requests "the same": the key's validity, the record's tuple
+//! (scope, method, path, key) and the request's fingerprint (query string and body).
+//!
+//! Only digests leave this module: no raw key and no `Authorization` value is ever stored.
+
+use sha2::{Digest, Sha256};
+
+pub type Digest32 = [u8; 32];
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyProblem {
+    Missing,
+    Invalid(&'static str),
+}
+
+/// Finds the key among the request headers. The header must appear once, with 1 to 255
+/// characters of visible ASCII or space.
+pub fn key_of<'a>(
+    headers: &'a [(String, Vec<u8>)],
+    name: &str,
+) -> Result<Option<&'a [u8]>, KeyProblem> {
+    let mut values = headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name));
+    let Some((_, value)) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyProblem::Invalid("the header appears more than once"));
+    }
+    validate_key(value).map(Some)
+}
+
+pub fn validate_key(value: &[u8]) -> Result<&[u8], KeyProblem> {
+    if value.is_empty() {
+        return Err(KeyProblem::Invalid("the key is empty"));
+    }
+    if value.len() > 255 {
+        return Err(KeyProblem::Invalid("the key is longer than 255 characters"));
+    }
+    if !value.iter().all(|b| (0x20..=0x7e).contains(b)) {
+        return Err(KeyProblem::Invalid(
+            "the key may hold only visible ASCII characters and spaces",
+        ));
+    }
+    Ok(value)
+}
+
+/// Splits `:path` into the path that identifies the record and the query that is fingerprinted.
+pub fn split_path(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().position(|b| *b == b'?') {
+        Some(at) => (&path[..at], &path[at + 1..]),
+        None => (path, b""),
+    }
+}
+
+/// Hashes length-prefixed parts, so that no two different part lists share an input.
+fn digest_of(parts: &[&[u8]]) -> Digest32 {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    hasher.finalize().into()
+}
+
+/// The organisation: a digest of the scope header's value.
+pub fn scope_of(value: &[u8]) -> Digest32 {
+    digest_of(&[b"scope", value])
+}
+
+/// The record's identity: (scope, method, path, key).
+pub fn tuple_of(scope: &Digest32, method: &str, path: &[u8], key: &[u8]) -> Digest32 {
+    digest_of(&[b"tuple", scope, method.as_bytes(), path, key])
+}
+
+/// "The same request": query string and body.
+pub fn fingerprint_of(query: &[u8], body: &[u8]) -> Digest32 {
+    digest_of(&[b"fingerprint", query, body])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
+        pairs
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn keys_of_1_to_255_visible_characters_are_valid() {
+        assert!(validate_key(b"a").is_ok());
+        assert!(validate_key(b"7f9a1c2d-0b1e 4c7f~!").is_ok());
+        assert!(validate_key(&[b'k'; 255]).is_ok());
+    }
+
+    #[test]
+    fn empty_long_control_and_non_ascii_keys_are_invalid() {
+        for bad in [
+            b"".to_vec(),
+            vec![b'k'; 256],
+            b"tab\there".to_vec(),
+            b"nul\0".to_vec(),
+            b"del\x7f".to_vec(),
+            "caf\u{e9}".as_bytes().to_vec(),
+        ] {
+            assert!(
+                matches!(validate_key(&bad), Err(KeyProblem::Invalid(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_repeated_header_is_invalid_and_an_absent_one_is_none() {
+        let twice = headers(&[("idempotency-key", b"a"), ("Idempotency-Key", b"b")]);
+        assert!(matches!(
+            key_of(&twice, "idempotency-key"),
+            Err(KeyProblem::Invalid(_))
+        ));
+        let none = headers(&[("content-type", b"text/plain")]);
+        assert_eq!(key_of(&none, "idempotency-key"), Ok(None));
+        let once = headers(&[("Idempotency-Key", b"abc")]);
+        assert_eq!(
+            key_of(&once, "idempotency-key"),
+            Ok(Some(b"abc".as_slice()))
+        );
+    }
+
+    #[test]
+    fn the_query_string_is_not_part_of_the_path() {
+        assert_eq!(
+            split_path(b"/v1/customers?x=1&y=2"),
+            (b"/v1/customers".as_slice(), b"x=1&y=2".as_slice())
+        );
+        assert_eq!(split_path(b"/v1"), (b"/v1".as_slice(), b"".as_slice()));
+    }
+
+    #[test]
+    fn each_part_of_the_tuple_separates_records() {
+        let org_a = scope_of(b"Bearer a");
+        let org_b = scope_of(b"Bearer b");
+        let base = tuple_of(&org_a, "POST", b"/v1/customers", b"k");
+        assert_ne!(base, tuple_of(&org_b, "POST", b"/v1/customers", b"k"));
+        assert_ne!(base, tuple_of(&org_a, "PATCH", b"/v1/customers", b"k"));
+        assert_ne!(base, tuple_of(&org_a, "POST", b"/v1/customers/abc", b"k"));
+        assert_ne!(base, tuple_of(&org_a, "POST", b"/v1/customers", b"k2"));
+        assert_eq!(base, tuple_of(&org_a, "POST", b"/v1/customers", b"k"));
+    }
+
+    #[test]
+    fn parts_cannot_bleed_into_each_other() {
+        let scope = scope_of(b"x");
+        assert_ne!(
+            tuple_of(&scope, "POST", b"/a", b"bc"),
+            tuple_of(&scope, "POST", b"/ab", b"c")
+        );
+        assert_ne!(fingerprint_of(b"a", b"bc"), fingerprint_of(b"ab", b"c"));
+    }
+
+    #[test]
+    fn fingerprint_covers_query_and_body() {
+        let base = fingerprint_of(b"x=1", b"{}");
+        assert_ne!(base, fingerprint_of(b"x=2", b"{}"));
+        assert_ne!(base, fingerprint_of(b"x=1", b"{ }"));
+        assert_eq!(base, fingerprint_of(b"x=1", b"{}"));
+    }
+}

@@ -1,0 +1,420 @@
+//! The stored formats: a bucket of entries (the state of up to `BUCKET_ENTRIES` records) and a
+//! stored response. Both are versioned binary: a reader that meets a version it does not know
+//! refuses it rather than guess, so a filter upgrade in a running Envoy never misreads a record.
+
+use crate::config::Millis;
+use crate::identity::Digest32;
+
+pub const BUCKET_ENTRIES: usize = 16;
+const BUCKET_MAGIC: [u8; 2] = *b"IB";
+const RESPONSE_MAGIC: [u8; 2] = *b"IR";
+const LEDGER_MAGIC: [u8; 2] = *b"IL";
+const VERSION: u8 = 1;
+const HEADER_LEN: usize = 4;
+const ENTRY_LEN: usize = 1 + 32 + 32 + 8 + 8 + 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Empty,
+    /// Claimed; the owner is forwarding. `deadline` is the lease's end.
+    InFlight,
+    /// The owner ended without knowing whether the work ran; held until `deadline` (the lease).
+    Held,
+    /// The response is stored; `deadline` is the record's expiry.
+    Complete,
+    /// The work ran but its response was not stored (too large); `deadline` is the expiry.
+    Unstored,
+}
+
+impl State {
+    fn code(self) -> u8 {
+        match self {
+            State::Empty => 0,
+            State::InFlight => 1,
+            State::Held => 2,
+            State::Complete => 3,
+            State::Unstored => 4,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<State> {
+        Some(match code {
+            0 => State::Empty,
+            1 => State::InFlight,
+            2 => State::Held,
+            3 => State::Complete,
+            4 => State::Unstored,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub state: State,
+    pub tuple: Digest32,
+    pub fingerprint: Digest32,
+    /// Identifies the claim that wrote this entry; a stored response carries the same token.
+    pub token: u64,
+    pub deadline: Millis,
+    /// Bytes of the stored response, for `Complete`.
+    pub response_len: u32,
+}
+
+impl Entry {
+    pub const EMPTY: Entry = Entry {
+        state: State::Empty,
+        tuple: [0; 32],
+        fingerprint: [0; 32],
+        token: 0,
+        deadline: 0,
+        response_len: 0,
+    };
+
+    /// An entry whose deadline has passed no longer holds its tuple: it is as if absent.
+    pub fn is_live(&self, now: Millis) -> bool {
+        self.state != State::Empty && self.deadline > now
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    Malformed,
+    /// Written by a filter version this one does not know.
+    UnknownVersion(u8),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bucket {
+    pub entries: [Entry; BUCKET_ENTRIES],
+}
+
+impl Bucket {
+    pub fn empty() -> Bucket {
+        Bucket {
+            entries: [Entry::EMPTY; BUCKET_ENTRIES],
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + BUCKET_ENTRIES * ENTRY_LEN);
+        out.extend_from_slice(&BUCKET_MAGIC);
+        out.push(VERSION);
+        out.push(BUCKET_ENTRIES as u8);
+        for entry in &self.entries {
+            out.push(entry.state.code());
+            out.extend_from_slice(&entry.tuple);
+            out.extend_from_slice(&entry.fingerprint);
+            out.extend_from_slice(&entry.token.to_le_bytes());
+            out.extend_from_slice(&entry.deadline.to_le_bytes());
+            out.extend_from_slice(&entry.response_len.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Bucket, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        check_header(&mut reader, BUCKET_MAGIC)?;
+        if usize::from(reader.u8()?) != BUCKET_ENTRIES
+            || bytes.len() != HEADER_LEN + BUCKET_ENTRIES * ENTRY_LEN
+        {
+            return Err(DecodeError::Malformed);
+        }
+        let mut bucket = Bucket::empty();
+        for entry in bucket.entries.iter_mut() {
+            *entry = Entry {
+                state: State::from_code(reader.u8()?).ok_or(DecodeError::Malformed)?,
+                tuple: reader.digest()?,
+                fingerprint: reader.digest()?,
+                token: reader.u64()?,
+                deadline: reader.u64()?,
+                response_len: reader.u32()?,
+            };
+        }
+        Ok(bucket)
+    }
+}
+
+/// An upstream response as it will be replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl StoredResponse {
+    /// Encodes with the record's tuple and claim token, so a reader can prove the bytes belong
+    /// to the entry that points at them.
+    pub fn encode(&self, tuple: &Digest32, token: u64) -> Vec<u8> {
+        let headers_len: usize = self
+            .headers
+            .iter()
+            .map(|(n, v)| 6 + n.len() + v.len())
+            .sum();
+        let mut out = Vec::with_capacity(64 + headers_len + self.body.len());
+        out.extend_from_slice(&RESPONSE_MAGIC);
+        out.push(VERSION);
+        out.push(0);
+        out.extend_from_slice(tuple);
+        out.extend_from_slice(&token.to_le_bytes());
+        out.extend_from_slice(&self.status.to_le_bytes());
+        out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
+        for (name, value) in &self.headers {
+            out.extend_from_slice(&(name.len() as u16).to_le_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+            out.extend_from_slice(value.as_bytes());
+        }
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    /// Decodes a response and checks that it belongs to (tuple, token).
+    pub fn decode(bytes: &[u8], tuple: &Digest32, token: u64) -> Result<Self, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        check_header(&mut reader, RESPONSE_MAGIC)?;
+        reader.u8()?;
+        if reader.digest()? != *tuple || reader.u64()? != token {
+            return Err(DecodeError::Malformed);
+        }
+        let status = reader.u16()?;
+        let count = reader.u32()?;
+        let mut headers = Vec::new();
+        for _ in 0..count {
+            let name_len = usize::from(reader.u16()?);
+            let name = reader.text(name_len)?;
+            let value_len = reader.u32()? as usize;
+            let value = reader.text(value_len)?;
+            headers.push((name, value));
+        }
+        Ok(StoredResponse {
+            status,
+            headers,
+            body: reader.rest().to_vec(),
+        })
+    }
+}
+
+/// The response bytes held by each entry of one ledger shard: the exact account of what the
+/// stored responses occupy, kept per entry so that an interrupted update only ever over-counts
+/// and the next write to that entry puts it right.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ledger {
+    pub sizes: Vec<u32>,
+}
+
+impl Ledger {
+    pub fn new(entries: usize) -> Ledger {
+        Ledger {
+            sizes: vec![0; entries],
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.sizes.iter().map(|s| u64::from(*s)).sum()
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + 4 * self.sizes.len());
+        out.extend_from_slice(&LEDGER_MAGIC);
+        out.push(VERSION);
+        out.push(0);
+        for size in &self.sizes {
+            out.extend_from_slice(&size.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8], entries: usize) -> Result<Ledger, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        check_header(&mut reader, LEDGER_MAGIC)?;
+        reader.u8()?;
+        if reader.bytes.len() != 4 * entries {
+            return Err(DecodeError::Malformed);
+        }
+        let sizes = (0..entries)
+            .map(|_| reader.u32())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Ledger { sizes })
+    }
+}
+
+fn check_header(reader: &mut Reader, magic: [u8; 2]) -> Result<(), DecodeError> {
+    if reader.take(2)? != magic {
+        return Err(DecodeError::Malformed);
+    }
+    match reader.u8()? {
+        VERSION => Ok(()),
+        other => Err(DecodeError::UnknownVersion(other)),
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.bytes.len() < n {
+            return Err(DecodeError::Malformed);
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        self.take(N)?
+            .try_into()
+            .map_err(|_| DecodeError::Malformed)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn digest(&mut self) -> Result<Digest32, DecodeError> {
+        self.array()
+    }
+
+    fn text(&mut self, n: usize) -> Result<String, DecodeError> {
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::Malformed)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample_entry() -> Entry {
+        Entry {
+            state: State::Complete,
+            tuple: [7; 32],
+            fingerprint: [9; 32],
+            token: 0xdead_beef_0000_0001,
+            deadline: 1_700_000_000_000,
+            response_len: 1234,
+        }
+    }
+
+    #[test]
+    fn buckets_round_trip() {
+        let mut bucket = Bucket::empty();
+        bucket.entries[3] = sample_entry();
+        bucket.entries[15].state = State::Held;
+        assert_eq!(Bucket::decode(&bucket.encode()), Ok(bucket));
+    }
+
+    #[test]
+    fn responses_round_trip_byte_for_byte() {
+        let response = StoredResponse {
+            status: 201,
+            headers: vec![
+                ("set-cookie".into(), "a=1; Path=/".into()),
+                ("set-cookie".into(), "b=2".into()),
+                ("content-type".into(), "application/octet-stream".into()),
+            ],
+            body: (0..=255u8).cycle().take(5000).collect(),
+        };
+        let bytes = response.encode(&[1; 32], 42);
+        assert_eq!(StoredResponse::decode(&bytes, &[1; 32], 42), Ok(response));
+    }
+
+    #[test]
+    fn a_response_is_refused_for_another_tuple_or_claim() {
+        let response = StoredResponse {
+            status: 200,
+            headers: vec![],
+            body: b"x".to_vec(),
+        };
+        let bytes = response.encode(&[1; 32], 42);
+        assert_eq!(
+            StoredResponse::decode(&bytes, &[2; 32], 42),
+            Err(DecodeError::Malformed)
+        );
+        assert_eq!(
+            StoredResponse::decode(&bytes, &[1; 32], 43),
+            Err(DecodeError::Malformed)
+        );
+    }
+
+    #[test]
+    fn unknown_versions_are_refused_not_guessed() {
+        let mut bytes = Bucket::empty().encode();
+        bytes[2] = 2;
+        assert_eq!(Bucket::decode(&bytes), Err(DecodeError::UnknownVersion(2)));
+        let mut bytes = StoredResponse {
+            status: 200,
+            headers: vec![],
+            body: vec![],
+        }
+        .encode(&[0; 32], 0);
+        bytes[2] = 9;
+        assert_eq!(
+            StoredResponse::decode(&bytes, &[0; 32], 0),
+            Err(DecodeError::UnknownVersion(9))
+        );
+    }
+
+    #[test]
+    fn truncated_or_foreign_bytes_are_malformed() {
+        let bytes = Bucket::empty().encode();
+        assert_eq!(
+            Bucket::decode(&bytes[..bytes.len() - 1]),
+            Err(DecodeError::Malformed)
+        );
+        assert_eq!(Bucket::decode(b""), Err(DecodeError::Malformed));
+        assert_eq!(Bucket::decode(b"hello world"), Err(DecodeError::Malformed));
+        let response = StoredResponse {
+            status: 200,
+            headers: vec![("a".into(), "b".into())],
+            body: vec![],
+        }
+        .encode(&[0; 32], 0);
+        for cut in 0..response.len() - 1 {
+            assert!(StoredResponse::decode(&response[..cut], &[0; 32], 0).is_err());
+        }
+    }
+
+    #[test]
+    fn ledgers_round_trip_and_check_their_length() {
+        let mut ledger = Ledger::new(5);
+        ledger.sizes[2] = 700;
+        ledger.sizes[4] = 300;
+        assert_eq!(ledger.total(), 1000);
+        assert_eq!(Ledger::decode(&ledger.encode(), 5), Ok(ledger.clone()));
+        assert_eq!(
+            Ledger::decode(&ledger.encode(), 6),
+            Err(DecodeError::Malformed)
+        );
+    }
+
+    #[test]
+    fn expired_entries_are_not_live() {
+        let entry = sample_entry();
+        assert!(entry.is_live(entry.deadline - 1));
+        assert!(!entry.is_live(entry.deadline));
+        assert!(!Entry::EMPTY.is_live(0));
+    }
+}

@@ -1,0 +1,345 @@
+"""Run a real Envoy with the idempotency filter in front of the test upstream.
+
+The pieces tests use (through the fixtures in conftest.py):
+
+    Envoy(workdir, plugin_config, upstream_port, route_timeout="5s")
+        .start() / .stop()            start (and wait until ready) / always kill
+        .port, .admin_port            the listener and admin ports (both picked by the kernel)
+        .request(method, path, headers=None, body=None, timeout=30) -> Response
+        .stats() -> {name: int}       admin /stats, counters and gauges
+        .counter(name) -> int         one stat, 0 when absent
+        .log_path                     Envoy's log file
+
+    request(port, method, path, headers, body) -> Response   (plain http.client)
+    burst(n, fn) -> [result or exception]                  run fn(i) in n threads at once
+"""
+
+import atexit
+import ctypes
+import http.client
+import itertools
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVOY_BIN = os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy"))
+WASM_PATH = os.environ.get("IDEMPOTENCY_WASM", str(ROOT / "target" / "wasm32-wasip1" / "release" / "idempotency_filter.wasm"))
+READY_TIMEOUT_S = 30
+
+_instance_numbers = itertools.count(1)
+_live = set()  # every Envoy started and not yet stopped, killed at exit whatever happens
+
+
+# -- HTTP client ------------------------------------------------------------------------
+
+@dataclass
+class Response:
+    status: int
+    reason: str
+    headers: list  # [(lower-case name, value)] in wire order, repeats kept
+    body: bytes
+
+    def header(self, name):
+        """The first value of a header, or None."""
+        name = name.lower()
+        return next((v for k, v in self.headers if k == name), None)
+
+    def header_all(self, name):
+        name = name.lower()
+        return [v for k, v in self.headers if k == name]
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        body = self.body if len(self.body) <= 300 else self.body[:300] + b"..."
+        return f"Response({self.status} {self.reason}, headers={self.headers}, body={body!r})"
+
+
+def request(port, method, path, headers=None, body=None, timeout=30, host="127.0.0.1"):
+    """One request on a fresh connection. ``headers`` is a dict or a list of (name, value)
+    pairs (repeat a name to send it twice); values may be bytes to send raw octets."""
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    if isinstance(body, str):
+        body = body.encode()
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in pairs:
+            conn.putheader(name, value)
+        if body is not None or method in ("POST", "PUT", "PATCH"):
+            conn.putheader("content-length", str(len(body or b"")))
+        conn.endheaders(body or None)
+        resp = conn.getresponse()
+        data = resp.read()
+        return Response(resp.status, resp.reason, [(k.lower(), v) for k, v in resp.getheaders()], data)
+    finally:
+        conn.close()
+
+
+def burst(n, fn):
+    """Call fn(i) for i in range(n) from n threads released together; returns the results
+    in order (an exception raised by fn is returned in its place)."""
+    barrier = threading.Barrier(n)
+    results = [None] * n
+
+    def run(i):
+        try:
+            barrier.wait()
+            results[i] = fn(i)
+        except Exception as exc:  # noqa: BLE001 - handed back to the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+# -- Envoy configuration ----------------------------------------------------------------
+
+def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s"):
+    """The Envoy bootstrap: one listener (kernel-picked port) -> [wasm filter] -> router ->
+    cluster ``upstream`` on 127.0.0.1:upstream_port. ``plugin_config`` is the plugin's JSON
+    configuration as a dict (or a raw string, to send it verbatim); with ``wasm_path=None``
+    the filter is left out (plain Envoy)."""
+    http_filters = []
+    if wasm_path is not None:
+        configuration = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
+        http_filters.append({
+            "name": "envoy.filters.http.wasm",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+                "config": {
+                    "name": "idempotency",
+                    "root_id": "idempotency",
+                    "allow_on_headers_stop_iteration": True,
+                    "failure_policy": "FAIL_CLOSED",
+                    "vm_config": {
+                        "vm_id": "idempotency",
+                        "runtime": "envoy.wasm.runtime.v8",
+                        "code": {"local": {"filename": str(wasm_path)}},
+                    },
+                    "configuration": {
+                        "@type": "type.googleapis.com/google.protobuf.StringValue",
+                        "value": configuration,
+                    },
+                },
+            },
+        })
+    http_filters.append({
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    })
+    loopback = lambda port: {"socket_address": {"address": "127.0.0.1", "port_value": port}}  # noqa: E731
+    return {
+        "admin": {"address": loopback(0)},
+        "static_resources": {
+            "listeners": [{
+                "name": "ingress",
+                "address": loopback(0),
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                                 "http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "ingress",
+                        "codec_type": "AUTO",
+                        "route_config": {
+                            "name": "local",
+                            "virtual_hosts": [{
+                                "name": "all",
+                                "domains": ["*"],
+                                "routes": [{
+                                    "match": {"prefix": "/"},
+                                    "route": {"cluster": "upstream", "timeout": route_timeout},
+                                }],
+                            }],
+                        },
+                        "http_filters": http_filters,
+                    },
+                }]}],
+            }],
+            "clusters": [{
+                "name": "upstream",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "load_assignment": {
+                    "cluster_name": "upstream",
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": loopback(upstream_port)}}]}],
+                },
+            }],
+        },
+    }
+
+
+# -- Envoy process ----------------------------------------------------------------------
+
+def _die_with_parent():
+    """Child pre-exec: ask the kernel to kill Envoy if the test process dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class EnvoyError(RuntimeError):
+    pass
+
+
+class Envoy:
+    def __init__(self, workdir, plugin_config=None, upstream_port=None, route_timeout="5s",
+                 wasm_path=WASM_PATH, expect_upstream=True):
+        self.number = next(_instance_numbers)
+        self.workdir = Path(workdir) / f"envoy-{self.number}"
+        self.plugin_config = {} if plugin_config is None else plugin_config
+        self.upstream_port = upstream_port
+        self.route_timeout = route_timeout
+        self.wasm_path = wasm_path
+        self.expect_upstream = expect_upstream
+        # Unique per instance and per test process, so several Envoys (and several test
+        # runs) can share the machine's hot-restart shared memory namespace.
+        self.base_id = 1000 + (os.getpid() % 100_000) * 64 + self.number % 64
+        self.proc = None
+        self.port = None
+        self.admin_port = None
+        self.log_path = self.workdir / "envoy.log"
+
+    def __repr__(self):
+        return f"<Envoy #{self.number} port={self.port} config={self.plugin_config!r} log={self.log_path}>"
+
+    # -- lifecycle --
+    def start(self):
+        if self.wasm_path is not None and not Path(self.wasm_path).is_file():
+            raise EnvoyError(f"{self.wasm_path} is missing: build it with `make wasm`")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config_path = self.workdir / "envoy.json"
+        config = envoy_config(self.upstream_port, self.plugin_config, self.wasm_path, self.route_timeout)
+        config_path.write_text(json.dumps(config, indent=2))
+        admin_file = self.workdir / "admin-address"
+        admin_file.unlink(missing_ok=True)
+        cmd = [
+            ENVOY_BIN, "-c", str(config_path),
+            "--concurrency", "2",
+            "--base-id", str(self.base_id),
+            "--admin-address-path", str(admin_file),
+            "--log-level", "info",
+            "--component-log-level", "wasm:debug",
+            "--drain-time-s", "0",
+        ]
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent)
+        finally:
+            log.close()
+        _live.add(self)
+        try:
+            self._wait_ready(admin_file)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self):
+        proc, self.proc = self.proc, None
+        _live.discard(self)
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def _fail(self, why):
+        raise EnvoyError(f"Envoy #{self.number} not ready: {why}\n--- {self.log_path} (tail) ---\n"
+                         + self.log_tail(40))
+
+    def _wait_ready(self, admin_file):
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        step = "admin address"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self._fail(f"exited with status {self.proc.returncode} while waiting for {step}")
+            try:
+                if self.admin_port is None:
+                    text = admin_file.read_text().strip() if admin_file.exists() else ""
+                    if not text:
+                        raise EnvoyError("no admin address yet")
+                    self.admin_port = int(text.rsplit(":", 1)[1])
+                    step = "/ready"
+                if self.port is None:
+                    if self.admin_get("/ready")[0] != 200:
+                        raise EnvoyError("not ready yet")
+                    listeners = json.loads(self.admin_get("/listeners?format=json")[1])
+                    self.port = listeners["listener_statuses"][0]["local_address"]["socket_address"]["port_value"]
+                    step = "a request through the listener"
+                # One request end to end (a GET: never covered by the filter, never counted).
+                resp = self.request("GET", "/__upstream/ping", timeout=5)
+                if self.expect_upstream and resp.status != 200:
+                    raise EnvoyError(f"probe answered {resp.status}")
+                return
+            except (OSError, EnvoyError, ValueError, KeyError, IndexError, http.client.HTTPException):
+                time.sleep(0.05)
+        self._fail(f"timed out after {READY_TIMEOUT_S}s waiting for {step}")
+
+    # -- use --
+    def request(self, method, path, headers=None, body=None, timeout=30):
+        return request(self.port, method, path, headers, body, timeout)
+
+    def admin_get(self, path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+
+    def stats(self):
+        """Admin /stats as {name: int}; histogram lines are skipped."""
+        status, text = self.admin_get("/stats")
+        if status != 200:
+            raise EnvoyError(f"/stats answered {status}")
+        out = {}
+        for line in text.splitlines():
+            name, sep, value = line.partition(": ")
+            if sep and value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    def counter(self, name):
+        return self.stats().get(name, 0)
+
+    def log_size(self):
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_text(self, start=0):
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines=40, start=0):
+        return "\n".join(self.log_text(start).splitlines()[-lines:])
+
+
+@atexit.register
+def _kill_leftovers():
+    for envoy in list(_live):
+        envoy.stop()
