@@ -74,7 +74,6 @@ class _Pool:
                 private.append(envoy)
             else:
                 self.shared[key] = envoy
-        envoy.test_log_start = getattr(envoy, "test_log_start", None)
         if envoy not in [e for e, _ in self.active]:
             self.active.append((envoy, envoy.log_size()))
         return envoy
@@ -93,14 +92,15 @@ def _envoy_pool(run_dir):
 
 
 @pytest.fixture
-def envoy_with(_envoy_pool, upstream, request):
+def envoy_with(_envoy_pool, request):
     private = []
     _envoy_pool.active = []
 
     def make(config=None, route_timeout="5s", upstream=None, upstream_port=None, fresh=False):
-        if upstream is None and upstream_port is None:
-            upstream = request.getfixturevalue("upstream")
-        port = upstream_port if upstream_port is not None else upstream.port
+        if upstream_port is not None:
+            port = upstream_port
+        else:
+            port = (upstream or request.getfixturevalue("upstream")).port
         return _envoy_pool.get({} if config is None else config, route_timeout, port,
                                expect_upstream=upstream_port is None, fresh=fresh, private=private)
 
