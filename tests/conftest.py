@@ -67,15 +67,17 @@ class _Pool:
     def get(self, config, route_timeout, upstream_port, expect_upstream, fresh, private):
         key = (json.dumps(config, sort_keys=True), route_timeout, upstream_port)
         envoy = None if fresh else self.shared.get(key)
+        log_start = envoy.log_size() if envoy is not None else 0
         if envoy is None or envoy.proc is None or envoy.proc.poll() is not None:
             envoy = Envoy(self.run_dir, config, upstream_port, route_timeout, expect_upstream=expect_upstream)
+            self.active.append((envoy, 0))  # started in this test: its whole log is relevant
             envoy.start()
             if fresh:
                 private.append(envoy)
             else:
                 self.shared[key] = envoy
-        if envoy not in [e for e, _ in self.active]:
-            self.active.append((envoy, envoy.log_size()))
+        elif envoy not in [e for e, _ in self.active]:
+            self.active.append((envoy, log_start))
         return envoy
 
     def stop_all(self):

@@ -1,0 +1,388 @@
+"""The wire behaviour of CONTRACT.md ("Which requests", "Matching", "Outcomes"), through a real
+Envoy running the filter in front of the counting upstream. Every test checks what the client saw
+and what the upstream executed."""
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+from harness import burst
+from upstream import binary_body
+
+ORG_A = "Bearer ic_live_org_a"
+ORG_B = "Bearer ic_live_org_b"
+CUSTOMER = json.dumps({"externalId": "crm-7741", "fullName": "Jane Doe", "email": "jane@example.com"}).encode()
+
+# Headers a replay may legitimately not repeat byte for byte: set per hop or per answer by Envoy.
+NOT_REPLAYED = {"date", "x-envoy-upstream-service-time", "idempotent-replayed",
+                "connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "te", "trailer"}
+
+
+# -- helpers ----------------------------------------------------------------------------
+
+def call(envoy, key, body=CUSTOMER, path="/v1/customers", method="POST", auth=ORG_A, headers=()):
+    """A covered request as the seed document shows it; the upstream answers 201 unless
+    headers say otherwise. key=None sends no Idempotency-Key, auth=None no Authorization."""
+    hdrs = [("content-type", "application/json"), ("x-test-status", "201")]
+    if auth is not None:
+        hdrs.append(("authorization", auth))
+    if key is not None:
+        hdrs.append(("idempotency-key", key))
+    names = {name for name, _ in headers}
+    hdrs = [(n, v) for n, v in hdrs if n not in names] + list(headers)
+    return envoy.request(method, path, hdrs, body)
+
+
+def comparable_headers(resp):
+    out = {}
+    for name, value in resp.headers:
+        if name not in NOT_REPLAYED:
+            out.setdefault(name, []).append(value)
+    return out
+
+
+def assert_original(resp, status=201):
+    """An answer that came from an upstream execution, not a replay."""
+    assert resp.status == status, resp
+    assert resp.header("idempotent-replayed") is None, resp
+    assert resp.header("x-upstream-execution") is not None, resp
+
+
+def assert_replay_of(replay, original):
+    """The stored response verbatim: status, headers (Set-Cookie included), body byte for byte,
+    plus idempotent-replayed: true."""
+    assert replay.status == original.status, replay
+    assert replay.header_all("idempotent-replayed") == ["true"], replay
+    assert replay.body == original.body, f"replayed body differs: {len(replay.body)} vs {len(original.body)} bytes"
+    assert comparable_headers(replay) == comparable_headers(original)
+
+
+def assert_problem(resp, status, code):
+    """An RFC 9457 problem answer with the contract's code."""
+    assert resp.status == status, resp
+    content_type = (resp.header("content-type") or "").split(";")[0].strip()
+    assert content_type == "application/problem+json", resp
+    doc = resp.json()
+    assert doc["code"] == code, doc
+    assert doc["status"] == status, doc
+    assert isinstance(doc.get("detail"), str) and doc["detail"], doc
+    assert "title" in doc and "type" in doc, doc
+    assert resp.header("idempotent-replayed") is None, resp
+    return doc
+
+
+def assert_retry_after(resp):
+    value = resp.header("retry-after")
+    assert value is not None and value.isdigit(), f"Retry-After must be delay-seconds, got {value!r}: {resp}"
+    return int(value)
+
+
+def wait_for(predicate, timeout=2.0):
+    """Poll until predicate() is true (stats move after the answer is on the wire)."""
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return predicate()
+
+
+def stat_deltas(envoy, before, names):
+    after = envoy.stats()
+    return {n: after.get(n, 0) - before.get(n, 0) for n in names}
+
+
+def unique_path(prefix="/v1/probe"):
+    return f"{prefix}/{uuid.uuid4().hex}"
+
+
+# -- first call and replay ----------------------------------------------------------------
+
+def test_first_request_executes_once_and_answers_from_upstream(envoy, upstream, key):
+    resp = call(envoy, key)
+    assert_original(resp)
+    assert resp.body == CUSTOMER
+    assert upstream.count(method="POST", path="/v1/customers", key=key) == 1
+    assert upstream.executions(key=key)[0].body == CUSTOMER
+
+
+def test_replay_is_verbatim_with_cookies_and_does_not_reach_upstream(envoy, upstream, key):
+    cookies = [("x-test-set-cookie", "session=abc123; Path=/; HttpOnly"),
+               ("x-test-set-cookie", "tracking=xyz; Max-Age=3600; Secure")]
+    original = call(envoy, key, headers=[("x-test-status", "201")] + cookies)
+    assert_original(original)
+    assert original.header_all("set-cookie") == ["session=abc123; Path=/; HttpOnly",
+                                                 "tracking=xyz; Max-Age=3600; Secure"]
+    for _ in range(2):
+        replay = call(envoy, key, headers=cookies)
+        assert_replay_of(replay, original)
+        assert replay.header("x-upstream-execution") == original.header("x-upstream-execution")
+    assert upstream.count(key=key) == 1
+
+
+def test_large_binary_response_is_replayed_byte_for_byte(envoy, upstream, key):
+    size = 200 * 1024
+    hdrs = [("x-test-status", "200"), ("x-test-body-bytes", str(size)), ("x-test-body-seed", key)]
+    original = call(envoy, key, headers=hdrs)
+    assert_original(original, 200)
+    assert original.body == binary_body(size, key)
+    replay = call(envoy, key, headers=hdrs)
+    assert_replay_of(replay, original)
+    assert replay.body == binary_body(size, key)
+    assert upstream.count(key=key) == 1
+
+
+def test_client_error_answer_is_stored_and_replayed(envoy, upstream, key):
+    original = call(envoy, key, headers=[("x-test-status", "422")])
+    assert_original(original, 422)
+    replay = call(envoy, key, headers=[("x-test-status", "422")])
+    assert_replay_of(replay, original)
+    assert upstream.count(key=key) == 1
+
+
+# -- conflicts -------------------------------------------------------------------------------
+
+def test_different_body_is_conflict_and_leaves_record_untouched(envoy, upstream, key):
+    original = call(envoy, key)
+    assert_original(original)
+    other = json.dumps({"externalId": "crm-7741", "fullName": "Janet Doe"}).encode()
+    assert_problem(call(envoy, key, body=other), 409, "idempotency_conflict")
+    assert upstream.count(key=key) == 1
+    # The record still holds the first answer: the original request still replays it.
+    assert_replay_of(call(envoy, key), original)
+    assert_problem(call(envoy, key, body=other), 409, "idempotency_conflict")
+    assert upstream.count(key=key) == 1
+
+
+def test_changed_query_string_is_conflict(envoy, upstream, key):
+    original = call(envoy, key, path="/v1/customers?source=crm")
+    assert_original(original)
+    assert_problem(call(envoy, key, path="/v1/customers?source=zapier"), 409, "idempotency_conflict")
+    assert_problem(call(envoy, key, path="/v1/customers"), 409, "idempotency_conflict")
+    assert_replay_of(call(envoy, key, path="/v1/customers?source=crm"), original)
+    assert upstream.count(key=key) == 1
+
+
+def test_different_body_while_original_in_flight_is_conflict(envoy, upstream, key):
+    slow = [("x-test-delay-ms", "1000")]
+    box = {}
+    first = threading.Thread(target=lambda: box.setdefault("resp", call(envoy, key, headers=slow)))
+    first.start()
+    try:
+        assert wait_for(lambda: upstream.count(key=key) == 1), "the original never reached the upstream"
+        started = time.monotonic()
+        conflict = call(envoy, key, body=b'{"externalId": "other"}', headers=slow)
+        assert_problem(conflict, 409, "idempotency_conflict")
+        assert time.monotonic() - started < 0.9, "a conflict must not wait for the original"
+    finally:
+        first.join()
+    assert_original(box["resp"])
+    assert_replay_of(call(envoy, key), box["resp"])
+    assert upstream.count(key=key) == 1
+
+
+# -- matching: the tuple (scope, method, path, key) -----------------------------------------
+
+def test_method_path_and_authorization_scope_never_interfere(envoy, upstream, key):
+    variants = [
+        dict(method="POST", path="/v1/customers", auth=ORG_A),
+        dict(method="PATCH", path="/v1/customers", auth=ORG_A),
+        dict(method="POST", path="/v1/orders", auth=ORG_A),
+        dict(method="POST", path="/v1/customers", auth=ORG_B),
+    ]
+    originals = [call(envoy, key, **v) for v in variants]
+    for resp in originals:
+        assert_original(resp)
+    assert len({r.header("x-upstream-execution") for r in originals}) == 4
+    for v, original in zip(variants, originals):
+        assert_replay_of(call(envoy, key, **v), original)
+    assert upstream.count(method="POST", path="/v1/customers", key=key) == 2
+    assert upstream.count(method="POST", path="/v1/customers", key=key, header=("authorization", ORG_A)) == 1
+    assert upstream.count(method="POST", path="/v1/customers", key=key, header=("authorization", ORG_B)) == 1
+    assert upstream.count(method="PATCH", path="/v1/customers", key=key) == 1
+    assert upstream.count(method="POST", path="/v1/orders", key=key) == 1
+    assert upstream.count(key=key) == 4
+
+
+# -- what is stored and what is released ----------------------------------------------------
+
+@pytest.mark.parametrize("status", [500, 502, 503, 408, 425, 429])
+def test_unstored_status_is_not_stored_and_retry_executes_again(envoy, upstream, key, status):
+    failed = call(envoy, key, headers=[("x-test-status", str(status))])
+    assert_original(failed, status)
+    retry = call(envoy, key, headers=[("x-test-status", str(status))])
+    assert_original(retry, status)
+    assert upstream.count(key=key) == 2
+    # Once the work succeeds, that answer is the one kept.
+    success = call(envoy, key)
+    assert_original(success)
+    assert_replay_of(call(envoy, key), success)
+    assert upstream.count(key=key) == 3
+
+
+def test_envoy_local_reply_for_down_upstream_is_not_stored(envoy_with, upstream_factory, key):
+    probe = upstream_factory()
+    port = probe.port
+    probe.stop()  # nothing listens on port now
+    envoy = envoy_with({}, upstream_port=port, fresh=True)
+
+    for _ in range(2):  # released at once: the retry is not held as in progress
+        down = call(envoy, key)
+        assert down.status == 503, down
+        assert down.header("idempotent-replayed") is None, down
+        assert down.header("x-upstream-execution") is None, down
+
+    upstream = upstream_factory(port)
+    resp = call(envoy, key)
+    assert_original(resp)
+    assert upstream.count(key=key) == 1
+    assert_replay_of(call(envoy, key), resp)
+    assert upstream.count(key=key) == 1
+
+
+# -- the key ----------------------------------------------------------------------------------
+
+def test_key_of_255_visible_ascii_chars_is_accepted(envoy, upstream, key):
+    long_key = f"{key} ~!#$%&'()*+,-./:;<=>?@[]^_`{{|}}".ljust(255, "k")
+    assert len(long_key) == 255
+    original = call(envoy, long_key)
+    assert_original(original)
+    assert upstream.executions(key=long_key)[0].key == long_key
+    assert_replay_of(call(envoy, long_key), original)
+    assert upstream.count(key=long_key) == 1
+
+
+INVALID_KEYS = {
+    "256_chars": lambda k: [("idempotency-key", k.ljust(256, "k"))],
+    "empty": lambda k: [("idempotency-key", "")],
+    "tab_control_char": lambda k: [("idempotency-key", f"{k}\tx".encode())],
+    "non_ascii": lambda k: [("idempotency-key", f"{k}-caf\u00e9".encode())],
+    "header_twice": lambda k: [("idempotency-key", k), ("idempotency-key", k)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID_KEYS))
+def test_invalid_key_is_400_and_never_reaches_upstream(envoy, upstream, key, case):
+    path = unique_path()
+    resp = call(envoy, None, path=path, headers=INVALID_KEYS[case](key))
+    assert_problem(resp, 400, "idempotency_key_invalid")
+    assert upstream.count(path=path) == 0
+
+
+def test_missing_key_passes_untouched_by_default(envoy, upstream):
+    path = unique_path()
+    for _ in range(2):
+        assert_original(call(envoy, None, path=path))
+    assert upstream.count(method="POST", path=path) == 2
+
+
+def test_require_key_answers_400_when_key_missing(envoy_with, upstream, key):
+    envoy = envoy_with({"require_key": True})
+    path = unique_path()
+    assert_problem(call(envoy, None, path=path), 400, "idempotency_key_missing")
+    assert_problem(call(envoy, None, path=path, method="PATCH"), 400, "idempotency_key_missing")
+    assert upstream.count(path=path) == 0
+    # With a key it works as usual, and uncovered methods still need none.
+    original = call(envoy, key, path=path)
+    assert_original(original)
+    assert_replay_of(call(envoy, key, path=path), original)
+    assert envoy.request("GET", path, {"authorization": ORG_A}).status == 200
+    assert upstream.count(method="POST", path=path) == 1
+    assert upstream.count(method="GET", path=path) == 1
+
+
+@pytest.mark.parametrize("method,body", [("GET", None), ("PUT", CUSTOMER), ("DELETE", None)])
+def test_uncovered_method_with_key_passes_untouched(envoy, upstream, key, method, body):
+    answers = [call(envoy, key, method=method, body=body, headers=[("x-test-status", "200")]) for _ in range(2)]
+    for resp in answers:
+        assert_original(resp, 200)
+        assert resp.body == (body or b"")
+    assert answers[0].header("x-upstream-execution") != answers[1].header("x-upstream-execution")
+    assert upstream.count(method=method, key=key) == 2
+
+
+def test_request_without_scope_header_passes_untouched(envoy, upstream, key):
+    before = envoy.stats()
+    for _ in range(2):
+        assert_original(call(envoy, key, auth=None))
+    assert upstream.count(key=key) == 2
+    assert wait_for(lambda: stat_deltas(envoy, before, ["idempotency.bypassed"])["idempotency.bypassed"] >= 2)
+
+
+# -- bounds -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [1025, 64 * 1024])
+def test_request_body_over_limit_is_413_and_never_reaches_upstream(envoy_with, upstream, key, size):
+    envoy = envoy_with({"max_request_body_bytes": 1024})
+    assert_problem(call(envoy, key, body=b"x" * size), 413, "request_too_large")
+    assert upstream.count(key=key) == 0
+    # A request at the limit goes through, with the same key: the refusal kept no claim.
+    original = call(envoy, key, body=b"y" * 1024)
+    assert_original(original)
+    assert original.body == b"y" * 1024
+    assert_replay_of(call(envoy, key, body=b"y" * 1024), original)
+    assert upstream.count(key=key) == 1
+
+
+# -- concurrency and expiry ---------------------------------------------------------------------
+
+def test_burst_of_identical_requests_executes_exactly_once(envoy, upstream, key):
+    slow = [("x-test-delay-ms", "1000")]
+    answers = burst(20, lambda i: call(envoy, key, headers=slow))
+    errors = [a for a in answers if isinstance(a, Exception)]
+    assert not errors, errors
+    assert upstream.count(key=key) == 1
+
+    originals = [a for a in answers if a.status == 201 and a.header("idempotent-replayed") is None]
+    assert len(originals) == 1, answers
+    original = originals[0]
+    replays = in_progress = 0
+    for a in answers:
+        if a is original:
+            continue
+        if a.status == 409:
+            assert_problem(a, 409, "idempotency_in_progress")
+            assert_retry_after(a)
+            in_progress += 1
+        else:
+            assert_replay_of(a, original)
+            replays += 1
+    assert replays + in_progress == 19
+    # After the burst, the record is complete: the next duplicate is a replay.
+    assert_replay_of(call(envoy, key, headers=slow), original)
+    assert upstream.count(key=key) == 1
+
+
+def test_record_expires_after_ttl_and_work_runs_again(envoy_with, upstream, key):
+    envoy = envoy_with({"ttl": "1s"})
+    first = call(envoy, key)
+    assert_original(first)
+    assert_replay_of(call(envoy, key), first)
+    assert upstream.count(key=key) == 1
+    time.sleep(2.0)
+    second = call(envoy, key)
+    assert_original(second)
+    assert second.header("x-upstream-execution") != first.header("x-upstream-execution")
+    assert upstream.count(key=key) == 2
+    assert_replay_of(call(envoy, key), second)
+    assert upstream.count(key=key) == 2
+
+
+# -- stats --------------------------------------------------------------------------------------
+
+def test_stats_count_each_outcome(envoy, upstream, key):
+    names = ["idempotency.claimed", "idempotency.stored", "idempotency.replayed",
+             "idempotency.conflict", "idempotency.key_invalid"]
+    before = envoy.stats()
+    original = call(envoy, key)
+    assert_original(original)
+    assert_replay_of(call(envoy, key), original)
+    assert_replay_of(call(envoy, key), original)
+    assert_problem(call(envoy, key, body=b"{}"), 409, "idempotency_conflict")
+    assert_problem(call(envoy, None, headers=[("idempotency-key", "")]), 400, "idempotency_key_invalid")
+    assert upstream.count(key=key) == 1
+    expected = {"idempotency.claimed": 1, "idempotency.stored": 1, "idempotency.replayed": 2,
+                "idempotency.conflict": 1, "idempotency.key_invalid": 1}
+    wait_for(lambda: stat_deltas(envoy, before, names) == expected)
+    assert stat_deltas(envoy, before, names) == expected
