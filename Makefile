@@ -58,7 +58,7 @@ validate: $(STAMPS)/venv wasm
 	for f in $$(grep -rl --include='*.yaml' --include='*.yml' 'static_resources' envoy/ | sort); do \
 	  found=1; \
 	  out="$(RUN_DIR)/validate/$$(echo "$$f" | tr '/' '_')"; \
-	  sed -E 's#(filename:[[:space:]]*)"?[^"[:space:]}]*\.wasm"?#\1"$(CURDIR)/$(WASM)"#' "$$f" > "$$out"; \
+	  sed -E 's#(filename:[[:space:]]*)"?[^"[:space:]}]*\.wasm"?#\1"$(abspath $(WASM))"#' "$$f" > "$$out"; \
 	  echo "validate $$f"; \
 	  $(ENVOY) --mode validate -c "$$out" --log-level warn > "$$out.log" 2>&1 \
 	    || { cat "$$out.log"; echo "FAILED: $$f"; exit 1; }; \

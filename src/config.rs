@@ -172,6 +172,8 @@ impl Default for Raw {
     }
 }
 
+const DEFAULT_LEASE: Millis = 60_000;
+
 /// Limits that keep one misconfiguration from exhausting the host.
 const MAX_CAPACITY_RECORDS: usize = 10_000_000;
 const MAX_BODY_BYTES: usize = 64 << 20;
@@ -275,6 +277,16 @@ impl Config {
 
     pub fn covers(&self, method: &str) -> bool {
         self.methods.iter().any(|m| m == method)
+    }
+
+    /// How long a claim in flight is protected. With `lease: 0s` unknown endings release at
+    /// once, but a claim whose owner vanishes must still expire: it then uses the default.
+    pub fn claim_lease(&self) -> Millis {
+        if self.lease == 0 {
+            DEFAULT_LEASE
+        } else {
+            self.lease
+        }
     }
 
     pub fn stores_status(&self, status: u16) -> bool {

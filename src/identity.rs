@@ -7,18 +7,16 @@ use sha2::{Digest, Sha256};
 
 pub type Digest32 = [u8; 32];
 
+/// Why a key is refused, in words for the problem's `detail`.
 #[derive(Debug, PartialEq, Eq)]
-pub enum KeyProblem {
-    Missing,
-    Invalid(&'static str),
-}
+pub struct InvalidKey(pub &'static str);
 
 /// Finds the key among the request headers. The header must appear once, with 1 to 255
 /// characters of visible ASCII or space.
 pub fn key_of<'a>(
     headers: &'a [(String, Vec<u8>)],
     name: &str,
-) -> Result<Option<&'a [u8]>, KeyProblem> {
+) -> Result<Option<&'a [u8]>, InvalidKey> {
     let mut values = headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case(name));
@@ -26,20 +24,20 @@ pub fn key_of<'a>(
         return Ok(None);
     };
     if values.next().is_some() {
-        return Err(KeyProblem::Invalid("the header appears more than once"));
+        return Err(InvalidKey("the header appears more than once"));
     }
     validate_key(value).map(Some)
 }
 
-pub fn validate_key(value: &[u8]) -> Result<&[u8], KeyProblem> {
+pub fn validate_key(value: &[u8]) -> Result<&[u8], InvalidKey> {
     if value.is_empty() {
-        return Err(KeyProblem::Invalid("the key is empty"));
+        return Err(InvalidKey("the key is empty"));
     }
     if value.len() > 255 {
-        return Err(KeyProblem::Invalid("the key is longer than 255 characters"));
+        return Err(InvalidKey("the key is longer than 255 characters"));
     }
     if !value.iter().all(|b| (0x20..=0x7e).contains(b)) {
-        return Err(KeyProblem::Invalid(
+        return Err(InvalidKey(
             "the key may hold only visible ASCII characters and spaces",
         ));
     }
@@ -108,7 +106,7 @@ mod tests {
             "caf\u{e9}".as_bytes().to_vec(),
         ] {
             assert!(
-                matches!(validate_key(&bad), Err(KeyProblem::Invalid(_))),
+                matches!(validate_key(&bad), Err(InvalidKey(_))),
                 "{bad:?}"
             );
         }
@@ -119,7 +117,7 @@ mod tests {
         let twice = headers(&[("idempotency-key", b"a"), ("Idempotency-Key", b"b")]);
         assert!(matches!(
             key_of(&twice, "idempotency-key"),
-            Err(KeyProblem::Invalid(_))
+            Err(InvalidKey(_))
         ));
         let none = headers(&[("content-type", b"text/plain")]);
         assert_eq!(key_of(&none, "idempotency-key"), Ok(None));

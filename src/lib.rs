@@ -4,7 +4,21 @@
 
 pub mod config;
 pub mod decide;
+pub mod exchange;
 pub mod identity;
+pub mod metrics;
+pub mod problem;
 pub mod record;
 pub mod store;
 pub mod table;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;
+#[cfg(target_arch = "wasm32")]
+mod host;
+
+#[cfg(target_arch = "wasm32")]
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    proxy_wasm::set_root_context(|_| Box::new(filter::Root::default()));
+}}

@@ -35,7 +35,7 @@ pub enum ClaimReply {
 }
 
 /// How the owner's attempt ended, with what the store needs to record it.
-#[derive(Debug)]
+#[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// Keep this response for the TTL.
     Store(StoredResponse),

@@ -327,6 +327,8 @@ pub mod tests {
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
 
+    pub type Racer = Box<dyn FnOnce(&MemoryKv)>;
+
     /// Shared data as Envoy implements it: a global CAS counter from 1, writes to absent keys
     /// always succeed, no deletes.
     #[derive(Default)]
@@ -334,7 +336,7 @@ pub mod tests {
         map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
         next_cas: Cell<u32>,
         /// Runs once, between a read and the next write: a racing worker.
-        pub interleave: RefCell<Option<Box<dyn FnOnce(&MemoryKv)>>>,
+        pub interleave: RefCell<Option<Racer>>,
     }
 
     impl MemoryKv {

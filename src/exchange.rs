@@ -1,0 +1,474 @@
+//! One request's way through the filter, as a state machine driven by host events.
+//!
+//! The glue hands each event in (headers, a body chunk, the store's answer, the response, the
+//! end of the stream) and gets back a [`Step`] to carry out. Store operations are steps too, so
+//! a store that answers later (by callback) drives the same machine as one that answers now.
+
+use crate::config::{Config, Millis, WhenFull};
+use crate::decide::Claim;
+use crate::identity::{self, Digest32, InvalidKey};
+use crate::metrics::Counter;
+use crate::problem::{self, whole_seconds, LocalReply, Problem};
+use crate::record::StoredResponse;
+use crate::store::{ClaimReply, FinishReply, Outcome, StoreError, Ticket};
+use std::rc::Rc;
+
+/// What the glue must do next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Let the request go on, untouched by idempotency.
+    Pass,
+    /// Hold the request while its body arrives.
+    Buffer,
+    /// Ask the store for this claim and hand the answer to [`Exchange::on_claim`].
+    Claim(Claim),
+    /// Send the request upstream as the record's owner.
+    Forward,
+    /// Hold the request; ask the store again (with the same claim) on the next poll.
+    Wait,
+    /// Answer locally; nothing reaches the upstream.
+    Reply(LocalReply),
+    /// Record how the owner's attempt ended, and hand the answer to [`Exchange::on_finish`].
+    Finish(Ticket, Outcome),
+    /// Nothing more to do.
+    Done,
+}
+
+/// Response flags (Envoy's `response.flags` bits) meaning the upstream may have done the work
+/// although no complete response came back: timeouts, resets, terminations.
+const MAY_HAVE_RUN: u64 = 0x4 // upstream request timeout
+    | 0x8 // local reset
+    | 0x10 // upstream remote reset
+    | 0x40 // upstream connection termination
+    | 0x4000 // downstream connection termination
+    | 0x8000 // upstream retry limit exceeded
+    | 0x10000 // stream idle timeout
+    | 0x80000 // upstream max stream duration reached
+    | 0x400000 // duration timeout
+    | 0x800000; // upstream protocol error
+
+/// Hop-by-hop headers, and those Envoy sets itself on every answer, are not stored.
+const UNSTORED_HEADERS: [&str; 11] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "content-length",
+    "x-envoy-upstream-service-time",
+    ":status",
+];
+
+/// A request's place in the flow.
+#[derive(Debug)]
+enum Phase {
+    /// Not looked at yet.
+    New,
+    /// Covered; its body is being buffered.
+    Buffering {
+        tuple: Digest32,
+        query: Vec<u8>,
+        size: usize,
+    },
+    /// Waiting for the store's answer to `claim`.
+    Claiming { claim: Claim, waiting_since: Option<Millis> },
+    /// Forwarded as the owner of `ticket`; the response is being captured.
+    Owner { ticket: Ticket },
+    /// Finished with idempotency (passed, answered locally, or ended).
+    Out,
+}
+
+#[derive(Debug, Default)]
+struct Capture {
+    /// `Some` once response headers arrive from the upstream (`via_upstream`).
+    status: Option<u16>,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    complete: bool,
+    /// The body went past `max_response_body_bytes`, or a header could not be stored.
+    unstorable: bool,
+    /// Headers arrived, but from Envoy rather than the upstream.
+    local_reply: bool,
+}
+
+pub struct Exchange {
+    config: Rc<Config>,
+    phase: Phase,
+    capture: Capture,
+    counts: Vec<Counter>,
+    token: u64,
+}
+
+impl Exchange {
+    /// `token` must be unique to this attempt across every worker of the process.
+    pub fn new(config: Rc<Config>, token: u64) -> Exchange {
+        Exchange {
+            config,
+            phase: Phase::New,
+            capture: Capture::default(),
+            counts: Vec::new(),
+            token,
+        }
+    }
+
+    /// The counters this exchange moved since the last call.
+    pub fn take_counts(&mut self) -> Vec<Counter> {
+        std::mem::take(&mut self.counts)
+    }
+
+    fn count(&mut self, counter: Counter) {
+        self.counts.push(counter);
+    }
+
+    fn answer(&mut self, counter: Counter, reply: LocalReply) -> Step {
+        self.count(counter);
+        self.phase = Phase::Out;
+        Step::Reply(reply)
+    }
+
+    /// Whether the request is held waiting for an original.
+    pub fn is_waiting(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::Claiming {
+                waiting_since: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// The request headers: decides whether the request is covered and, if so, its record.
+    pub fn on_request_headers(
+        &mut self,
+        method: &str,
+        path: &[u8],
+        headers: &[(String, Vec<u8>)],
+        end_of_stream: bool,
+    ) -> Step {
+        if !self.config.covers(method) {
+            self.phase = Phase::Out;
+            return Step::Pass;
+        }
+        let key = match identity::key_of(headers, &self.config.key_header) {
+            Ok(Some(key)) => key,
+            Ok(None) if self.config.require_key => {
+                let detail = format!("{} requests need an Idempotency-Key header", method);
+                return self.answer(Counter::KeyMissing, Problem::KeyMissing.reply(&detail, None));
+            }
+            Ok(None) => {
+                self.phase = Phase::Out;
+                return Step::Pass;
+            }
+            Err(InvalidKey(why)) => {
+                let detail = format!("{why}; a key is 1 to 255 visible ASCII characters");
+                return self.answer(Counter::KeyInvalid, Problem::KeyInvalid.reply(&detail, None));
+            }
+        };
+        let Some((_, scope_value)) = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(&self.config.scope_header))
+        else {
+            // No organisation to keep records apart: never share one record between strangers.
+            self.count(Counter::Bypassed);
+            self.phase = Phase::Out;
+            return Step::Pass;
+        };
+        let scope = identity::scope_of(scope_value);
+        let (path, query) = identity::split_path(path);
+        let tuple = identity::tuple_of(&scope, method, path, key);
+        self.phase = Phase::Buffering {
+            tuple,
+            query: query.to_vec(),
+            size: 0,
+        };
+        if end_of_stream {
+            self.on_request_body(0, true, Vec::new)
+        } else {
+            Step::Buffer
+        }
+    }
+
+    /// The request body: `size` bytes buffered so far; at the end of the stream `read` gives
+    /// them all. Bodies over `max_request_body_bytes` are refused before they are read.
+    pub fn on_request_body(
+        &mut self,
+        size: usize,
+        end_of_stream: bool,
+        read: impl FnOnce() -> Vec<u8>,
+    ) -> Step {
+        let Phase::Buffering { tuple, query, .. } = &self.phase else {
+            return Step::Pass;
+        };
+        if size > self.config.max_request_body_bytes {
+            let detail = format!(
+                "the request body is larger than {} bytes",
+                self.config.max_request_body_bytes
+            );
+            return self.answer(
+                Counter::RequestTooLarge,
+                Problem::RequestTooLarge.reply(&detail, None),
+            );
+        }
+        if !end_of_stream {
+            if let Phase::Buffering { size: buffered, .. } = &mut self.phase {
+                *buffered = size;
+            }
+            return Step::Buffer;
+        }
+        let claim = Claim {
+            tuple: *tuple,
+            fingerprint: identity::fingerprint_of(query, &read()),
+            token: self.token,
+            lease: self.config.claim_lease(),
+        };
+        self.phase = Phase::Claiming {
+            claim,
+            waiting_since: None,
+        };
+        Step::Claim(claim)
+    }
+
+    /// Request trailers end the body: its size is what the last body callback reported.
+    pub fn on_request_body_end(&mut self, read: impl FnOnce(usize) -> Vec<u8>) -> Step {
+        match self.phase {
+            Phase::Buffering { size, .. } => self.on_request_body(size, true, || read(size)),
+            _ => Step::Pass,
+        }
+    }
+
+    /// Whether this request owns its record (and so captures the response).
+    pub fn is_owner(&self) -> bool {
+        matches!(self.phase, Phase::Owner { .. })
+    }
+
+    /// The store's answer to the claim. `room_to_wait` says whether the waiting room (bounded by
+    /// `max_waiting`) has a place for this request.
+    pub fn on_claim(
+        &mut self,
+        reply: Result<ClaimReply, StoreError>,
+        room_to_wait: bool,
+        now: Millis,
+    ) -> Step {
+        let Phase::Claiming {
+            claim,
+            waiting_since,
+        } = self.phase
+        else {
+            return Step::Done;
+        };
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(error) => {
+                self.count(Counter::StoreError);
+                return self.when_full(Problem::StoreUnavailable, &error.to_string());
+            }
+        };
+        match reply {
+            ClaimReply::Claimed(ticket) => {
+                self.count(Counter::Claimed);
+                if waiting_since.is_some() {
+                    self.count(Counter::TakenOver);
+                }
+                self.phase = Phase::Owner { ticket };
+                Step::Forward
+            }
+            ClaimReply::Replay(response) => self.answer(Counter::Replayed, problem::replay(response)),
+            ClaimReply::Conflict => self.answer(
+                Counter::Conflict,
+                Problem::Conflict.reply(
+                    "this Idempotency-Key was used with a different request body or query string",
+                    None,
+                ),
+            ),
+            ClaimReply::InFlight { remaining } => {
+                let since = waiting_since.unwrap_or(now);
+                let may_wait = waiting_since.is_some() || room_to_wait;
+                if may_wait && now.saturating_sub(since) < self.config.max_wait {
+                    if waiting_since.is_none() {
+                        self.count(Counter::Waited);
+                    }
+                    self.phase = Phase::Claiming {
+                        claim,
+                        waiting_since: Some(since),
+                    };
+                    return Step::Wait;
+                }
+                let retry = whole_seconds(remaining.min(1_000));
+                self.answer(
+                    Counter::InProgress,
+                    Problem::InProgress.reply(
+                        "a request with this Idempotency-Key is still being processed",
+                        Some(retry),
+                    ),
+                )
+            }
+            ClaimReply::Held { remaining } => self.answer(
+                Counter::InProgress,
+                Problem::InProgress.reply(
+                    "an earlier request with this Idempotency-Key ended without a known outcome; \
+                     retry after its lease ends",
+                    Some(whole_seconds(remaining)),
+                ),
+            ),
+            ClaimReply::NotStored => self.answer(
+                Counter::ResponseNotStored,
+                Problem::ResponseNotStored.reply(
+                    "the request with this Idempotency-Key ran, but its response was too large to store",
+                    None,
+                ),
+            ),
+            ClaimReply::Full => {
+                self.count(Counter::StoreFull);
+                self.when_full(Problem::StoreFull, "no room for another record right now")
+            }
+        }
+    }
+
+    fn when_full(&mut self, problem: Problem, detail: &str) -> Step {
+        match self.config.when_full {
+            WhenFull::Pass => {
+                self.count(Counter::Bypassed);
+                self.phase = Phase::Out;
+                Step::Forward
+            }
+            WhenFull::Reject => self.answer(Counter::Rejected, problem.reply(detail, Some(1))),
+        }
+    }
+
+    /// Response headers. `via_upstream` is false for Envoy's own local replies.
+    pub fn on_response_headers(
+        &mut self,
+        headers: &[(String, Vec<u8>)],
+        via_upstream: bool,
+        end_of_stream: bool,
+    ) {
+        if !matches!(self.phase, Phase::Owner { .. }) {
+            return;
+        }
+        if !via_upstream {
+            self.capture.local_reply = true;
+            return;
+        }
+        for (name, value) in headers {
+            if name == ":status" {
+                self.capture.status = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|s| s.parse().ok());
+            } else if !UNSTORED_HEADERS.contains(&name.as_str()) {
+                match String::from_utf8(value.clone()) {
+                    Ok(value) => self.capture.headers.push((name.clone(), value)),
+                    // Local replies carry text headers only: such a response cannot be replayed.
+                    Err(_) => self.capture.unstorable = true,
+                }
+            }
+        }
+        self.capture.complete = end_of_stream;
+    }
+
+    /// Whether the glue should copy response body chunks (the response is being captured).
+    pub fn wants_response_body(&self) -> bool {
+        matches!(self.phase, Phase::Owner { .. })
+            && self.capture.status.is_some()
+            && !self.capture.unstorable
+    }
+
+    /// One chunk of the response body, as it streams to the client.
+    pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) {
+        if self.wants_response_body() {
+            if self.capture.body.len() + chunk.len() > self.config.max_response_body_bytes {
+                self.capture.unstorable = true;
+                self.capture.body = Vec::new();
+            } else {
+                self.capture.body.extend_from_slice(chunk);
+            }
+        }
+        self.capture.complete |= end_of_stream;
+    }
+
+    /// Trailers end the response body.
+    pub fn on_response_trailers(&mut self) {
+        self.capture.complete = true;
+    }
+
+    /// The stream ended (`on_log`). `flags` is Envoy's `response.flags` bit set.
+    pub fn on_end(&mut self, flags: u64) -> Step {
+        let Phase::Owner { ticket } = self.phase else {
+            self.phase = Phase::Out;
+            return Step::Done;
+        };
+        self.phase = Phase::Out;
+        let capture = std::mem::take(&mut self.capture);
+        let outcome = match capture.status {
+            Some(status) if !self.config.stores_status(status) => Outcome::Release,
+            Some(_) if !capture.complete => Outcome::Hold,
+            Some(_) if capture.unstorable => Outcome::TooLarge,
+            Some(status) => Outcome::Store(StoredResponse {
+                status,
+                headers: capture.headers,
+                body: capture.body,
+            }),
+            None if flags & MAY_HAVE_RUN != 0 => Outcome::Hold,
+            // Envoy answered without the upstream: connection failure, no healthy host, no route.
+            None if capture.local_reply => Outcome::Release,
+            // No answer at all and no flag saying why: assume the work may have run.
+            None => Outcome::Hold,
+        };
+        let outcome = match outcome {
+            Outcome::Hold if self.config.lease == 0 => Outcome::Release,
+            outcome => outcome,
+        };
+        Step::Finish(ticket, outcome)
+    }
+
+    /// The store's answer to the finish.
+    pub fn on_finish(&mut self, reply: Result<FinishReply, StoreError>) {
+        let counter = match reply {
+            Ok(FinishReply::Stored) => Counter::Stored,
+            Ok(FinishReply::StoredWithoutResponse { store_full: true }) => Counter::StoreFull,
+            Ok(FinishReply::StoredWithoutResponse { store_full: false }) => {
+                Counter::ResponseTooLarge
+            }
+            Ok(FinishReply::Released) => Counter::Released,
+            Ok(FinishReply::Held) => Counter::Held,
+            Ok(FinishReply::Lost) => Counter::LeaseExpired,
+            Err(_) => Counter::StoreError,
+        };
+        self.count(counter);
+    }
+
+    /// The waiting request ran out of `max_wait`.
+    pub fn give_up_waiting(&mut self) -> Step {
+        if !self.is_waiting() {
+            return Step::Done;
+        }
+        self.answer(
+            Counter::InProgress,
+            Problem::InProgress.reply(
+                "a request with this Idempotency-Key is still being processed",
+                Some(1),
+            ),
+        )
+    }
+
+    /// The claim a waiting request polls with.
+    pub fn pending_claim(&self) -> Option<Claim> {
+        match self.phase {
+            Phase::Claiming { claim, .. } => Some(claim),
+            _ => None,
+        }
+    }
+
+    /// Whether a waiting request has waited `max_wait`.
+    pub fn wait_is_over(&self, now: Millis) -> bool {
+        match self.phase {
+            Phase::Claiming {
+                waiting_since: Some(since),
+                ..
+            } => now.saturating_sub(since) >= self.config.max_wait,
+            _ => false,
+        }
+    }
+}

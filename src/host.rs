@@ -1,0 +1,167 @@
+//! The host, through `proxy_wasm::hostcalls` only: every call's error is handled here, so the
+//! rest of the glue never meets a host `Status` (the SDK's trait helpers would panic on one).
+
+use crate::config::Millis;
+use crate::metrics::Counter;
+use crate::problem::LocalReply;
+use crate::store::{Kv, StoreError};
+use log::warn;
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
+use std::time::UNIX_EPOCH;
+
+/// Envoy's shared data (one map per `vm_id` per process, shared by every worker's VM).
+pub struct SharedData;
+
+impl Kv for SharedData {
+    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
+        match hostcalls::get_shared_data(key) {
+            Ok((value, Some(cas))) => Ok(Some((value.unwrap_or_default(), cas))),
+            Ok((_, None)) => Ok(None),
+            Err(status) => Err(host_error("get_shared_data", status)),
+        }
+    }
+
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => Ok(true),
+            Err(Status::CasMismatch) => Ok(false),
+            Err(status) => Err(host_error("set_shared_data", status)),
+        }
+    }
+}
+
+fn host_error(call: &str, status: Status) -> StoreError {
+    StoreError::Host(format!("{call}: {status:?}"))
+}
+
+/// Wall-clock milliseconds; records compare deadlines written by other workers, so this is the
+/// host's clock, not a monotonic one.
+pub fn now() -> Millis {
+    match hostcalls::get_current_time() {
+        Ok(time) => time
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as Millis)
+            .unwrap_or_default(),
+        Err(status) => {
+            warn!("get_current_time failed: {status:?}");
+            0
+        }
+    }
+}
+
+pub fn plugin_configuration() -> Vec<u8> {
+    match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+        Ok(bytes) => bytes.unwrap_or_default(),
+        Err(status) => {
+            warn!("reading the plugin configuration failed: {status:?}");
+            Vec::new()
+        }
+    }
+}
+
+pub fn request_header(name: &str) -> Option<Vec<u8>> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).unwrap_or_default()
+}
+
+pub fn headers(map: MapType) -> Vec<(String, Vec<u8>)> {
+    match hostcalls::get_map_bytes(map) {
+        Ok(headers) => headers,
+        Err(status) => {
+            warn!("reading headers failed: {status:?}");
+            Vec::new()
+        }
+    }
+}
+
+pub fn body(buffer: BufferType, size: usize) -> Vec<u8> {
+    match hostcalls::get_buffer(buffer, 0, size) {
+        Ok(bytes) => bytes.unwrap_or_default(),
+        Err(status) => {
+            warn!("reading a body failed: {status:?}");
+            Vec::new()
+        }
+    }
+}
+
+pub fn property(path: Vec<&str>) -> Option<Vec<u8>> {
+    hostcalls::get_property(path).ok().flatten()
+}
+
+/// Envoy's `response.flags` bit set (0 when absent).
+pub fn response_flags() -> u64 {
+    property(vec!["response", "flags"])
+        .and_then(|bytes| bytes.try_into().ok())
+        .map(u64::from_le_bytes)
+        .unwrap_or(0)
+}
+
+/// Whether the response in flight came from the upstream rather than from Envoy itself.
+pub fn response_via_upstream() -> bool {
+    property(vec!["response", "code_details"]).as_deref() == Some(b"via_upstream")
+}
+
+pub fn send(reply: &LocalReply) {
+    let headers = reply
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    if let Err(status) =
+        hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body))
+    {
+        warn!("send_http_response failed: {status:?}");
+    }
+}
+
+pub fn resume_request() {
+    if let Err(status) = hostcalls::resume_http_request() {
+        warn!("resume_http_request failed: {status:?}");
+    }
+}
+
+/// Makes the host act for another HTTP context of this VM (a waiting request).
+pub fn act_for(context_id: u32) -> bool {
+    match hostcalls::set_effective_context(context_id) {
+        Ok(()) => true,
+        Err(status) => {
+            warn!("set_effective_context({context_id}) failed: {status:?}");
+            false
+        }
+    }
+}
+
+pub fn set_tick_period(millis: u64) {
+    if let Err(status) = hostcalls::set_tick_period(std::time::Duration::from_millis(millis)) {
+        warn!("set_tick_period failed: {status:?}");
+    }
+}
+
+/// The counters, defined once per VM.
+pub struct Metrics {
+    ids: Vec<Option<u32>>,
+}
+
+impl Metrics {
+    pub fn define() -> Metrics {
+        let ids = Counter::ALL
+            .iter()
+            .map(|counter| match hostcalls::define_metric(MetricType::Counter, counter.name()) {
+                Ok(id) => Some(id),
+                Err(status) => {
+                    warn!("define_metric({}) failed: {status:?}", counter.name());
+                    None
+                }
+            })
+            .collect();
+        Metrics { ids }
+    }
+
+    pub fn increment(&self, counter: Counter) {
+        if let Some(Some(id)) = self.ids.get(counter.index()) {
+            if let Err(status) = hostcalls::increment_metric(*id, 1) {
+                warn!("increment_metric({}) failed: {status:?}", counter.name());
+            }
+        }
+    }
+}

@@ -1,0 +1,104 @@
+//! The outcomes the filter counts. Each is an Envoy counter named `idempotency.<name>`.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// A request claimed a record and went upstream (first attempts and take-overs).
+    Claimed,
+    Replayed,
+    Stored,
+    Conflict,
+    /// `409 idempotency_in_progress` answered.
+    InProgress,
+    /// A duplicate started waiting for the original.
+    Waited,
+    /// A waiting duplicate took over a released claim.
+    TakenOver,
+    /// A claim was released so that a retry runs the work.
+    Released,
+    /// A claim was held until its lease ends (outcome unknown).
+    Held,
+    /// A claim ended after its lease had run out and another request could take it.
+    LeaseExpired,
+    /// A covered request passed without idempotency (no scope, or a full store under `pass`).
+    Bypassed,
+    /// The store had no room: for a claim (in its bucket) or for a response (in bytes).
+    StoreFull,
+    /// `503` answered because the store was full or failing.
+    Rejected,
+    StoreError,
+    KeyInvalid,
+    KeyMissing,
+    RequestTooLarge,
+    /// A response over `max_response_body_bytes`: the record is kept without it.
+    ResponseTooLarge,
+    /// `409 idempotency_response_not_stored` answered.
+    ResponseNotStored,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 19] = [
+        Counter::Claimed,
+        Counter::Replayed,
+        Counter::Stored,
+        Counter::Conflict,
+        Counter::InProgress,
+        Counter::Waited,
+        Counter::TakenOver,
+        Counter::Released,
+        Counter::Held,
+        Counter::LeaseExpired,
+        Counter::Bypassed,
+        Counter::StoreFull,
+        Counter::Rejected,
+        Counter::StoreError,
+        Counter::KeyInvalid,
+        Counter::KeyMissing,
+        Counter::RequestTooLarge,
+        Counter::ResponseTooLarge,
+        Counter::ResponseNotStored,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Counter::Claimed => "idempotency.claimed",
+            Counter::Replayed => "idempotency.replayed",
+            Counter::Stored => "idempotency.stored",
+            Counter::Conflict => "idempotency.conflict",
+            Counter::InProgress => "idempotency.in_progress",
+            Counter::Waited => "idempotency.waited",
+            Counter::TakenOver => "idempotency.taken_over",
+            Counter::Released => "idempotency.released",
+            Counter::Held => "idempotency.held",
+            Counter::LeaseExpired => "idempotency.lease_expired",
+            Counter::Bypassed => "idempotency.bypassed",
+            Counter::StoreFull => "idempotency.store_full",
+            Counter::Rejected => "idempotency.rejected",
+            Counter::StoreError => "idempotency.store_error",
+            Counter::KeyInvalid => "idempotency.key_invalid",
+            Counter::KeyMissing => "idempotency.key_missing",
+            Counter::RequestTooLarge => "idempotency.request_too_large",
+            Counter::ResponseTooLarge => "idempotency.response_too_large",
+            Counter::ResponseNotStored => "idempotency.response_not_stored",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_counter_is_listed_once_at_its_index() {
+        for (index, counter) in Counter::ALL.iter().enumerate() {
+            assert_eq!(counter.index(), index);
+        }
+        let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        names.sort();
+        names.dedup();
+        assert_eq!(names.len(), Counter::ALL.len());
+    }
+}
