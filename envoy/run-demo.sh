@@ -49,7 +49,9 @@ Ctrl-C stops Envoy and the upstream.
 
 TRY
 
-"$ENVOY" -c envoy/envoy.yaml --concurrency 2 --log-level info --component-log-level wasm:debug &
+# Quiet Envoy except for the filter's own log lines (LOG_LEVEL=info for everything).
+"$ENVOY" -c envoy/envoy.yaml --concurrency 2 --log-level "${LOG_LEVEL:-warn}" \
+  --component-log-level "wasm:${WASM_LOG_LEVEL:-info}" &
 envoy_pid=$!
 # Exit as soon as either process ends (or on Ctrl-C, via the trap).
 wait -n "$envoy_pid" "$upstream_pid" || true
