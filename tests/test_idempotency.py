@@ -2,6 +2,7 @@
 Envoy running the filter in front of the counting upstream. Every test checks what the client saw
 and what the upstream executed."""
 
+import http.client
 import json
 import threading
 import time
@@ -46,31 +47,31 @@ def comparable_headers(resp):
 
 def assert_original(resp, status=201):
     """An answer that came from an upstream execution, not a replay."""
-    assert resp.status == status, resp
-    assert resp.header("idempotent-replayed") is None, resp
-    assert resp.header("x-upstream-execution") is not None, resp
+    assert resp.status == status, f"{resp!r}"
+    assert resp.header("idempotent-replayed") is None, f"{resp!r}"
+    assert resp.header("x-upstream-execution") is not None, f"{resp!r}"
 
 
 def assert_replay_of(replay, original):
     """The stored response verbatim: status, headers (Set-Cookie included), body byte for byte,
     plus idempotent-replayed: true."""
-    assert replay.status == original.status, replay
-    assert replay.header_all("idempotent-replayed") == ["true"], replay
+    assert replay.status == original.status, f"{replay!r}"
+    assert replay.header_all("idempotent-replayed") == ["true"], f"{replay!r}"
     assert replay.body == original.body, f"replayed body differs: {len(replay.body)} vs {len(original.body)} bytes"
     assert comparable_headers(replay) == comparable_headers(original)
 
 
 def assert_problem(resp, status, code):
     """An RFC 9457 problem answer with the contract's code."""
-    assert resp.status == status, resp
+    assert resp.status == status, f"{resp!r}"
     content_type = (resp.header("content-type") or "").split(";")[0].strip()
-    assert content_type == "application/problem+json", resp
+    assert content_type == "application/problem+json", f"{resp!r}"
     doc = resp.json()
-    assert doc["code"] == code, doc
-    assert doc["status"] == status, doc
-    assert isinstance(doc.get("detail"), str) and doc["detail"], doc
-    assert "title" in doc and "type" in doc, doc
-    assert resp.header("idempotent-replayed") is None, resp
+    assert doc["code"] == code, f"{doc!r}"
+    assert doc["status"] == status, f"{doc!r}"
+    assert isinstance(doc.get("detail"), str) and doc["detail"], f"{doc!r}"
+    assert "title" in doc and "type" in doc, f"{doc!r}"
+    assert resp.header("idempotent-replayed") is None, f"{resp!r}"
     return doc
 
 
@@ -229,9 +230,9 @@ def test_envoy_local_reply_for_down_upstream_is_not_stored(envoy_with, upstream_
 
     for _ in range(2):  # released at once: the retry is not held as in progress
         down = call(envoy, key)
-        assert down.status == 503, down
-        assert down.header("idempotent-replayed") is None, down
-        assert down.header("x-upstream-execution") is None, down
+        assert down.status == 503, f"{down!r}"
+        assert down.header("idempotent-replayed") is None, f"{down!r}"
+        assert down.header("x-upstream-execution") is None, f"{down!r}"
 
     upstream = upstream_factory(port)
     resp = call(envoy, key)
@@ -314,7 +315,7 @@ def test_request_without_scope_header_passes_untouched(envoy, upstream, key):
 
 @pytest.mark.parametrize("size", [1025, 64 * 1024])
 def test_request_body_over_limit_is_413_and_never_reaches_upstream(envoy_with, upstream, key, size):
-    envoy = envoy_with({"max_request_body_bytes": 1024})
+    envoy = envoy_with({"max_request_body_bytes": 1024, "max_response_body_bytes": 2048})
     assert_problem(call(envoy, key, body=b"x" * size), 413, "request_too_large")
     assert upstream.count(key=key) == 0
     # A request at the limit goes through, with the same key: the refusal kept no claim.
@@ -331,11 +332,11 @@ def test_burst_of_identical_requests_executes_exactly_once(envoy, upstream, key)
     slow = [("x-test-delay-ms", "1000")]
     answers = burst(20, lambda i: call(envoy, key, headers=slow))
     errors = [a for a in answers if isinstance(a, Exception)]
-    assert not errors, errors
+    assert not errors, f"{errors!r}"
     assert upstream.count(key=key) == 1
 
     originals = [a for a in answers if a.status == 201 and a.header("idempotent-replayed") is None]
-    assert len(originals) == 1, answers
+    assert len(originals) == 1, f"{answers!r}"
     original = originals[0]
     replays = in_progress = 0
     for a in answers:
@@ -386,3 +387,120 @@ def test_stats_count_each_outcome(envoy, upstream, key):
                 "idempotency.conflict": 1, "idempotency.key_invalid": 1}
     wait_for(lambda: stat_deltas(envoy, before, names) == expected)
     assert stat_deltas(envoy, before, names) == expected
+
+
+# -- waiting on an original in flight -------------------------------------------------------------
+
+def _in_background(fn):
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("result", fn()))
+    thread.start()
+    return thread, box
+
+
+def test_duplicate_while_original_in_flight_waits_and_gets_the_replay(envoy, upstream, key):
+    thread, box = _in_background(lambda: call(envoy, key, headers=[("x-test-delay-ms", "700")]))
+    try:
+        assert wait_for(lambda: upstream.count(key=key) == 1), "the original never reached the upstream"
+        duplicate = call(envoy, key)
+    finally:
+        thread.join()
+    assert_original(box["result"])
+    assert_replay_of(duplicate, box["result"])
+    assert upstream.count(key=key) == 1
+
+
+def test_duplicate_waiting_past_max_wait_gets_409_in_progress(envoy_with, upstream, key):
+    envoy = envoy_with({"max_wait": "250ms"})
+    thread, box = _in_background(lambda: call(envoy, key, headers=[("x-test-delay-ms", "1500")]))
+    try:
+        assert wait_for(lambda: upstream.count(key=key) == 1), "the original never reached the upstream"
+        started = time.monotonic()
+        duplicate = call(envoy, key)
+        waited = time.monotonic() - started
+    finally:
+        thread.join()
+    assert_problem(duplicate, 409, "idempotency_in_progress")
+    assert_retry_after(duplicate)
+    assert 0.2 <= waited < 1.2, f"answered after {waited:.2f}s with max_wait 250ms"
+    assert_original(box["result"])
+    assert_replay_of(call(envoy, key), box["result"])
+    assert upstream.count(key=key) == 1
+
+
+# -- endings with an unknown outcome hold the claim for its lease -----------------------------------
+
+LEASE_S = 2.0
+
+
+def _end_by_upstream_timeout(envoy, key):
+    resp = call(envoy, key, headers=[("x-test-delay-ms", "1500")])  # the route timeout is 1s
+    assert resp.status == 504, f"{resp!r}"
+
+
+def _end_by_upstream_reset(envoy, key):
+    resp = call(envoy, key, headers=[("x-test-reset", "before-headers")])
+    assert resp.status == 503, f"{resp!r}"
+
+
+def _end_by_client_leaving(envoy, key):
+    conn = http.client.HTTPConnection("127.0.0.1", envoy.port, timeout=5)
+    conn.request("POST", "/v1/customers", CUSTOMER, {
+        "content-type": "application/json", "authorization": ORG_A, "idempotency-key": key,
+        "x-test-status": "201", "x-test-delay-ms": "1500"})
+    time.sleep(0.3)
+    conn.close()
+
+
+UNKNOWN_ENDINGS = {
+    "upstream_timeout": _end_by_upstream_timeout,
+    "upstream_reset": _end_by_upstream_reset,
+    "client_gone": _end_by_client_leaving,
+}
+
+
+@pytest.mark.parametrize("ending", sorted(UNKNOWN_ENDINGS))
+def test_unknown_outcome_holds_claim_until_lease_ends(envoy_with, upstream, key, ending):
+    envoy = envoy_with({"lease": "2s"}, route_timeout="1s")
+    UNKNOWN_ENDINGS[ending](envoy, key)
+    assert wait_for(lambda: upstream.count(key=key) == 1)
+    first_at = upstream.executions(key=key)[0].at
+    # Until the lease ends, duplicates get 409 in_progress (or wait and take over at its end);
+    # the work never runs a second time early.
+    answers = []
+    while time.monotonic() < first_at + LEASE_S + 3:
+        resp = call(envoy, key)
+        answers.append(resp)
+        if resp.status != 409:
+            break
+        assert_problem(resp, 409, "idempotency_in_progress")
+        assert 0 <= assert_retry_after(resp) <= LEASE_S + 1, f"{resp!r}"
+        assert upstream.count(key=key) == 1
+        time.sleep(0.25)
+    retry = answers[-1]
+    assert_original(retry)
+    assert upstream.count(key=key) == 2
+    second_at = upstream.executions(key=key)[1].at
+    assert second_at - first_at >= LEASE_S - 0.3, f"executed again {second_at - first_at:.2f}s after the first"
+    assert_replay_of(call(envoy, key), retry)
+    assert upstream.count(key=key) == 2
+
+
+def test_lease_zero_releases_unknown_outcome_at_once(envoy_with, upstream, key):
+    envoy = envoy_with({"lease": "0s"}, route_timeout="1s")
+    _end_by_upstream_timeout(envoy, key)
+    retry = call(envoy, key)
+    assert_original(retry)
+    assert upstream.count(key=key) == 2
+
+
+# -- a response too large to store -------------------------------------------------------------------
+
+def test_response_over_limit_reaches_client_and_duplicates_get_409_not_stored(envoy_with, upstream, key):
+    envoy = envoy_with({"max_request_body_bytes": 1024, "max_response_body_bytes": 2048})
+    hdrs = [("x-test-status", "200"), ("x-test-body-bytes", "8192"), ("x-test-body-seed", key)]
+    resp = call(envoy, key, headers=hdrs)
+    assert_original(resp, 200)
+    assert resp.body == binary_body(8192, key)
+    assert_problem(call(envoy, key, headers=hdrs), 409, "idempotency_response_not_stored")
+    assert upstream.count(key=key) == 1

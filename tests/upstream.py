@@ -56,6 +56,7 @@ class Execution:
     key: object  # the Idempotency-Key value (str), or None when absent
     headers: list = field(repr=False)  # [(lower-case name, value)], in order
     body: bytes = field(repr=False)
+    at: float = 0.0  # time.monotonic() when the request arrived
 
     def header(self, name):
         name = name.lower()
@@ -126,6 +127,7 @@ class Upstream:
                 key=next((v for k, v in headers if k == "idempotency-key"), None),
                 headers=headers,
                 body=body,
+                at=time.monotonic(),
             )
             self._executions.append(ex)
         if not self.quiet:
