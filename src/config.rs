@@ -54,6 +54,10 @@ pub struct Config {
     pub capacity_bytes: usize,
     pub when_full: WhenFull,
     pub key_prefix: String,
+    /// Path prefixes the filter covers; empty means every path.
+    pub include_paths: Vec<String>,
+    /// Path prefixes the filter leaves alone; they win over `include_paths`.
+    pub exclude_paths: Vec<String>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -64,7 +68,11 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "invalid configuration: `{}`: {}", self.field, self.reason)
+        write!(
+            f,
+            "invalid configuration: `{}`: {}",
+            self.field, self.reason
+        )
     }
 }
 
@@ -99,6 +107,8 @@ struct Raw {
     capacity_bytes: usize,
     when_full: String,
     key_prefix: String,
+    include_paths: Vec<String>,
+    exclude_paths: Vec<String>,
 }
 
 /// Reads one field, naming it in the error (serde alone names the position, not the field).
@@ -138,6 +148,8 @@ impl Raw {
                 "capacity_bytes" => raw.capacity_bytes = field("capacity_bytes", value)?,
                 "when_full" => raw.when_full = field("when_full", value)?,
                 "key_prefix" => raw.key_prefix = field("key_prefix", value)?,
+                "include_paths" => raw.include_paths = field("include_paths", value)?,
+                "exclude_paths" => raw.exclude_paths = field("exclude_paths", value)?,
                 _ => return Err(invalid(&name, "unknown field")),
             }
         }
@@ -168,6 +180,8 @@ impl Default for Raw {
             capacity_bytes: 64 << 20,
             when_full: "reject".into(),
             key_prefix: "idempotency/".into(),
+            include_paths: Vec::new(),
+            exclude_paths: Vec::new(),
         }
     }
 }
@@ -195,7 +209,10 @@ impl Config {
         let mut methods = Vec::with_capacity(raw.methods.len());
         for method in &raw.methods {
             if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                return Err(invalid("methods", format!("`{method}` is not a method name")));
+                return Err(invalid(
+                    "methods",
+                    format!("`{method}` is not a method name"),
+                ));
             }
             methods.push(method.to_ascii_uppercase());
         }
@@ -256,6 +273,17 @@ impl Config {
                 "must not be empty: shared data is shared by every plugin of the VM",
             ));
         }
+        for (field, prefixes) in [
+            ("include_paths", &raw.include_paths),
+            ("exclude_paths", &raw.exclude_paths),
+        ] {
+            if let Some(bad) = prefixes.iter().find(|p| !p.starts_with('/')) {
+                return Err(invalid(
+                    field,
+                    format!("`{bad}` is not a path prefix starting with /"),
+                ));
+            }
+        }
         Ok(Config {
             methods,
             key_header,
@@ -272,11 +300,20 @@ impl Config {
             capacity_bytes: raw.capacity_bytes,
             when_full,
             key_prefix: raw.key_prefix,
+            include_paths: raw.include_paths,
+            exclude_paths: raw.exclude_paths,
         })
     }
 
     pub fn covers(&self, method: &str) -> bool {
         self.methods.iter().any(|m| m == method)
+    }
+
+    /// Whether requests to `path` (without its query) are covered.
+    pub fn covers_path(&self, path: &[u8]) -> bool {
+        let under = |prefix: &String| path.starts_with(prefix.as_bytes());
+        (self.include_paths.is_empty() || self.include_paths.iter().any(under))
+            && !self.exclude_paths.iter().any(under)
     }
 
     /// How long a claim in flight is protected. With `lease: 0s` unknown endings release at
@@ -290,7 +327,10 @@ impl Config {
     }
 
     pub fn stores_status(&self, status: u16) -> bool {
-        !self.unstored_statuses.iter().any(|rule| rule.matches(status))
+        !self
+            .unstored_statuses
+            .iter()
+            .any(|rule| rule.matches(status))
     }
 }
 
@@ -348,7 +388,12 @@ pub fn duration(field: &'static str, text: &str) -> Result<Millis, ConfigError> 
         .ok()
         .and_then(|n| n.checked_mul(scale))
         .filter(|ms| *ms <= 366 * 24 * 3_600_000)
-        .ok_or_else(|| invalid(field, format!("`{text}` is not a duration of at most 366 days")))
+        .ok_or_else(|| {
+            invalid(
+                field,
+                format!("`{text}` is not a duration of at most 366 days"),
+            )
+        })
 }
 
 #[cfg(test)]
@@ -401,8 +446,14 @@ mod tests {
         assert_eq!(field_of(r#"{"methods":[]}"#), "methods");
         assert_eq!(field_of(r#"{"methods":["PO ST"]}"#), "methods");
         assert_eq!(field_of(r#"{"key_header":"idem key"}"#), "key_header");
-        assert_eq!(field_of(r#"{"unstored_statuses":[700]}"#), "unstored_statuses");
-        assert_eq!(field_of(r#"{"unstored_statuses":["6xx"]}"#), "unstored_statuses");
+        assert_eq!(
+            field_of(r#"{"unstored_statuses":[700]}"#),
+            "unstored_statuses"
+        );
+        assert_eq!(
+            field_of(r#"{"unstored_statuses":["6xx"]}"#),
+            "unstored_statuses"
+        );
         assert_eq!(field_of(r#"{"capacity_records":0}"#), "capacity_records");
         assert_eq!(field_of(r#"{"capacity_bytes":1024}"#), "capacity_bytes");
         assert_eq!(field_of(r#"{"when_full":"drop"}"#), "when_full");
@@ -431,6 +482,20 @@ mod tests {
         assert!(!config.stores_status(302));
         assert!(config.stores_status(500));
         assert!(config.stores_status(200));
+    }
+
+    #[test]
+    fn path_prefixes_select_what_is_covered_and_exclusions_win() {
+        let all = Config::parse(b"{}").unwrap();
+        assert!(all.covers_path(b"/anything"));
+        let config =
+            Config::parse(br#"{"include_paths":["/v1/"],"exclude_paths":["/v1/webhooks"]}"#)
+                .unwrap();
+        assert!(config.covers_path(b"/v1/customers"));
+        assert!(!config.covers_path(b"/v2/customers"));
+        assert!(!config.covers_path(b"/v1/webhooks/stripe"));
+        assert_eq!(field_of(r#"{"include_paths":["v1"]}"#), "include_paths");
+        assert_eq!(field_of(r#"{"exclude_paths":"/v1"}"#), "exclude_paths");
     }
 
     #[test]

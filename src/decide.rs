@@ -151,7 +151,13 @@ pub fn reclaimable(bucket: &Bucket, now: Millis) -> impl Iterator<Item = usize> 
 
 /// Takes an expired complete entry for the sweeper, as a claim would, so that nobody else writes
 /// its response while the sweeper gives the bytes back. False if it is no longer reclaimable.
-pub fn take_for_sweep(bucket: &mut Bucket, slot: usize, token: u64, until: Millis, now: Millis) -> bool {
+pub fn take_for_sweep(
+    bucket: &mut Bucket,
+    slot: usize,
+    token: u64,
+    until: Millis,
+    now: Millis,
+) -> bool {
     match bucket.entries.get_mut(slot) {
         Some(entry) if is_reclaimable(entry, now) => {
             *entry = Entry {
@@ -219,7 +225,13 @@ mod tests {
     fn a_complete_record_replays_until_its_ttl() {
         let mut bucket = Bucket::empty();
         let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
-        finish(&mut bucket, slot, 10, Ending::Stored { len: 99, ttl: TTL }, 100);
+        finish(
+            &mut bucket,
+            slot,
+            10,
+            Ending::Stored { len: 99, ttl: TTL },
+            100,
+        );
         assert_eq!(
             claim(&mut bucket, &request(1, 1, 11), 100 + TTL - 1),
             Verdict::Replay {
@@ -242,7 +254,13 @@ mod tests {
         let mut bucket = Bucket::empty();
         for n in 0..BUCKET_ENTRIES as u8 {
             let slot = claimed_slot(claim(&mut bucket, &request(n, 0, u64::from(n)), 0));
-            finish(&mut bucket, slot, u64::from(n), Ending::Stored { len: 99, ttl: 10 }, 0);
+            finish(
+                &mut bucket,
+                slot,
+                u64::from(n),
+                Ending::Stored { len: 99, ttl: 10 },
+                0,
+            );
         }
         assert!(matches!(
             claim(&mut bucket, &request(200, 0, 99), 10),
@@ -254,7 +272,10 @@ mod tests {
     fn a_released_claim_lets_the_next_request_run() {
         let mut bucket = Bucket::empty();
         let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
-        assert_eq!(finish(&mut bucket, slot, 10, Ending::Released, 5), Finish::Done);
+        assert_eq!(
+            finish(&mut bucket, slot, 10, Ending::Released, 5),
+            Finish::Done
+        );
         assert!(matches!(
             claim(&mut bucket, &request(1, 1, 11), 6),
             Verdict::Claimed { .. }
@@ -294,7 +315,10 @@ mod tests {
         let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
         let taken = claimed_slot(claim(&mut bucket, &request(1, 1, 11), LEASE + 1));
         let stored = Ending::Stored { len: 1, ttl: TTL };
-        assert_eq!(finish(&mut bucket, slot, 10, stored, LEASE + 2), Finish::Lost);
+        assert_eq!(
+            finish(&mut bucket, slot, 10, stored, LEASE + 2),
+            Finish::Lost
+        );
         assert_eq!(bucket.entries[taken].token, 11);
         assert_eq!(bucket.entries[taken].state, State::InFlight);
     }
@@ -304,8 +328,14 @@ mod tests {
         let mut bucket = Bucket::empty();
         let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
         finish(&mut bucket, slot, 10, Ending::Unstored { ttl: TTL }, 10);
-        assert_eq!(claim(&mut bucket, &request(1, 1, 11), 20), Verdict::NotStored);
-        assert_eq!(claim(&mut bucket, &request(1, 2, 11), 20), Verdict::Conflict);
+        assert_eq!(
+            claim(&mut bucket, &request(1, 1, 11), 20),
+            Verdict::NotStored
+        );
+        assert_eq!(
+            claim(&mut bucket, &request(1, 2, 11), 20),
+            Verdict::Conflict
+        );
     }
 
     #[test]
@@ -329,7 +359,13 @@ mod tests {
     fn expired_complete_entries_are_reclaimable() {
         let mut bucket = Bucket::empty();
         let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
-        finish(&mut bucket, slot, 10, Ending::Stored { len: 7, ttl: 100 }, 0);
+        finish(
+            &mut bucket,
+            slot,
+            10,
+            Ending::Stored { len: 7, ttl: 100 },
+            0,
+        );
         assert_eq!(reclaimable(&bucket, 99).count(), 0);
         assert_eq!(reclaimable(&bucket, 100).collect::<Vec<_>>(), [slot]);
     }

@@ -146,13 +146,15 @@ impl Metrics {
     pub fn define() -> Metrics {
         let ids = Counter::ALL
             .iter()
-            .map(|counter| match hostcalls::define_metric(MetricType::Counter, counter.name()) {
-                Ok(id) => Some(id),
-                Err(status) => {
-                    warn!("define_metric({}) failed: {status:?}", counter.name());
-                    None
-                }
-            })
+            .map(
+                |counter| match hostcalls::define_metric(MetricType::Counter, counter.name()) {
+                    Ok(id) => Some(id),
+                    Err(status) => {
+                        warn!("define_metric({}) failed: {status:?}", counter.name());
+                        None
+                    }
+                },
+            )
             .collect();
         Metrics { ids }
     }

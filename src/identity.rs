@@ -17,9 +17,7 @@ pub fn key_of<'a>(
     headers: &'a [(String, Vec<u8>)],
     name: &str,
 ) -> Result<Option<&'a [u8]>, InvalidKey> {
-    let mut values = headers
-        .iter()
-        .filter(|(n, _)| n.eq_ignore_ascii_case(name));
+    let mut values = headers.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name));
     let Some((_, value)) = values.next() else {
         return Ok(None);
     };
@@ -105,10 +103,7 @@ mod tests {
             b"del\x7f".to_vec(),
             "caf\u{e9}".as_bytes().to_vec(),
         ] {
-            assert!(
-                matches!(validate_key(&bad), Err(InvalidKey(_))),
-                "{bad:?}"
-            );
+            assert!(matches!(validate_key(&bad), Err(InvalidKey(_))), "{bad:?}");
         }
     }
 

@@ -108,7 +108,10 @@ mod tests {
         assert_eq!(body["code"], "idempotency_conflict");
         assert_eq!(body["status"], 409);
         assert_eq!(body["detail"], "a different body");
-        assert!(body["type"].as_str().unwrap().ends_with("idempotency_conflict"));
+        assert!(body["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("idempotency_conflict"));
     }
 
     #[test]

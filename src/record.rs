@@ -269,9 +269,7 @@ impl<'a> Reader<'a> {
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        self.take(N)?
-            .try_into()
-            .map_err(|_| DecodeError::Malformed)
+        self.take(N)?.try_into().map_err(|_| DecodeError::Malformed)
     }
 
     fn u8(&mut self) -> Result<u8, DecodeError> {

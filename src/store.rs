@@ -49,7 +49,9 @@ pub enum Outcome {
 pub enum FinishReply {
     Stored,
     /// The record is kept for the TTL without its response (too large, or no bytes left).
-    StoredWithoutResponse { store_full: bool },
+    StoredWithoutResponse {
+        store_full: bool,
+    },
     Released,
     Held,
     /// The claim's lease had ended and the record is no longer ours: nothing was written.

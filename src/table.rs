@@ -131,7 +131,9 @@ impl<K: Kv> Table<K> {
                 None => (Ledger::new(entries), INSERT_IF_ABSENT),
             };
             let Some(size) = ledger.sizes.get_mut(index) else {
-                return Err(StoreError::Unreadable(format!("ledger has no entry {index}")));
+                return Err(StoreError::Unreadable(format!(
+                    "ledger has no entry {index}"
+                )));
             };
             if *size == len {
                 return Ok(true);
@@ -537,7 +539,11 @@ pub mod tests {
             }
         }
         assert!(stored > 3_000, "stored {stored}, full {full}");
-        assert!(kv.keys() <= 1 + 4 + 64 + LEDGER_SHARDS, "{} keys", kv.keys());
+        assert!(
+            kv.keys() <= 1 + 4 + 64 + LEDGER_SHARDS,
+            "{} keys",
+            kv.keys()
+        );
         assert!(kv.bytes() <= 80_000 + 64 * 200, "{} bytes", kv.bytes());
     }
 
