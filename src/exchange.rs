@@ -103,6 +103,8 @@ pub struct Exchange {
     capture: Capture,
     counts: Vec<Counter>,
     token: u64,
+    /// Envoy's `x-request-id`, for log lines.
+    request_id: String,
 }
 
 impl Exchange {
@@ -114,7 +116,12 @@ impl Exchange {
             capture: Capture::default(),
             counts: Vec::new(),
             token,
+            request_id: String::new(),
         }
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request_id
     }
 
     /// The counters this exchange moved since the last call.
@@ -151,6 +158,9 @@ impl Exchange {
         headers: &[(String, Vec<u8>)],
         end_of_stream: bool,
     ) -> Step {
+        if let Some((_, id)) = headers.iter().find(|(n, _)| n == "x-request-id") {
+            self.request_id = String::from_utf8_lossy(id).into_owned();
+        }
         let (path, query) = identity::split_path(path);
         if !self.config.covers(method) || !self.config.covers_path(path) {
             self.phase = Phase::Out;

@@ -4,9 +4,10 @@
 use crate::config::Config;
 use crate::exchange::{Exchange, Step};
 use crate::host::{self, Metrics, SharedData};
+use crate::metrics::Counter;
 use crate::store::{Answer, Store};
 use crate::table::Table;
-use log::{error, info, warn};
+use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 use std::cell::{Cell, RefCell};
@@ -78,7 +79,11 @@ impl Vm {
                     let answer = self.store.borrow_mut().finish(ticket, outcome, host::now());
                     if let Answer::Now(reply) = answer {
                         if let Err(error) = &reply {
-                            warn!("recording the end of a request failed: {error}");
+                            let exchange = exchange.borrow();
+                            warn!(
+                                "[{}] recording the end failed: {error}",
+                                exchange.request_id()
+                            );
                         }
                         exchange.borrow_mut().on_finish(reply);
                     }
@@ -86,8 +91,10 @@ impl Vm {
                 }
             }
         };
-        for counter in exchange.borrow_mut().take_counts() {
+        let mut exchange = exchange.borrow_mut();
+        for counter in exchange.take_counts() {
             self.metrics.increment(counter);
+            log_outcome(exchange.request_id(), counter);
         }
         action
     }
@@ -132,6 +139,18 @@ impl Vm {
     }
 }
 
+/// Every outcome at debug; those an operator should see without asking, higher.
+fn log_outcome(request_id: &str, counter: Counter) {
+    let name = counter.name();
+    match counter {
+        Counter::StoreError => warn!("[{request_id}] {name}"),
+        Counter::StoreFull | Counter::Rejected | Counter::LeaseExpired => {
+            info!("[{request_id}] {name}")
+        }
+        _ => debug!("[{request_id}] {name}"),
+    }
+}
+
 #[derive(Default)]
 pub struct Root {
     vm: Option<Rc<Vm>>,
@@ -141,6 +160,10 @@ impl Context for Root {}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
+        // Log at Envoy's level for wasm, so debug lines cost nothing unless asked for.
+        if let Some(level) = host::log_level() {
+            proxy_wasm::set_log_level(level);
+        }
         let config = match Config::parse(&host::plugin_configuration()) {
             Ok(config) => config,
             Err(problem) => {

@@ -50,6 +50,10 @@ pub fn now() -> Millis {
     }
 }
 
+pub fn log_level() -> Option<proxy_wasm::types::LogLevel> {
+    hostcalls::get_log_level().ok()
+}
+
 pub fn plugin_configuration() -> Vec<u8> {
     match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
         Ok(bytes) => bytes.unwrap_or_default(),
