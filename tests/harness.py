@@ -237,7 +237,7 @@ class Envoy:
             "--component-log-level", "wasm:debug",
             "--drain-time-s", "0",
         ]
-        log = open(self.log_path, "ab")
+        log = open(self.log_path, "wb")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          preexec_fn=_die_with_parent)
@@ -307,7 +307,9 @@ class Envoy:
             return err.code, err.read().decode()
 
     def stats(self):
-        """Admin /stats as {name: int}; histogram lines are skipped."""
+        """Admin /stats as {name: int}; histogram lines are skipped. The filter's own metrics
+        appear as ``wasmcustom.<name>`` in /stats; they are also given under ``<name>``
+        (e.g. ``idempotency.replayed``)."""
         status, text = self.admin_get("/stats")
         if status != 200:
             raise EnvoyError(f"/stats answered {status}")
@@ -316,6 +318,8 @@ class Envoy:
             name, sep, value = line.partition(": ")
             if sep and value.strip().lstrip("-").isdigit():
                 out[name] = int(value)
+                if name.startswith("wasmcustom."):
+                    out[name[len("wasmcustom."):]] = int(value)
         return out
 
     def counter(self, name):

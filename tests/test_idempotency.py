@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from harness import burst
+from harness import Envoy, EnvoyError, burst
 from upstream import binary_body
 
 ORG_A = "Bearer ic_live_org_a"
@@ -504,3 +504,69 @@ def test_response_over_limit_reaches_client_and_duplicates_get_409_not_stored(en
     assert resp.body == binary_body(8192, key)
     assert_problem(call(envoy, key, headers=hdrs), 409, "idempotency_response_not_stored")
     assert upstream.count(key=key) == 1
+
+
+# -- bounds: store capacity and configuration ------------------------------------------------------
+
+def _fill(envoy, n, prefix):
+    keys = [f"{prefix}-{uuid.uuid4()}" for _ in range(n)]
+    return keys, [call(envoy, k) for k in keys]
+
+
+def test_full_store_with_reject_policy_answers_503_store_full(envoy_with, upstream):
+    envoy = envoy_with({"capacity_records": 16, "when_full": "reject"})
+    before = envoy.stats()
+    keys, answers = _fill(envoy, 48, "full")
+    accepted = [(k, a) for k, a in zip(keys, answers) if a.status == 201]
+    refused = [(k, a) for k, a in zip(keys, answers) if a.status != 201]
+    assert 1 <= len(accepted) <= 16, f"{len(accepted)} records stored with capacity_records 16"
+    assert refused, "the store never filled up"
+    for k, a in refused:
+        assert_problem(a, 503, "store_full")
+        assert_retry_after(a)
+        assert upstream.count(key=k) == 0
+    for k, a in accepted:  # what was stored is still served
+        assert_original(a)
+        assert_replay_of(call(envoy, k), a)
+        assert upstream.count(key=k) == 1
+    assert wait_for(lambda: stat_deltas(envoy, before, ["idempotency.store_full"])["idempotency.store_full"]
+                    >= len(refused))
+
+
+def test_full_store_with_pass_policy_forwards_without_idempotency(envoy_with, upstream):
+    envoy = envoy_with({"capacity_records": 16, "when_full": "pass"})
+    before = envoy.stats()
+    keys, answers = _fill(envoy, 48, "pass")
+    for k, a in zip(keys, answers):
+        assert_original(a)
+        assert upstream.count(key=k) == 1
+    # The last key could not be recorded: its duplicate runs the work again rather than failing.
+    assert_original(call(envoy, keys[-1]))
+    assert upstream.count(key=keys[-1]) == 2
+    assert wait_for(lambda: stat_deltas(envoy, before, ["idempotency.store_full"])["idempotency.store_full"] >= 1)
+
+
+def test_store_never_holds_more_records_than_capacity_records(envoy_with, upstream):
+    envoy = envoy_with({"capacity_records": 4, "when_full": "reject"})
+    keys, answers = _fill(envoy, 12, "cap")
+    stored = [k for k, a in zip(keys, answers) if a.status == 201]
+    assert 1 <= len(stored) <= 4, f"{len(stored)} records stored with capacity_records 4"
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"ttl": "soon"}, "ttl"),
+    ({"tll": "1s"}, "tll"),
+    ({"when_full": "drop"}, "when_full"),
+    ({"max_wait": -1}, "max_wait"),
+])
+def test_bad_configuration_is_refused_at_load_naming_the_field(run_dir, upstream, config, field):
+    envoy = Envoy(run_dir, config, upstream.port)
+    try:
+        with pytest.raises(EnvoyError):
+            envoy.start()
+    finally:
+        envoy.stop()
+    lines = [line for line in envoy.log_text().splitlines()
+             if "[wasm]" in line and ("[error]" in line or "[critical]" in line)]
+    assert any(f"`{field}`" in line or f'"{field}"' in line or f" {field}" in line for line in lines), \
+        "no error line names the field:\n" + "\n".join(lines)
