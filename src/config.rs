@@ -58,6 +58,81 @@ pub struct Config {
     pub include_paths: Vec<String>,
     /// Path prefixes the filter leaves alone; they win over `include_paths`.
     pub exclude_paths: Vec<String>,
+    /// A cluster-wide store; without it records live in this Envoy's shared data.
+    pub etcd: Option<EtcdConfig>,
+}
+
+/// etcd's v3 JSON gateway, reached through an Envoy cluster.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// The Envoy cluster that reaches etcd (HTTP/1.1).
+    pub cluster: String,
+    /// `:authority` of the calls.
+    pub authority: String,
+    /// Prefix of every etcd key the filter writes.
+    pub key_prefix: String,
+    /// Every call's timeout.
+    pub timeout: Millis,
+    /// Sent as `Authorization` when etcd has authentication on.
+    pub auth_token: Option<String>,
+    /// Largest record value written to etcd; larger responses are kept without their body.
+    pub max_value_bytes: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    cluster: String,
+    #[serde(default = "default_etcd_authority")]
+    authority: String,
+    #[serde(default = "default_etcd_prefix")]
+    key_prefix: String,
+    #[serde(default = "default_etcd_timeout")]
+    timeout: String,
+    #[serde(default)]
+    auth_token: Option<String>,
+    #[serde(default = "default_etcd_max_value")]
+    max_value_bytes: usize,
+}
+
+fn default_etcd_authority() -> String {
+    "etcd".into()
+}
+
+fn default_etcd_prefix() -> String {
+    "idempotency/".into()
+}
+
+fn default_etcd_timeout() -> String {
+    "1s".into()
+}
+
+/// etcd refuses requests over 1.5 MiB by default; values travel base64-encoded (4/3).
+fn default_etcd_max_value() -> usize {
+    1_000_000
+}
+
+impl RawEtcd {
+    fn validate(self) -> Result<EtcdConfig, ConfigError> {
+        if self.cluster.is_empty() {
+            return Err(invalid("etcd.cluster", "must name an Envoy cluster"));
+        }
+        let timeout = duration("etcd.timeout", &self.timeout)?;
+        if timeout == 0 {
+            return Err(invalid("etcd.timeout", "must be longer than 0s"));
+        }
+        if self.max_value_bytes < 1024 {
+            return Err(invalid("etcd.max_value_bytes", "must be at least 1024"));
+        }
+        Ok(EtcdConfig {
+            cluster: self.cluster,
+            authority: self.authority,
+            key_prefix: self.key_prefix,
+            timeout,
+            auth_token: self.auth_token.filter(|t| !t.is_empty()),
+            max_value_bytes: self.max_value_bytes,
+        })
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -109,6 +184,7 @@ struct Raw {
     key_prefix: String,
     include_paths: Vec<String>,
     exclude_paths: Vec<String>,
+    etcd: Option<RawEtcd>,
 }
 
 /// Reads one field, naming it in the error (serde alone names the position, not the field).
@@ -150,6 +226,7 @@ impl Raw {
                 "key_prefix" => raw.key_prefix = field("key_prefix", value)?,
                 "include_paths" => raw.include_paths = field("include_paths", value)?,
                 "exclude_paths" => raw.exclude_paths = field("exclude_paths", value)?,
+                "etcd" => raw.etcd = field("etcd", value)?,
                 _ => return Err(invalid(&name, "unknown field")),
             }
         }
@@ -182,6 +259,7 @@ impl Default for Raw {
             key_prefix: "idempotency/".into(),
             include_paths: Vec::new(),
             exclude_paths: Vec::new(),
+            etcd: None,
         }
     }
 }
@@ -302,6 +380,7 @@ impl Config {
             key_prefix: raw.key_prefix,
             include_paths: raw.include_paths,
             exclude_paths: raw.exclude_paths,
+            etcd: raw.etcd.map(RawEtcd::validate).transpose()?,
         })
     }
 
@@ -496,6 +575,21 @@ mod tests {
         assert!(!config.covers_path(b"/v1/webhooks/stripe"));
         assert_eq!(field_of(r#"{"include_paths":["v1"]}"#), "include_paths");
         assert_eq!(field_of(r#"{"exclude_paths":"/v1"}"#), "exclude_paths");
+    }
+
+    #[test]
+    fn the_etcd_store_needs_a_cluster_and_takes_defaults_for_the_rest() {
+        assert!(Config::parse(b"{}").unwrap().etcd.is_none());
+        let config = Config::parse(br#"{"etcd": {"cluster": "etcd"}}"#).unwrap();
+        let etcd = config.etcd.unwrap();
+        assert_eq!(etcd.cluster, "etcd");
+        assert_eq!(etcd.timeout, 1_000);
+        assert_eq!(etcd.key_prefix, "idempotency/");
+        assert_eq!(etcd.auth_token, None);
+        assert_eq!(field_of(r#"{"etcd": {}}"#), "etcd");
+        assert_eq!(field_of(r#"{"etcd": {"cluster": "e", "timout": "1s"}}"#), "etcd");
+        assert_eq!(field_of(r#"{"etcd": {"cluster": "e", "timeout": "0s"}}"#), "etcd.timeout");
+        assert_eq!(field_of(r#"{"etcd": {"cluster": ""}}"#), "etcd.cluster");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub const BUCKET_ENTRIES: usize = 16;
 const BUCKET_MAGIC: [u8; 2] = *b"IB";
 const RESPONSE_MAGIC: [u8; 2] = *b"IR";
 const LEDGER_MAGIC: [u8; 2] = *b"IL";
+const REMOTE_MAGIC: [u8; 2] = *b"IE";
 const VERSION: u8 = 1;
 const HEADER_LEN: usize = 4;
 const ENTRY_LEN: usize = 1 + 32 + 32 + 8 + 8 + 4;
@@ -71,6 +72,46 @@ impl Entry {
         response_len: 0,
     };
 
+    fn encode_into(&self, out: &mut Vec<u8>) {
+        out.push(self.state.code());
+        out.extend_from_slice(&self.tuple);
+        out.extend_from_slice(&self.fingerprint);
+        out.extend_from_slice(&self.token.to_le_bytes());
+        out.extend_from_slice(&self.deadline.to_le_bytes());
+        out.extend_from_slice(&self.response_len.to_le_bytes());
+    }
+
+    fn read(reader: &mut Reader) -> Result<Entry, DecodeError> {
+        Ok(Entry {
+            state: State::from_code(reader.u8()?).ok_or(DecodeError::Malformed)?,
+            tuple: reader.digest()?,
+            fingerprint: reader.digest()?,
+            token: reader.u64()?,
+            deadline: reader.u64()?,
+            response_len: reader.u32()?,
+        })
+    }
+
+    /// One record as a remote store keeps it: the entry, then its stored response if any.
+    pub fn encode_remote(&self, response: Option<&[u8]>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + ENTRY_LEN + response.map_or(0, <[u8]>::len));
+        out.extend_from_slice(&REMOTE_MAGIC);
+        out.push(VERSION);
+        out.push(0);
+        self.encode_into(&mut out);
+        out.extend_from_slice(response.unwrap_or_default());
+        out
+    }
+
+    /// The entry and the stored response bytes (empty if none) of a remote record.
+    pub fn decode_remote(bytes: &[u8]) -> Result<(Entry, &[u8]), DecodeError> {
+        let mut reader = Reader::new(bytes);
+        check_header(&mut reader, REMOTE_MAGIC)?;
+        reader.u8()?;
+        let entry = Entry::read(&mut reader)?;
+        Ok((entry, reader.rest()))
+    }
+
     /// An entry whose deadline has passed no longer holds its tuple: it is as if absent.
     pub fn is_live(&self, now: Millis) -> bool {
         self.state != State::Empty && self.deadline > now
@@ -102,12 +143,7 @@ impl Bucket {
         out.push(VERSION);
         out.push(BUCKET_ENTRIES as u8);
         for entry in &self.entries {
-            out.push(entry.state.code());
-            out.extend_from_slice(&entry.tuple);
-            out.extend_from_slice(&entry.fingerprint);
-            out.extend_from_slice(&entry.token.to_le_bytes());
-            out.extend_from_slice(&entry.deadline.to_le_bytes());
-            out.extend_from_slice(&entry.response_len.to_le_bytes());
+            entry.encode_into(&mut out);
         }
         out
     }
@@ -122,14 +158,7 @@ impl Bucket {
         }
         let mut bucket = Bucket::empty();
         for entry in bucket.entries.iter_mut() {
-            *entry = Entry {
-                state: State::from_code(reader.u8()?).ok_or(DecodeError::Malformed)?,
-                tuple: reader.digest()?,
-                fingerprint: reader.digest()?,
-                token: reader.u64()?,
-                deadline: reader.u64()?,
-                response_len: reader.u32()?,
-            };
+            *entry = Entry::read(&mut reader)?;
         }
         Ok(bucket)
     }
@@ -322,6 +351,22 @@ mod tests {
         bucket.entries[3] = sample_entry();
         bucket.entries[15].state = State::Held;
         assert_eq!(Bucket::decode(&bucket.encode()), Ok(bucket));
+    }
+
+    #[test]
+    fn remote_records_round_trip_with_and_without_a_response() {
+        let entry = sample_entry();
+        assert_eq!(
+            Entry::decode_remote(&entry.encode_remote(Some(b"abc"))),
+            Ok((entry, b"abc".as_slice()))
+        );
+        assert_eq!(
+            Entry::decode_remote(&entry.encode_remote(None)),
+            Ok((entry, b"".as_slice()))
+        );
+        let mut bytes = entry.encode_remote(None);
+        bytes[2] = 7;
+        assert_eq!(Entry::decode_remote(&bytes), Err(DecodeError::UnknownVersion(7)));
     }
 
     #[test]

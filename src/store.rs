@@ -9,18 +9,36 @@ use crate::decide::Claim;
 use crate::record::StoredResponse;
 use std::fmt;
 
-/// An answer that is here now, or will be delivered to the exchange by a callback.
+/// Identifies a call a remote store made; its answer is handed to [`Store::resume`].
+pub type CallId = u32;
+
+/// An answer that is here now, or will come later.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer<T> {
     Now(T),
-    Later,
+    /// The answer comes with the response to this call, from whichever context made it.
+    Later(CallId),
+    /// The operation waits for the next tick, to be carried out from the root context (it must
+    /// outlive the request that asked for it).
+    Queued,
 }
 
 /// Proof of ownership of a claimed record, handed back when the attempt ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
+    /// Where the claim lives: an entry of the table, or the revision of a remote key.
     pub slot: u64,
-    pub token: u64,
+    pub claim: Claim,
+}
+
+/// A remote store's call answered: its HTTP status and body.
+pub type CallResponse = Result<(u16, Vec<u8>), StoreError>;
+
+/// What resuming an operation with its call's response gives.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Resumed {
+    Claim(Answer<Result<ClaimReply, StoreError>>),
+    Finish(Answer<Result<FinishReply, StoreError>>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -62,6 +80,8 @@ pub enum FinishReply {
 pub enum StoreError {
     /// The host refused an operation.
     Host(String),
+    /// The remote store answered with an error, or not at all.
+    Remote(String),
     /// A record in a format this filter does not know (written by a newer version).
     Unreadable(String),
     /// Other writers kept winning the compare-and-swap.
@@ -72,6 +92,7 @@ impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             StoreError::Host(what) => write!(f, "store host error: {what}"),
+            StoreError::Remote(what) => write!(f, "remote store error: {what}"),
             StoreError::Unreadable(what) => write!(f, "unreadable record: {what}"),
             StoreError::Contended => f.write_str("store contended: compare-and-swap kept failing"),
         }
@@ -87,6 +108,14 @@ pub trait Store {
         outcome: Outcome,
         now: Millis,
     ) -> Answer<Result<FinishReply, StoreError>>;
+
+    /// A call made for an operation was answered; `None` if the call is not this store's.
+    fn resume(&mut self, _call: CallId, _response: CallResponse, _now: Millis) -> Option<Resumed> {
+        None
+    }
+
+    /// Periodic work from the root context; returns operations that ended without a call.
+    fn tick(&mut self, now: Millis) -> Vec<Resumed>;
 }
 
 /// A key-value map with compare-and-swap: Envoy's shared data, as the host really behaves.

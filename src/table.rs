@@ -12,7 +12,9 @@
 use crate::config::{Config, Millis};
 use crate::decide::{self, Claim, Ending, Finish, Verdict};
 use crate::record::{Bucket, DecodeError, Ledger, StoredResponse, BUCKET_ENTRIES};
-use crate::store::{Answer, ClaimReply, FinishReply, Kv, Outcome, Store, StoreError, Ticket};
+use crate::store::{
+    Answer, ClaimReply, FinishReply, Kv, Outcome, Resumed, Store, StoreError, Ticket,
+};
 
 pub const LEDGER_SHARDS: usize = 8;
 /// Compare-and-swap attempts before an operation gives up as contended.
@@ -33,6 +35,9 @@ pub struct Table<K: Kv> {
     buckets: u64,
     shard_budget: u64,
     ttl: Millis,
+    /// The next bucket this VM sweeps, and the token its sweeps claim with.
+    sweep_cursor: u64,
+    sweep_token: u64,
 }
 
 impl<K: Kv> Table<K> {
@@ -44,13 +49,15 @@ impl<K: Kv> Table<K> {
             buckets,
             shard_budget: (config.capacity_bytes / LEDGER_SHARDS) as u64,
             ttl: config.ttl,
+            sweep_cursor: 0,
+            sweep_token: 0,
         }
     }
 
     /// Called once per VM before any other operation: writes this VM's boot key (see
-    /// `INSERT_IF_ABSENT`) and returns a number unique to this VM in this process, to make claim
-    /// tokens unique across workers.
-    pub fn boot(&self) -> Result<u64, StoreError> {
+    /// `INSERT_IF_ABSENT`) and returns a number unique to this VM in this process. Claim tokens
+    /// are `number << 40 | attempt` with attempts from 1; this VM's sweeps use attempt 0.
+    pub fn boot(&mut self) -> Result<u64, StoreError> {
         let key = format!("{}boot", self.prefix);
         for _ in 0..MAX_ATTEMPTS {
             let (number, cas) = match self.kv.get(&key)? {
@@ -58,6 +65,9 @@ impl<K: Kv> Table<K> {
                 None => (1, None),
             };
             if self.kv.set(&key, &number.to_le_bytes(), cas)? {
+                self.sweep_token = number << 40;
+                // Each worker starts sweeping at a different bucket.
+                self.sweep_cursor = number.wrapping_mul(self.buckets / 7 + 1);
                 return Ok(number);
             }
         }
@@ -186,7 +196,7 @@ impl<K: Kv> Table<K> {
                 }
                 ClaimReply::Claimed(Ticket {
                     slot,
-                    token: claim.token,
+                    claim: *claim,
                 })
             }
             Verdict::Replay { slot, token, .. } => {
@@ -208,24 +218,59 @@ impl<K: Kv> Table<K> {
         let bucket = ticket.slot / BUCKET_ENTRIES as u64;
         let slot = (ticket.slot % BUCKET_ENTRIES as u64) as usize;
         self.update(bucket, |entries| {
-            let finish = decide::finish(entries, slot, ticket.token, ending, now);
+            let finish = decide::finish(entries, slot, ticket.claim.token, ending, now);
             (finish, finish == Finish::Done)
         })
+    }
+
+    /// Looks for a complete record without claiming: used as a cache in front of a remote store.
+    /// `Some(Replay)` or `Some(Conflict)` when a live complete record holds the tuple.
+    pub fn peek(&self, claim: &Claim, now: Millis) -> Result<Option<ClaimReply>, StoreError> {
+        let bucket = self.bucket_of(&claim.tuple);
+        let entries = self.read_bucket(bucket)?;
+        let Some((slot, entry)) = entries.entries.iter().enumerate().find(|(_, e)| {
+            e.is_live(now) && e.tuple == claim.tuple && e.state == crate::record::State::Complete
+        }) else {
+            return Ok(None);
+        };
+        if entry.fingerprint != claim.fingerprint {
+            return Ok(Some(ClaimReply::Conflict));
+        }
+        let global = bucket * BUCKET_ENTRIES as u64 + slot as u64;
+        Ok(self
+            .read_response(global, &claim.tuple, entry.token)?
+            .map(ClaimReply::Replay))
+    }
+
+    /// Keeps a copy of a complete record (from a remote store) until `expires`; best effort.
+    pub fn remember(
+        &mut self,
+        claim: &Claim,
+        response: &StoredResponse,
+        expires: Millis,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        if let Answer::Now(Ok(ClaimReply::Claimed(ticket))) = self.claim(claim, now) {
+            self.store_response(ticket, response, expires.saturating_sub(now), now)?;
+        }
+        Ok(())
     }
 
     fn store_response(
         &self,
         ticket: Ticket,
         response: &StoredResponse,
+        ttl: Millis,
         now: Millis,
     ) -> Result<FinishReply, StoreError> {
         let bucket = ticket.slot / BUCKET_ENTRIES as u64;
         let slot = (ticket.slot % BUCKET_ENTRIES as u64) as usize;
         let entry = self.read_bucket(bucket)?.entries[slot];
-        if entry.token != ticket.token || entry.deadline <= now {
+        let token = ticket.claim.token;
+        if entry.token != token || entry.deadline <= now {
             return Ok(FinishReply::Lost);
         }
-        let unstored = Ending::Unstored { ttl: self.ttl };
+        let unstored = Ending::Unstored { ttl };
         let without_response = |store_full| match self.end(ticket, unstored, now)? {
             Finish::Done => Ok(FinishReply::StoredWithoutResponse { store_full }),
             Finish::Lost => Ok(FinishReply::Lost),
@@ -233,7 +278,7 @@ impl<K: Kv> Table<K> {
         if entry.deadline - now < COMPLETION_MARGIN {
             return without_response(false);
         }
-        let bytes = response.encode(&entry.tuple, ticket.token);
+        let bytes = response.encode(&entry.tuple, token);
         let Ok(len) = u32::try_from(bytes.len()) else {
             return without_response(false);
         };
@@ -241,7 +286,7 @@ impl<K: Kv> Table<K> {
             return without_response(true);
         }
         self.kv.set(&self.response_key(ticket.slot), &bytes, None)?;
-        let stored = Ending::Stored { len, ttl: self.ttl };
+        let stored = Ending::Stored { len, ttl };
         Ok(match self.end(ticket, stored, now)? {
             Finish::Done => FinishReply::Stored,
             Finish::Lost => FinishReply::Lost,
@@ -266,7 +311,12 @@ impl<K: Kv> Table<K> {
             self.clear_response(global)?;
             let ticket = Ticket {
                 slot: global,
-                token,
+                claim: Claim {
+                    tuple: [0; 32],
+                    fingerprint: [0; 32],
+                    token,
+                    lease: SWEEP_LEASE,
+                },
             };
             self.end(ticket, Ending::Released, now)?;
             swept += 1;
@@ -304,7 +354,7 @@ impl<K: Kv> Store for Table<K> {
             })
         };
         Answer::Now(match outcome {
-            Outcome::Store(response) => self.store_response(ticket, &response, now),
+            Outcome::Store(response) => self.store_response(ticket, &response, self.ttl, now),
             Outcome::TooLarge => ended(
                 Ending::Unstored { ttl: self.ttl },
                 FinishReply::StoredWithoutResponse { store_full: false },
@@ -312,6 +362,16 @@ impl<K: Kv> Store for Table<K> {
             Outcome::Release => ended(Ending::Released, FinishReply::Released),
             Outcome::Hold => ended(Ending::Held, FinishReply::Held),
         })
+    }
+
+    /// Sweeps one bucket a tick.
+    fn tick(&mut self, now: Millis) -> Vec<Resumed> {
+        let bucket = self.sweep_cursor;
+        self.sweep_cursor = bucket.wrapping_add(1);
+        if let Err(error) = self.sweep(bucket, self.sweep_token, now) {
+            log::warn!("sweeping expired records failed: {error}");
+        }
+        Vec::new()
     }
 }
 
@@ -383,7 +443,7 @@ pub mod tests {
     }
 
     fn table<'a>(kv: &'a MemoryKv, json: &str) -> Table<&'a MemoryKv> {
-        let table = Table::new(kv, &config(json));
+        let mut table = Table::new(kv, &config(json));
         table.boot().unwrap();
         table
     }
@@ -564,8 +624,8 @@ pub mod tests {
     #[test]
     fn boot_numbers_vms_uniquely() {
         let kv = MemoryKv::default();
-        let a = Table::new(&kv, &config("{}"));
-        let b = Table::new(&kv, &config("{}"));
+        let mut a = Table::new(&kv, &config("{}"));
+        let mut b = Table::new(&kv, &config("{}"));
         assert_eq!(a.boot(), Ok(1));
         assert_eq!(b.boot(), Ok(2));
     }
