@@ -40,6 +40,7 @@ STORE = Store()
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "demo-upstream/1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
 
     def log_message(self, fmt, *args):  # quiet default access log; we log executions
         pass

@@ -164,6 +164,7 @@ class Upstream:
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "test-upstream/1"
+    disable_nagle_algorithm = True  # headers and body go out as separate writes
     upstream: Upstream = None  # set on the bound subclass
 
     def log_message(self, fmt, *args):
