@@ -587,8 +587,14 @@ mod tests {
         assert_eq!(etcd.key_prefix, "idempotency/");
         assert_eq!(etcd.auth_token, None);
         assert_eq!(field_of(r#"{"etcd": {}}"#), "etcd");
-        assert_eq!(field_of(r#"{"etcd": {"cluster": "e", "timout": "1s"}}"#), "etcd");
-        assert_eq!(field_of(r#"{"etcd": {"cluster": "e", "timeout": "0s"}}"#), "etcd.timeout");
+        assert_eq!(
+            field_of(r#"{"etcd": {"cluster": "e", "timout": "1s"}}"#),
+            "etcd"
+        );
+        assert_eq!(
+            field_of(r#"{"etcd": {"cluster": "e", "timeout": "0s"}}"#),
+            "etcd.timeout"
+        );
         assert_eq!(field_of(r#"{"etcd": {"cluster": ""}}"#), "etcd.cluster");
     }
 

@@ -442,18 +442,7 @@ impl Exchange {
 
     /// The store's answer to the finish.
     pub fn on_finish(&mut self, reply: Result<FinishReply, StoreError>) {
-        let counter = match reply {
-            Ok(FinishReply::Stored) => Counter::Stored,
-            Ok(FinishReply::StoredWithoutResponse { store_full: true }) => Counter::StoreFull,
-            Ok(FinishReply::StoredWithoutResponse { store_full: false }) => {
-                Counter::ResponseTooLarge
-            }
-            Ok(FinishReply::Released) => Counter::Released,
-            Ok(FinishReply::Held) => Counter::Held,
-            Ok(FinishReply::Lost) => Counter::LeaseExpired,
-            Err(_) => Counter::StoreError,
-        };
-        self.count(counter);
+        self.count(finish_counter(&reply));
     }
 
     /// The waiting request ran out of `max_wait`.
@@ -487,6 +476,19 @@ impl Exchange {
             } => now.saturating_sub(since) >= self.config.max_wait,
             _ => false,
         }
+    }
+}
+
+/// The counter for how a finish went (also for finishes whose request is gone).
+pub fn finish_counter(reply: &Result<FinishReply, StoreError>) -> Counter {
+    match reply {
+        Ok(FinishReply::Stored) => Counter::Stored,
+        Ok(FinishReply::StoredWithoutResponse { store_full: true }) => Counter::StoreFull,
+        Ok(FinishReply::StoredWithoutResponse { store_full: false }) => Counter::ResponseTooLarge,
+        Ok(FinishReply::Released) => Counter::Released,
+        Ok(FinishReply::Held) => Counter::Held,
+        Ok(FinishReply::Lost) => Counter::LeaseExpired,
+        Err(_) => Counter::StoreError,
     }
 }
 

@@ -2,30 +2,40 @@
 //! out the [`Step`] it gets back. Waiting duplicates are polled from the root context's tick.
 
 use crate::config::Config;
-use crate::exchange::{Exchange, Step};
-use crate::host::{self, Metrics, SharedData};
+use crate::etcd::Etcd;
+use crate::exchange::{self, Exchange, Step};
+use crate::host::{self, EtcdCalls, Metrics, SharedData};
 use crate::metrics::Counter;
-use crate::store::{Answer, Store};
+use crate::store::{Answer, CallId, CallResponse, Resumed, Store};
 use crate::table::Table;
 use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 
 /// How often waiting duplicates are polled and one bucket is swept of expired responses.
 const TICK_MILLIS: u64 = 20;
+/// With a remote store, waiting requests ask every 5 ticks (100 ms).
+const REMOTE_POLL_TICKS: u64 = 5;
 
 /// What one worker's VM shares between its root context and its HTTP contexts.
 struct Vm {
     config: Rc<Config>,
-    store: RefCell<Table<SharedData>>,
+    store: RefCell<Box<dyn Store>>,
     metrics: Metrics,
     /// Unique to this VM in this Envoy process: the high bits of every claim token.
     number: u64,
     attempts: Cell<u64>,
+    /// Requests held for an original, polled on every tick.
     waiting: RefCell<Vec<Waiter>>,
-    sweep_cursor: Cell<u64>,
+    /// Requests whose claim waits for a remote store's answer, by call.
+    awaiting: RefCell<HashMap<CallId, Waiter>>,
+    ticks: Cell<u64>,
+    /// Waiting requests are polled every this many ticks: every tick for shared data, less
+    /// often for a remote store, where each poll is a call.
+    poll_every: u64,
 }
 
 struct Waiter {
@@ -61,7 +71,11 @@ impl Vm {
                                 .borrow_mut()
                                 .on_claim(reply, self.room_to_wait(), now)
                         }
-                        Answer::Later => break Action::Pause,
+                        Answer::Later(call) => {
+                            self.await_call(call, context_id, exchange);
+                            break Action::Pause;
+                        }
+                        Answer::Queued => break Action::Pause,
                     }
                 }
                 Step::Wait => {
@@ -99,13 +113,68 @@ impl Vm {
         action
     }
 
+    fn await_call(&self, call: CallId, context_id: u32, exchange: &Rc<RefCell<Exchange>>) {
+        let waiter = Waiter {
+            context_id,
+            exchange: Rc::clone(exchange),
+        };
+        self.awaiting.borrow_mut().insert(call, waiter);
+    }
+
     fn stop_waiting(&self, context_id: u32) {
         self.waiting
             .borrow_mut()
             .retain(|waiter| waiter.context_id != context_id);
+        self.awaiting
+            .borrow_mut()
+            .retain(|_, waiter| waiter.context_id != context_id);
     }
 
-    /// Asks again for every waiting request: the original may have finished or released.
+    /// A remote store answered a call, in the callback of the context that made it.
+    fn on_call_response(&self, call: CallId, response: CallResponse) {
+        let now = host::now();
+        let resumed = self.store.borrow_mut().resume(call, response, now);
+        if let Some(resumed) = resumed {
+            self.carry_on(call, resumed, now);
+        }
+    }
+
+    /// Hands a resumed operation's answer to the request that waits for it, if any.
+    fn carry_on(&self, call: CallId, resumed: Resumed, now: u64) {
+        match resumed {
+            Resumed::Claim(answer) => {
+                let Some(waiter) = self.awaiting.borrow_mut().remove(&call) else {
+                    return;
+                };
+                let step = match answer {
+                    Answer::Now(reply) => {
+                        let room = self.room_to_wait();
+                        waiter.exchange.borrow_mut().on_claim(reply, room, now)
+                    }
+                    Answer::Later(next) => {
+                        self.awaiting.borrow_mut().insert(next, waiter);
+                        return;
+                    }
+                    Answer::Queued => return,
+                };
+                if host::act_for(waiter.context_id)
+                    && self.drive(waiter.context_id, &waiter.exchange, step) == Action::Continue
+                {
+                    host::resume_request();
+                }
+            }
+            Resumed::Finish(Answer::Now(reply)) => {
+                if let Err(error) = &reply {
+                    warn!("recording the end of a request failed: {error}");
+                }
+                self.metrics.increment(exchange::finish_counter(&reply));
+            }
+            Resumed::Finish(_) => {}
+        }
+    }
+
+    /// Asks again for every waiting request: the original may have finished or released. A
+    /// remote store is asked from the root context itself, so that its answer comes back here.
     fn poll_waiting(&self) {
         let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
         for waiter in waiting {
@@ -115,26 +184,38 @@ impl Vm {
                 if exchange.wait_is_over(now) {
                     exchange.give_up_waiting()
                 } else if let Some(claim) = exchange.pending_claim() {
-                    Step::Claim(claim)
+                    let answer = self.store.borrow_mut().claim(&claim, now);
+                    match answer {
+                        Answer::Now(reply) => exchange.on_claim(reply, true, now),
+                        Answer::Later(call) => {
+                            drop(exchange);
+                            self.awaiting.borrow_mut().insert(call, waiter);
+                            continue;
+                        }
+                        Answer::Queued => Step::Wait,
+                    }
                 } else {
                     continue;
                 }
             };
-            if !host::act_for(waiter.context_id) {
-                continue;
-            }
-            if self.drive(waiter.context_id, &waiter.exchange, step) == Action::Continue {
+            if host::act_for(waiter.context_id)
+                && self.drive(waiter.context_id, &waiter.exchange, step) == Action::Continue
+            {
                 host::resume_request();
             }
         }
     }
 
-    fn sweep(&self) {
-        let cursor = self.sweep_cursor.get();
-        self.sweep_cursor.set(cursor.wrapping_add(1));
-        let store = self.store.borrow();
-        if let Err(error) = store.sweep(cursor, self.next_token(), host::now()) {
-            warn!("sweeping expired records failed: {error}");
+    fn tick(&self) {
+        let ticks = self.ticks.get().wrapping_add(1);
+        self.ticks.set(ticks);
+        if ticks.is_multiple_of(self.poll_every) {
+            self.poll_waiting();
+        }
+        let now = host::now();
+        let ended = self.store.borrow_mut().tick(now);
+        for resumed in ended {
+            self.carry_on(0, resumed, now);
         }
     }
 }
@@ -156,7 +237,13 @@ pub struct Root {
     vm: Option<Rc<Vm>>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_http_call_response(&mut self, call: u32, headers: usize, body: usize, _trailers: usize) {
+        if let Some(vm) = &self.vm {
+            vm.on_call_response(call, host::call_response(headers, body));
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -171,16 +258,32 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let store = Table::new(SharedData, &config);
-        let number = match store.boot() {
+        let mut table = Table::new(SharedData, &config);
+        let number = match table.boot() {
             Ok(number) => number,
             Err(problem) => {
                 error!("idempotency filter cannot use shared data: {problem}");
                 return false;
             }
         };
-        // Start sweeping at a different bucket in each worker.
-        let sweep_start = number.wrapping_mul(store.buckets() / 7 + 1);
+        let poll_every = if config.etcd.is_some() {
+            REMOTE_POLL_TICKS
+        } else {
+            1
+        };
+        let store: Box<dyn Store> = match config.etcd.clone() {
+            // With etcd, the table is the local cache of complete records.
+            Some(settings) => Box::new(Etcd::new(
+                EtcdCalls {
+                    settings: settings.clone(),
+                },
+                SharedData,
+                table,
+                &config,
+                settings,
+            )),
+            None => Box::new(table),
+        };
         self.vm = Some(Rc::new(Vm {
             config: Rc::new(config),
             store: RefCell::new(store),
@@ -188,7 +291,9 @@ impl RootContext for Root {
             number,
             attempts: Cell::new(0),
             waiting: RefCell::new(Vec::new()),
-            sweep_cursor: Cell::new(sweep_start),
+            awaiting: RefCell::new(HashMap::new()),
+            ticks: Cell::new(0),
+            poll_every,
         }));
         host::set_tick_period(TICK_MILLIS);
         info!("idempotency filter configured (vm {number})");
@@ -197,8 +302,7 @@ impl RootContext for Root {
 
     fn on_tick(&mut self) {
         if let Some(vm) = &self.vm {
-            vm.poll_waiting();
-            vm.sweep();
+            vm.tick();
         }
     }
 
@@ -244,7 +348,13 @@ impl Filter {
     }
 }
 
-impl Context for Filter {}
+impl Context for Filter {
+    fn on_http_call_response(&mut self, call: u32, headers: usize, body: usize, _trailers: usize) {
+        if let Some(vm) = &self.vm {
+            vm.on_call_response(call, host::call_response(headers, body));
+        }
+    }
+}
 
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {

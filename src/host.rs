@@ -1,10 +1,11 @@
 //! The host, through `proxy_wasm::hostcalls` only: every call's error is handled here, so the
 //! rest of the glue never meets a host `Status` (the SDK's trait helpers would panic on one).
 
-use crate::config::Millis;
+use crate::config::{EtcdConfig, Millis};
+use crate::etcd::Caller;
 use crate::metrics::Counter;
 use crate::problem::LocalReply;
-use crate::store::{Kv, StoreError};
+use crate::store::{CallId, CallResponse, Kv, StoreError};
 use log::warn;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
@@ -29,6 +30,44 @@ impl Kv for SharedData {
             Err(status) => Err(host_error("set_shared_data", status)),
         }
     }
+}
+
+/// Calls to etcd's JSON gateway through an Envoy cluster (HTTP/1.1).
+pub struct EtcdCalls {
+    pub settings: EtcdConfig,
+}
+
+impl Caller for EtcdCalls {
+    fn post(&self, path: &str, body: &[u8]) -> Result<CallId, StoreError> {
+        let settings = &self.settings;
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", path),
+            (":authority", settings.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        if let Some(token) = &settings.auth_token {
+            headers.push(("authorization", token.as_str()));
+        }
+        let timeout = std::time::Duration::from_millis(settings.timeout);
+        hostcalls::dispatch_http_call(&settings.cluster, headers, Some(body), vec![], timeout)
+            .map_err(|status| host_error("dispatch_http_call", status))
+    }
+}
+
+/// The answer to a call, read in the callback that delivers it.
+pub fn call_response(headers: usize, body_size: usize) -> CallResponse {
+    if headers == 0 {
+        return Err(StoreError::Remote(
+            "no answer (timeout or connection failure)".into(),
+        ));
+    }
+    let status = match hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status") {
+        Ok(Some(status)) => String::from_utf8_lossy(&status).parse().unwrap_or(0),
+        Ok(None) => 0,
+        Err(status) => return Err(host_error("get_map_value_bytes", status)),
+    };
+    Ok((status, body(BufferType::HttpCallResponseBody, body_size)))
 }
 
 fn host_error(call: &str, status: Status) -> StoreError {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod decide;
+pub mod etcd;
 pub mod exchange;
 pub mod identity;
 pub mod metrics;

@@ -366,7 +366,10 @@ mod tests {
         );
         let mut bytes = entry.encode_remote(None);
         bytes[2] = 7;
-        assert_eq!(Entry::decode_remote(&bytes), Err(DecodeError::UnknownVersion(7)));
+        assert_eq!(
+            Entry::decode_remote(&bytes),
+            Err(DecodeError::UnknownVersion(7))
+        );
     }
 
     #[test]

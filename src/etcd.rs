@@ -1,0 +1,901 @@
+//! The cluster-wide store: one etcd key per record, reached through Envoy on etcd's v3 JSON
+//! gateway, so that every Envoy of a fleet sees the same claims.
+//!
+//! - Claim: one transaction, "create the key if absent, else read it back"; the loser decides on
+//!   the record it read with the same [`decide`] as the embedded table. An expired record is taken
+//!   over by a compare-and-swap on its `mod_revision`.
+//! - Finish: a compare-and-swap on the claim's revision (store, hold) or a guarded delete
+//!   (release), so an owner whose lease ran out never writes over a newer claim.
+//! - Expiry: leases shared by time bucket, one for claims in flight and one for records, so a
+//!   crashed Envoy's claim frees itself and etcd drops records after their TTL.
+//! - Complete records never change until they expire, so replays are served from a copy in this
+//!   Envoy's shared data after the first fetch.
+//!
+//! Every operation goes out as calls; their answers come back through [`Store::resume`].
+
+use crate::config::{Config, EtcdConfig, Millis};
+use crate::decide::{self, Claim, Verdict};
+use crate::record::{Bucket, Entry, State, StoredResponse};
+use crate::store::{
+    Answer, CallId, CallResponse, ClaimReply, FinishReply, Kv, Outcome, Resumed, Store, StoreError,
+    Ticket,
+};
+use crate::table::Table;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+/// Sends a POST to etcd's gateway; the answer comes to [`Store::resume`] under the returned id.
+pub trait Caller {
+    fn post(&self, path: &str, body: &[u8]) -> Result<CallId, StoreError>;
+}
+
+/// Attempts at one claim when other Envoys keep changing the record under it.
+const MAX_ROUNDS: u8 = 8;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LeaseKind {
+    /// Claims in flight and held claims: about `lease` long.
+    Claim,
+    /// Complete records: about `ttl` long.
+    Record,
+}
+
+impl LeaseKind {
+    fn name(self) -> &'static str {
+        match self {
+            LeaseKind::Claim => "claim",
+            LeaseKind::Record => "record",
+        }
+    }
+}
+
+/// What an operation is waiting for.
+#[derive(Debug)]
+enum Sent {
+    Grant(LeaseKind),
+    Create,
+    Takeover,
+    Finish,
+}
+
+#[derive(Debug)]
+enum Op {
+    Claim {
+        claim: Claim,
+        rounds: u8,
+        /// The expired record to take over (its `mod_revision`), if any.
+        takeover: Option<u64>,
+    },
+    Finish {
+        ticket: Ticket,
+        /// The record's new value, `None` to delete it.
+        value: Option<Vec<u8>>,
+        lease: LeaseKind,
+        reply: FinishReply,
+        /// A stored response, kept to cache locally once etcd has it.
+        response: Option<(StoredResponse, Millis)>,
+    },
+}
+
+struct Pending {
+    op: Op,
+    sent: Sent,
+    since: Millis,
+}
+
+pub struct Etcd<C: Caller, K: Kv> {
+    caller: C,
+    /// Lease ids by kind and time bucket, shared by every worker through shared data.
+    leases: K,
+    cache: Table<K>,
+    settings: EtcdConfig,
+    lease_prefix: String,
+    ttl: Millis,
+    claim_lease: Millis,
+    pending: HashMap<CallId, Pending>,
+    queued: Vec<Op>,
+}
+
+impl<C: Caller, K: Kv> Etcd<C, K> {
+    pub fn new(
+        caller: C,
+        leases: K,
+        cache: Table<K>,
+        config: &Config,
+        settings: EtcdConfig,
+    ) -> Self {
+        Etcd {
+            caller,
+            leases,
+            cache,
+            lease_prefix: format!("{}etcd-lease/", config.key_prefix),
+            settings,
+            ttl: config.ttl,
+            claim_lease: config.claim_lease(),
+            pending: HashMap::new(),
+            queued: Vec::new(),
+        }
+    }
+
+    pub fn cache_mut(&mut self) -> &mut Table<K> {
+        &mut self.cache
+    }
+
+    fn key(&self, tuple: &[u8; 32]) -> String {
+        let mut key = self.settings.key_prefix.clone();
+        for byte in tuple {
+            key.push_str(&format!("{byte:02x}"));
+        }
+        key
+    }
+
+    /// Width of a lease's time bucket, and the lease's length: every record put during a bucket
+    /// lives at least `span` under that bucket's lease.
+    fn lease_shape(&self, kind: LeaseKind) -> (Millis, Millis) {
+        let span = match kind {
+            LeaseKind::Claim => self.claim_lease,
+            LeaseKind::Record => self.ttl,
+        };
+        let width = (span / 8).max(1_000);
+        (width, span + width)
+    }
+
+    fn cached_lease(&self, kind: LeaseKind, now: Millis) -> Option<i64> {
+        let (width, _) = self.lease_shape(kind);
+        let key = format!("{}{}", self.lease_prefix, kind.name());
+        let (bytes, _) = self.leases.get(&key).ok()??;
+        let (bucket, id) = bytes.split_at_checked(8)?;
+        let bucket = u64::from_le_bytes(bucket.try_into().ok()?);
+        let id = i64::from_le_bytes(id.try_into().ok()?);
+        (bucket == now / width).then_some(id)
+    }
+
+    fn remember_lease(&self, kind: LeaseKind, id: i64, now: Millis) {
+        let (width, _) = self.lease_shape(kind);
+        let key = format!("{}{}", self.lease_prefix, kind.name());
+        let mut value = (now / width).to_le_bytes().to_vec();
+        value.extend_from_slice(&id.to_le_bytes());
+        if let Err(error) = self.leases.set(&key, &value, None) {
+            log::warn!("caching an etcd lease failed: {error}");
+        }
+    }
+
+    fn send(&mut self, path: &str, body: Value, op: Op, sent: Sent, now: Millis) -> Resumed {
+        match self.caller.post(path, body.to_string().as_bytes()) {
+            Ok(call) => {
+                let is_claim = matches!(op, Op::Claim { .. });
+                self.pending.insert(
+                    call,
+                    Pending {
+                        op,
+                        sent,
+                        since: now,
+                    },
+                );
+                if is_claim {
+                    Resumed::Claim(Answer::Later(call))
+                } else {
+                    Resumed::Finish(Answer::Later(call))
+                }
+            }
+            Err(error) => failed(&op, error),
+        }
+    }
+
+    /// Carries an operation forward: a lease first if it needs one, then its transaction.
+    fn advance(&mut self, op: Op, now: Millis) -> Resumed {
+        let kind = match &op {
+            Op::Claim { .. } => LeaseKind::Claim,
+            Op::Finish { lease, .. } => *lease,
+        };
+        let needs_lease = !matches!(&op, Op::Finish { value: None, .. });
+        let lease = if needs_lease {
+            match self.cached_lease(kind, now) {
+                Some(id) => Some(id),
+                None => {
+                    let (_, length) = self.lease_shape(kind);
+                    let body = json!({ "TTL": length.div_ceil(1000) });
+                    return self.send("/v3/lease/grant", body, op, Sent::Grant(kind), now);
+                }
+            }
+        } else {
+            None
+        };
+        match &op {
+            Op::Claim {
+                claim, takeover, ..
+            } => {
+                let key = b64(self.key(&claim.tuple).as_bytes());
+                let entry = Entry {
+                    state: State::InFlight,
+                    tuple: claim.tuple,
+                    fingerprint: claim.fingerprint,
+                    token: claim.token,
+                    deadline: now + claim.lease,
+                    response_len: 0,
+                };
+                let put = put(&key, &entry.encode_remote(None), lease);
+                let (compare, sent) = match takeover {
+                    None => (
+                        json!({"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0"}),
+                        Sent::Create,
+                    ),
+                    Some(revision) => (
+                        json!({"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision.to_string()}),
+                        Sent::Takeover,
+                    ),
+                };
+                let body = json!({
+                    "compare": [compare],
+                    "success": [put],
+                    "failure": [{"request_range": {"key": key}}],
+                });
+                self.send("/v3/kv/txn", body, op, sent, now)
+            }
+            Op::Finish { ticket, value, .. } => {
+                let key = b64(self.key(&ticket.claim.tuple).as_bytes());
+                let compare = json!({"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": ticket.slot.to_string()});
+                let success = match value {
+                    Some(value) => put(&key, value, lease),
+                    None => json!({"request_delete_range": {"key": key}}),
+                };
+                let body = json!({"compare": [compare], "success": [success]});
+                self.send("/v3/kv/txn", body, op, Sent::Finish, now)
+            }
+        }
+    }
+
+    /// A claim's transaction failed: decide on the record etcd sent back.
+    fn decide_on(&mut self, claim: Claim, rounds: u8, existing: Value, now: Millis) -> Resumed {
+        let Some((value, revision)) = first_kv(&existing) else {
+            // The record went away between compare and read: claim again.
+            return self.retry_claim(claim, rounds, None, now);
+        };
+        let (entry, response) = match Entry::decode_remote(&value) {
+            Ok(decoded) => decoded,
+            Err(error) => {
+                let error = StoreError::Unreadable(format!("etcd record: {error:?}"));
+                return Resumed::Claim(Answer::Now(Err(error)));
+            }
+        };
+        let mut bucket = Bucket::empty();
+        bucket.entries[0] = entry;
+        let reply = match decide::claim(&mut bucket, &claim, now) {
+            Verdict::Claimed { .. } => return self.retry_claim(claim, rounds, Some(revision), now),
+            Verdict::Replay { token, .. } => {
+                match StoredResponse::decode(response, &claim.tuple, token) {
+                    Ok(response) => {
+                        if let Err(error) =
+                            self.cache.remember(&claim, &response, entry.deadline, now)
+                        {
+                            log::warn!("caching a record locally failed: {error}");
+                        }
+                        ClaimReply::Replay(response)
+                    }
+                    Err(error) => {
+                        let error = StoreError::Unreadable(format!("etcd response: {error:?}"));
+                        return Resumed::Claim(Answer::Now(Err(error)));
+                    }
+                }
+            }
+            Verdict::Conflict => ClaimReply::Conflict,
+            Verdict::InFlight { remaining } => ClaimReply::InFlight { remaining },
+            Verdict::Held { remaining } => ClaimReply::Held { remaining },
+            Verdict::NotStored => ClaimReply::NotStored,
+            Verdict::Full => ClaimReply::Full,
+        };
+        Resumed::Claim(Answer::Now(Ok(reply)))
+    }
+
+    fn retry_claim(
+        &mut self,
+        claim: Claim,
+        rounds: u8,
+        takeover: Option<u64>,
+        now: Millis,
+    ) -> Resumed {
+        if rounds >= MAX_ROUNDS {
+            return Resumed::Claim(Answer::Now(Err(StoreError::Contended)));
+        }
+        let op = Op::Claim {
+            claim,
+            rounds: rounds + 1,
+            takeover,
+        };
+        self.advance(op, now)
+    }
+
+    fn on_answer(&mut self, pending: Pending, answer: Value, now: Millis) -> Resumed {
+        match (pending.sent, pending.op) {
+            (Sent::Grant(kind), op) => match answer.get("ID").and_then(int64) {
+                Some(id) => {
+                    self.remember_lease(kind, id as i64, now);
+                    self.advance(op, now)
+                }
+                None => failed(
+                    &op,
+                    StoreError::Remote(format!("lease grant answered {answer}")),
+                ),
+            },
+            (Sent::Create | Sent::Takeover, Op::Claim { claim, rounds, .. }) => {
+                if succeeded(&answer) {
+                    match revision_of(&answer) {
+                        Some(slot) => {
+                            Resumed::Claim(Answer::Now(Ok(ClaimReply::Claimed(Ticket {
+                                slot,
+                                claim,
+                            }))))
+                        }
+                        None => failed_claim(format!("txn answered {answer}")),
+                    }
+                } else {
+                    let existing = answer
+                        .pointer("/responses/0/response_range")
+                        .cloned()
+                        .unwrap_or(Value::Null);
+                    self.decide_on(claim, rounds, existing, now)
+                }
+            }
+            (
+                Sent::Finish,
+                Op::Finish {
+                    ticket,
+                    reply,
+                    response,
+                    ..
+                },
+            ) => {
+                if !succeeded(&answer) {
+                    return Resumed::Finish(Answer::Now(Ok(FinishReply::Lost)));
+                }
+                if let Some((response, expires)) = response {
+                    if let Err(error) = self.cache.remember(&ticket.claim, &response, expires, now)
+                    {
+                        log::warn!("caching a record locally failed: {error}");
+                    }
+                }
+                Resumed::Finish(Answer::Now(Ok(reply)))
+            }
+            (_, op) => failed(&op, StoreError::Remote("answer to an unknown step".into())),
+        }
+    }
+
+    fn finish_op(&self, ticket: Ticket, outcome: Outcome, now: Millis) -> Op {
+        let entry = |state, deadline, response_len| Entry {
+            state,
+            tuple: ticket.claim.tuple,
+            fingerprint: ticket.claim.fingerprint,
+            token: ticket.claim.token,
+            deadline,
+            response_len,
+        };
+        let expires = now + self.ttl;
+        let unstored = |store_full| Op::Finish {
+            ticket,
+            value: Some(entry(State::Unstored, expires, 0).encode_remote(None)),
+            lease: LeaseKind::Record,
+            reply: FinishReply::StoredWithoutResponse { store_full },
+            response: None,
+        };
+        match outcome {
+            Outcome::Store(response) => {
+                let bytes = response.encode(&ticket.claim.tuple, ticket.claim.token);
+                // The gateway carries values base64-encoded: 4 bytes for every 3.
+                if bytes.len().div_ceil(3) * 4 > self.settings.max_value_bytes {
+                    return unstored(false);
+                }
+                let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                Op::Finish {
+                    ticket,
+                    value: Some(entry(State::Complete, expires, len).encode_remote(Some(&bytes))),
+                    lease: LeaseKind::Record,
+                    reply: FinishReply::Stored,
+                    response: Some((response, expires)),
+                }
+            }
+            Outcome::TooLarge => unstored(false),
+            Outcome::Release => Op::Finish {
+                ticket,
+                value: None,
+                lease: LeaseKind::Claim,
+                reply: FinishReply::Released,
+                response: None,
+            },
+            Outcome::Hold => Op::Finish {
+                ticket,
+                value: Some(entry(State::Held, now + self.claim_lease, 0).encode_remote(None)),
+                lease: LeaseKind::Claim,
+                reply: FinishReply::Held,
+                response: None,
+            },
+        }
+    }
+}
+
+impl<C: Caller, K: Kv> Store for Etcd<C, K> {
+    fn claim(&mut self, claim: &Claim, now: Millis) -> Answer<Result<ClaimReply, StoreError>> {
+        match self.cache.peek(claim, now) {
+            Ok(Some(reply)) => return Answer::Now(Ok(reply)),
+            Ok(None) => {}
+            Err(error) => log::warn!("reading the local cache failed: {error}"),
+        }
+        let op = Op::Claim {
+            claim: *claim,
+            rounds: 0,
+            takeover: None,
+        };
+        match self.advance(op, now) {
+            Resumed::Claim(answer) => answer,
+            Resumed::Finish(_) => Answer::Now(Err(StoreError::Remote("mixed-up operation".into()))),
+        }
+    }
+
+    /// Finishes run from the root context's tick: the request that asks may be gone before etcd
+    /// answers, and Envoy cancels a call when the context that made it ends.
+    fn finish(
+        &mut self,
+        ticket: Ticket,
+        outcome: Outcome,
+        now: Millis,
+    ) -> Answer<Result<FinishReply, StoreError>> {
+        let op = self.finish_op(ticket, outcome, now);
+        self.queued.push(op);
+        Answer::Queued
+    }
+
+    fn resume(&mut self, call: CallId, response: CallResponse, now: Millis) -> Option<Resumed> {
+        let pending = self.pending.remove(&call)?;
+        let answer = match response {
+            Ok((200, body)) => serde_json::from_slice::<Value>(&body)
+                .map_err(|e| StoreError::Remote(format!("etcd answered invalid JSON: {e}"))),
+            Ok((status, body)) => Err(StoreError::Remote(format!(
+                "etcd answered {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(200)])
+            ))),
+            Err(error) => Err(error),
+        };
+        Some(match answer {
+            Ok(answer) => self.on_answer(pending, answer, now),
+            Err(error) => {
+                // A value etcd refuses as too large: keep the record without its response.
+                if let Op::Finish {
+                    ticket,
+                    response: Some(_),
+                    ..
+                } = &pending.op
+                {
+                    if error.to_string().contains("too large") {
+                        let op = self.finish_op(*ticket, Outcome::TooLarge, now);
+                        return Some(self.advance(op, now));
+                    }
+                }
+                failed(&pending.op, error)
+            }
+        })
+    }
+
+    fn tick(&mut self, now: Millis) -> Vec<Resumed> {
+        // Calls whose answers never came (their context went away) are forgotten.
+        let horizon = self.settings.timeout.saturating_mul(4);
+        self.pending
+            .retain(|_, pending| now.saturating_sub(pending.since) <= horizon);
+        let queued = std::mem::take(&mut self.queued);
+        let mut ended = Vec::new();
+        for op in queued {
+            match self.advance(op, now) {
+                Resumed::Finish(Answer::Later(_)) => {}
+                other => ended.push(other),
+            }
+        }
+        ended.extend(self.cache.tick(now));
+        ended
+    }
+}
+
+fn failed(op: &Op, error: StoreError) -> Resumed {
+    match op {
+        Op::Claim { .. } => Resumed::Claim(Answer::Now(Err(error))),
+        Op::Finish { .. } => Resumed::Finish(Answer::Now(Err(error))),
+    }
+}
+
+fn failed_claim(what: String) -> Resumed {
+    Resumed::Claim(Answer::Now(Err(StoreError::Remote(what))))
+}
+
+fn put(key: &str, value: &[u8], lease: Option<i64>) -> Value {
+    let mut put = json!({"key": key, "value": b64(value)});
+    if let Some(lease) = lease {
+        put["lease"] = json!(lease.to_string());
+    }
+    json!({ "request_put": put })
+}
+
+/// A failed transaction has no `succeeded` member at all.
+fn succeeded(answer: &Value) -> bool {
+    answer.get("succeeded").and_then(Value::as_bool) == Some(true)
+}
+
+fn revision_of(answer: &Value) -> Option<u64> {
+    answer.pointer("/header/revision").and_then(int64)
+}
+
+fn first_kv(range: &Value) -> Option<(Vec<u8>, u64)> {
+    let kv = range.pointer("/kvs/0")?;
+    let value = unb64(kv.get("value").and_then(Value::as_str).unwrap_or(""))?;
+    let revision = kv.get("mod_revision").and_then(int64)?;
+    Some((value, revision))
+}
+
+/// etcd's int64 fields travel as strings (they exceed 2^53).
+fn int64(value: &Value) -> Option<u64> {
+    match value {
+        Value::String(text) => text.parse().ok(),
+        Value::Number(number) => number.as_u64(),
+        _ => None,
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+fn b64(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(B64[(n >> (18 - 6 * i) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn unb64(text: &str) -> Option<Vec<u8>> {
+    let text = text.trim_end_matches('=');
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut n = 0u32;
+    let mut bits = 0;
+    for c in text.bytes() {
+        let v = B64.iter().position(|b| *b == c)? as u32;
+        n = n << 6 | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((n >> bits & 0xff) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::tests::{config, MemoryKv};
+    use std::cell::RefCell;
+
+    #[derive(Default)]
+    struct Calls {
+        sent: RefCell<Vec<(String, Value)>>,
+    }
+
+    impl Caller for &Calls {
+        fn post(&self, path: &str, body: &[u8]) -> Result<CallId, StoreError> {
+            let mut sent = self.sent.borrow_mut();
+            sent.push((path.to_string(), serde_json::from_slice(body).unwrap()));
+            Ok(sent.len() as CallId)
+        }
+    }
+
+    /// etcd itself, in memory: enough of the txn and lease API to run the store against.
+    #[derive(Default)]
+    struct FakeEtcd {
+        keys: HashMap<String, (Vec<u8>, u64)>,
+        revision: u64,
+        leases: u64,
+    }
+
+    impl FakeEtcd {
+        fn answer(&mut self, path: &str, body: &Value) -> Value {
+            if path == "/v3/lease/grant" {
+                self.leases += 1;
+                return json!({"ID": (7_000_000_000_000_000_000u64 + self.leases).to_string(), "TTL": body["TTL"].to_string()});
+            }
+            let compare = &body["compare"][0];
+            let key = compare["key"].as_str().unwrap().to_string();
+            let current = self.keys.get(&key);
+            let holds = match compare["target"].as_str().unwrap() {
+                "CREATE" => current.is_none(),
+                "MOD" => {
+                    current.map(|(_, r)| r.to_string())
+                        == compare["mod_revision"].as_str().map(String::from)
+                }
+                other => panic!("{other}"),
+            };
+            let branch = if holds {
+                &body["success"]
+            } else {
+                &body["failure"]
+            };
+            let mut responses = Vec::new();
+            for request in branch.as_array().cloned().unwrap_or_default() {
+                if let Some(put) = request.get("request_put") {
+                    self.revision += 1;
+                    let value = unb64(put["value"].as_str().unwrap()).unwrap();
+                    self.keys.insert(key.clone(), (value, self.revision));
+                    responses.push(json!({"response_put": {}}));
+                } else if request.get("request_delete_range").is_some() {
+                    self.revision += 1;
+                    self.keys.remove(&key);
+                    responses.push(json!({"response_delete_range": {}}));
+                } else {
+                    let kvs: Vec<Value> = self.keys.get(&key).map(|(v, r)| {
+                        json!({"key": key, "value": b64(v), "mod_revision": r.to_string()})
+                    }).into_iter().collect();
+                    responses.push(json!({"response_range": {"kvs": kvs}}));
+                }
+            }
+            let mut answer =
+                json!({"header": {"revision": self.revision.to_string()}, "responses": responses});
+            if holds {
+                answer["succeeded"] = json!(true);
+            }
+            answer
+        }
+    }
+
+    struct World<'a> {
+        calls: &'a Calls,
+        etcd: FakeEtcd,
+        answered: usize,
+    }
+
+    impl<'a> World<'a> {
+        /// Answers every call made so far, feeding answers back until the operation settles.
+        fn settle<S: Store>(
+            &mut self,
+            store: &mut S,
+            mut resumed: Resumed,
+            now: Millis,
+        ) -> Resumed {
+            loop {
+                let call = match &resumed {
+                    Resumed::Claim(Answer::Later(call)) | Resumed::Finish(Answer::Later(call)) => {
+                        *call
+                    }
+                    _ => return resumed,
+                };
+                let (path, body) = self.calls.sent.borrow()[call as usize - 1].clone();
+                self.answered += 1;
+                let answer = self.etcd.answer(&path, &body);
+                resumed = store
+                    .resume(call, Ok((200, answer.to_string().into_bytes())), now)
+                    .unwrap();
+            }
+        }
+    }
+
+    fn etcd_store<'a>(
+        calls: &'a Calls,
+        kv: &'a MemoryKv,
+        json: &str,
+    ) -> Etcd<&'a Calls, &'a MemoryKv> {
+        let config = config(json);
+        let mut cache = Table::new(kv, &config);
+        cache.boot().unwrap();
+        let settings = config.etcd.clone().unwrap();
+        Etcd::new(calls, kv, cache, &config, settings)
+    }
+
+    const JSON: &str = r#"{"etcd": {"cluster": "etcd"}}"#;
+
+    fn claim_of(fingerprint: u8, token: u64) -> Claim {
+        Claim {
+            tuple: [1; 32],
+            fingerprint: [fingerprint; 32],
+            token,
+            lease: 60_000,
+        }
+    }
+
+    fn claimed(resumed: Resumed) -> Ticket {
+        match resumed {
+            Resumed::Claim(Answer::Now(Ok(ClaimReply::Claimed(ticket)))) => ticket,
+            other => panic!("expected a claim, got {other:?}"),
+        }
+    }
+
+    fn response() -> StoredResponse {
+        StoredResponse {
+            status: 201,
+            headers: vec![("set-cookie".into(), "a=1".into())],
+            body: b"created".to_vec(),
+        }
+    }
+
+    fn finish<'a>(
+        world: &mut World<'a>,
+        store: &mut Etcd<&'a Calls, &'a MemoryKv>,
+        ticket: Ticket,
+        outcome: Outcome,
+        now: Millis,
+    ) -> FinishReply {
+        assert_eq!(store.finish(ticket, outcome, now), Answer::Queued);
+        let mut ended = store.tick(now);
+        assert_eq!(ended.len(), 0, "finishes go out as calls: {ended:?}");
+        let call = world.calls.sent.borrow().len() as CallId;
+        let resumed = world.settle(store, Resumed::Finish(Answer::Later(call)), now);
+        ended.push(resumed);
+        match ended.pop() {
+            Some(Resumed::Finish(Answer::Now(Ok(reply)))) => reply,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        for len in 0..40 {
+            let bytes: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(37)).collect();
+            assert_eq!(unb64(&b64(&bytes)).unwrap(), bytes);
+        }
+        assert_eq!(b64(b"foob"), "Zm9vYg==");
+        assert_eq!(b64(b"fooba"), "Zm9vYmE=");
+        assert_eq!(b64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn a_claim_is_one_create_if_absent_transaction_under_a_shared_lease() {
+        let calls = Calls::default();
+        let (kv_a, kv_b) = (MemoryKv::default(), MemoryKv::default());
+        let mut world = World {
+            calls: &calls,
+            etcd: FakeEtcd::default(),
+            answered: 0,
+        };
+        let mut a = etcd_store(&calls, &kv_a, JSON);
+        let mut b = etcd_store(&calls, &kv_b, JSON);
+        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
+        claimed(world.settle(&mut a, first, 0));
+        assert_eq!(world.etcd.leases, 1);
+        // Another Envoy, same request: the transaction fails and returns the claim in flight.
+        let second = Resumed::Claim(b.claim(&claim_of(1, 20), 5));
+        assert_eq!(
+            world.settle(&mut b, second, 5),
+            Resumed::Claim(Answer::Now(Ok(ClaimReply::InFlight { remaining: 59_995 })))
+        );
+        let third = Resumed::Claim(b.claim(&claim_of(2, 30), 6));
+        assert_eq!(
+            world.settle(&mut b, third, 6),
+            Resumed::Claim(Answer::Now(Ok(ClaimReply::Conflict)))
+        );
+    }
+
+    #[test]
+    fn a_stored_record_replays_on_another_envoy_and_then_from_its_cache() {
+        let calls = Calls::default();
+        let (kv_a, kv_b) = (MemoryKv::default(), MemoryKv::default());
+        let mut world = World {
+            calls: &calls,
+            etcd: FakeEtcd::default(),
+            answered: 0,
+        };
+        let mut a = etcd_store(&calls, &kv_a, JSON);
+        let mut b = etcd_store(&calls, &kv_b, JSON);
+        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
+        let ticket = claimed(world.settle(&mut a, first, 0));
+        assert_eq!(
+            finish(&mut world, &mut a, ticket, Outcome::Store(response()), 10),
+            FinishReply::Stored
+        );
+        let retry = Resumed::Claim(b.claim(&claim_of(1, 20), 20));
+        assert_eq!(
+            world.settle(&mut b, retry, 20),
+            Resumed::Claim(Answer::Now(Ok(ClaimReply::Replay(response()))))
+        );
+        let before = world.answered;
+        assert_eq!(
+            b.claim(&claim_of(1, 21), 30),
+            Answer::Now(Ok(ClaimReply::Replay(response())))
+        );
+        assert_eq!(world.answered, before, "served from the local cache");
+        assert_eq!(
+            a.claim(&claim_of(1, 22), 30),
+            Answer::Now(Ok(ClaimReply::Replay(response())))
+        );
+    }
+
+    #[test]
+    fn a_released_claim_is_deleted_only_if_still_ours() {
+        let calls = Calls::default();
+        let kv = MemoryKv::default();
+        let mut world = World {
+            calls: &calls,
+            etcd: FakeEtcd::default(),
+            answered: 0,
+        };
+        let mut store = etcd_store(&calls, &kv, JSON);
+        let first = Resumed::Claim(store.claim(&claim_of(1, 10), 0));
+        let ticket = claimed(world.settle(&mut store, first, 0));
+        // Past the lease, another request takes the record over.
+        let later = Resumed::Claim(store.claim(&claim_of(1, 11), 60_001));
+        claimed(world.settle(&mut store, later, 60_001));
+        assert_eq!(
+            finish(&mut world, &mut store, ticket, Outcome::Release, 60_002),
+            FinishReply::Lost
+        );
+        assert_eq!(world.etcd.keys.len(), 1, "the newer claim is untouched");
+    }
+
+    #[test]
+    fn a_release_lets_the_retry_claim_again() {
+        let calls = Calls::default();
+        let kv = MemoryKv::default();
+        let mut world = World {
+            calls: &calls,
+            etcd: FakeEtcd::default(),
+            answered: 0,
+        };
+        let mut store = etcd_store(&calls, &kv, JSON);
+        let first = Resumed::Claim(store.claim(&claim_of(1, 10), 0));
+        let ticket = claimed(world.settle(&mut store, first, 0));
+        assert_eq!(
+            finish(&mut world, &mut store, ticket, Outcome::Release, 1),
+            FinishReply::Released
+        );
+        let retry = Resumed::Claim(store.claim(&claim_of(1, 11), 2));
+        claimed(world.settle(&mut store, retry, 2));
+    }
+
+    #[test]
+    fn a_value_over_the_limit_keeps_the_record_without_its_response() {
+        let calls = Calls::default();
+        let kv = MemoryKv::default();
+        let mut world = World {
+            calls: &calls,
+            etcd: FakeEtcd::default(),
+            answered: 0,
+        };
+        let json = r#"{"etcd": {"cluster": "etcd", "max_value_bytes": 1024}}"#;
+        let mut store = etcd_store(&calls, &kv, json);
+        let first = Resumed::Claim(store.claim(&claim_of(1, 10), 0));
+        let ticket = claimed(world.settle(&mut store, first, 0));
+        let mut big = response();
+        big.body = vec![0; 2048];
+        assert_eq!(
+            finish(&mut world, &mut store, ticket, Outcome::Store(big), 1),
+            FinishReply::StoredWithoutResponse { store_full: false }
+        );
+        let retry = Resumed::Claim(store.claim(&claim_of(1, 11), 2));
+        assert_eq!(
+            world.settle(&mut store, retry, 2),
+            Resumed::Claim(Answer::Now(Ok(ClaimReply::NotStored)))
+        );
+    }
+
+    #[test]
+    fn etcd_errors_and_silence_fail_the_operation() {
+        let calls = Calls::default();
+        let kv = MemoryKv::default();
+        let mut store = etcd_store(&calls, &kv, JSON);
+        let Answer::Later(call) = store.claim(&claim_of(1, 10), 0) else {
+            panic!("expected a call");
+        };
+        let nospace = br#"{"error":"etcdserver: mvcc: database space exceeded","code":8}"#.to_vec();
+        match store.resume(call, Ok((429, nospace)), 1) {
+            Some(Resumed::Claim(Answer::Now(Err(StoreError::Remote(what))))) => {
+                assert!(what.contains("429"), "{what}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            store.resume(call, Ok((200, b"{}".to_vec())), 1),
+            None,
+            "answered once"
+        );
+    }
+}
