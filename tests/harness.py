@@ -66,7 +66,8 @@ class Response:
 
 def request(port, method, path, headers=None, body=None, timeout=30, host="127.0.0.1"):
     """One request on a fresh connection. ``headers`` is a dict or a list of (name, value)
-    pairs (repeat a name to send it twice); values may be bytes to send raw octets."""
+    pairs (repeat a name to send it twice); values may be bytes to send raw octets. ``body``
+    is bytes (sent with Content-Length) or a list of bytes chunks (sent chunked)."""
     pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
     if isinstance(body, str):
         body = body.encode()
@@ -75,9 +76,16 @@ def request(port, method, path, headers=None, body=None, timeout=30, host="127.0
         conn.putrequest(method, path, skip_accept_encoding=True)
         for name, value in pairs:
             conn.putheader(name, value)
-        if body is not None or method in ("POST", "PUT", "PATCH"):
-            conn.putheader("content-length", str(len(body or b"")))
-        conn.endheaders(body or None)
+        if isinstance(body, list):
+            conn.putheader("transfer-encoding", "chunked")
+            conn.endheaders()
+            for chunk in body:
+                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            conn.send(b"0\r\n\r\n")
+        else:
+            if body is not None or method in ("POST", "PUT", "PATCH"):
+                conn.putheader("content-length", str(len(body or b"")))
+            conn.endheaders(body or None)
         resp = conn.getresponse()
         data = resp.read()
         return Response(resp.status, resp.reason, [(k.lower(), v) for k, v in resp.getheaders()], data)
