@@ -21,22 +21,24 @@ PYTHON := $(VENV)/bin/python
 ENVOY := $(VENV)/bin/envoy
 RUN_DIR := .run
 STAMPS := $(RUN_DIR)/stamps
+VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
 .PHONY: setup wasm unit lint validate integration test run clean
 
-setup: $(STAMPS)/rust $(STAMPS)/venv
+setup: $(STAMPS)/rust $(VENV_STAMP)
 
 $(STAMPS)/rust:
 	rustup target add $(WASM_TARGET)
 	rustup component add clippy
 	@mkdir -p $(STAMPS) && touch $@
 
-$(STAMPS)/venv: tests/requirements.txt
+# The stamp lives inside the venv, so deleting .venv also forgets it was installed.
+$(VENV_STAMP): tests/requirements.txt
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
 	$(ENVOY) --version
-	@mkdir -p $(STAMPS) && touch $@
+	@touch $@
 
 wasm: $(STAMPS)/rust
 	cargo build --release --target $(WASM_TARGET)
@@ -52,7 +54,7 @@ lint: $(STAMPS)/rust
 # Every shipped Envoy config (a YAML file under envoy/ with static_resources) is
 # validated with the real binary; any wasm filename in it is pointed at the
 # freshly built module so the check also covers loading the plugin.
-validate: $(STAMPS)/venv wasm
+validate: $(VENV_STAMP) wasm
 	@mkdir -p $(RUN_DIR)/validate
 	@found=0; \
 	for f in $$(grep -rl --include='*.yaml' --include='*.yml' 'static_resources' envoy/ | sort); do \
@@ -65,7 +67,7 @@ validate: $(STAMPS)/venv wasm
 	done; \
 	test $$found = 1 || { echo "no Envoy config found under envoy/"; exit 1; }
 
-integration: $(STAMPS)/venv wasm
+integration: $(VENV_STAMP) wasm
 	$(PYTHON) -m pytest tests/ -q $(PYTEST_ARGS)
 
 test: setup lint unit wasm validate integration
