@@ -116,6 +116,11 @@ def burst(n, fn):
 
 # -- Envoy configuration ----------------------------------------------------------------
 
+# Must exceed the plugin's max_request_body_bytes (default 1 MiB): over this listener limit Envoy
+# answers 413 itself (text/plain) before the filter can answer with its problem document.
+BUFFER_LIMIT_BYTES = 2 * 1024 * 1024
+
+
 def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s"):
     """The Envoy bootstrap: one listener (kernel-picked port) -> [wasm filter] -> router ->
     cluster ``upstream`` on 127.0.0.1:upstream_port. ``plugin_config`` is the plugin's JSON
@@ -156,6 +161,7 @@ def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s"):
             "listeners": [{
                 "name": "ingress",
                 "address": loopback(0),
+                "per_connection_buffer_limit_bytes": BUFFER_LIMIT_BYTES,
                 "filter_chains": [{"filters": [{
                     "name": "envoy.filters.network.http_connection_manager",
                     "typed_config": {

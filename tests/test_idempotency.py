@@ -391,6 +391,17 @@ def test_request_body_over_limit_is_413_and_never_reaches_upstream(envoy_with, u
     assert upstream.count(key=key) == 1
 
 
+def test_default_request_body_limit_is_1_mib_with_a_problem_answer(envoy, upstream, key):
+    limit = 1024 * 1024
+    assert_problem(call(envoy, key, body=b"z" * (limit + 1)), 413, "request_too_large")
+    assert upstream.count(key=key) == 0
+    original = call(envoy, key, body=b"z" * limit, headers=[("x-test-body-bytes", "16")])
+    assert_original(original)
+    assert upstream.executions(key=key)[0].body == b"z" * limit
+    assert_replay_of(call(envoy, key, body=b"z" * limit, headers=[("x-test-body-bytes", "16")]), original)
+    assert upstream.count(key=key) == 1
+
+
 # -- concurrency and expiry ---------------------------------------------------------------------
 
 def test_burst_of_identical_requests_executes_exactly_once(envoy, upstream, key):
