@@ -233,12 +233,16 @@ class Envoy:
         return f"<Envoy #{self.number} port={self.port} config={self.plugin_config!r} log={self.log_path}>"
 
     # -- lifecycle --
+    def bootstrap(self):
+        """The bootstrap this instance runs; a subclass may extend it (another cluster, say)."""
+        return envoy_config(self.upstream_port, self.plugin_config, self.wasm_path, self.route_timeout)
+
     def start(self):
         if self.wasm_path is not None and not Path(self.wasm_path).is_file():
             raise EnvoyError(f"{self.wasm_path} is missing: build it with `make wasm`")
         self.workdir.mkdir(parents=True, exist_ok=True)
         config_path = self.workdir / "envoy.json"
-        config = envoy_config(self.upstream_port, self.plugin_config, self.wasm_path, self.route_timeout)
+        config = self.bootstrap()
         config_path.write_text(json.dumps(config, indent=2))
         admin_file = self.workdir / "admin-address"
         admin_file.unlink(missing_ok=True)
