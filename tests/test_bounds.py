@@ -1,0 +1,95 @@
+"""CONTRACT.md "Bounds and bad input" (the store's capacity, bad configuration) and the stats
+that count every outcome."""
+
+import uuid
+
+import pytest
+
+from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after, call,
+                      stat_deltas, wait_for)
+from harness import Envoy, EnvoyError
+
+
+# -- bounds: store capacity and configuration ------------------------------------------------------
+
+def _fill(envoy, n, prefix):
+    keys = [f"{prefix}-{uuid.uuid4()}" for _ in range(n)]
+    return keys, [call(envoy, k) for k in keys]
+
+
+def test_full_store_with_reject_policy_answers_503_store_full(envoy_with, upstream):
+    envoy = envoy_with({"capacity_records": 16, "when_full": "reject"})
+    before = envoy.stats()
+    keys, answers = _fill(envoy, 48, "full")
+    accepted = [(k, a) for k, a in zip(keys, answers) if a.status == 201]
+    refused = [(k, a) for k, a in zip(keys, answers) if a.status != 201]
+    assert 1 <= len(accepted) <= 16, f"{len(accepted)} records stored with capacity_records 16"
+    assert refused, "the store never filled up"
+    for k, a in refused:
+        assert_problem(a, 503, "store_full")
+        assert_retry_after(a)
+        assert upstream.count(key=k) == 0
+    for k, a in accepted:  # what was stored is still served
+        assert_original(a)
+        assert_replay_of(call(envoy, k), a)
+        assert upstream.count(key=k) == 1
+    assert wait_for(lambda: stat_deltas(envoy, before, ["idempotency.store_full"])["idempotency.store_full"]
+                    >= len(refused))
+
+
+def test_full_store_with_pass_policy_forwards_without_idempotency(envoy_with, upstream):
+    envoy = envoy_with({"capacity_records": 16, "when_full": "pass"})
+    before = envoy.stats()
+    keys, answers = _fill(envoy, 48, "pass")
+    for k, a in zip(keys, answers):
+        assert_original(a)
+        assert upstream.count(key=k) == 1
+    # The last key could not be recorded: its duplicate runs the work again rather than failing.
+    assert_original(call(envoy, keys[-1]))
+    assert upstream.count(key=keys[-1]) == 2
+    assert wait_for(lambda: stat_deltas(envoy, before, ["idempotency.store_full"])["idempotency.store_full"] >= 1)
+
+
+def test_store_never_holds_more_records_than_capacity_records(envoy_with, upstream):
+    envoy = envoy_with({"capacity_records": 4, "when_full": "reject"})
+    keys, answers = _fill(envoy, 12, "cap")
+    stored = [k for k, a in zip(keys, answers) if a.status == 201]
+    assert 1 <= len(stored) <= 4, f"{len(stored)} records stored with capacity_records 4"
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"ttl": "soon"}, "ttl"),
+    ({"tll": "1s"}, "tll"),
+    ({"when_full": "drop"}, "when_full"),
+    ({"max_wait": -1}, "max_wait"),
+])
+def test_bad_configuration_is_refused_at_load_naming_the_field(run_dir, upstream, config, field):
+    envoy = Envoy(run_dir, config, upstream.port)
+    try:
+        with pytest.raises(EnvoyError):
+            envoy.start()
+    finally:
+        envoy.stop()
+    lines = [line for line in envoy.log_text().splitlines()
+             if "[wasm]" in line and ("[error]" in line or "[critical]" in line)]
+    assert any(f"`{field}`" in line or f'"{field}"' in line or f" {field}" in line for line in lines), \
+        "no error line names the field:\n" + "\n".join(lines)
+
+
+# -- stats --------------------------------------------------------------------------------------
+
+def test_stats_count_each_outcome(envoy, upstream, key):
+    names = ["idempotency.claimed", "idempotency.stored", "idempotency.replayed",
+             "idempotency.conflict", "idempotency.key_invalid"]
+    before = envoy.stats()
+    original = call(envoy, key)
+    assert_original(original)
+    assert_replay_of(call(envoy, key), original)
+    assert_replay_of(call(envoy, key), original)
+    assert_problem(call(envoy, key, body=b"{}"), 409, "idempotency_conflict")
+    assert_problem(call(envoy, None, headers=[("idempotency-key", "")]), 400, "idempotency_key_invalid")
+    assert upstream.count(key=key) == 1
+    expected = {"idempotency.claimed": 1, "idempotency.stored": 1, "idempotency.replayed": 2,
+                "idempotency.conflict": 1, "idempotency.key_invalid": 1}
+    wait_for(lambda: stat_deltas(envoy, before, names) == expected)
+    assert stat_deltas(envoy, before, names) == expected
