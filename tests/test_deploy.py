@@ -1,0 +1,236 @@
+"""The ways users deploy the filter, checked as far as this machine allows.
+
+- docker compose (envoy/docker-compose.yaml): no Docker engine runs here, so the file is checked
+  for what it mounts and runs, handed to `docker compose config` when a compose client is
+  installed, and its Envoy command line is run for real against the same envoy/envoy.yaml, laid
+  out as in the container, with the demo upstream, through the README's curl walkthrough.
+- The OCI image Istio pulls (`make image`, tools/oci_image.py): a valid OCI image layout whose
+  single layer holds plugin.wasm, byte for byte the built module, read back the way Istio's
+  puller reads it.
+- Istio (envoy/istio/*.yaml): manifests parsed and their key fields checked; the Envoy filter
+  the EnvoyFilter installs is run in the real Envoy as Istio's agent hands it over (the OCI
+  module replaced by the local file).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import yaml
+
+from harness import ROOT, WASM_PATH
+from shipped import ENVOY_DIR, ShippedEnvoy, free_port, load, localise
+
+COMPOSE_FILE = ENVOY_DIR / "docker-compose.yaml"
+DEMO_CONFIG = ENVOY_DIR / "envoy.yaml"
+WASM_RELATIVE = "target/wasm32-wasip1/release/idempotency_filter.wasm"
+
+
+def compose():
+    return load(COMPOSE_FILE)
+
+
+def mounts(service):
+    """{target: source resolved against the compose file's directory}."""
+    out = {}
+    for volume in service.get("volumes", []):
+        assert isinstance(volume, dict) and volume["type"] == "bind", volume
+        assert volume.get("read_only") is True, volume
+        # A missing source must fail, not be created as an empty directory on the host.
+        assert volume.get("bind", {}).get("create_host_path") is False, volume
+        out[volume["target"]] = (COMPOSE_FILE.parent / volume["source"]).resolve()
+    return out
+
+
+def option(command, flag):
+    return command[command.index(flag) + 1]
+
+
+# -- docker compose -------------------------------------------------------------------------
+
+def test_compose_runs_the_official_envoy_image_overridable_by_ENVOY_IMAGE():
+    envoy = compose()["services"]["envoy"]
+    assert envoy["image"].startswith("${ENVOY_IMAGE:-envoyproxy/envoy:v1.40"), envoy["image"]
+    assert envoy["image"].endswith("}")
+
+
+def test_compose_mounts_the_shipped_config_and_the_built_module_where_the_config_names_it():
+    envoy = compose()["services"]["envoy"]
+    workdir = envoy["working_dir"]
+    command = envoy["command"]
+    assert command[0] == "envoy"
+    config_in_container = f"{workdir}/{option(command, '-c')}"
+    envoy_mounts = mounts(envoy)
+    assert envoy_mounts[config_in_container] == DEMO_CONFIG.resolve()
+
+    # envoy.yaml names the module relative to Envoy's working directory: the container has the
+    # built module at that same relative path, mounted from where `make wasm` writes it.
+    (filename,) = [n["filename"] for n in _dicts(load(DEMO_CONFIG)) if "filename" in n]
+    assert filename == WASM_RELATIVE
+    assert envoy_mounts[f"{workdir}/{filename}"] == (ROOT / WASM_RELATIVE).resolve()
+    makefile = (ROOT / "Makefile").read_text()
+    assert f"WASM := target/$(WASM_TARGET)/release/idempotency_filter.wasm" in makefile
+
+
+def test_compose_shares_the_upstream_network_namespace_so_the_config_needs_no_second_copy():
+    services = compose()["services"]
+    envoy, upstream = services["envoy"], services["upstream"]
+    assert envoy["network_mode"] == "service:upstream"
+    assert "upstream" in envoy["depends_on"]
+
+    config = load(DEMO_CONFIG)
+    (cluster,) = config["static_resources"]["clusters"]
+    (endpoint,) = [n["socket_address"] for n in _dicts(cluster) if "socket_address" in n]
+    command = upstream["command"]
+    assert (option(command, "--host"), int(option(command, "--port"))) == \
+        (endpoint["address"], endpoint["port_value"])
+    assert mounts(upstream)[command[command.index("-u") + 1]] == (ENVOY_DIR / "demo_upstream.py").resolve()
+
+    # Published on the upstream service (it owns the namespace): Envoy's listener and admin,
+    # on the host's loopback only.
+    (listener,) = config["static_resources"]["listeners"]
+    listen = listener["address"]["socket_address"]
+    assert listen["address"] == "0.0.0.0", "a published port reaches only a non-loopback bind"
+    admin_port = config["admin"]["address"]["socket_address"]["port_value"]
+    assert sorted(upstream["ports"]) == sorted([
+        f"127.0.0.1:{listen['port_value']}:{listen['port_value']}",
+        f"127.0.0.1:{admin_port}:{admin_port}",
+    ])
+
+
+def _compose_client():
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        probe = subprocess.run(cmd + ["version"], capture_output=True, text=True)
+        if probe.returncode == 0:
+            return cmd, probe.stdout
+    return None, ""
+
+
+def test_compose_file_is_accepted_by_the_compose_client(tmp_path):
+    cmd, version = _compose_client()
+    if cmd is None:
+        pytest.skip("no docker compose client installed")
+    path = COMPOSE_FILE
+    if cmd == ["docker-compose"] and "version 1." in version:
+        # Compose v1 predates the top-level `name` and bind `create_host_path` (Compose v2
+        # has both); check the rest with it.
+        doc = compose()
+        doc.pop("name")
+        for service in doc["services"].values():
+            for volume in service.get("volumes", []):
+                volume.pop("bind", None)
+        path = tmp_path / "docker-compose.yaml"
+        path.write_text(yaml.safe_dump(doc))
+    env = dict(os.environ, ENVOY_IMAGE="registry.example/envoy:test")
+    out = subprocess.run(cmd + ["-f", str(path), "--project-directory", str(ENVOY_DIR), "config"],
+                         capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    rendered = yaml.safe_load(out.stdout)
+    assert rendered["services"]["envoy"]["image"] == "registry.example/envoy:test"
+
+
+@pytest.fixture
+def compose_demo(tmp_path):
+    """The compose services run here as the containers would run them: the demo upstream with
+    its compose command, Envoy with its compose command line in a working directory laid out
+    like the container's (envoy/envoy.yaml + the module at its relative path). Only ports
+    change: the upstream's to a free one, Envoy's listener and admin to kernel-picked ones."""
+    services = compose()["services"]
+    upstream_port = free_port()
+    up_cmd = [sys.executable if arg == "python3" else arg for arg in services["upstream"]["command"]]
+    up_cmd[up_cmd.index("-u") + 1] = str(ENVOY_DIR / "demo_upstream.py")
+    up_cmd[up_cmd.index("--port") + 1] = str(upstream_port)
+    up_log = tmp_path / "upstream.log"
+    with open(up_log, "wb") as log:
+        upstream = subprocess.Popen(up_cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        _wait_for_port(upstream_port, upstream)
+        envoy_service = services["envoy"]
+        srv = tmp_path / "srv"
+        module = srv / WASM_RELATIVE
+        module.parent.mkdir(parents=True)
+        module.symlink_to(WASM_PATH)
+        command = envoy_service["command"]
+        envoy = ShippedEnvoy(tmp_path, localise(load(DEMO_CONFIG), upstream_port, wasm_path=None),
+                             args=command[1:], cwd=srv, config_name=option(command, "-c"),
+                             expect_upstream=False).start()
+        try:
+            yield envoy, up_log
+        finally:
+            envoy.stop()
+    finally:
+        upstream.terminate()
+        upstream.wait(timeout=5)
+
+
+def _wait_for_port(port, proc, timeout=10):
+    import socket
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "the demo upstream exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"nothing listening on {port}")
+
+
+def test_compose_command_line_runs_the_demo_walkthrough(compose_demo):
+    """The README's curl walkthrough, against the compose command line and envoy.yaml."""
+    envoy, up_log = compose_demo
+    # The compose-only admin override took effect (inside a container it must not be loopback).
+    assert envoy.admin_address().startswith("0.0.0.0:")
+
+    key = f"demo-{uuid.uuid4()}"
+    auth = {"authorization": "Bearer ic_live_demo", "idempotency-key": key,
+            "content-type": "application/json"}
+    create = json.dumps({"externalId": f"crm-{key}", "fullName": "Jane Doe",
+                         "email": "jane@example.com"}).encode()
+    first = envoy.request("POST", "/v1/customers", auth, create)
+    assert first.status == 201, first
+    replay = envoy.request("POST", "/v1/customers", auth, create)
+    assert replay.status == 201 and replay.header("idempotent-replayed") == "true", replay
+    assert replay.body == first.body
+
+    conflict = envoy.request("POST", "/v1/customers", auth,
+                             json.dumps({"externalId": f"crm-{key}", "fullName": "Janet Doe"}).encode())
+    assert conflict.status == 409, conflict
+    assert conflict.header("content-type") == "application/problem+json"
+    assert conflict.json()["code"] == "idempotency_conflict"
+
+    customer = first.json()["id"]
+    patch = envoy.request("PATCH", f"/v1/customers/{customer}", auth, b'{"email":"jane@doe.example"}')
+    assert patch.status == 200 and patch.header("idempotent-replayed") is None, patch
+
+    executed = [line for line in up_log.read_text().splitlines() if "EXECUTED" in line and key in line]
+    assert len(executed) == 2, executed  # the POST once (not its replay, not the conflict), the PATCH
+
+    # The counters under the names the docs give, in /stats and in Prometheus' exposition.
+    stats = envoy.stats()
+    assert stats["wasmcustom.idempotency.replayed"] == 1
+    assert stats["wasmcustom.idempotency.conflict"] == 1
+    status, text = envoy.admin_get("/stats/prometheus")
+    assert status == 200
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+    assert samples["idempotency_replayed{}"] == "1"
+    assert samples["idempotency_conflict{}"] == "1"
+    assert samples["idempotency_claimed{}"] == "2"
+    assert "# TYPE idempotency_replayed counter" in text
+
+
+def _dicts(node):
+    if isinstance(node, dict):
+        yield node
+        for value in node.values():
+            yield from _dicts(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _dicts(value)
