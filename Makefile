@@ -5,6 +5,7 @@
 #   make unit         cargo test
 #   make lint         clippy (host and wasm target), warnings are errors
 #   make validate     envoy --mode validate on every shipped Envoy config
+#   make image        the OCI image Istio pulls (plugin.wasm), as a layout and archive in target/oci/
 #   make integration  pytest tests/ against a real Envoy
 #   make test         all of the above, in order (what CI runs)
 #   make run          demo: upstream on :8080, Envoy on :10000, admin on :9901
@@ -24,7 +25,7 @@ STAMPS := $(RUN_DIR)/stamps
 VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: setup wasm unit lint validate integration test run clean
+.PHONY: setup wasm unit lint validate integration test run clean image
 
 setup: $(STAMPS)/rust $(VENV_STAMP)
 
@@ -66,6 +67,11 @@ validate: $(VENV_STAMP) wasm
 	    || { cat "$$out.log"; echo "FAILED: $$f"; exit 1; }; \
 	done; \
 	test $$found = 1 || { echo "no Envoy config found under envoy/"; exit 1; }
+
+# The image Istio's WasmPlugin pulls (`url: oci://...`), built without Docker: one layer
+# holding plugin.wasm. Prints the manifest digest for the manifests' `sha256` fields.
+image: wasm
+	python3 tools/oci_image.py $(WASM) target/oci
 
 integration: $(VENV_STAMP) wasm
 	$(PYTHON) -m pytest tests/ -q $(PYTEST_ARGS)

@@ -91,10 +91,13 @@ class ShippedEnvoy(Envoy):
                  config_name="envoy.json", expect_upstream=True):
         super().__init__(workdir, plugin_config=None, upstream_port=upstream_port,
                          wasm_path=None, expect_upstream=expect_upstream)
-        self.bootstrap = config
+        self._bootstrap = config
         self.args = args
         self.cwd = Path(cwd) if cwd else ROOT
         self.config_name = config_name
+
+    def bootstrap(self):
+        return self._bootstrap
 
     def __repr__(self):
         return f"<ShippedEnvoy #{self.number} port={self.port} log={self.log_path}>"
@@ -110,9 +113,9 @@ class ShippedEnvoy(Envoy):
             cmd = [ENVOY_BIN, *self.args]
         config_path.parent.mkdir(parents=True, exist_ok=True)
         if config_path.suffix in (".yaml", ".yml"):
-            config_path.write_text(yaml.safe_dump(self.bootstrap, sort_keys=False))
+            config_path.write_text(yaml.safe_dump(self.bootstrap(), sort_keys=False))
         else:
-            config_path.write_text(json.dumps(self.bootstrap, indent=2))
+            config_path.write_text(json.dumps(self.bootstrap(), indent=2))
         admin_file = self.workdir / "admin-address"
         admin_file.unlink(missing_ok=True)
         cmd += ["--base-id", str(self.base_id), "--admin-address-path", str(admin_file),

@@ -12,13 +12,18 @@
   module replaced by the local file).
 """
 
+import gzip
+import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -234,3 +239,97 @@ def _dicts(node):
     elif isinstance(node, list):
         for value in node:
             yield from _dicts(value)
+
+
+# -- the OCI image (make image) ---------------------------------------------------------------
+
+TOOLS = ROOT / "tools"
+
+
+@pytest.fixture(scope="module")
+def oci_image(tmp_path_factory):
+    out = tmp_path_factory.mktemp("oci")
+    run = subprocess.run([sys.executable, str(TOOLS / "oci_image.py"), str(WASM_PATH), str(out),
+                          "--tag", "9.9.9"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    digest = next(line.split()[-1] for line in run.stdout.splitlines() if line.startswith("manifest digest"))
+    return out / "idempotency-filter", out / "idempotency-filter.tar", digest
+
+
+def _blob(layout, digest):
+    algorithm, hexdigest = digest.split(":")
+    assert algorithm == "sha256"
+    data = (layout / "blobs" / "sha256" / hexdigest).read_bytes()
+    assert hashlib.sha256(data).hexdigest() == hexdigest, f"blob {digest} does not match its digest"
+    return data
+
+
+def _checked(layout, descriptor):
+    data = _blob(layout, descriptor["digest"])
+    assert len(data) == descriptor["size"], descriptor
+    return data
+
+
+def test_image_layout_is_a_valid_oci_layout_whose_layer_is_the_built_module(oci_image):
+    layout, _, manifest_digest = oci_image
+    assert json.loads((layout / "oci-layout").read_text()) == {"imageLayoutVersion": "1.0.0"}
+    index = json.loads((layout / "index.json").read_text())
+    assert index["schemaVersion"] == 2
+    (entry,) = index["manifests"]
+    assert entry["annotations"]["org.opencontainers.image.ref.name"] == "9.9.9"
+    assert entry["digest"] == manifest_digest
+    manifest = json.loads(_checked(layout, entry))
+    assert entry["mediaType"] == manifest["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
+    assert manifest["schemaVersion"] == 2
+
+    config = json.loads(_checked(layout, manifest["config"]))
+    assert manifest["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
+    (layer,) = manifest["layers"]
+    compressed = _checked(layout, layer)
+    uncompressed = gzip.decompress(compressed)
+    assert config["rootfs"] == {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(uncompressed).hexdigest()]}
+
+    # Read back as Istio's puller does for an OCI image (the "compat" variant): the last layer,
+    # of type application/vnd.oci.image.layer.v1.tar+gzip, a gzipped tar with plugin.wasm in it.
+    assert layer["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"
+    with tarfile.open(fileobj=io.BytesIO(uncompressed)) as tar:
+        (member,) = tar.getmembers()
+        assert member.name == "plugin.wasm" and member.isfile()
+        assert tar.extractfile(member).read() == Path(WASM_PATH).read_bytes()
+
+
+def test_image_archive_holds_the_same_layout(oci_image):
+    layout, archive, _ = oci_image
+    with tarfile.open(archive) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    on_disk = {str(p.relative_to(layout)): p.read_bytes() for p in layout.rglob("*") if p.is_file()}
+    assert files == on_disk
+
+
+def test_image_is_reproducible(oci_image, tmp_path):
+    layout, _, digest = oci_image
+    again = subprocess.run([sys.executable, str(TOOLS / "oci_image.py"), str(WASM_PATH), str(tmp_path),
+                            "--tag", "9.9.9"], capture_output=True, text=True, check=True)
+    assert f"manifest digest   {digest}" in again.stdout
+
+
+def test_image_is_read_by_an_oci_client_when_one_is_installed(oci_image, tmp_path):
+    if shutil.which("skopeo") is None:
+        pytest.skip("skopeo not installed")
+    layout, archive, digest = oci_image
+    inspect = subprocess.run(["skopeo", "inspect", f"oci:{layout}:9.9.9"], capture_output=True, text=True)
+    assert inspect.returncode == 0, inspect.stderr
+    assert json.loads(inspect.stdout)["Digest"] == digest
+    # A copy verifies every blob against its digest.
+    copy = subprocess.run(["skopeo", "copy", f"oci-archive:{archive}:9.9.9", f"dir:{tmp_path / 'copy'}"],
+                          capture_output=True, text=True)
+    assert copy.returncode == 0, copy.stderr
+
+
+def test_make_image_and_the_dockerfile_build_that_image():
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\nimage: wasm\n\tpython3 tools/oci_image.py $(WASM) target/oci\n" in makefile
+    lines = [l for l in (ROOT / "Dockerfile").read_text().splitlines() if l and not l.startswith("#")]
+    assert lines == ["FROM scratch", f"COPY {WASM_RELATIVE} ./plugin.wasm"]
+    ignore = [l for l in (ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
+    assert ignore == ["*", f"!{WASM_RELATIVE}"]
