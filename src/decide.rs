@@ -4,7 +4,7 @@
 
 use crate::config::Millis;
 use crate::identity::Digest32;
-use crate::record::{Bucket, Entry, State};
+use crate::record::{Bucket, Entry, State, BUCKET_ENTRIES};
 
 /// A request asking for a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +42,9 @@ impl Verdict {
     }
 }
 
-/// Looks the claim up in a bucket and, where nothing live matches, takes a free entry.
-pub fn claim(bucket: &mut Bucket, claim: &Claim, now: Millis) -> Verdict {
+/// Looks the claim up in a bucket and, where nothing live matches, takes a free entry among the
+/// first `usable` (the table's last bucket may be partly beyond its capacity).
+pub fn claim(bucket: &mut Bucket, claim: &Claim, usable: usize, now: Millis) -> Verdict {
     if let Some((slot, entry)) = bucket
         .entries
         .iter()
@@ -66,11 +67,11 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, now: Millis) -> Verdict {
         };
     }
     // Empty entries first: taking an expired one costs giving its response bytes back.
-    let free = bucket
-        .entries
+    let usable = &bucket.entries[..usable.min(BUCKET_ENTRIES)];
+    let free = usable
         .iter()
         .position(|e| e.state == State::Empty)
-        .or_else(|| bucket.entries.iter().position(|e| !e.is_live(now)));
+        .or_else(|| usable.iter().position(|e| !e.is_live(now)));
     let Some(slot) = free else {
         return Verdict::Full;
     };
@@ -175,7 +176,6 @@ pub fn take_for_sweep(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::BUCKET_ENTRIES;
 
     const LEASE: Millis = 60_000;
     const TTL: Millis = 86_400_000;
@@ -199,10 +199,10 @@ mod tests {
     #[test]
     fn the_first_request_claims_and_a_duplicate_sees_it_in_flight() {
         let mut bucket = Bucket::empty();
-        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 1000));
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 1000));
         assert_eq!(bucket.entries[slot].state, State::InFlight);
         assert_eq!(
-            claim(&mut bucket, &request(1, 1, 11), 1500),
+            claim(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 1500),
             Verdict::InFlight {
                 remaining: LEASE - 500
             }
@@ -212,19 +212,25 @@ mod tests {
     #[test]
     fn a_different_fingerprint_conflicts_in_flight_and_complete() {
         let mut bucket = Bucket::empty();
-        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
-        assert_eq!(claim(&mut bucket, &request(1, 2, 11), 1), Verdict::Conflict);
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
+        assert_eq!(
+            claim(&mut bucket, &request(1, 2, 11), BUCKET_ENTRIES, 1),
+            Verdict::Conflict
+        );
         let stored = Ending::Stored { len: 5, ttl: TTL };
         assert_eq!(finish(&mut bucket, slot, 10, stored, 2), Finish::Done);
         let before = bucket.clone();
-        assert_eq!(claim(&mut bucket, &request(1, 2, 12), 3), Verdict::Conflict);
+        assert_eq!(
+            claim(&mut bucket, &request(1, 2, 12), BUCKET_ENTRIES, 3),
+            Verdict::Conflict
+        );
         assert_eq!(bucket, before, "a conflict leaves the record untouched");
     }
 
     #[test]
     fn a_complete_record_replays_until_its_ttl() {
         let mut bucket = Bucket::empty();
-        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
         finish(
             &mut bucket,
             slot,
@@ -233,7 +239,12 @@ mod tests {
             100,
         );
         assert_eq!(
-            claim(&mut bucket, &request(1, 1, 11), 100 + TTL - 1),
+            claim(
+                &mut bucket,
+                &request(1, 1, 11),
+                BUCKET_ENTRIES,
+                100 + TTL - 1
+            ),
             Verdict::Replay {
                 slot,
                 token: 10,
@@ -242,7 +253,7 @@ mod tests {
         );
         assert!(
             matches!(
-                claim(&mut bucket, &request(1, 1, 12), 100 + TTL),
+                claim(&mut bucket, &request(1, 1, 12), BUCKET_ENTRIES, 100 + TTL),
                 Verdict::Claimed { .. }
             ),
             "past the TTL the work runs again"
@@ -253,7 +264,12 @@ mod tests {
     fn taking_an_expired_record_gives_its_bytes_back() {
         let mut bucket = Bucket::empty();
         for n in 0..BUCKET_ENTRIES as u8 {
-            let slot = claimed_slot(claim(&mut bucket, &request(n, 0, u64::from(n)), 0));
+            let slot = claimed_slot(claim(
+                &mut bucket,
+                &request(n, 0, u64::from(n)),
+                BUCKET_ENTRIES,
+                0,
+            ));
             finish(
                 &mut bucket,
                 slot,
@@ -263,7 +279,7 @@ mod tests {
             );
         }
         assert!(matches!(
-            claim(&mut bucket, &request(200, 0, 99), 10),
+            claim(&mut bucket, &request(200, 0, 99), BUCKET_ENTRIES, 10),
             Verdict::Claimed { reclaimed: 99, .. }
         ));
     }
@@ -271,13 +287,13 @@ mod tests {
     #[test]
     fn a_released_claim_lets_the_next_request_run() {
         let mut bucket = Bucket::empty();
-        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
         assert_eq!(
             finish(&mut bucket, slot, 10, Ending::Released, 5),
             Finish::Done
         );
         assert!(matches!(
-            claim(&mut bucket, &request(1, 1, 11), 6),
+            claim(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 6),
             Verdict::Claimed { .. }
         ));
     }
@@ -285,16 +301,16 @@ mod tests {
     #[test]
     fn a_held_claim_answers_in_progress_until_its_lease_ends() {
         let mut bucket = Bucket::empty();
-        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
         finish(&mut bucket, slot, 10, Ending::Held, 1000);
         assert_eq!(
-            claim(&mut bucket, &request(1, 1, 11), 1000),
+            claim(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 1000),
             Verdict::Held {
                 remaining: LEASE - 1000
             }
         );
         assert!(matches!(
-            claim(&mut bucket, &request(1, 1, 12), LEASE),
+            claim(&mut bucket, &request(1, 1, 12), BUCKET_ENTRIES, LEASE),
             Verdict::Claimed { .. }
         ));
     }
@@ -302,9 +318,9 @@ mod tests {
     #[test]
     fn a_claim_whose_owner_vanished_expires_with_its_lease() {
         let mut bucket = Bucket::empty();
-        claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        claimed_slot(claim(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
         assert!(matches!(
-            claim(&mut bucket, &request(1, 1, 11), LEASE),
+            claim(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, LEASE),
             Verdict::Claimed { .. }
         ));
     }
@@ -312,8 +328,13 @@ mod tests {
     #[test]
     fn an_owner_past_its_lease_cannot_finish_over_a_newer_claim() {
         let mut bucket = Bucket::empty();
-        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
-        let taken = claimed_slot(claim(&mut bucket, &request(1, 1, 11), LEASE + 1));
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
+        let taken = claimed_slot(claim(
+            &mut bucket,
+            &request(1, 1, 11),
+            BUCKET_ENTRIES,
+            LEASE + 1,
+        ));
         let stored = Ending::Stored { len: 1, ttl: TTL };
         assert_eq!(
             finish(&mut bucket, slot, 10, stored, LEASE + 2),
@@ -326,14 +347,14 @@ mod tests {
     #[test]
     fn an_unstored_record_is_kept_for_the_ttl_without_its_response() {
         let mut bucket = Bucket::empty();
-        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
         finish(&mut bucket, slot, 10, Ending::Unstored { ttl: TTL }, 10);
         assert_eq!(
-            claim(&mut bucket, &request(1, 1, 11), 20),
+            claim(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 20),
             Verdict::NotStored
         );
         assert_eq!(
-            claim(&mut bucket, &request(1, 2, 11), 20),
+            claim(&mut bucket, &request(1, 2, 11), BUCKET_ENTRIES, 20),
             Verdict::Conflict
         );
     }
@@ -342,23 +363,40 @@ mod tests {
     fn a_full_bucket_refuses_new_tuples_but_serves_its_own() {
         let mut bucket = Bucket::empty();
         for n in 0..BUCKET_ENTRIES as u8 {
-            claimed_slot(claim(&mut bucket, &request(n, 0, u64::from(n)), 0));
+            claimed_slot(claim(
+                &mut bucket,
+                &request(n, 0, u64::from(n)),
+                BUCKET_ENTRIES,
+                0,
+            ));
         }
-        assert_eq!(claim(&mut bucket, &request(200, 0, 99), 1), Verdict::Full);
+        assert_eq!(
+            claim(&mut bucket, &request(200, 0, 99), BUCKET_ENTRIES, 1),
+            Verdict::Full
+        );
         assert!(matches!(
-            claim(&mut bucket, &request(3, 0, 99), 1),
+            claim(&mut bucket, &request(3, 0, 99), BUCKET_ENTRIES, 1),
             Verdict::InFlight { .. }
         ));
         assert!(matches!(
-            claim(&mut bucket, &request(200, 0, 99), LEASE),
+            claim(&mut bucket, &request(200, 0, 99), BUCKET_ENTRIES, LEASE),
             Verdict::Claimed { .. }
         ));
     }
 
     #[test]
+    fn entries_past_the_usable_ones_are_never_taken() {
+        let mut bucket = Bucket::empty();
+        for n in 0..4u8 {
+            claimed_slot(claim(&mut bucket, &request(n, 0, u64::from(n)), 4, 0));
+        }
+        assert_eq!(claim(&mut bucket, &request(9, 0, 9), 4, 1), Verdict::Full);
+    }
+
+    #[test]
     fn expired_complete_entries_are_reclaimable() {
         let mut bucket = Bucket::empty();
-        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), 0));
+        let slot = claimed_slot(claim(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
         finish(
             &mut bucket,
             slot,

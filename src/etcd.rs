@@ -260,7 +260,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         };
         let mut bucket = Bucket::empty();
         bucket.entries[0] = entry;
-        let reply = match decide::claim(&mut bucket, &claim, now) {
+        let reply = match decide::claim(&mut bucket, &claim, 1, now) {
             Verdict::Claimed { .. } => return self.retry_claim(claim, rounds, Some(revision), now),
             Verdict::Replay { token, .. } => {
                 match StoredResponse::decode(response, &claim.tuple, token) {

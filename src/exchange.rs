@@ -873,7 +873,7 @@ mod tests {
     fn a_full_store_rejects_or_passes_as_configured() {
         for (policy, expect_reply) in [("reject", true), ("pass", false)] {
             let kv = MemoryKv::default();
-            let json = format!(r#"{{"capacity_records": 1, "when_full": "{policy}"}}"#);
+            let json = format!(r#"{{"capacity_records": 16, "when_full": "{policy}"}}"#);
             let mut run = Run::new(&kv, &json);
             for n in 0..16u8 {
                 let mut exchange = run.exchange();

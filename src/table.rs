@@ -33,6 +33,8 @@ pub struct Table<K: Kv> {
     kv: K,
     prefix: String,
     buckets: u64,
+    /// Entries in all: the last bucket may use fewer than `BUCKET_ENTRIES`.
+    capacity: u64,
     shard_budget: u64,
     ttl: Millis,
     /// The next bucket this VM sweeps, and the token its sweeps claim with.
@@ -47,6 +49,7 @@ impl<K: Kv> Table<K> {
             kv,
             prefix: config.key_prefix.clone(),
             buckets,
+            capacity: config.capacity_records as u64,
             shard_budget: (config.capacity_bytes / LEDGER_SHARDS) as u64,
             ttl: config.ttl,
             sweep_cursor: 0,
@@ -183,8 +186,9 @@ impl<K: Kv> Table<K> {
 
     fn try_claim(&self, claim: &Claim, now: Millis) -> Result<Option<ClaimReply>, StoreError> {
         let bucket = self.bucket_of(&claim.tuple);
+        let usable = (self.capacity - bucket * BUCKET_ENTRIES as u64) as usize;
         let verdict = self.update(bucket, |entries| {
-            let verdict = decide::claim(entries, claim, now);
+            let verdict = decide::claim(entries, claim, usable, now);
             (verdict, verdict.writes())
         })?;
         let global = |slot: usize| bucket * BUCKET_ENTRIES as u64 + slot as u64;
@@ -619,6 +623,19 @@ pub mod tests {
             Answer::Now(Err(StoreError::Unreadable(_)))
         ));
         assert_eq!((&kv).get("idempotency/b/0").unwrap().unwrap().0, bytes);
+    }
+
+    #[test]
+    fn capacity_is_exact_when_not_a_multiple_of_the_bucket_size() {
+        let kv = MemoryKv::default();
+        let mut table = table(&kv, r#"{"capacity_records": 4}"#);
+        for n in 0..4 {
+            ticket(claim_now(&mut table, &request(n, 1, u64::from(n) + 1), 0));
+        }
+        assert_eq!(
+            claim_now(&mut table, &request(9, 1, 99), 0),
+            ClaimReply::Full
+        );
     }
 
     #[test]

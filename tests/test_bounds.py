@@ -26,7 +26,7 @@ def test_full_store_with_reject_policy_answers_503_store_full(envoy_with, upstre
     assert 1 <= len(accepted) <= 16, f"{len(accepted)} records stored with capacity_records 16"
     assert refused, "the store never filled up"
     for k, a in refused:
-        assert_problem(a, 503, "store_full")
+        assert_problem(a, 503, "idempotency_store_full")
         assert_retry_after(a)
         assert upstream.count(key=k) == 0
     for k, a in accepted:  # what was stored is still served
