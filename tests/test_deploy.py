@@ -333,3 +333,124 @@ def test_make_image_and_the_dockerfile_build_that_image():
     assert lines == ["FROM scratch", f"COPY {WASM_RELATIVE} ./plugin.wasm"]
     ignore = [l for l in (ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
     assert ignore == ["*", f"!{WASM_RELATIVE}"]
+
+
+# -- Istio ------------------------------------------------------------------------------------
+
+ISTIO_DIR = ENVOY_DIR / "istio"
+WASM_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+
+
+def istio(name):
+    return load(ISTIO_DIR / name)
+
+
+def _patches(envoy_filter, apply_to):
+    return [p for p in envoy_filter["spec"]["configPatches"] if p["applyTo"] == apply_to]
+
+
+def envoy_filter_wasm():
+    """The wasm filter config the EnvoyFilter serves over ECDS, and its extension name."""
+    (extension,) = _patches(istio("envoyfilter.yaml"), "EXTENSION_CONFIG")
+    assert extension["patch"]["operation"] == "ADD"  # the only operation Istio applies to ECDS
+    value = extension["patch"]["value"]
+    assert value["typed_config"]["@type"] == WASM_TYPE
+    return value["name"], value["typed_config"]
+
+
+def test_istio_manifests_are_the_resources_istio_expects():
+    kinds = {name: (doc["apiVersion"], doc["kind"]) for name, doc in
+             ((n, istio(n)) for n in ("envoyfilter.yaml", "wasmplugin.yaml", "trafficextension.yaml"))}
+    assert kinds == {
+        "envoyfilter.yaml": ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+        "wasmplugin.yaml": ("extensions.istio.io/v1alpha1", "WasmPlugin"),
+        "trafficextension.yaml": ("extensions.istio.io/v1alpha1", "TrafficExtension"),
+    }
+
+
+def test_envoyfilter_installs_the_filter_with_the_flag_it_needs_after_authn_and_authz():
+    envoy_filter = istio("envoyfilter.yaml")
+    name, wasm = envoy_filter_wasm()
+    config = wasm["config"]
+    assert config["allow_on_headers_stop_iteration"] is True
+    assert config["failure_policy"] == "FAIL_CLOSED"
+    assert config["root_id"] == "idempotency"
+    assert config["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"
+    remote = config["vm_config"]["code"]["remote"]
+    assert remote["http_uri"]["uri"].startswith("oci://")
+    assert remote["http_uri"]["cluster"] and remote["http_uri"]["timeout"]  # required by Envoy's schema
+    assert remote["sha256"] == "MANIFEST_DIGEST"
+
+    (http_filter,) = _patches(envoy_filter, "HTTP_FILTER")
+    assert http_filter["patch"]["operation"] == "ADD"
+    assert http_filter["patch"]["filterClass"] == "AUTHZ"  # after Istio's authn and authz filters
+    value = http_filter["patch"]["value"]
+    assert value["name"] == name  # the HTTP filter refers to the ECDS resource by name
+    assert value["config_discovery"]["type_urls"] == [WASM_TYPE]
+    assert "ads" in value["config_discovery"]["config_source"]
+    assert http_filter["match"]["listener"]["filterChain"]["filter"]["name"] == \
+        "envoy.filters.network.http_connection_manager"
+
+    (listener,) = _patches(envoy_filter, "LISTENER")
+    assert listener["patch"]["operation"] == "MERGE"
+    plugin = json.loads(config["configuration"]["value"])
+    limit = listener["patch"]["value"]["per_connection_buffer_limit_bytes"]
+    assert limit > plugin.get("max_request_body_bytes", 1 << 20)
+
+    contexts = {p["match"]["context"] for p in envoy_filter["spec"]["configPatches"]}
+    assert contexts == {"GATEWAY"}
+    assert envoy_filter["spec"]["workloadSelector"]["labels"] == {"istio": "ingressgateway"}
+
+
+def test_wasmplugin_and_trafficextension_carry_the_same_settings_as_the_envoyfilter():
+    _, wasm = envoy_filter_wasm()
+    plugin = json.loads(wasm["config"]["configuration"]["value"])
+    url = wasm["config"]["vm_config"]["code"]["remote"]["http_uri"]["uri"]
+    sha = wasm["config"]["vm_config"]["code"]["remote"]["sha256"]
+
+    wasm_plugin = istio("wasmplugin.yaml")["spec"]
+    extension = istio("trafficextension.yaml")["spec"]
+    for spec, settings in ((wasm_plugin, wasm_plugin), (extension, extension["wasm"])):
+        assert spec["selector"] == {"matchLabels": {"istio": "ingressgateway"}}
+        assert spec["phase"] == "STATS"  # after Istio's authn and authz filters
+        assert settings["url"] == url and settings["sha256"] == sha
+        assert settings["failStrategy"] == "FAIL_CLOSE"
+        assert settings["pluginName"] == wasm["config"]["root_id"]
+        assert settings["pluginConfig"] == plugin
+
+
+def test_istio_manifests_say_what_replaces_the_placeholders():
+    for name in ("envoyfilter.yaml", "wasmplugin.yaml", "trafficextension.yaml"):
+        text = (ISTIO_DIR / name).read_text()
+        assert "REGISTRY" in text and "MANIFEST_DIGEST" in text and "make image" in text, name
+
+
+def test_envoyfilter_wasm_filter_runs_in_envoy_as_istios_agent_hands_it_over(tmp_path, upstream):
+    """The EnvoyFilter's filter config, with the OCI source replaced by the local module as Istio's
+    agent does, in front of the test upstream with the LISTENER patch's buffer limit."""
+    from harness import envoy_config
+    _, wasm = envoy_filter_wasm()
+    wasm = json.loads(json.dumps(wasm))
+    wasm["config"]["vm_config"]["code"] = {"local": {"filename": str(WASM_PATH)}}
+    config = envoy_config(upstream.port, {}, WASM_PATH)
+    (listener,) = config["static_resources"]["listeners"]
+    (patch,) = _patches(istio("envoyfilter.yaml"), "LISTENER")
+    listener.update(patch["patch"]["value"])
+    http_filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    assert http_filters[0]["name"] == "envoy.filters.http.wasm"
+    http_filters[0]["typed_config"] = wasm
+    envoy = ShippedEnvoy(tmp_path, config, upstream.port).start()
+    try:
+        key = f"istio-{uuid.uuid4()}"
+        headers = {"authorization": "Bearer istio", "idempotency-key": key, "content-type": "application/json"}
+        first = envoy.request("POST", "/v1/orders", headers, b'{"sku":"a"}')
+        again = envoy.request("POST", "/v1/orders", headers, b'{"sku":"a"}')
+        assert first.status == 200 and first.header("idempotent-replayed") is None, first
+        assert again.header("idempotent-replayed") == "true" and again.body == first.body, again
+        assert upstream.count(key=key, path="/v1/orders") == 1
+        # exclude_paths from the same configuration: never idempotent, runs every time.
+        for _ in range(2):
+            assert envoy.request("POST", "/healthz", headers, b"{}").header("idempotent-replayed") is None
+        assert upstream.count(key=key, path="/healthz") == 2
+    finally:
+        envoy.stop()
