@@ -1,0 +1,262 @@
+"""What the etcd store tests need beyond the harness: a private etcd and Envoys that reach it.
+
+    Etcd(workdir, max_request_bytes=None)
+        .start() / .stop()            a single-member etcd on loopback (kernel-picked free ports, its
+                                      own data directory, --auto-compaction-retention 1h); start()
+                                      again after stop() reuses the same ports and data directory
+        .client_port, .log_path
+        .range_prefix(prefix) -> [(key bytes, value bytes)]   what etcd holds, read directly
+    EtcdEnvoy(workdir, plugin_config, upstream_port, etcd)
+                                      harness.Envoy plus a STATIC cluster ``etcd`` (HTTP/1.1) on the
+                                      etcd's client port; the wasm filter block is the harness's own
+    start_all(envoys)                 start Envoys in parallel (each start waits until it is ready)
+    LogWindow(sources)                log offsets now; .save(out_dir) writes what each log got since
+    private_run_dir()                 .run/etcd-tests/<pid>: this test process's own directory, so
+                                      that test runs going on at the same time never share files
+
+Nothing here uses a system etcd service: every etcd is started by the tests and stopped by them.
+"""
+
+import base64
+import ctypes
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from harness import ROOT, Envoy
+
+ETCD_BIN = os.environ.get("ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
+ETCD_READY_TIMEOUT_S = 20
+
+
+def _die_with_parent():
+    """Child pre-exec: ask the kernel to kill etcd if the test process dies."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EtcdError(RuntimeError):
+    pass
+
+
+class Etcd:
+    def __init__(self, workdir, max_request_bytes=None, name="etcd"):
+        self.workdir = Path(workdir)
+        self.name = name
+        self.data_dir = self.workdir / "data"
+        self.log_path = self.workdir / "etcd.log"
+        self.max_request_bytes = max_request_bytes
+        self.client_port = None
+        self.peer_port = None
+        self.proc = None
+
+    def __repr__(self):
+        return f"<Etcd {self.name} port={self.client_port} log={self.log_path}>"
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.client_port}"
+
+    def start(self):
+        if not (Path(ETCD_BIN).is_file() and os.access(ETCD_BIN, os.X_OK)):
+            raise EtcdError(f"no etcd binary at {ETCD_BIN}: install Debian's etcd-server (`make setup`)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.client_port is None:
+            self.client_port, self.peer_port = free_port(), free_port()
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        cmd = [
+            ETCD_BIN,
+            "--name", self.name,
+            "--data-dir", str(self.data_dir),
+            "--listen-client-urls", self.url,
+            "--advertise-client-urls", self.url,
+            "--listen-peer-urls", peer,
+            "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster-state", "new",
+            "--auto-compaction-retention", "1h",
+            "--logger", "zap",
+            "--log-outputs", "stderr",
+        ]
+        if self.max_request_bytes is not None:
+            cmd += ["--max-request-bytes", str(self.max_request_bytes)]
+        log = open(self.log_path, "ab")
+        try:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         preexec_fn=_die_with_parent)
+        finally:
+            log.close()
+        deadline = time.monotonic() + ETCD_READY_TIMEOUT_S
+        while True:
+            if self.proc.poll() is not None:
+                raise EtcdError(f"etcd exited with status {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                self.post("/v3/kv/range", {"key": _b64(b"ready-probe")}, timeout=1)
+                return self
+            except (OSError, EtcdError):
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise EtcdError(f"etcd not ready after {ETCD_READY_TIMEOUT_S}s:\n{self.log_tail()}")
+                time.sleep(0.05)
+
+    def stop(self):
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    @property
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def post(self, path, body, timeout=5):
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"content-type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            raise EtcdError(f"etcd answered {err.code} to {path}: {err.read()[:300]!r}") from None
+
+    def range_prefix(self, prefix):
+        """[(key, value)] of every key under ``prefix`` (bytes or str), read from etcd directly."""
+        prefix = prefix.encode() if isinstance(prefix, str) else prefix
+        end = prefix[:-1] + bytes([prefix[-1] + 1])
+        answer = self.post("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+        return [(base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", "")))
+                for kv in answer.get("kvs", [])]
+
+    def remove_data(self):
+        """Delete the data directory (its WAL alone preallocates 64 MB); the log stays."""
+        self.stop()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def log_size(self):
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_text(self, start=0):
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines=30):
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+def _b64(data):
+    return base64.b64encode(data).decode()
+
+
+class EtcdEnvoy(Envoy):
+    """An Envoy running the filter, with a cluster named ``etcd`` that reaches ``etcd``."""
+
+    def __init__(self, workdir, plugin_config, upstream_port, etcd, cluster="etcd", **kwargs):
+        super().__init__(workdir, plugin_config, upstream_port, **kwargs)
+        self.etcd = etcd
+        self.cluster = cluster
+
+    def bootstrap(self):
+        config = super().bootstrap()
+        config["static_resources"]["clusters"].append({
+            "name": self.cluster,
+            "type": "STATIC",
+            # Loopback: a stopped etcd refuses at once; this bounds anything slower.
+            "connect_timeout": "0.25s",
+            "load_assignment": {
+                "cluster_name": self.cluster,
+                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": "127.0.0.1", "port_value": self.etcd.client_port}}}}]}],
+            },
+        })
+        return config
+
+
+def start_all(envoys):
+    """Start every Envoy at once (each takes a second or two to load the module); raise the first
+    failure after stopping them all. Each is spawned from a thread that lives as long as its
+    process: Envoy is sent SIGTERM when the thread that spawned it ends."""
+    errors = []
+    started = []
+
+    def run(envoy, done):
+        try:
+            envoy.start()
+            proc = envoy.proc
+        except Exception as exc:  # noqa: BLE001 - raised below
+            errors.append(exc)
+            return
+        finally:
+            done.set()
+        proc.wait()
+
+    for envoy in envoys:
+        done = threading.Event()
+        threading.Thread(target=run, args=(envoy, done), daemon=True, name=f"envoy-{envoy.number}").start()
+        started.append(done)
+    for done in started:
+        done.wait()
+    if errors:
+        for envoy in envoys:
+            envoy.stop()
+        raise errors[0]
+    return envoys
+
+
+class LogWindow:
+    """The logs (Envoys, etcds) written from now on, to keep when a test fails."""
+
+    def __init__(self, sources):
+        self.starts = [(source, source.log_size()) for source in sources]
+
+    def save(self, out_dir, tail_lines=25):
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        sections = []
+        for source, start in self.starts:
+            text = source.log_text(start)
+            label = f"envoy-{source.number}" if isinstance(source, Envoy) else f"etcd-{source.name}"
+            path = out_dir / f"{label}.log"
+            path.write_text(text)
+            tail = "\n".join(text.splitlines()[-tail_lines:])
+            sections.append(f"{source!r}\nsaved: {path}\n{tail}")
+        return "\n\n".join(sections)
+
+
+def private_run_dir():
+    """A fresh directory for this test process; those of test processes gone are removed."""
+    base = ROOT / ".run" / "etcd-tests"
+    base.mkdir(parents=True, exist_ok=True)
+    for old in base.iterdir():
+        if old.name.isdigit() and not Path(f"/proc/{old.name}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    mine = base / str(os.getpid())
+    shutil.rmtree(mine, ignore_errors=True)
+    mine.mkdir()
+    return mine
