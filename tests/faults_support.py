@@ -219,6 +219,17 @@ class _ScriptedHandler(_Handler):
         super()._handle()
 
 
+def _quiet_when_the_peer_left(handle_error):
+    """Envoy closing a connection the upstream still writes to (the tests cause it on purpose) is
+    not worth a traceback."""
+
+    def handle(request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            handle_error(request, client_address)
+
+    return handle
+
+
 class ScriptedUpstream(Upstream):
     """The counting test upstream; with ``x-test-status-sequence: 503,201`` the first execution of
     a key answers 503 and every later one 201."""
@@ -241,6 +252,7 @@ class ScriptedUpstream(Upstream):
         server = ThreadingHTTPServer((self.host, self.requested_port), handler)
         server.daemon_threads = True
         server.request_queue_size = 128
+        server.handle_error = _quiet_when_the_peer_left(server.handle_error)
         self._server = server
         self._thread = threading.Thread(target=server.serve_forever, name=f"scripted:{self.port}", daemon=True)
         self._thread.start()
@@ -451,5 +463,4 @@ def _main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     _main(sys.argv[1:])
