@@ -1,0 +1,226 @@
+"""Bounds (CONTRACT.md "Bounds and bad input"), in a real Envoy with two workers: a response over
+the size limit, a store with no room left under either policy, and Envoy's resident memory under far
+more distinct keys than the store holds.
+
+The memory test sends IDEMPOTENCY_LOAD_REQUESTS requests (default 200000) per regime; set it lower
+for a quick run. Its figures are printed (run pytest with -s to see them)."""
+
+import os
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from faults_support import (
+    FastUpstream,
+    RssSampler,
+    assert_original,
+    assert_problem,
+    assert_replay_of,
+    assert_stat_deltas,
+    call,
+    retry_after,
+    rss_kib,
+    run_load,
+)
+from upstream import binary_body
+
+LOAD_REQUESTS = int(os.environ.get("IDEMPOTENCY_LOAD_REQUESTS", "200000"))
+WARMUP_REQUESTS = 1000
+LOAD_CONNECTIONS = 64
+# The store's own bound, per the contract's sizing: about 200 bytes of bookkeeping per record plus
+# the response bytes. Envoy's footprint is not otherwise fixed to the byte (allocator caches,
+# buffers at peak concurrency): this much more is allowed.
+BYTES_PER_RECORD = 200
+RSS_SLACK_BYTES = 8 << 20
+
+
+# -- a response too large to store ----------------------------------------------------------------
+
+def test_response_over_the_limit_reaches_its_client_whole_and_a_retry_gets_409_not_stored(
+        envoy_with, upstream, key):
+    envoy = envoy_with({"max_response_body_bytes": 1024})
+    before = envoy.stats()
+    big = [("x-test-body-bytes", "4096"), ("x-test-body-seed", key)]
+
+    first = call(envoy, key, headers=big)
+
+    assert_original(first)
+    assert first.body == binary_body(4096, key)
+    retry = call(envoy, key, headers=big)
+    assert_problem(retry, 409, "idempotency_response_not_stored")
+    assert retry.header("retry-after") is None
+    # The record is kept without its response: a different request under the key still conflicts.
+    assert_problem(call(envoy, key, body=b'{"other": true}'), 409, "idempotency_conflict")
+    assert upstream.count(key=key) == 1
+    assert_stat_deltas(envoy, before, {
+        "idempotency.claimed": 1, "idempotency.response_too_large": 1, "idempotency.stored": 0,
+        "idempotency.response_not_stored": 1, "idempotency.conflict": 1})
+
+
+# -- a store with no room left ----------------------------------------------------------------------
+
+ONE_BUCKET = {"capacity_records": 16, "ttl": "1h"}  # 16 records: a single bucket, so keys cannot spread
+
+
+def fill(envoy, upstream, n=16):
+    keys = [f"fill-{uuid.uuid4()}" for _ in range(n)]
+    answers = [call(envoy, k) for k in keys]
+    for k, answer in zip(keys, answers):
+        assert_original(answer)
+        assert upstream.count(key=k) == 1
+    return keys, answers
+
+
+def test_full_store_under_reject_answers_the_17th_key_503_store_full(envoy_with, upstream):
+    envoy = envoy_with({**ONE_BUCKET, "when_full": "reject"}, fresh=True)
+    before = envoy.stats()
+    keys, answers = fill(envoy, upstream)
+    extra = f"extra-{uuid.uuid4()}"
+
+    for _ in range(2):
+        refused = call(envoy, extra)
+        assert_problem(refused, 503, "idempotency_store_full")
+        assert 1 <= retry_after(refused) <= 60, f"{refused!r}"
+    assert upstream.count(key=extra) == 0
+    # What is stored is still served while the store is full.
+    assert_replay_of(call(envoy, keys[0]), answers[0])
+    assert_replay_of(call(envoy, keys[-1]), answers[-1])
+    assert upstream.count(key=keys[0]) == 1 and upstream.count(key=keys[-1]) == 1
+    assert_stat_deltas(envoy, before, {
+        "idempotency.claimed": 16, "idempotency.stored": 16, "idempotency.store_full": 2,
+        "idempotency.rejected": 2, "idempotency.bypassed": 0, "idempotency.replayed": 2})
+
+
+def test_full_store_under_pass_forwards_the_17th_key_without_idempotency(envoy_with, upstream):
+    envoy = envoy_with({**ONE_BUCKET, "when_full": "pass"}, fresh=True)
+    before = envoy.stats()
+    keys, answers = fill(envoy, upstream)
+    extra = f"extra-{uuid.uuid4()}"
+
+    passed = call(envoy, extra)
+
+    assert_original(passed)
+    assert upstream.count(key=extra) == 1
+    # Not recorded: its retry runs the work again (the policy trades the guarantee for availability).
+    assert_original(call(envoy, extra))
+    assert upstream.count(key=extra) == 2
+    assert_replay_of(call(envoy, keys[0]), answers[0])
+    assert upstream.count(key=keys[0]) == 1
+    assert_stat_deltas(envoy, before, {
+        "idempotency.claimed": 16, "idempotency.stored": 16, "idempotency.store_full": 2,
+        "idempotency.bypassed": 2, "idempotency.rejected": 0, "idempotency.replayed": 1})
+
+
+def test_full_store_takes_new_keys_again_once_its_records_expire(envoy_with, upstream):
+    envoy = envoy_with({"capacity_records": 16, "ttl": "1s", "when_full": "reject"}, fresh=True)
+    before = envoy.stats()
+    fill(envoy, upstream)
+    extra = f"extra-{uuid.uuid4()}"
+    assert_problem(call(envoy, extra), 503, "idempotency_store_full")
+
+    time.sleep(1.2)
+    later = call(envoy, extra)
+
+    assert_original(later)
+    assert_replay_of(call(envoy, extra), later)
+    assert upstream.count(key=extra) == 1
+    assert_stat_deltas(envoy, before, {
+        "idempotency.claimed": 17, "idempotency.stored": 17, "idempotency.store_full": 1,
+        "idempotency.replayed": 1})
+
+
+# -- memory under far more keys than capacity --------------------------------------------------------
+
+LOAD_STORE = {"capacity_records": 10_000, "capacity_bytes": 2 << 20, "max_response_body_bytes": 16 << 10}
+REGIMES = {
+    # Records expire within a second: the store turns over many times, responses are rewritten.
+    "churning_store_under_reject": {**LOAD_STORE, "ttl": "1s", "when_full": "reject"},
+    # Records live for an hour: the store fills to capacity and stays full.
+    "full_store_under_pass": {**LOAD_STORE, "ttl": "1h", "when_full": "pass"},
+}
+
+
+@pytest.fixture
+def fast_upstream():
+    up = FastUpstream().start()
+    yield up
+    up.stop()
+
+
+def quiet_logs(envoy):
+    """Envoy at a production log level for wasm: per-request debug lines are not what is measured."""
+    req = urllib.request.Request(f"http://127.0.0.1:{envoy.admin_port}/logging?wasm=warning", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+def test_envoy_memory_stays_bounded_under_far_more_distinct_keys_than_capacity(
+        envoy_with, fast_upstream, regime):
+    config = REGIMES[regime]
+    envoy = envoy_with(config, upstream_port=fast_upstream.port, fresh=True)
+    quiet_logs(envoy)
+    prefix = f"load-{uuid.uuid4().hex[:8]}"
+    pid = envoy.proc.pid
+
+    warmup = run_load(envoy.port, 0, WARMUP_REQUESTS, prefix, LOAD_CONNECTIONS)
+    assert warmup["statuses"] == {201: WARMUP_REQUESTS}, warmup
+    before = envoy.stats()
+    rss_start = rss_kib(pid)
+    with RssSampler(pid) as sampler:
+        load = run_load(envoy.port, WARMUP_REQUESTS, LOAD_REQUESTS, prefix, LOAD_CONNECTIONS)
+    rss_end = rss_kib(pid)
+
+    bound_kib = (config["capacity_records"] * BYTES_PER_RECORD + config["capacity_bytes"] + RSS_SLACK_BYTES) // 1024
+    growth, peak_growth = rss_end - rss_start, sampler.peak - rss_start
+    print(f"\n[{regime}] {LOAD_REQUESTS} distinct keys in {load['seconds']}s "
+          f"({LOAD_REQUESTS / load['seconds']:.0f}/s) over {LOAD_CONNECTIONS} connections; "
+          f"statuses {load['statuses']} codes {load['codes']}; Envoy VmRSS after {WARMUP_REQUESTS} warm-up "
+          f"requests {rss_start} KiB, at the end {rss_end} KiB, peak {sampler.peak} KiB: growth {growth} KiB "
+          f"(peak {peak_growth} KiB), bound {bound_kib} KiB")
+
+    # What the clients saw and what the upstream did.
+    statuses = load["statuses"]
+    stored = statuses.get(201, 0)
+    executions = fast_upstream.executions()
+    if config["when_full"] == "reject":
+        assert set(statuses) <= {201, 503}, load
+        assert load["codes"].get("idempotency_store_full", 0) == statuses.get(503, 0), load
+        assert executions == WARMUP_REQUESTS + stored, "a refused request reached the upstream"
+        assert stored > LOAD_REQUESTS // 2, f"most keys should find room as records expire: {load}"
+    else:
+        assert statuses == {201: LOAD_REQUESTS}, load
+        assert executions == WARMUP_REQUESTS + LOAD_REQUESTS
+    deltas = {name: envoy.stats().get(name, 0) - before.get(name, 0)
+              for name in ["idempotency.claimed", "idempotency.stored", "idempotency.store_full",
+                           "idempotency.rejected", "idempotency.bypassed", "idempotency.store_error"]}
+    assert deltas["idempotency.store_error"] == 0, deltas
+    assert deltas["idempotency.store_full"] > 0, f"the store never filled: {deltas}"
+    assert deltas["idempotency.claimed"] + deltas["idempotency.store_full"] == LOAD_REQUESTS, deltas
+    if config["when_full"] == "pass":  # the store filled to exactly its capacity, and stayed there
+        assert WARMUP_REQUESTS + deltas["idempotency.claimed"] == config["capacity_records"], deltas
+        assert deltas["idempotency.bypassed"] == deltas["idempotency.store_full"], deltas
+    else:
+        assert deltas["idempotency.rejected"] == deltas["idempotency.store_full"], deltas
+
+    # Memory: the growth from warm-up to the end stays within the store's bound.
+    assert growth < bound_kib, f"VmRSS grew {growth} KiB (bound {bound_kib} KiB)"
+    assert peak_growth < bound_kib, f"VmRSS peaked {peak_growth} KiB above the start (bound {bound_kib} KiB)"
+
+    # New keys are still served at the end, under the configured policy.
+    if config["when_full"] == "reject":
+        time.sleep(1.2)  # every record of the load has expired: its room is free again
+        for i in range(20):
+            key = f"{prefix}-after-{i}"
+            fresh = call(envoy, key)
+            assert_original(fresh)
+            assert_replay_of(call(envoy, key), fresh)
+    else:
+        kept = call(envoy, f"{prefix}-0", body=b'{"n":0}', path="/v1/load")  # a warm-up record: kept
+        assert kept.status == 201 and kept.header("idempotent-replayed") == "true", f"{kept!r}"
+        for i in range(20):
+            assert_original(call(envoy, f"{prefix}-after-{i}"))
+    executions_after = fast_upstream.executions()
+    assert executions_after == executions + 20, "each new key ran exactly once"
