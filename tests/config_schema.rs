@@ -1,0 +1,197 @@
+//! config.schema.json against the real parser (`Config::parse`): every field the parser knows is
+//! in the schema and nothing else; every example parses; every default is the parser's default;
+//! every integer bound is the parser's bound; and the shared cases in tests/data/config_cases.json
+//! are judged by the parser as the schema judges them (tests/test_schema.py checks the schema).
+
+// A test crate: its helpers fail loudly too, like the #[test] functions clippy already allows.
+#![allow(clippy::panic)]
+
+use idempotency_filter::config::Config;
+use serde_json::{json, Map, Value};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+fn read_json(relative: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(relative);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn schema() -> Value {
+    read_json("config.schema.json")
+}
+
+fn properties(node: &Value) -> &Map<String, Value> {
+    node["properties"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no properties in {node}"))
+}
+
+fn parse(document: &Value) -> Result<Config, String> {
+    Config::parse(document.to_string().as_bytes()).map_err(|e| e.to_string())
+}
+
+fn debug(document: &Value) -> String {
+    match parse(document) {
+        Ok(config) => format!("{config:#?}"),
+        Err(error) => panic!("{document} was refused: {error}"),
+    }
+}
+
+/// Field names at one nesting depth of a pretty Debug dump (`indent` spaces before `name: `).
+fn debug_fields(dump: &str, indent: usize) -> BTreeSet<String> {
+    dump.lines()
+        .filter(|line| line.len() > indent && line[..indent].bytes().all(|b| b == b' '))
+        .map(|line| &line[indent..])
+        .filter(|rest| rest.starts_with(|c: char| c.is_ascii_lowercase()))
+        .filter_map(|rest| rest.split_once(": ").map(|(name, _)| name.to_string()))
+        .filter(|name| name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        .collect()
+}
+
+/// A document with one field set, inside `etcd` for the etcd sub-fields.
+fn with_field(path: &[&str], value: &Value) -> Value {
+    match path {
+        [field] => json!({ *field: value }),
+        ["etcd", field] => {
+            let mut etcd = json!({ "cluster": "etcd" });
+            etcd[*field] = value.clone();
+            json!({ "etcd": etcd })
+        }
+        _ => unreachable!(),
+    }
+}
+
+/// Every property of the schema with its path, the etcd object's own fields included.
+fn all_properties(schema: &Value) -> Vec<(Vec<&str>, &Value)> {
+    let mut out = Vec::new();
+    for (name, property) in properties(schema) {
+        out.push((vec![name.as_str()], property));
+        if property.get("properties").is_some() {
+            for (sub, sub_property) in properties(property) {
+                out.push((vec![name.as_str(), sub.as_str()], sub_property));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_schema_names_exactly_the_parsers_fields() {
+    let schema = schema();
+    let top: BTreeSet<String> = properties(&schema).keys().cloned().collect();
+    assert_eq!(debug_fields(&debug(&json!({})), 4), top);
+
+    let etcd: BTreeSet<String> = properties(&schema["properties"]["etcd"]).keys().cloned().collect();
+    let dump = debug(&json!({ "etcd": { "cluster": "etcd" } }));
+    assert_eq!(debug_fields(&dump, 12), etcd);
+}
+
+#[test]
+fn every_example_parses() {
+    let schema = schema();
+    for (path, property) in all_properties(&schema) {
+        let examples = property["examples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path:?} has no examples"));
+        assert!(!examples.is_empty(), "{path:?} has no examples");
+        for example in examples {
+            let document = if path.len() == 1 && path[0] == "etcd" {
+                json!({ "etcd": example })
+            } else {
+                with_field(&path, example)
+            };
+            if let Err(error) = parse(&document) {
+                panic!("example {document} of {path:?} is refused: {error}");
+            }
+        }
+    }
+}
+
+#[test]
+fn every_default_is_the_parsers_default() {
+    let schema = schema();
+    let defaults = debug(&json!({}));
+    let etcd_defaults = debug(&json!({ "etcd": { "cluster": "etcd" } }));
+    let mut checked = 0;
+    for (path, property) in all_properties(&schema) {
+        let Some(default) = property.get("default") else {
+            // Only fields that are absent unless given: etcd itself, its cluster and auth_token.
+            assert!(
+                matches!(path[..], ["etcd"] | ["etcd", "cluster"] | ["etcd", "auth_token"]),
+                "{path:?} has no default"
+            );
+            continue;
+        };
+        let expected = if path.len() == 1 { &defaults } else { &etcd_defaults };
+        assert_eq!(
+            &debug(&with_field(&path, default)),
+            expected,
+            "the schema's default for {path:?} is not the parser's"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 20, "only {checked} defaults checked");
+}
+
+#[test]
+fn integer_bounds_are_the_parsers_bounds() {
+    let schema = schema();
+    for (path, property) in all_properties(&schema) {
+        if property["type"] != "integer" {
+            continue;
+        }
+        // capacity_bytes must hold 8 x max_response_body_bytes (their descriptions say so):
+        // each is probed with the other out of its way.
+        let context = |document: Value| -> Value {
+            let mut document = document;
+            if path == ["capacity_bytes"] {
+                document["max_response_body_bytes"] = json!(0);
+            }
+            if path == ["max_response_body_bytes"] {
+                document["capacity_bytes"] = json!(1_u64 << 30);
+            }
+            document
+        };
+        let accepts = |n: i64| parse(&context(with_field(&path, &json!(n)))).is_ok();
+        if let Some(min) = property["minimum"].as_i64() {
+            assert!(accepts(min), "{path:?}: the minimum {min} is refused");
+            assert!(!accepts(min - 1), "{path:?}: {} is accepted below the minimum", min - 1);
+        }
+        if let Some(max) = property["maximum"].as_i64() {
+            assert!(accepts(max), "{path:?}: the maximum {max} is refused");
+            assert!(!accepts(max + 1), "{path:?}: {} is accepted above the maximum", max + 1);
+        }
+    }
+}
+
+#[test]
+fn enumerations_are_the_parsers() {
+    let schema = schema();
+    for (path, property) in all_properties(&schema) {
+        let Some(values) = property["enum"].as_array() else {
+            continue;
+        };
+        for value in values {
+            assert!(parse(&with_field(&path, value)).is_ok(), "{path:?}: {value} refused");
+        }
+        assert!(parse(&with_field(&path, &json!("not-one-of-them"))).is_err());
+    }
+}
+
+#[test]
+fn the_shared_cases_are_judged_alike() {
+    let cases = read_json("tests/data/config_cases.json");
+    for document in cases["valid"].as_array().unwrap_or(&Vec::new()) {
+        if let Err(error) = parse(document) {
+            panic!("{document} is refused: {error}");
+        }
+    }
+    for key in ["invalid", "invalid_beyond_schema"] {
+        let documents = cases[key].as_array().cloned().unwrap_or_default();
+        assert!(!documents.is_empty(), "no {key} cases");
+        for document in documents {
+            assert!(parse(&document).is_err(), "{key}: {document} is accepted");
+        }
+    }
+}
