@@ -1,0 +1,461 @@
+"""The cluster-wide store on etcd, in real Envoys: two Envoy processes (two workers each) share one
+etcd, so a retry that lands on the other Envoy of a fleet still replays, waits or conflicts.
+
+Every Envoy here runs the filter with {"etcd": {"cluster": "etcd", "timeout": "500ms", ...}} and a
+STATIC cluster ``etcd`` on a private etcd that the tests start (and stop, to see an outage).
+Each test checks what the client saw and what the upstream did (its execution count).
+"""
+
+import json
+import re
+import threading
+import time
+import uuid
+
+import pytest
+
+from etcd_support import Etcd, EtcdEnvoy, LogWindow, private_run_dir, start_all
+from harness import Response, burst
+from upstream import binary_body
+
+ORG = "Bearer ic_live_org_fleet"
+CUSTOMER = json.dumps({"externalId": "crm-4410", "fullName": "Grace Hopper", "email": "grace@example.com"}).encode()
+OTHER = json.dumps({"externalId": "crm-4410", "fullName": "Grace B. Hopper", "email": "grace@example.com"}).encode()
+ETCD_TIMEOUT_S = 0.5
+ETCD_PREFIX = "idempotency/"
+
+# Headers a replay may legitimately not repeat byte for byte: set per hop or per answer by Envoy.
+NOT_REPLAYED = {"date", "x-envoy-upstream-service-time", "idempotent-replayed", "connection", "keep-alive",
+                "transfer-encoding", "proxy-connection", "upgrade", "te", "trailer"}
+
+_sources = []  # every Envoy and etcd this module started, for the logs of a failed test
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+
+def _config(**extra):
+    etcd = {"cluster": "etcd", "timeout": "500ms", **extra.pop("etcd", {})}
+    return {"etcd": etcd, **extra}
+
+
+def _start_etcd(run_dir, name, **kwargs):
+    etcd = Etcd(run_dir / f"etcd-{name}", name=name, **kwargs)
+    _sources.append(etcd)
+    return etcd.start()
+
+
+def _start_pair(run_dir, upstream, etcd, config):
+    pair = [EtcdEnvoy(run_dir, config, upstream.port, etcd) for _ in range(2)]
+    _sources.extend(pair)
+    return start_all(pair)
+
+
+@pytest.fixture(scope="module")
+def run_dir():
+    """This module's own directory (not the shared .run/pytest: other runs may be going on)."""
+    return private_run_dir()
+
+
+@pytest.fixture(scope="module")
+def etcd(run_dir):
+    etcd = _start_etcd(run_dir, "main")
+    yield etcd
+    etcd.remove_data()
+
+
+@pytest.fixture(scope="module")
+def pair(run_dir, upstream, etcd):
+    """Envoys A and B, defaults (when_full "reject")."""
+    envoys = _start_pair(run_dir, upstream, etcd, _config())
+    yield envoys
+    for envoy in envoys:
+        envoy.stop()
+
+
+@pytest.fixture(scope="module")
+def pass_pair(run_dir, upstream, etcd):
+    """Envoys C and D on the same etcd, with when_full "pass"."""
+    envoys = _start_pair(run_dir, upstream, etcd, _config(when_full="pass"))
+    yield envoys
+    for envoy in envoys:
+        envoy.stop()
+
+
+@pytest.fixture(autouse=True)
+def _keep_logs_of_failures(request, run_dir):
+    window = LogWindow(list(_sources))
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        out = run_dir / "failed" / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+        late = [s for s in _sources if all(s is not t for t, _ in window.starts)]
+        window.starts += [(s, 0) for s in late]
+        report.sections.append(("Envoy and etcd logs during the test", window.save(out)))
+
+
+@pytest.fixture
+def key():
+    return f"fleet-{uuid.uuid4()}"
+
+
+# -- requests and checks ----------------------------------------------------------------------
+
+def call(envoy, key, body=CUSTOMER, headers=(), path="/v1/customers", timeout=10):
+    """A covered POST as the seed document shows it; the upstream answers 201 unless told."""
+    hdrs = [("content-type", "application/json"), ("x-test-status", "201"), ("authorization", ORG),
+            ("idempotency-key", key)]
+    names = {name for name, _ in headers}
+    hdrs = [(n, v) for n, v in hdrs if n not in names] + list(headers)
+    return envoy.request("POST", path, hdrs, body, timeout=timeout)
+
+
+def timed(fn):
+    started = time.monotonic()
+    result = fn()
+    return result, time.monotonic() - started
+
+
+def comparable_headers(resp):
+    out = {}
+    for name, value in resp.headers:
+        if name not in NOT_REPLAYED:
+            out.setdefault(name, []).append(value)
+    return out
+
+
+def assert_original(resp, status=201):
+    assert isinstance(resp, Response), f"{resp!r}"
+    assert resp.status == status, f"{resp!r}"
+    assert resp.header("idempotent-replayed") is None, f"{resp!r}"
+    assert resp.header("x-upstream-execution") is not None, f"{resp!r}"
+
+
+def assert_replay_of(replay, original):
+    assert isinstance(replay, Response), f"{replay!r}"
+    assert replay.status == original.status, f"{replay!r}"
+    assert replay.header_all("idempotent-replayed") == ["true"], f"{replay!r}"
+    assert replay.body == original.body, f"replayed body differs: {len(replay.body)} vs {len(original.body)} bytes"
+    assert comparable_headers(replay) == comparable_headers(original), f"{replay!r} vs {original!r}"
+
+
+def assert_problem(resp, status, code):
+    assert isinstance(resp, Response), f"{resp!r}"
+    assert resp.status == status, f"{resp!r}"
+    assert (resp.header("content-type") or "").split(";")[0].strip() == "application/problem+json", f"{resp!r}"
+    doc = resp.json()
+    assert doc.get("code") == code, f"{doc!r}"
+    assert doc.get("status") == status, f"{doc!r}"
+    assert resp.header("idempotent-replayed") is None, f"{resp!r}"
+    assert resp.header("x-upstream-execution") is None, f"{resp!r}"
+    return doc
+
+
+def retry_after(resp):
+    value = resp.header("retry-after")
+    assert value is not None and value.isdigit() and int(value) >= 1, f"Retry-After: {value!r}: {resp!r}"
+    return int(value)
+
+
+def wait_for(predicate, timeout=3.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return predicate()
+        time.sleep(step)
+    return True
+
+
+def deltas(envoy, before, names):
+    after = envoy.stats()
+    return {n: after.get(n, 0) - before.get(n, 0) for n in names}
+
+
+def assert_deltas(envoy, before, expected, timeout=3.0):
+    """Each named stat moved by exactly this much since ``before`` (stats move just after the
+    answer is on the wire, and finishes run from the next tick)."""
+    wait_for(lambda: deltas(envoy, before, expected) == expected, timeout)
+    assert deltas(envoy, before, expected) == expected
+
+
+def etcd_requests(envoy):
+    return envoy.counter("cluster.etcd.upstream_rq_total")
+
+
+def settled_etcd_requests(envoy, quiet_s=0.3):
+    """The etcd cluster's request count once it has stopped moving (finishes run on ticks)."""
+    last = etcd_requests(envoy)
+    while True:
+        time.sleep(quiet_s)
+        now = etcd_requests(envoy)
+        if now == last:
+            return now
+        last = now
+
+
+def settled_stats(envoy):
+    """Stats once the finishes of earlier requests (run on later ticks) have landed."""
+    settled_etcd_requests(envoy, quiet_s=0.15)
+    return envoy.stats()
+
+
+# -- one store for both Envoys ------------------------------------------------------------------
+
+def test_retry_on_the_other_envoy_replays_and_then_comes_from_its_local_copy(pair, upstream, etcd, key):
+    a, b = pair
+    cookie = [("x-test-set-cookie", "session=fleet1; Path=/; HttpOnly")]
+    original = call(a, key, headers=cookie)
+    assert_original(original)
+    assert original.body == CUSTOMER
+    assert original.header_all("set-cookie") == ["session=fleet1; Path=/; HttpOnly"]
+
+    b_calls = settled_etcd_requests(b, quiet_s=0.15)
+    replay = call(b, key, headers=cookie)
+    assert_replay_of(replay, original)
+    assert etcd_requests(b) > b_calls, "B's first replay did not come from etcd"
+    assert replay.header("x-upstream-execution") == original.header("x-upstream-execution")
+    assert upstream.count(key=key) == 1
+
+    # B now holds a copy: a second retry on B does not ask etcd.
+    b_calls = settled_etcd_requests(b)
+    again = call(b, key, headers=cookie)
+    assert_replay_of(again, original)
+    assert etcd_requests(b) == b_calls, "the second replay on B went to etcd"
+    # A kept the copy it stored.
+    a_calls = settled_etcd_requests(a)
+    assert_replay_of(call(a, key, headers=cookie), original)
+    assert etcd_requests(a) == a_calls, "a replay on A went to etcd"
+    assert upstream.count(key=key) == 1
+
+    # etcd holds the record under the configured prefix, by hash only: no raw key, no credential.
+    records = etcd.range_prefix(ETCD_PREFIX)
+    assert records, "nothing stored in etcd"
+    for name, value in records:
+        assert re.fullmatch(rb"idempotency/[0-9a-f]{64}", name), name
+        assert key.encode() not in name + value
+        assert ORG.encode() not in value
+
+
+def test_a_burst_split_across_both_envoys_executes_once(pair, upstream, key):
+    n = 20
+    slow = [("x-test-delay-ms", "500")]
+    before = [settled_stats(e) for e in pair]
+    ended = [0.0] * n
+
+    def one(i):
+        resp = call(pair[i % 2], key, headers=slow)
+        ended[i] = time.monotonic()
+        return resp
+
+    started = time.monotonic()
+    results = burst(n, one)
+    elapsed = time.monotonic() - started
+
+    for resp in results:
+        assert isinstance(resp, Response), f"{resp!r}"
+    originals = [i for i, r in enumerate(results) if r.header("idempotent-replayed") is None]
+    assert len(originals) == 1, f"{len(originals)} answers were not replays: {[results[i] for i in originals]}"
+    original = results[originals[0]]
+    assert_original(original)
+    assert original.body == CUSTOMER
+    for resp in results:
+        if resp is not original:
+            assert_replay_of(resp, original)
+    assert upstream.count(key=key) == 1
+
+    names = ["idempotency.claimed", "idempotency.replayed"]
+    wait_for(lambda: sum(deltas(e, s, names)["idempotency.replayed"] for e, s in zip(pair, before)) == n - 1)
+    totals = {name: sum(deltas(e, s, [name])[name] for e, s in zip(pair, before)) for name in names}
+    assert totals == {"idempotency.claimed": 1, "idempotency.replayed": n - 1}
+    # The other Envoy's waiters poll etcd every 100 ms: they are answered soon after the original.
+    lag = max(ended) - ended[originals[0]]
+    print(f"burst of {n} over 2 Envoys: {elapsed:.3f}s, last replay {lag * 1000:.0f} ms after the original")
+    assert lag < 1.0, f"the last replay came {lag:.3f}s after the original"
+    assert elapsed < 3.0, f"the burst took {elapsed:.3f}s"
+
+
+def test_a_different_body_on_the_other_envoy_conflicts(pair, upstream, key):
+    a, b = pair
+    original = call(a, key)
+    assert_original(original)
+    assert_problem(call(b, key, body=OTHER), 409, "idempotency_conflict")
+    # The record is untouched: the original request still replays on both.
+    assert_replay_of(call(b, key), original)
+    assert_replay_of(call(a, key), original)
+    assert upstream.count(key=key) == 1
+
+    # While the original is still in flight on A, too, and without waiting for it.
+    in_flight = key + "-in-flight"
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("resp", call(a, in_flight, headers=[
+        ("x-test-delay-ms", "800")])))
+    thread.start()
+    assert wait_for(lambda: upstream.count(key=in_flight) == 1), "the original never reached the upstream"
+    conflict, took = timed(lambda: call(b, in_flight, body=OTHER))
+    assert_problem(conflict, 409, "idempotency_conflict")
+    assert took < 0.5, f"the conflict took {took:.3f}s: it waited for the original"
+    thread.join()
+    assert_original(box["resp"])
+    assert upstream.count(key=in_flight) == 1
+
+
+def test_a_5xx_on_one_envoy_releases_so_a_retry_on_the_other_runs(pair, upstream, key):
+    a, b = pair
+    before = settled_stats(a)
+    failed = call(a, key, headers=[("x-test-status", "503")])
+    assert_original(failed, 503)
+    assert_deltas(a, before, {"idempotency.released": 1, "idempotency.stored": 0})
+
+    retry = call(b, key)
+    assert_original(retry, 201)
+    assert retry.header("x-upstream-execution") != failed.header("x-upstream-execution")
+    assert upstream.count(key=key) == 2
+    # And that retry's answer is the one kept, for both Envoys.
+    assert_replay_of(call(a, key), retry)
+    assert upstream.count(key=key) == 2
+
+    # A duplicate already waiting on B when A's original fails takes the claim over and runs.
+    waiting = key + "-waiting"
+    before_b = settled_stats(b)
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("resp", call(a, waiting, headers=[
+        ("x-test-status", "503"), ("x-test-delay-ms", "600")])))
+    thread.start()
+    assert wait_for(lambda: upstream.count(key=waiting) == 1), "the original never reached the upstream"
+    taken = call(b, waiting)
+    thread.join()
+    assert_original(box["resp"], 503)
+    assert_original(taken, 201)
+    assert upstream.count(key=waiting) == 2
+    assert_deltas(b, before_b, {"idempotency.waited": 1, "idempotency.taken_over": 1, "idempotency.claimed": 1})
+    assert_replay_of(call(a, waiting), taken)
+    assert upstream.count(key=waiting) == 2
+
+
+# -- etcd down ---------------------------------------------------------------------------------
+
+def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair, pass_pair, upstream, etcd, key):
+    a, b = pair
+    c, d = pass_pair
+    cached, uncached = key + "-cached", key + "-uncached"
+    cached_original = call(a, cached)
+    assert_original(cached_original)
+    assert_replay_of(call(b, cached), cached_original)  # B keeps a copy
+    uncached_original = call(a, uncached)  # B never saw this one
+    assert_original(uncached_original)
+    # A request whose upstream is still working when etcd goes away: its client gets the answer,
+    # and the record that could not be written is counted.
+    midflight = key + "-midflight"
+    before = settled_stats(a)
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("resp", call(a, midflight, headers=[
+        ("x-test-delay-ms", "400")])))
+    thread.start()
+    assert wait_for(lambda: upstream.count(key=midflight) == 1), "the original never reached the upstream"
+
+    etcd.stop()
+    try:
+        thread.join()
+        assert_original(box["resp"])
+        assert_deltas(a, before, {"idempotency.store_error": 1, "idempotency.stored": 0})
+        executed = upstream.total
+
+        # reject: 503 idempotency_store_unavailable with Retry-After, at once, nothing upstream.
+        for envoy, name in ((a, "A"), (b, "B")):
+            before = settled_stats(envoy)
+            down = f"{key}-down-{name}"
+            resp, took = timed(lambda: call(envoy, down))
+            assert_problem(resp, 503, "idempotency_store_unavailable")
+            retry_after(resp)
+            print(f"etcd down, when_full reject, Envoy {name}: 503 in {took * 1000:.1f} ms")
+            assert took < ETCD_TIMEOUT_S, f"{name} took {took:.3f}s to answer with etcd down"
+            assert upstream.count(key=down) == 0
+            assert_deltas(envoy, before, {"idempotency.store_error": 1, "idempotency.rejected": 1,
+                                          "idempotency.claimed": 0})
+        # A record B already copied still replays from that copy.
+        assert_replay_of(call(b, cached), cached_original)
+
+        # pass: the request goes to the upstream without idempotency (a retry runs again).
+        passed = f"{key}-passed"
+        for envoy, runs in ((c, 1), (d, 2)):
+            before = settled_stats(envoy)
+            resp, took = timed(lambda: call(envoy, passed))
+            assert_original(resp)
+            print(f"etcd down, when_full pass: passed in {took * 1000:.1f} ms")
+            assert took < ETCD_TIMEOUT_S + 0.25, f"passing took {took:.3f}s with etcd down"
+            assert upstream.count(key=passed) == runs
+            assert_deltas(envoy, before, {"idempotency.store_error": 1, "idempotency.bypassed": 1,
+                                          "idempotency.claimed": 0})
+        assert upstream.total == executed + 2
+    finally:
+        etcd.start()  # same ports, same data directory
+
+    # The requests refused while etcd was down left no claim behind: they run now.
+    for envoy, name in ((a, "A"), (b, "B")):
+        assert_original(call(envoy, f"{key}-down-{name}"))
+        assert upstream.count(key=f"{key}-down-{name}") == 1
+    # The records written before the outage are still there.
+    assert_replay_of(call(b, uncached), uncached_original)
+    assert upstream.count(key=uncached) == 1
+    # New keys claim and replay across Envoys again, under both policies.
+    for first, second in ((a, b), (c, d)):
+        fresh = f"{key}-after-{first.number}"
+        before = settled_stats(first)
+        original = call(first, fresh)
+        assert_original(original)
+        assert_replay_of(call(second, fresh), original)
+        assert upstream.count(key=fresh) == 1
+        assert_deltas(first, before, {"idempotency.claimed": 1, "idempotency.stored": 1,
+                                      "idempotency.store_error": 0})
+
+
+# -- responses etcd cannot keep ---------------------------------------------------------------------
+
+def test_a_response_over_max_value_bytes_is_kept_without_its_body(run_dir, upstream, etcd, key):
+    a, b = _start_pair(run_dir, upstream, etcd, _config(etcd={"max_value_bytes": 4096}))
+    try:
+        size = 16 * 1024
+        big = [("x-test-status", "200"), ("x-test-body-bytes", str(size)), ("x-test-body-seed", key)]
+        before = settled_stats(a)
+        resp = call(a, key, headers=big)
+        assert_original(resp, 200)
+        assert resp.body == binary_body(size, key), f"the client got {len(resp.body)} bytes"
+        assert_deltas(a, before, {"idempotency.response_too_large": 1, "idempotency.stored": 0,
+                                  "idempotency.store_error": 0})
+
+        for envoy in (b, a):
+            assert_problem(call(envoy, key, headers=big), 409, "idempotency_response_not_stored")
+        assert upstream.count(key=key) == 1
+    finally:
+        for envoy in (a, b):
+            envoy.stop()
+
+
+def test_a_response_etcd_refuses_as_too_large_is_kept_without_its_body(run_dir, upstream, key):
+    strict = _start_etcd(run_dir, "strict", max_request_bytes=65536)
+    a = b = None
+    try:
+        a, b = _start_pair(run_dir, upstream, strict, _config(etcd={"max_value_bytes": 1000000}))
+        size = 100 * 1024
+        big = [("x-test-status", "200"), ("x-test-body-bytes", str(size)), ("x-test-body-seed", key)]
+        before = settled_stats(a)
+        resp = call(a, key, headers=big)
+        assert_original(resp, 200)
+        assert resp.body == binary_body(size, key), f"the client got {len(resp.body)} bytes"
+        assert_deltas(a, before, {"idempotency.response_too_large": 1, "idempotency.stored": 0,
+                                  "idempotency.store_error": 0})
+        # A handful of calls (lease grants, the claim, the refused put, the put without the body),
+        # and then no more: no retry loop.
+        calls = settled_etcd_requests(a) - before.get("cluster.etcd.upstream_rq_total", 0)
+        assert calls <= 6, f"{calls} calls to etcd for one request"
+        # etcd did refuse the put with the body (its gateway answers 400 "request is too large").
+        refused = a.counter("cluster.etcd.upstream_rq_400") - before.get("cluster.etcd.upstream_rq_400", 0)
+        assert refused == 1, f"{refused} calls answered 400"
+
+        for envoy in (b, a):
+            assert_problem(call(envoy, key, headers=big), 409, "idempotency_response_not_stored")
+        assert upstream.count(key=key) == 1
+    finally:
+        for envoy in (a, b):
+            if envoy is not None:
+                envoy.stop()
+        strict.remove_data()
