@@ -280,9 +280,12 @@ impl Exchange {
         };
         let reply = match reply {
             Ok(reply) => reply,
-            Err(error) => {
+            Err(_) => {
                 self.count(Counter::StoreError);
-                return self.when_full(Problem::StoreUnavailable, &error.to_string());
+                return self.when_full(
+                    Problem::StoreUnavailable,
+                    "the idempotency store cannot be reached right now",
+                );
             }
         };
         match reply {

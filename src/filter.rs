@@ -5,8 +5,7 @@ use crate::config::Config;
 use crate::etcd::Etcd;
 use crate::exchange::{self, Exchange, Step};
 use crate::host::{self, EtcdCalls, Metrics, SharedData};
-use crate::metrics::Counter;
-use crate::store::{Answer, CallId, CallResponse, Resumed, Store};
+use crate::store::{Answer, CallId, CallResponse, Resumed, Store, StoreError};
 use crate::table::Table;
 use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -33,6 +32,7 @@ struct Vm {
     /// Requests whose claim waits for a remote store's answer, by call.
     awaiting: RefCell<HashMap<CallId, Waiter>>,
     ticks: Cell<u64>,
+    quiet_until: Cell<u64>,
     /// Waiting requests are polled every this many ticks: every tick for shared data, less
     /// often for a remote store, where each poll is a call.
     poll_every: u64,
@@ -67,6 +67,9 @@ impl Vm {
                     let answer = self.store.borrow_mut().claim(&claim, now);
                     match answer {
                         Answer::Now(reply) => {
+                            if let Err(error) = &reply {
+                                self.store_failed(exchange.borrow().request_id(), error);
+                            }
                             exchange
                                 .borrow_mut()
                                 .on_claim(reply, self.room_to_wait(), now)
@@ -108,9 +111,21 @@ impl Vm {
         let mut exchange = exchange.borrow_mut();
         for counter in exchange.take_counts() {
             self.metrics.increment(counter);
-            log_outcome(exchange.request_id(), counter);
+            debug!("[{}] {}", exchange.request_id(), counter.name());
         }
         action
+    }
+
+    /// Store failures are logged at most once a second per worker, so that an outage does not
+    /// flood the log (the counters count every one).
+    fn store_failed(&self, request_id: &str, error: &StoreError) {
+        let now = host::now();
+        if now >= self.quiet_until.get() {
+            self.quiet_until.set(now + 1_000);
+            warn!("[{request_id}] {error}");
+        } else {
+            debug!("[{request_id}] {error}");
+        }
     }
 
     fn await_call(&self, call: CallId, context_id: u32, exchange: &Rc<RefCell<Exchange>>) {
@@ -148,6 +163,9 @@ impl Vm {
                 };
                 let step = match answer {
                     Answer::Now(reply) => {
+                        if let Err(error) = &reply {
+                            self.store_failed(waiter.exchange.borrow().request_id(), error);
+                        }
                         let room = self.room_to_wait();
                         waiter.exchange.borrow_mut().on_claim(reply, room, now)
                     }
@@ -165,7 +183,7 @@ impl Vm {
             }
             Resumed::Finish(Answer::Now(reply)) => {
                 if let Err(error) = &reply {
-                    warn!("recording the end of a request failed: {error}");
+                    self.store_failed("-", error);
                 }
                 self.metrics.increment(exchange::finish_counter(&reply));
             }
@@ -217,18 +235,6 @@ impl Vm {
         for resumed in ended {
             self.carry_on(0, resumed, now);
         }
-    }
-}
-
-/// Every outcome at debug; those an operator should see without asking, higher.
-fn log_outcome(request_id: &str, counter: Counter) {
-    let name = counter.name();
-    match counter {
-        Counter::StoreError => warn!("[{request_id}] {name}"),
-        Counter::StoreFull | Counter::Rejected | Counter::LeaseExpired => {
-            info!("[{request_id}] {name}")
-        }
-        _ => debug!("[{request_id}] {name}"),
     }
 }
 
@@ -293,6 +299,7 @@ impl RootContext for Root {
             waiting: RefCell::new(Vec::new()),
             awaiting: RefCell::new(HashMap::new()),
             ticks: Cell::new(0),
+            quiet_until: Cell::new(0),
             poll_every,
         }));
         host::set_tick_period(TICK_MILLIS);
