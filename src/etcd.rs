@@ -649,13 +649,33 @@ mod tests {
         }
     }
 
-    struct World<'a> {
-        calls: &'a Calls,
+    /// Envoys sharing one etcd; each Envoy has its own shared data.
+    struct World {
+        calls: &'static Calls,
         etcd: FakeEtcd,
         answered: usize,
     }
 
-    impl<'a> World<'a> {
+    type Envoy = Etcd<&'static Calls, &'static MemoryKv>;
+
+    impl World {
+        fn new() -> Self {
+            World {
+                calls: Box::leak(Box::default()),
+                etcd: FakeEtcd::default(),
+                answered: 0,
+            }
+        }
+
+        fn envoy(&self, json: &str) -> Envoy {
+            let kv: &'static MemoryKv = Box::leak(Box::default());
+            let config = config(json);
+            let mut cache = Table::new(kv, &config);
+            cache.boot().unwrap();
+            let settings = config.etcd.clone().unwrap();
+            Etcd::new(self.calls, kv, cache, &config, settings)
+        }
+
         /// Answers every call made so far, feeding answers back until the operation settles.
         fn settle<S: Store>(
             &mut self,
@@ -678,18 +698,6 @@ mod tests {
                     .unwrap();
             }
         }
-    }
-
-    fn etcd_store<'a>(
-        calls: &'a Calls,
-        kv: &'a MemoryKv,
-        json: &str,
-    ) -> Etcd<&'a Calls, &'a MemoryKv> {
-        let config = config(json);
-        let mut cache = Table::new(kv, &config);
-        cache.boot().unwrap();
-        let settings = config.etcd.clone().unwrap();
-        Etcd::new(calls, kv, cache, &config, settings)
     }
 
     const JSON: &str = r#"{"etcd": {"cluster": "etcd"}}"#;
@@ -718,9 +726,9 @@ mod tests {
         }
     }
 
-    fn finish<'a>(
-        world: &mut World<'a>,
-        store: &mut Etcd<&'a Calls, &'a MemoryKv>,
+    fn finish(
+        world: &mut World,
+        store: &mut Envoy,
         ticket: Ticket,
         outcome: Outcome,
         now: Millis,
@@ -750,15 +758,9 @@ mod tests {
 
     #[test]
     fn a_claim_is_one_create_if_absent_transaction_under_a_shared_lease() {
-        let calls = Calls::default();
-        let (kv_a, kv_b) = (MemoryKv::default(), MemoryKv::default());
-        let mut world = World {
-            calls: &calls,
-            etcd: FakeEtcd::default(),
-            answered: 0,
-        };
-        let mut a = etcd_store(&calls, &kv_a, JSON);
-        let mut b = etcd_store(&calls, &kv_b, JSON);
+        let mut world = World::new();
+        let mut a = world.envoy(JSON);
+        let mut b = world.envoy(JSON);
         let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
         claimed(world.settle(&mut a, first, 0));
         assert_eq!(world.etcd.leases, 1);
@@ -777,15 +779,9 @@ mod tests {
 
     #[test]
     fn a_stored_record_replays_on_another_envoy_and_then_from_its_cache() {
-        let calls = Calls::default();
-        let (kv_a, kv_b) = (MemoryKv::default(), MemoryKv::default());
-        let mut world = World {
-            calls: &calls,
-            etcd: FakeEtcd::default(),
-            answered: 0,
-        };
-        let mut a = etcd_store(&calls, &kv_a, JSON);
-        let mut b = etcd_store(&calls, &kv_b, JSON);
+        let mut world = World::new();
+        let mut a = world.envoy(JSON);
+        let mut b = world.envoy(JSON);
         let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
         let ticket = claimed(world.settle(&mut a, first, 0));
         assert_eq!(
@@ -811,14 +807,8 @@ mod tests {
 
     #[test]
     fn a_released_claim_is_deleted_only_if_still_ours() {
-        let calls = Calls::default();
-        let kv = MemoryKv::default();
-        let mut world = World {
-            calls: &calls,
-            etcd: FakeEtcd::default(),
-            answered: 0,
-        };
-        let mut store = etcd_store(&calls, &kv, JSON);
+        let mut world = World::new();
+        let mut store = world.envoy(JSON);
         let first = Resumed::Claim(store.claim(&claim_of(1, 10), 0));
         let ticket = claimed(world.settle(&mut store, first, 0));
         // Past the lease, another request takes the record over.
@@ -833,14 +823,8 @@ mod tests {
 
     #[test]
     fn a_release_lets_the_retry_claim_again() {
-        let calls = Calls::default();
-        let kv = MemoryKv::default();
-        let mut world = World {
-            calls: &calls,
-            etcd: FakeEtcd::default(),
-            answered: 0,
-        };
-        let mut store = etcd_store(&calls, &kv, JSON);
+        let mut world = World::new();
+        let mut store = world.envoy(JSON);
         let first = Resumed::Claim(store.claim(&claim_of(1, 10), 0));
         let ticket = claimed(world.settle(&mut store, first, 0));
         assert_eq!(
@@ -853,15 +837,9 @@ mod tests {
 
     #[test]
     fn a_value_over_the_limit_keeps_the_record_without_its_response() {
-        let calls = Calls::default();
-        let kv = MemoryKv::default();
-        let mut world = World {
-            calls: &calls,
-            etcd: FakeEtcd::default(),
-            answered: 0,
-        };
+        let mut world = World::new();
         let json = r#"{"etcd": {"cluster": "etcd", "max_value_bytes": 1024}}"#;
-        let mut store = etcd_store(&calls, &kv, json);
+        let mut store = world.envoy(json);
         let first = Resumed::Claim(store.claim(&claim_of(1, 10), 0));
         let ticket = claimed(world.settle(&mut store, first, 0));
         let mut big = response();
@@ -879,9 +857,7 @@ mod tests {
 
     #[test]
     fn etcd_errors_and_silence_fail_the_operation() {
-        let calls = Calls::default();
-        let kv = MemoryKv::default();
-        let mut store = etcd_store(&calls, &kv, JSON);
+        let mut store = World::new().envoy(JSON);
         let Answer::Later(call) = store.claim(&claim_of(1, 10), 0) else {
             panic!("expected a call");
         };

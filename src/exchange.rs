@@ -514,19 +514,23 @@ mod tests {
             .collect()
     }
 
-    struct Run<'a> {
-        store: Table<&'a MemoryKv>,
+    struct Run {
+        kv: &'static MemoryKv,
+        store: Table<&'static MemoryKv>,
         config: Rc<Config>,
         tokens: u64,
         now: Millis,
     }
 
-    impl<'a> Run<'a> {
-        fn new(kv: &'a MemoryKv, json: &str) -> Self {
+    impl Run {
+        /// A fresh store (its shared data lives as long as the test binary) and configuration.
+        fn new(json: &str) -> Self {
+            let kv: &'static MemoryKv = Box::leak(Box::default());
             let config = config(json);
             let mut store = Table::new(kv, &config);
             store.boot().unwrap();
             Run {
+                kv,
                 store,
                 config: Rc::new(config),
                 tokens: 0,
@@ -537,6 +541,13 @@ mod tests {
         fn exchange(&mut self) -> Exchange {
             self.tokens += 1;
             Exchange::new(Rc::clone(&self.config), self.tokens)
+        }
+
+        /// A request that has claimed its record and gone upstream.
+        fn forwarded(&mut self) -> Exchange {
+            let mut exchange = self.exchange();
+            assert_eq!(self.request(&mut exchange, "POST", b"{}"), Step::Forward);
+            exchange
         }
 
         /// Carries a step through the store, as the glue does.
@@ -602,8 +613,7 @@ mod tests {
 
     #[test]
     fn uncovered_methods_and_keyless_requests_pass_untouched() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
+        let mut run = Run::new("{}");
         let mut get = run.exchange();
         assert_eq!(
             get.on_request_headers("GET", b"/v1", &headers(&POST_HEADERS), true),
@@ -613,13 +623,12 @@ mod tests {
         let step =
             keyless.on_request_headers("POST", b"/v1", &headers(&[("authorization", b"x")]), false);
         assert_eq!(step, Step::Pass);
-        assert_eq!(kv.keys(), 1, "only the boot key: nothing was stored");
+        assert_eq!(run.kv.keys(), 1, "only the boot key: nothing was stored");
     }
 
     #[test]
     fn require_key_refuses_keyless_requests() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, r#"{"require_key": true}"#);
+        let mut run = Run::new(r#"{"require_key": true}"#);
         let mut exchange = run.exchange();
         let step = exchange.on_request_headers("POST", b"/v1", &headers(&[]), true);
         assert_eq!(code_of(step), (400, "idempotency_key_missing".into()));
@@ -628,8 +637,7 @@ mod tests {
 
     #[test]
     fn invalid_keys_are_refused_before_the_body() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
+        let mut run = Run::new("{}");
         let mut exchange = run.exchange();
         let bad = headers(&[("idempotency-key", &[b'k'; 256])]);
         let step = exchange.on_request_headers("POST", b"/v1", &bad, false);
@@ -638,8 +646,7 @@ mod tests {
 
     #[test]
     fn requests_without_a_scope_are_not_given_a_shared_record() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
+        let mut run = Run::new("{}");
         let mut exchange = run.exchange();
         let step = exchange.on_request_headers(
             "POST",
@@ -653,8 +660,7 @@ mod tests {
 
     #[test]
     fn excluded_paths_pass_untouched() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, r#"{"exclude_paths": ["/v1/customers"]}"#);
+        let mut run = Run::new(r#"{"exclude_paths": ["/v1/customers"]}"#);
         let mut exchange = run.exchange();
         let step = exchange.on_request_headers(
             "POST",
@@ -667,8 +673,7 @@ mod tests {
 
     #[test]
     fn an_oversized_request_body_is_refused_with_413() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, r#"{"max_request_body_bytes": 10}"#);
+        let mut run = Run::new(r#"{"max_request_body_bytes": 10}"#);
         let mut exchange = run.exchange();
         exchange.on_request_headers("POST", b"/v1", &headers(&POST_HEADERS), false);
         assert_eq!(exchange.on_request_body(10, false, Vec::new), Step::Buffer);
@@ -678,8 +683,7 @@ mod tests {
 
     #[test]
     fn first_request_forwards_and_its_stored_response_replays_verbatim() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
+        let mut run = Run::new("{}");
         let mut first = run.exchange();
         assert_eq!(run.request(&mut first, "POST", b"{}"), Step::Forward);
         run.respond(&mut first, "201", b"ok");
@@ -701,10 +705,8 @@ mod tests {
 
     #[test]
     fn a_different_body_conflicts() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
-        let mut first = run.exchange();
-        run.request(&mut first, "POST", b"{}");
+        let mut run = Run::new("{}");
+        let mut first = run.forwarded();
         run.respond(&mut first, "201", b"ok");
         let mut other = run.exchange();
         let step = run.request(&mut other, "POST", b"{\"a\":1}");
@@ -713,8 +715,7 @@ mod tests {
 
     #[test]
     fn unstored_statuses_release_the_claim_so_a_retry_runs() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
+        let mut run = Run::new("{}");
         for status in ["500", "503", "408", "425", "429"] {
             let mut attempt = run.exchange();
             assert_eq!(
@@ -729,10 +730,8 @@ mod tests {
 
     #[test]
     fn a_duplicate_waits_then_replays_the_original() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
-        let mut first = run.exchange();
-        run.request(&mut first, "POST", b"{}");
+        let mut run = Run::new("{}");
+        let mut first = run.forwarded();
         let mut duplicate = run.exchange();
         assert_eq!(run.request(&mut duplicate, "POST", b"{}"), Step::Wait);
         assert!(duplicate.is_waiting());
@@ -749,10 +748,8 @@ mod tests {
 
     #[test]
     fn a_waiting_duplicate_takes_over_a_released_claim() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
-        let mut first = run.exchange();
-        run.request(&mut first, "POST", b"{}");
+        let mut run = Run::new("{}");
+        let mut first = run.forwarded();
         let mut duplicate = run.exchange();
         assert_eq!(run.request(&mut duplicate, "POST", b"{}"), Step::Wait);
         run.respond(&mut first, "503", b"down");
@@ -770,10 +767,8 @@ mod tests {
 
     #[test]
     fn waiting_ends_with_in_progress_after_max_wait() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, r#"{"max_wait": "100ms"}"#);
-        let mut first = run.exchange();
-        run.request(&mut first, "POST", b"{}");
+        let mut run = Run::new(r#"{"max_wait": "100ms"}"#);
+        let mut first = run.forwarded();
         let mut duplicate = run.exchange();
         assert_eq!(run.request(&mut duplicate, "POST", b"{}"), Step::Wait);
         run.now += 100;
@@ -785,10 +780,8 @@ mod tests {
 
     #[test]
     fn without_room_to_wait_a_duplicate_is_answered_in_progress_at_once() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
-        let mut first = run.exchange();
-        run.request(&mut first, "POST", b"{}");
+        let mut run = Run::new("{}");
+        let mut first = run.forwarded();
         let mut duplicate = run.exchange();
         duplicate.on_request_headers("POST", b"/v1/customers?x=1", &headers(&POST_HEADERS), false);
         let Step::Claim(claim) = duplicate.on_request_body(2, true, || b"{}".to_vec()) else {
@@ -803,11 +796,9 @@ mod tests {
 
     #[test]
     fn unknown_endings_hold_the_claim_and_known_local_replies_release_it() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
+        let mut run = Run::new("{}");
         // Upstream timeout: Envoy's own 504, flagged UT.
-        let mut timed_out = run.exchange();
-        run.request(&mut timed_out, "POST", b"{}");
+        let mut timed_out = run.forwarded();
         timed_out.on_response_headers(&[], false, false);
         let step = timed_out.on_end(0x4);
         assert!(matches!(&step, Step::Finish(ticket, Outcome::Hold) if ticket.claim.token == 1));
@@ -829,10 +820,8 @@ mod tests {
 
     #[test]
     fn a_client_gone_mid_body_holds_the_claim() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, "{}");
-        let mut first = run.exchange();
-        run.request(&mut first, "POST", b"{}");
+        let mut run = Run::new("{}");
+        let mut first = run.forwarded();
         first.on_response_headers(&headers(&[(":status", b"201")]), true, false);
         first.on_response_body(b"partial", false);
         assert!(matches!(
@@ -843,10 +832,8 @@ mod tests {
 
     #[test]
     fn with_a_zero_lease_unknown_endings_release_at_once() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, r#"{"lease": "0s"}"#);
-        let mut first = run.exchange();
-        run.request(&mut first, "POST", b"{}");
+        let mut run = Run::new(r#"{"lease": "0s"}"#);
+        let mut first = run.forwarded();
         assert!(matches!(
             first.on_end(0x4000),
             Step::Finish(_, Outcome::Release)
@@ -855,10 +842,8 @@ mod tests {
 
     #[test]
     fn an_oversized_response_reaches_its_client_and_keeps_the_record_without_it() {
-        let kv = MemoryKv::default();
-        let mut run = Run::new(&kv, r#"{"max_response_body_bytes": 4}"#);
-        let mut first = run.exchange();
-        run.request(&mut first, "POST", b"{}");
+        let mut run = Run::new(r#"{"max_response_body_bytes": 4}"#);
+        let mut first = run.forwarded();
         run.respond(&mut first, "201", b"too long");
         assert_eq!(
             first.take_counts(),
@@ -875,9 +860,8 @@ mod tests {
     #[test]
     fn a_full_store_rejects_or_passes_as_configured() {
         for (policy, expect_reply) in [("reject", true), ("pass", false)] {
-            let kv = MemoryKv::default();
             let json = format!(r#"{{"capacity_records": 16, "when_full": "{policy}"}}"#);
-            let mut run = Run::new(&kv, &json);
+            let mut run = Run::new(&json);
             for n in 0..16u8 {
                 let mut exchange = run.exchange();
                 let key = [b'k', b'a' + n];
