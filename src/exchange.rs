@@ -768,7 +768,7 @@ mod tests {
     #[test]
     fn waiting_ends_with_in_progress_after_max_wait() {
         let mut run = Run::new(r#"{"max_wait": "100ms"}"#);
-        let mut first = run.forwarded();
+        let _original = run.forwarded();
         let mut duplicate = run.exchange();
         assert_eq!(run.request(&mut duplicate, "POST", b"{}"), Step::Wait);
         run.now += 100;
@@ -781,7 +781,7 @@ mod tests {
     #[test]
     fn without_room_to_wait_a_duplicate_is_answered_in_progress_at_once() {
         let mut run = Run::new("{}");
-        let mut first = run.forwarded();
+        let _original = run.forwarded();
         let mut duplicate = run.exchange();
         duplicate.on_request_headers("POST", b"/v1/customers?x=1", &headers(&POST_HEADERS), false);
         let Step::Claim(claim) = duplicate.on_request_body(2, true, || b"{}".to_vec()) else {
