@@ -82,7 +82,10 @@ fn the_schema_names_exactly_the_parsers_fields() {
     let top: BTreeSet<String> = properties(&schema).keys().cloned().collect();
     assert_eq!(debug_fields(&debug(&json!({})), 4), top);
 
-    let etcd: BTreeSet<String> = properties(&schema["properties"]["etcd"]).keys().cloned().collect();
+    let etcd: BTreeSet<String> = properties(&schema["properties"]["etcd"])
+        .keys()
+        .cloned()
+        .collect();
     let dump = debug(&json!({ "etcd": { "cluster": "etcd" } }));
     assert_eq!(debug_fields(&dump, 12), etcd);
 }
@@ -118,12 +121,19 @@ fn every_default_is_the_parsers_default() {
         let Some(default) = property.get("default") else {
             // Only fields that are absent unless given: etcd itself, its cluster and auth_token.
             assert!(
-                matches!(path[..], ["etcd"] | ["etcd", "cluster"] | ["etcd", "auth_token"]),
+                matches!(
+                    path[..],
+                    ["etcd"] | ["etcd", "cluster"] | ["etcd", "auth_token"]
+                ),
                 "{path:?} has no default"
             );
             continue;
         };
-        let expected = if path.len() == 1 { &defaults } else { &etcd_defaults };
+        let expected = if path.len() == 1 {
+            &defaults
+        } else {
+            &etcd_defaults
+        };
         assert_eq!(
             &debug(&with_field(&path, default)),
             expected,
@@ -156,11 +166,19 @@ fn integer_bounds_are_the_parsers_bounds() {
         let accepts = |n: i64| parse(&context(with_field(&path, &json!(n)))).is_ok();
         if let Some(min) = property["minimum"].as_i64() {
             assert!(accepts(min), "{path:?}: the minimum {min} is refused");
-            assert!(!accepts(min - 1), "{path:?}: {} is accepted below the minimum", min - 1);
+            assert!(
+                !accepts(min - 1),
+                "{path:?}: {} is accepted below the minimum",
+                min - 1
+            );
         }
         if let Some(max) = property["maximum"].as_i64() {
             assert!(accepts(max), "{path:?}: the maximum {max} is refused");
-            assert!(!accepts(max + 1), "{path:?}: {} is accepted above the maximum", max + 1);
+            assert!(
+                !accepts(max + 1),
+                "{path:?}: {} is accepted above the maximum",
+                max + 1
+            );
         }
     }
 }
@@ -173,7 +191,10 @@ fn enumerations_are_the_parsers() {
             continue;
         };
         for value in values {
-            assert!(parse(&with_field(&path, value)).is_ok(), "{path:?}: {value} refused");
+            assert!(
+                parse(&with_field(&path, value)).is_ok(),
+                "{path:?}: {value} refused"
+            );
         }
         assert!(parse(&with_field(&path, &json!("not-one-of-them"))).is_err());
     }
