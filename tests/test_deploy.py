@@ -17,6 +17,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -228,7 +229,26 @@ def test_compose_command_line_runs_the_demo_walkthrough(compose_demo):
     assert samples["idempotency_replayed{}"] == "1"
     assert samples["idempotency_conflict{}"] == "1"
     assert samples["idempotency_claimed{}"] == "2"
-    assert "# TYPE idempotency_replayed counter" in text
+    # Every counter the filter defines, under the Prometheus name docs/deploying.md gives it.
+    for name in filter_counters():
+        prometheus = name.replace(".", "_")
+        assert f"{prometheus}{{}}" in samples, prometheus
+        assert f"# TYPE {prometheus} counter" in text
+
+
+def filter_counters():
+    """The counter names src/metrics.rs defines (idempotency.<outcome>)."""
+    source = (ROOT / "src" / "metrics.rs").read_text()
+    names = sorted(set(re.findall(r'=> "(idempotency\.[a-z_]+)"', source)))
+    assert len(names) >= 15, names
+    return names
+
+
+def test_the_deploying_guide_lists_every_counter_under_both_names():
+    guide = (ROOT / "docs" / "deploying.md").read_text()
+    for name in filter_counters():
+        row = f"| `wasmcustom.{name}` | `{name.replace('.', '_')}` |"
+        assert row in guide, f"docs/deploying.md has no row for {name}"
 
 
 def _dicts(node):
