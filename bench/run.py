@@ -1,0 +1,1205 @@
+#!/usr/bin/env python3
+"""What the Idempotency-Key filter costs against a plain Envoy.
+
+Runs, on one machine and in one go:
+
+  * an upstream Envoy answering every request itself (``direct_response``), so that it is never
+    the bottleneck;
+  * proxy Envoys, one per variant, each ``--concurrency 1`` and pinned to CPU 0:
+      plain     router only: the limit for anything that goes upstream
+      empty     a proxy-wasm filter that does nothing: the cost of any wasm filter at all
+      filter    this filter
+      skip      this filter wrapped in an ExtensionWithMatcher whose SkipFilter action skips it
+                for requests it cannot cover
+      matcher   this filter run by Envoy's composite filter only for requests it can cover
+                (ExtensionWithMatcher + ExecuteFilterAction: envoy/envoy-matcher.yaml)
+      direct    ``direct_response`` at the proxy: the limit for an answer made at the edge
+  * wrk, pinned to CPU 1 (with the upstream).
+
+Each scenario runs against each variant in interleaved rounds; the figures are medians over the
+rounds. Writes bench/results.md, bench/results.json and bench/results.svg.
+
+Standard library only. Needs wrk, taskset and the two wasm modules (``make bench`` builds them).
+"""
+
+import argparse
+import http.client
+import json
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+ENVOY = Path(os.environ.get("ENVOY", ROOT / ".venv" / "bin" / "envoy"))
+FILTER_WASM = Path(os.environ.get(
+    "FILTER_WASM", ROOT / "target" / "wasm32-wasip1" / "release" / "idempotency_filter.wasm"))
+EMPTY_WASM = Path(os.environ.get(
+    "EMPTY_WASM", BENCH / ".target" / "wasm32-wasip1" / "release" / "empty_filter.wasm"))
+
+PROXY_CPU = "0"
+LOAD_CPU = "1"
+# wrk connections: enough to keep one proxy worker busy through the upstream's round trips.
+CONNECTIONS = 64
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# The upstream's answer to every POST: the record the filter stores is this response.
+SMALL_BODY = '{"id":"ord_0001","status":"created"}'
+AUTHORIZATION = "Bearer bench-tenant"
+
+# The filter's configuration for the bench: room for every record a round creates.
+# capacity_bytes must be at least 8 x max_response_body_bytes (one ledger shard holds any record).
+FILTER_CONFIG = {
+    "capacity_records": 250_000,
+    "capacity_bytes": 1 << 30,
+    "max_response_body_bytes": 128 << 10,
+    "max_request_body_bytes": 1 << 20,
+}
+
+VARIANTS = {
+    "plain": "Envoy, router only",
+    "empty": "Envoy + empty wasm filter",
+    "filter": "Envoy + this filter",
+    "skip": "Envoy + this filter, SkipFilter matcher",
+    "matcher": "Envoy + this filter, composite matcher",
+    "direct": "Envoy direct_response",
+}
+
+# name: (method, request body bytes, key: None | "unique" | "same" | "other", description)
+SCENARIOS = {
+    "get": ("GET", 0, None, "GET (not covered)"),
+    "nokey-1k": ("POST", 1024, None, "POST without a key, 1 KiB"),
+    "nokey-64k": ("POST", 65536, None, "POST without a key, 64 KiB"),
+    "first-1k": ("POST", 1024, "unique", "first POST (new key), 1 KiB"),
+    "first-64k": ("POST", 65536, "unique", "first POST (new key), 64 KiB"),
+    "replay-1k": ("POST", 1024, "same", "replay (same key and body), 1 KiB"),
+    "replay-64k": ("POST", 65536, "same", "replay (same key and body), 64 KiB"),
+    "conflict-1k": ("POST", 1024, "other", "conflict (same key, other body), 1 KiB"),
+    "conflict-64k": ("POST", 65536, "other", "conflict (same key, other body), 64 KiB"),
+}
+
+# Which variants run which scenario. For plain, empty and direct every POST scenario is the same
+# work (the key header means nothing to them), so they run the key-less POST once per body size
+# and that run is their figure for every POST scenario of that size.
+MATRIX = {
+    "plain": ["get", "nokey-1k", "nokey-64k"],
+    "empty": ["get", "nokey-1k", "nokey-64k"],
+    "direct": ["get", "nokey-1k", "nokey-64k"],
+    "filter": list(SCENARIOS),
+    # What a matcher changes is whether requests the filter cannot cover enter the VM; covered
+    # requests run the filter as without it (the composite matcher runs every scenario).
+    "skip": ["get", "nokey-1k", "nokey-64k"],
+    "matcher": list(SCENARIOS),
+}
+
+
+def baseline_scenario(scenario):
+    """The run of a baseline variant that stands for `scenario`."""
+    method, size, _, _ = SCENARIOS[scenario]
+    if method == "GET":
+        return "get"
+    return "nokey-1k" if size == 1024 else "nokey-64k"
+
+
+# -- Envoy configurations -------------------------------------------------------------------
+
+
+def wasm_filter(name, wasm_path, plugin_config):
+    config = {
+        "name": name,
+        "root_id": name,
+        "allow_on_headers_stop_iteration": True,
+        "failure_policy": "FAIL_CLOSED",
+        "vm_config": {
+            "vm_id": name,
+            "runtime": "envoy.wasm.runtime.v8",
+            "code": {"local": {"filename": str(wasm_path)}},
+        },
+    }
+    if plugin_config is not None:
+        config["configuration"] = {
+            "@type": "type.googleapis.com/google.protobuf.StringValue",
+            "value": json.dumps(plugin_config),
+        }
+    return {
+        "name": "envoy.filters.http.wasm",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": config,
+        },
+    }
+
+
+def header_input(name):
+    return {
+        "name": name,
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput",
+            "header_name": name,
+        },
+    }
+
+
+def covered_predicate(methods, key_header):
+    """True for a request the filter can cover: a covered method and a key header."""
+    return {"and_matcher": {"predicate": [
+        {"single_predicate": {
+            "input": header_input(":method"),
+            "value_match": {"safe_regex": {"google_re2": {}, "regex": "^(" + "|".join(methods) + ")$"}},
+        }},
+        {"single_predicate": {
+            "input": header_input(key_header),
+            "value_match": {"safe_regex": {"google_re2": {}, "regex": ".*"}},
+        }},
+    ]}}
+
+
+def skip_unless_covered(filter_config, methods=("POST", "PATCH"), key_header="idempotency-key"):
+    """Wraps a filter so that Envoy skips it (SkipFilter) for requests whose method is not
+    covered and for requests without the key header. Envoy still creates the filter's context in
+    the VM and calls its on_log for those requests: the wasm filter is an access logger too."""
+    return {
+        "name": "idempotency-skipped-unless-covered",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": filter_config,
+            "xds_matcher": {
+                "matcher_list": {
+                    "matchers": [{
+                        "predicate": {"not_matcher": covered_predicate(methods, key_header)},
+                        "on_match": {"action": {
+                            "name": "skip",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.common"
+                                         ".matcher.action.v3.SkipFilter",
+                            },
+                        }},
+                    }],
+                },
+            },
+        },
+    }
+
+
+def run_when_covered(filter_config, methods=("POST", "PATCH"), key_header="idempotency-key"):
+    """Envoy's composite filter, running `filter_config` only for requests with a covered method
+    and the key header. Other requests never reach the wasm VM."""
+    return {
+        "name": "idempotency-when-covered",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher",
+            "extension_config": {
+                "name": "composite",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite",
+                },
+            },
+            "xds_matcher": {
+                "matcher_list": {
+                    "matchers": [{
+                        "predicate": covered_predicate(methods, key_header),
+                        "on_match": {"action": {
+                            "name": "idempotency",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.filters.http"
+                                         ".composite.v3.ExecuteFilterAction",
+                                "typed_config": filter_config,
+                            },
+                        }},
+                    }],
+                },
+            },
+        },
+    }
+
+
+# Holds the request until its body is complete. In front of a direct_response, so that the answer
+# comes after the whole request was read: answered earlier, Envoy closes an HTTP/1.1 connection
+# (the rest of the body is never read), and every POST would pay for a new connection.
+BUFFER = {
+    "name": "envoy.filters.http.buffer",
+    "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+        "max_request_bytes": 2 << 20,
+    },
+}
+
+ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+
+
+def direct(body, status=200):
+    return {"status": status, "body": {"inline_string": body}}
+
+
+def listener(name, port, routes, http_filters, max_direct_body=None):
+    route_config = {
+        "name": name,
+        "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}],
+    }
+    if max_direct_body:
+        route_config["max_direct_response_body_size_bytes"] = max_direct_body
+    return {
+        "name": name,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network"
+                         ".http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": name,
+                "codec_type": "AUTO",
+                "route_config": route_config,
+                "http_filters": http_filters + [ROUTER],
+            },
+        }]}],
+    }
+
+
+def bootstrap(admin_port, listeners, clusters=()):
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {"listeners": listeners, "clusters": list(clusters)},
+    }
+
+
+def upstream_config(port, admin_port):
+    """Answers everything itself. /r/1k and /r/64k answer bodies of that size (records of that
+    size for the memory figures), /fail answers 503 (a claim the filter releases), the rest
+    answers SMALL_BODY."""
+    routes = [
+        {"match": {"prefix": "/r/1k"}, "direct_response": direct("x" * 1024, 201)},
+        {"match": {"prefix": "/r/64k"}, "direct_response": direct("x" * 65536, 201)},
+        {"match": {"prefix": "/fail"}, "direct_response": direct("unavailable", 503)},
+        {"match": {"prefix": "/"}, "direct_response": direct(SMALL_BODY, 201)},
+    ]
+    return bootstrap(admin_port,
+                     [listener("upstream", port, routes, [BUFFER], max_direct_body=70_000)])
+
+
+def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None):
+    plugin_config = FILTER_CONFIG if plugin_config is None else plugin_config
+    to_upstream = [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "15s"}}]
+    cluster = {
+        "name": "upstream",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{
+            "endpoint": {"address": {"socket_address": {
+                "address": "127.0.0.1", "port_value": upstream_port}}}}]}]},
+    }
+    idempotency = wasm_filter("idempotency", FILTER_WASM, plugin_config)
+    if variant == "direct":
+        # Like a replay, the answer comes once the whole request has been read.
+        routes = [{"match": {"prefix": "/"}, "direct_response": direct(SMALL_BODY, 201)}]
+        return bootstrap(admin_port, [listener("proxy", port, routes, [BUFFER])])
+    filters = {
+        "plain": [],
+        "empty": [wasm_filter("empty", EMPTY_WASM, None)],
+        "filter": [idempotency],
+        "skip": [skip_unless_covered(idempotency)],
+        "matcher": [run_when_covered(idempotency)],
+    }[variant]
+    return bootstrap(admin_port, [listener("proxy", port, to_upstream, filters)], [cluster])
+
+
+# -- processes ------------------------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Envoy:
+    """One Envoy process, pinned to `cpu`, with its own admin port."""
+
+    live = []
+
+    def __init__(self, name, workdir, make_config, cpu):
+        self.name = name
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.cpu = cpu
+        self.workdir = workdir
+        self.config_path = workdir / f"{name}.json"
+        self.log_path = workdir / f"{name}.log"
+        self.config_path.write_text(json.dumps(make_config(self.port, self.admin_port), indent=1))
+        self.process = None
+
+    def validate(self):
+        result = subprocess.run(
+            [str(ENVOY), "--mode", "validate", "-c", str(self.config_path), "--log-level", "error"],
+            capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"{self.name}: envoy --mode validate failed:\n{result.stdout}{result.stderr}")
+
+    def start(self):
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                ["taskset", "-c", self.cpu, str(ENVOY), "-c", str(self.config_path),
+                 "--concurrency", "1", "--disable-hot-restart", "--log-level", "warn"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        Envoy.live.append(self)
+        return self
+
+    def wait_ready(self, timeout=30):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(f"{self.name}: Envoy exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if self.admin("/ready").strip() == "LIVE":
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise SystemExit(f"{self.name}: Envoy not ready after {timeout}s")
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self in Envoy.live:
+            Envoy.live.remove(self)
+
+    def admin(self, path):
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
+            return r.read().decode()
+
+    def stats(self, prefix="idempotency."):
+        """The filter's counters (shown as wasmcustom.idempotency.<name> in /stats)."""
+        out = {}
+        for line in self.admin("/stats?filter=" + prefix.replace(".", r"\.")).splitlines():
+            name, _, value = line.partition(": ")
+            head, found, tail = name.partition(prefix)
+            if found and value.strip().isdigit():
+                out[tail] = int(value)
+        return out
+
+    def cpu_seconds(self):
+        """utime + stime of every thread of the process, from /proc/<pid>/stat."""
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+    def rss_bytes(self):
+        with open(f"/proc/{self.process.pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE
+
+    def allocated_bytes(self):
+        """Bytes the allocator has handed out (admin /memory), a steadier figure than RSS."""
+        try:
+            return int(json.loads(self.admin("/memory"))["allocated"])
+        except (OSError, KeyError, ValueError):
+            return None
+
+
+def stop_all():
+    for envoy in list(Envoy.live):
+        envoy.stop()
+
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+
+def body_of(size, variant="a"):
+    """A JSON request body of exactly `size` bytes."""
+    head = '{"amount":1250,"currency":"eur","note":"'
+    return (head + variant * (size - len(head) - 2) + '"}').encode()
+
+
+def headers_for(scenario, key):
+    headers = {"authorization": AUTHORIZATION}
+    method, size, _, _ = SCENARIOS[scenario]
+    if method == "POST":
+        headers["content-type"] = "application/json"
+    if key is not None:
+        headers["idempotency-key"] = key
+    return headers
+
+
+def send(port, method, path, headers, body=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+    try:
+        conn.request(method, path, body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, dict((k.lower(), v) for k, v in response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+# -- wrk ------------------------------------------------------------------------------------
+
+WRK_DONE = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH {\"requests\":%d,\"duration_us\":%d,\"status_errors\":%d,\"socket_errors\":%d," ..
+    "\"p50_us\":%d,\"p99_us\":%d,\"mean_us\":%.1f}\n",
+    summary.requests, summary.duration, e.status, e.connect + e.read + e.write + e.timeout,
+    latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def lua_string(value):
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def wrk_script(scenario, run_id, key):
+    method, size, key_mode, _ = SCENARIOS[scenario]
+    lines = [f"wrk.method = {lua_string(method)}"]
+    for name, value in headers_for(scenario, None).items():
+        lines.append(f"wrk.headers[{lua_string(name)}] = {lua_string(value)}")
+    if size:
+        fill = "b" if key_mode == "other" else "a"
+        lines.append(f"wrk.body = {lua_string(body_of(size, fill).decode())}")
+    if key_mode == "unique":
+        # A new key per request: every request claims, forwards and stores a record.
+        lines += [
+            "local counter = 0",
+            f"local prefix = {lua_string(run_id + '-')}",
+            "request = function()",
+            "  counter = counter + 1",
+            "  wrk.headers['idempotency-key'] = prefix .. counter",
+            "  return wrk.format()",
+            "end",
+        ]
+    elif key is not None:
+        lines.append(f"wrk.headers['idempotency-key'] = {lua_string(key)}")
+    return "\n".join(lines) + "\n" + WRK_DONE
+
+
+def machine_busy_seconds():
+    """CPU time every CPU of the machine spent busy (not idle or waiting on I/O), /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / CLK_TCK
+
+
+def run_wrk(port, script_path, seconds, connections, path="/v1/payments"):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    result = subprocess.run(
+        ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
+         "--latency", "-s", str(script_path), f"http://127.0.0.1:{port}{path}"],
+        capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    line = next((l for l in result.stdout.splitlines() if l.startswith("BENCH ")), None)
+    if result.returncode != 0 or line is None:
+        raise SystemExit(f"wrk failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    figures = json.loads(line[len("BENCH "):])
+    figures["wrk_cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return figures
+
+
+# -- the measured runs ----------------------------------------------------------------------
+
+
+# Other work on the machine (CPU time outside the proxy, the upstream and wrk) above this many
+# CPUs makes a run suspect: it is run again, after waiting for a quieter moment.
+NOISY = 0.25
+
+
+def wait_for_quiet(limit_s=15.0):
+    deadline = time.time() + limit_s
+    while time.time() < deadline:
+        before = machine_busy_seconds()
+        time.sleep(0.5)
+        if (machine_busy_seconds() - before) / 0.5 < NOISY:
+            return
+
+
+class RetryBudget:
+    """Seconds the whole bench may spend running noisy runs again."""
+
+    def __init__(self, seconds):
+        self.left = seconds
+
+    def take(self, seconds):
+        if self.left < seconds:
+            return False
+        self.left -= seconds
+        return True
+
+
+def measure(proxy, upstream, scenario, workdir, seconds, connections, run_id, retries, budget):
+    """One wrk run of `scenario` against `proxy` (again, up to `retries` times while the budget
+    lasts, if other work on the machine competed with it); returns the figures of the quietest."""
+    method, size, key_mode, _ = SCENARIOS[scenario]
+    key = None
+    if key_mode in ("same", "other"):
+        # The record every request of the run meets: stored once, before the run.
+        key = f"{run_id}-seed"
+        status, headers, _ = send(proxy.port, "POST", "/v1/payments",
+                                  headers_for(scenario, key), body_of(size, "a"))
+        if status != 201:
+            raise SystemExit(f"{proxy.name}: seeding {scenario} answered {status}")
+    script = workdir / f"{scenario}.lua"
+    best = None
+    for attempt in range(retries + 1):
+        if attempt:
+            if not budget.take(seconds + 5):
+                break
+            wait_for_quiet(5.0)
+        script.write_text(wrk_script(scenario, f"{run_id}-{attempt}", key))
+        figures = one_run(proxy, upstream, script, seconds, connections)
+        figures["attempts"] = attempt + 1
+        if best is None or figures["other_load"] < best["other_load"]:
+            best = figures
+        if figures["other_load"] < NOISY:
+            break
+    return best
+
+
+def one_run(proxy, upstream, script, seconds, connections):
+    counted = proxy.name in ("filter", "skip", "matcher")
+    stats_before = proxy.stats() if counted else {}
+    cpu_before, up_before = proxy.cpu_seconds(), upstream.cpu_seconds()
+    machine_before, wall_before = machine_busy_seconds(), time.time()
+    figures = run_wrk(proxy.port, script, seconds, connections)
+    cpu, up_cpu = proxy.cpu_seconds() - cpu_before, upstream.cpu_seconds() - up_before
+    machine_busy = machine_busy_seconds() - machine_before
+    wall = time.time() - wall_before
+    stats_after = proxy.stats() if counted else {}
+    requests = max(figures["requests"], 1)
+    figures.update({
+        "rps": figures["requests"] / (figures["duration_us"] / 1e6),
+        "cpu_us_per_request": cpu * 1e6 / requests,
+        "proxy_busy": cpu / wall,
+        "load_core_busy": (figures["wrk_cpu_s"] + up_cpu) / wall,
+        "other_load": max(0.0, machine_busy - cpu - up_cpu - figures["wrk_cpu_s"]) / wall,
+        "counters": {k: v - stats_before.get(k, 0) for k, v in stats_after.items()
+                     if v - stats_before.get(k, 0)},
+    })
+    return figures
+
+
+def start_proxies(workdir, upstream, variants):
+    proxies = {}
+    for variant in variants:
+        envoy = Envoy(variant, workdir,
+                      lambda port, admin, v=variant: proxy_config(v, port, admin, upstream.port),
+                      PROXY_CPU)
+        proxies[variant] = envoy.start()
+    for envoy in proxies.values():
+        envoy.wait_ready()
+    return proxies
+
+
+def warm_up(proxies, workdir, connections):
+    """JIT tiers, connection pools and allocator caches settle before anything is measured."""
+    for variant, proxy in proxies.items():
+        for scenario in ("first-1k" if variant in ("filter", "skip", "matcher") else "nokey-1k",):
+            script = workdir / "warm.lua"
+            script.write_text(wrk_script(scenario, f"warm-{variant}-{time.time_ns()}", None))
+            run_wrk(proxy.port, script, 2, connections)
+    time.sleep(0.5)  # the last warm-up requests end before anything is counted
+
+
+BASELINES = ("plain", "empty", "direct")
+
+
+def plan_runs(args):
+    """Groups of (scenario, variant) runs, one group per scenario asked for; a baseline variant
+    runs the scenario standing for it (once)."""
+    seen, groups = set(), []
+    for scenario in args.scenarios:
+        group = []
+        for variant in args.variants:
+            run_as = baseline_scenario(scenario) if variant in BASELINES else scenario
+            if run_as in MATRIX[variant] and (variant, run_as) not in seen:
+                seen.add((variant, run_as))
+                group.append((run_as, variant))
+        if group:
+            groups.append(group)
+    return groups
+
+
+def rounds(workdir, upstream, args):
+    runs = {}  # (variant, scenario) -> [figures per round]
+    budget = RetryBudget(args.retry_budget)
+    groups = plan_runs(args)
+    total = sum(len(g) for g in groups) * args.rounds
+    done = 0
+    for number in range(args.rounds):
+        # Fresh proxies each round: the stores start empty, so first POSTs never fill them.
+        proxies = start_proxies(workdir, upstream, args.variants)
+        try:
+            warm_up(proxies, workdir, args.connections)
+            # Rotate the order of variants each round, so drift does not favour one of them.
+            for group in groups:
+                shift = number % len(group)
+                for s, v in group[shift:] + group[:shift]:
+                    done += 1
+                    run_id = f"r{number}-{v}-{s}-{time.time_ns()}"
+                    figures = measure(proxies[v], upstream, s, workdir, args.seconds,
+                                      args.connections, run_id, args.retries, budget)
+                    runs.setdefault((v, s), []).append(figures)
+                    print(f"  [{done:3}/{total}] round {number + 1} {v:8} {s:13} "
+                          f"{figures['rps']:9.0f} req/s  p50 {figures['p50_us'] / 1000:6.2f} ms  "
+                          f"p99 {figures['p99_us'] / 1000:6.2f} ms  "
+                          f"{figures['cpu_us_per_request']:6.1f} us/req  "
+                          f"proxy busy {figures['proxy_busy']:4.0%}  "
+                          f"load core {figures['load_core_busy']:4.0%}  "
+                          f"other {figures['other_load']:4.0%}"
+                          + (f" (try {figures['attempts']})" if figures['attempts'] > 1 else "")
+                          + (f"  non-2xx {figures['status_errors']}" if figures['status_errors'] else "")
+                          + (f"  {figures['counters']}" if figures['counters'] else ""),
+                          flush=True)
+        finally:
+            for proxy in proxies.values():
+                proxy.stop()
+    return runs
+
+
+def median_of(runs, key):
+    return statistics.median(run[key] for run in runs)
+
+
+def summarise(runs):
+    summary = {}
+    for (variant, scenario), figures in runs.items():
+        counters = {}
+        for f in figures:
+            for k, v in f["counters"].items():
+                counters[k] = counters.get(k, 0) + v
+        summary[(variant, scenario)] = {
+            "rps": median_of(figures, "rps"),
+            "p50_us": median_of(figures, "p50_us"),
+            "p99_us": median_of(figures, "p99_us"),
+            "cpu_us_per_request": median_of(figures, "cpu_us_per_request"),
+            "proxy_busy": median_of(figures, "proxy_busy"),
+            "load_core_busy": max(f["load_core_busy"] for f in figures),
+            "other_load": max(f["other_load"] for f in figures),
+            "status_errors": sum(f["status_errors"] for f in figures),
+            "socket_errors": sum(f["socket_errors"] for f in figures),
+            "requests": sum(f["requests"] for f in figures),
+            "counters": counters,
+            "rounds": [round(f["rps"]) for f in figures],
+            "per_round": [{"rps": f["rps"], "cpu_us_per_request": f["cpu_us_per_request"]}
+                          for f in figures],
+        }
+    return summary
+
+
+def figure_for(summary, variant, scenario):
+    if variant in ("plain", "empty", "direct"):
+        scenario = baseline_scenario(scenario)
+    return summary.get((variant, scenario))
+
+
+# -- memory per record ----------------------------------------------------------------------
+
+
+def fill(port, path, size, count, prefix, connections=4):
+    """Sends `count` first POSTs with new keys to `path`, over a few kept-alive connections."""
+    body = body_of(size)
+    statuses = {}
+    lock = threading.Lock()
+
+    def worker(start):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=15)
+        for n in range(start, count, connections):
+            conn.request("POST", path, body=body, headers=headers_for("first-1k", f"{prefix}-{n}"))
+            response = conn.getresponse()
+            response.read()
+            with lock:
+                statuses[response.status] = statuses.get(response.status, 0) + 1
+        conn.close()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(connections)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+def snapshot(envoy):
+    """(RSS, allocated bytes, records stored so far), once RSS stops moving."""
+    time.sleep(1.0)
+    last = envoy.rss_bytes()
+    for _ in range(10):
+        time.sleep(0.3)
+        now = envoy.rss_bytes()
+        if abs(now - last) < 64 * 1024:
+            break
+        last = now
+    return envoy.rss_bytes(), envoy.allocated_bytes(), envoy.stats().get("stored", 0)
+
+
+# size: (label, upstream path answering a body of that size, body bytes, table capacity,
+#        records stored to use up the allocator's free heap, records measured)
+MEMORY_CASES = {
+    "1k": ("1 KiB", "/r/1k", 1024, 65_536, 12_000, 16_000),
+    "64k": ("64 KiB", "/r/64k", 65_536, 4_096, 500, 1_000),
+}
+
+
+def memory(workdir, upstream, cases):
+    """Memory of the proxy per stored record.
+
+    Buckets (the state of 16 records each) are created on first use and then stay, so the table
+    is first touched all over by claims the filter releases (the upstream answers 503 on /fail,
+    sent by wrk with a new key per request): what is left is what one more record costs. Then a
+    first batch of records uses up the free heap Envoy's allocator already holds (resident, so
+    RSS would not see the records that land in it), and the second batch is measured: RSS growth
+    (/proc/<pid>/statm) and allocated-bytes growth (admin /memory), over the records stored
+    (the filter's `stored` counter).
+    """
+    results = []
+    for label, path, size, capacity, absorb, count in cases:
+        plugin = dict(FILTER_CONFIG, capacity_records=capacity)
+        envoy = Envoy(f"memory-{size}", workdir,
+                      lambda port, admin: proxy_config("filter", port, admin, upstream.port, plugin),
+                      PROXY_CPU).start().wait_ready()
+        try:
+            fill(envoy.port, path, size, 50, f"warm-{size}")
+            before_touch = snapshot(envoy)
+            script = workdir / "touch.lua"
+            script.write_text(wrk_script("first-1k", f"touch-{size}-{time.time_ns()}", None))
+            buckets = capacity // 16
+            # Enough claims for every bucket to have been hit (coupon collector, with margin).
+            seconds = 2 + int(buckets * 12 / 5000)
+            run_wrk(envoy.port, script, seconds, 16, path="/fail")
+            touched = snapshot(envoy)
+            fill(envoy.port, path, size, absorb, f"absorb-{size}")
+            start = snapshot(envoy)
+            statuses = fill(envoy.port, path, size, count, f"fill-{size}")
+            end = snapshot(envoy)
+            stored = max(end[2] - start[2], 1)
+            _, headers, sample = send(envoy.port, "POST", path,
+                                      headers_for("first-1k", f"fill-{size}-0"), body_of(size))
+            results.append({
+                "label": label,
+                "body_bytes": len(sample),
+                "replayed": headers.get("idempotent-replayed") == "true",
+                "requested": count,
+                "stored": end[2] - start[2],
+                "statuses": statuses,
+                "capacity_records": capacity,
+                "rss_per_record": (end[0] - start[0]) / stored,
+                "allocated_per_record": (None if end[1] is None or start[1] is None
+                                         else (end[1] - start[1]) / stored),
+                "table_allocated_per_capacity_record": (
+                    None if touched[1] is None or before_touch[1] is None
+                    else (touched[1] - before_touch[1]) / capacity),
+                "rss_total": end[0],
+            })
+        finally:
+            envoy.stop()
+    return results
+
+
+# -- report ---------------------------------------------------------------------------------
+
+
+def machine():
+    model, mhz = "unknown CPU", None
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model == "unknown CPU":
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("cpu MHz") and mhz is None:
+                mhz = float(line.split(":", 1)[1])
+    except OSError:
+        pass
+    cpus = os.cpu_count()
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    mem = ""
+    try:
+        kb = int(next(l for l in open("/proc/meminfo") if l.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 1024 / 1024:.0f} GiB RAM"
+    except (OSError, StopIteration):
+        pass
+    envoy_version = subprocess.run([str(ENVOY), "--version"], capture_output=True, text=True).stdout
+    envoy_version = envoy_version.strip().split("version:")[-1].strip()
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("[")[0]
+    return (f"{model}" + (f" at {mhz:.0f} MHz" if mhz else "") + f", nproc {nproc} ({cpus} CPUs)"
+            f"{mem}; Linux {platform.release()}; Envoy {envoy_version}; {wrk_version.strip()}")
+
+
+def fmt_ratio(value):
+    return "–" if value is None else f"{value:.2f}×"
+
+
+WHO = {"filter": "filter alone", "skip": "SkipFilter matcher", "matcher": "composite matcher"}
+
+
+def targets():
+    """(scenario, variant, against, at least, label) for every target of the issue."""
+    out = []
+    for scenario, what in (("get", "GET"), ("nokey-1k", "POST without a key, 1 KiB"),
+                           ("nokey-64k", "POST without a key, 64 KiB")):
+        for variant in ("filter", "skip", "matcher"):
+            out.append((scenario, variant, "plain", 0.97, f"{what} ≥ 0.97× plain ({WHO[variant]})"))
+    for size in ("1k", "64k"):
+        kib = "1 KiB" if size == "1k" else "64 KiB"
+        for variant in ("filter", "matcher"):
+            out.append((f"first-{size}", variant, "plain", 0.85,
+                        f"first POST ≥ 0.85× plain, {kib} ({WHO[variant]})"))
+        for variant in ("filter", "matcher"):
+            out.append((f"replay-{size}", variant, "plain", 1.3,
+                        f"replay ≥ 1.3× plain, {kib} ({WHO[variant]})"))
+            out.append((f"replay-{size}", variant, "direct", 0.7,
+                        f"replay ≥ 0.7× direct_response, {kib} ({WHO[variant]})"))
+    return out
+
+
+def per_round_ratios(summary, scenario, variant, against, key):
+    """`key` of `variant` over `key` of `against`, round by round: the two runs of a round ran
+    seconds apart, so whatever else slowed the machine down then slowed both."""
+    mine, theirs = figure_for(summary, variant, scenario), figure_for(summary, against, scenario)
+    if not mine or not theirs:
+        return []
+    return [a[key] / b[key] for a, b in zip(mine["per_round"], theirs["per_round"]) if b[key]]
+
+
+def ratio(summary, scenario, variant, against):
+    """Requests/s of `variant` over those of `against`: the median of the per-round ratios."""
+    ratios = per_round_ratios(summary, scenario, variant, against, "rps")
+    return statistics.median(ratios) if ratios else None
+
+
+def ratio_range(summary, scenario, variant, against):
+    ratios = per_round_ratios(summary, scenario, variant, against, "rps")
+    return (min(ratios), max(ratios)) if ratios else None
+
+
+def cpu_ratio(summary, scenario, variant, against):
+    """The same from the proxy's CPU per request (theirs over mine): what the ratio would be on
+    a saturated core, less sensitive to how much of its core the proxy got."""
+    ratios = per_round_ratios(summary, scenario, variant, against, "cpu_us_per_request")
+    return statistics.median(1 / r for r in ratios) if ratios else None
+
+
+def report(summary, mem, args, elapsed):
+    lines = []
+    lines.append("# Benchmark results\n")
+    lines.append("Generated by `make bench` (bench/run.py); do not edit by hand.\n")
+    lines.append(f"- Machine: {machine()}")
+    lines.append(f"- Proxy: Envoy `--concurrency 1` pinned to CPU {PROXY_CPU} (`taskset`); "
+                 f"wrk (1 thread, {args.connections} connections) and the upstream Envoy "
+                 f"(`direct_response`, `--concurrency 1`) pinned to CPU {LOAD_CPU}.")
+    lines.append(f"- {args.rounds} interleaved rounds × {args.seconds} s per run; figures are medians "
+                 f"over the rounds; the proxies restart, with empty stores, at each round. "
+                 f"Whole run: {elapsed / 60:.1f} min.")
+    lines.append(f"- Filter configuration: `{json.dumps(FILTER_CONFIG)}`; requests carry "
+                 f"`authorization` (the record's scope). Every POST is answered by the upstream "
+                 f"with a {len(SMALL_BODY)}-byte body, the response a record stores.")
+    lines.append("- Reproduce: `make bench` (or `python3 bench/run.py --help` for shorter runs).\n")
+
+    lines.append("## Throughput and latency\n")
+    lines.append("Requests/s, latency and CPU are medians over the rounds. CPU is the proxy "
+                 "Envoy's (utime + stime from `/proc/<pid>/stat`) per request. `vs plain` and "
+                 "`vs direct` are requests/s against plain Envoy (router only) and against Envoy "
+                 "answering with `direct_response`: the median of the ratios within each round. "
+                 "Plain, empty and direct do the same work for every POST of a body size, so one "
+                 "key-less run per size stands for all of them. Conflicts are answered 409, "
+                 "hence their non-2xx.\n")
+    lines.append("| scenario | variant | req/s | p50 ms | p99 ms | CPU µs/req | vs plain | vs direct | non-2xx | filter counters |")
+    lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for scenario in args.scenarios:
+        for variant in args.variants:
+            if scenario not in MATRIX[variant]:
+                continue
+            f = summary.get((variant, scenario))
+            if not f:
+                continue
+            counters = ", ".join(f"{k} {v}" for k, v in sorted(f["counters"].items()))
+            lines.append(
+                f"| {SCENARIOS[scenario][3]} | {VARIANTS[variant]} | {f['rps']:,.0f} | "
+                f"{f['p50_us'] / 1000:.2f} | {f['p99_us'] / 1000:.2f} | "
+                f"{f['cpu_us_per_request']:.1f} | "
+                f"{fmt_ratio(ratio(summary, scenario, variant, 'plain'))} | "
+                f"{fmt_ratio(ratio(summary, scenario, variant, 'direct'))} | "
+                f"{f['status_errors']:,} | {counters} |")
+    lines.append("")
+    busy = [f["load_core_busy"] for f in summary.values()] or [0]
+    proxy_busy = [f["proxy_busy"] for f in summary.values()] or [0]
+    other = [f["other_load"] for f in summary.values()] or [0]
+    lines.append(f"Proxy core busy: {min(proxy_busy):.0%}–{max(proxy_busy):.0%} of a CPU "
+                 f"(the proxy is the bottleneck when this is near 100%); load-generator core busy "
+                 f"(wrk + upstream): at most {max(busy):.0%}. Other work on the machine during "
+                 f"the runs kept (CPU time outside the proxy, the upstream and wrk): median "
+                 f"{statistics.median(other):.0%}, at most {max(other):.0%} of a CPU; a run "
+                 f"with more than {NOISY:.0%} is run again when the time allows.\n")
+    lines.append("![requests per second](results.svg)\n")
+
+    lines.append("## Targets\n")
+    lines.append("Measured is the median over the rounds of the ratio of requests/s within a "
+                 "round (the two runs of a round ran seconds apart), with the lowest and highest "
+                 "of those ratios; the CPU column is the same from the proxy's CPU per request, "
+                 "which does not depend on how much of its core the proxy got.\n")
+    lines.append("| target | measured | per-round range | from CPU/request | met |")
+    lines.append("|---|---:|---:|---:|:---:|")
+    for scenario, variant, against, least, label in targets():
+        if scenario not in args.scenarios or variant not in args.variants:
+            continue
+        r = ratio(summary, scenario, variant, against)
+        c = cpu_ratio(summary, scenario, variant, against)
+        spread = ratio_range(summary, scenario, variant, against)
+        spread = "–" if spread is None else f"{spread[0]:.2f}–{spread[1]:.2f}"
+        lines.append(f"| {label} | {fmt_ratio(r)} | {spread} | {fmt_ratio(c)} | "
+                     f"{'yes' if r is not None and r >= least else 'no'} |")
+    for m in mem:
+        limit = m["body_bytes"] + 256
+        lines.append(f"| memory ≤ record + 256 B, {m['label']} record (RSS) | "
+                     f"{m['rss_per_record']:,.0f} B (limit {limit:,}) | | | "
+                     f"{'yes' if m['rss_per_record'] <= limit else 'no'} |")
+        if m["allocated_per_record"] is not None:
+            lines.append(f"| memory ≤ record + 256 B, {m['label']} record (allocated) | "
+                         f"{m['allocated_per_record']:,.0f} B (limit {limit:,}) | | | "
+                         f"{'yes' if m['allocated_per_record'] <= limit else 'no'} |")
+    lines.append("")
+
+    if mem:
+        lines.append("## Memory per stored record\n")
+        lines.append("A record here is the upstream's answer to a first POST: status, headers "
+                     "(`content-type`, `date`, `server`, `location`) and a body of the size shown. "
+                     "Growth of the proxy's resident memory (`/proc/<pid>/statm`) and of the bytes "
+                     "Envoy's allocator has handed out (admin `/memory`, `allocated`) over the "
+                     "records stored (the filter's `stored` counter), in a table whose buckets "
+                     "already exist, after a first batch of records has used up the free heap the "
+                     "allocator held. The buckets themselves (the state of 16 records each, "
+                     "created on first use and never freed) cost the last column per record of "
+                     "`capacity_records`, stored or not.\n")
+        lines.append("| record body | capacity_records | records measured | RSS per record | "
+                     "allocated per record | allocated over the body | buckets, per record of capacity |")
+        lines.append("|---|---:|---:|---:|---:|---:|---:|")
+        for m in mem:
+            alloc = m["allocated_per_record"]
+            table = m["table_allocated_per_capacity_record"]
+            lines.append(
+                f"| {m['label']} ({m['body_bytes']:,} B) | {m['capacity_records']:,} | "
+                f"{m['stored']:,} of {m['requested']:,} | {m['rss_per_record']:,.0f} B | "
+                + ("– | – | " if alloc is None else
+                   f"{alloc:,.0f} B | {alloc - m['body_bytes']:,.0f} B | ")
+                + ("– |" if table is None else f"{table:,.0f} B |"))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def pivot_table(summary, args):
+    """One row per scenario, one column per variant: requests/s (ratio to plain Envoy)."""
+    head = "| scenario | " + " | ".join(VARIANTS[v] for v in args.variants) + " |"
+    lines = [head, "|---|" + "---:|" * len(args.variants)]
+    for scenario in args.scenarios:
+        cells = []
+        for variant in args.variants:
+            f = figure_for(summary, variant, scenario)
+            ran = scenario in MATRIX[variant] or variant in BASELINES
+            if f is None or not ran:
+                cells.append("")
+                continue
+            r = ratio(summary, scenario, variant, "plain")
+            cells.append(f"{f['rps']:,.0f}" + ("" if variant == "plain" or r is None
+                                               else f" ({r:.2f}×)"))
+        lines.append(f"| {SCENARIOS[scenario][3]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+README_BEGIN = "<!-- results:begin (written by bench/run.py) -->"
+README_END = "<!-- results:end -->"
+
+
+def update_readme(path, summary, mem, args):
+    """Replaces the results block of bench/README.md with this run's tables."""
+    if not path.exists():
+        return
+    text = path.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        return
+    block = [README_BEGIN, "",
+             f"{machine_short()}. {args.rounds} interleaved rounds × {args.seconds} s; "
+             f"requests/s (ratio to plain Envoy, median of the per-round ratios). "
+             f"Every figure, with latency and CPU per request: [results.md](results.md).", "",
+             pivot_table(summary, args), "", "![requests per second](results.svg)", ""]
+    met = [(label, ratio(summary, s, v, a), least) for s, v, a, least, label in targets()
+           if s in args.scenarios and v in args.variants]
+    block += ["| target | measured | met |", "|---|---:|:---:|"]
+    block += [f"| {label} | {fmt_ratio(r)} | {'yes' if r is not None and r >= least else 'no'} |"
+              for label, r, least in met]
+    for m in mem:
+        limit = m["body_bytes"] + 256
+        block.append(f"| memory ≤ record + 256 B, {m['label']} record | "
+                     f"{m['rss_per_record']:,.0f} B resident per record (limit {limit:,}) | "
+                     f"{'yes' if m['rss_per_record'] <= limit else 'no'} |")
+    block += ["", README_END]
+    start = text.index(README_BEGIN)
+    end = text.index(README_END) + len(README_END)
+    path.write_text(text[:start] + "\n".join(block) + text[end:])
+
+
+def svg_chart(summary, args):
+    """Grouped horizontal bars: requests/s per scenario and variant, with the ratio to plain."""
+    colours = {"plain": "#4c78a8", "empty": "#9ecae9", "filter": "#f58518",
+               "skip": "#ff9da6", "matcher": "#e45756", "direct": "#54a24b"}
+    rows = []
+    for scenario in args.scenarios:
+        group = []
+        for variant in args.variants:
+            f = figure_for(summary, variant, scenario)
+            if f is not None and (scenario in MATRIX[variant] or variant in ("plain", "direct")):
+                group.append((variant, f["rps"], ratio(summary, scenario, variant, "plain")))
+        if group:
+            rows.append((scenario, group))
+    top = max(rps for _, g in rows for _, rps, _ in g) if rows else 1
+    bar, gap, label_w, width = 14, 14, 270, 960
+    plot_w = width - label_w - 130
+    per_row = 3
+    legend_rows = (len(args.variants) + per_row - 1) // per_row
+    first_bar = 44 + 18 * legend_rows
+    height = first_bar + sum(len(g) * bar + gap for _, g in rows) + 40
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+           f'font-family="sans-serif" font-size="12">',
+           f'<rect width="{width}" height="{height}" fill="white"/>',
+           f'<text x="{width / 2}" y="22" text-anchor="middle" font-size="15" font-weight="bold">'
+           f'Requests/s through one Envoy worker (median of {args.rounds} rounds)</text>']
+    for n, variant in enumerate(args.variants):
+        x, y = 20 + (n % per_row) * 310, 36 + 18 * (n // per_row)
+        out.append(f'<rect x="{x}" y="{y}" width="12" height="12" fill="{colours[variant]}"/>'
+                   f'<text x="{x + 16}" y="{y + 10}">{VARIANTS[variant]}</text>')
+    y = first_bar
+    for scenario, group in rows:
+        mid = y + len(group) * bar / 2
+        out.append(f'<text x="{label_w - 8}" y="{mid + 4}" text-anchor="end">'
+                   f'{SCENARIOS[scenario][3]}</text>')
+        for variant, rps, r in group:
+            w = plot_w * rps / top
+            out.append(f'<rect x="{label_w}" y="{y}" width="{w:.1f}" height="{bar - 2}" '
+                       f'fill="{colours[variant]}"/>')
+            text = f"{rps:,.0f}" + (f" ({r:.2f}×)" if r is not None and variant != "plain" else "")
+            out.append(f'<text x="{label_w + w + 4:.1f}" y="{y + bar - 4}" font-size="10">{text}</text>')
+            y += bar
+        y += gap
+    out.append(f'<line x1="{label_w}" y1="{first_bar - 4}" x2="{label_w}" y2="{y}" stroke="#333"/>')
+    out.append(f'<text x="{label_w}" y="{y + 18}" font-size="10" fill="#555">'
+               f'ratio to plain Envoy in brackets; {machine_short()}</text>')
+    out.append("</svg>")
+    return "\n".join(out) + "\n"
+
+
+def machine_short():
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                  if l.startswith("model name")), "unknown CPU")
+    return f"{model}, {os.cpu_count()} CPUs; proxy on 1 CPU, wrk + upstream on the other"
+
+
+# -- main -----------------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=2, help="length of one wrk run")
+    parser.add_argument("--connections", type=int, default=CONNECTIONS)
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--retries", type=int, default=2,
+                        help="runs again a run that other work on the machine competed with")
+    parser.add_argument("--retry-budget", type=int, default=60,
+                        help="seconds the whole bench may spend on such runs")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory figures")
+    parser.add_argument("--memory", default="1k,64k",
+                        help="record sizes for the memory figures (1k, 64k)")
+    parser.add_argument("--out", default=str(BENCH), help="where results.* are written")
+    parser.add_argument("--validate-only", action="store_true",
+                        help="write and validate the Envoy configurations, then stop")
+    args = parser.parse_args()
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    args.variants = [v for v in args.variants.split(",") if v]
+    args.memory = [m for m in args.memory.split(",") if m]
+    for name in args.memory:
+        if name not in MEMORY_CASES:
+            parser.error(f"unknown record size {name}")
+    for name in args.scenarios:
+        if name not in SCENARIOS:
+            parser.error(f"unknown scenario {name}")
+    for name in args.variants:
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name}")
+    for tool in ("wrk", "taskset"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found (make bench installs wrk)")
+    for path in (ENVOY, FILTER_WASM, EMPTY_WASM):
+        if not path.exists():
+            raise SystemExit(f"missing {path.relative_to(ROOT) if ROOT in path.parents else path} "
+                             f"(make bench builds it)")
+    if (os.cpu_count() or 1) < 2:
+        raise SystemExit("needs 2 CPUs: one for the proxy, one for wrk and the upstream")
+
+    workdir = BENCH / ".work"
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    started = time.time()
+
+    upstream = Envoy("upstream", workdir, upstream_config, LOAD_CPU)
+    upstream.validate()
+    for variant in VARIANTS:
+        Envoy(variant, workdir,
+              lambda port, admin, v=variant: proxy_config(v, port, admin, upstream.port),
+              PROXY_CPU).validate()
+    print(f"configurations valid ({workdir.relative_to(ROOT)})")
+    if args.validate_only:
+        return
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    try:
+        upstream.start().wait_ready()
+        plan = sum(len(g) for g in plan_runs(args))
+        print(f"{args.rounds} rounds x {plan} runs x {args.seconds} s "
+              f"(proxy on CPU {PROXY_CPU}; wrk and upstream on CPU {LOAD_CPU})", flush=True)
+        runs = rounds(workdir, upstream, args)
+        mem = []
+        if not args.no_memory:
+            print("memory per record:", flush=True)
+            mem = memory(workdir, upstream, [MEMORY_CASES[size] for size in args.memory])
+            for m in mem:
+                alloc = m["allocated_per_record"]
+                print(f"  {m['label']}: {m['rss_per_record']:,.0f} B RSS, "
+                      + ("" if alloc is None else f"{alloc:,.0f} B allocated ")
+                      + f"per record ({m['stored']} stored)", flush=True)
+    finally:
+        stop_all()
+    summary = summarise(runs)
+    elapsed = time.time() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = report(summary, mem, args, elapsed)
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.svg").write_text(svg_chart(summary, args))
+    update_readme(out / "README.md", summary, mem, args)
+    (out / "results.json").write_text(json.dumps({
+        "machine": machine(),
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "runs": [{"variant": v, "scenario": s, "rounds": f} for (v, s), f in runs.items()],
+        "memory": mem,
+    }, indent=1) + "\n")
+    print()
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
