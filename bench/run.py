@@ -14,6 +14,8 @@ Runs, on one machine and in one go:
       matcher   this filter run by Envoy's composite filter only for requests it can cover
                 (ExtensionWithMatcher + ExecuteFilterAction: envoy/envoy-matcher.yaml)
       direct    ``direct_response`` at the proxy: the limit for an answer made at the edge
+      routes    (not run by default) this filter, turned off by a route for requests it cannot
+                cover: each route has a twin matching the method and the key header
   * wrk, pinned to CPU 1 (with the upstream).
 
 Each scenario runs against each variant in interleaved rounds; the figures are medians over the
@@ -74,7 +76,9 @@ VARIANTS = {
     "skip": "Envoy + this filter, SkipFilter matcher",
     "matcher": "Envoy + this filter, composite matcher",
     "direct": "Envoy direct_response",
+    "routes": "Envoy + this filter, off by route",
 }
+DEFAULT_VARIANTS = ["plain", "empty", "filter", "skip", "matcher", "direct"]
 
 # name: (method, request body bytes, key: None | "unique" | "same" | "other", description)
 SCENARIOS = {
@@ -101,6 +105,7 @@ MATRIX = {
     # requests run the filter as without it (the composite matcher runs every scenario).
     "skip": ["get", "nokey-1k", "nokey-64k"],
     "matcher": list(SCENARIOS),
+    "routes": ["get", "nokey-1k", "nokey-64k"],
 }
 
 
@@ -306,6 +311,19 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None):
         # Like a replay, the answer comes once the whole request has been read.
         routes = [{"match": {"prefix": "/"}, "direct_response": direct(SMALL_BODY, 201)}]
         return bootstrap(admin_port, [listener("proxy", port, routes, [BUFFER])])
+    if variant == "routes":
+        # Covered requests take the first route; the rest take its twin, which turns the wasm
+        # filter off: Envoy then never creates it for them.
+        covered = {"match": {"prefix": "/", "headers": [
+            {"name": ":method", "string_match": {"safe_regex": {"regex": "^(POST|PATCH)$"}}},
+            {"name": "idempotency-key", "present_match": True}]},
+            "route": {"cluster": "upstream", "timeout": "15s"}}
+        other = {"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "15s"},
+                 "typed_per_filter_config": {idempotency["name"]: {
+                     "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                     "disabled": True}}}
+        return bootstrap(admin_port, [listener("proxy", port, [covered, other], [idempotency])],
+                         [cluster])
     filters = {
         "plain": [],
         "empty": [wasm_filter("empty", EMPTY_WASM, None)],
@@ -573,7 +591,7 @@ def measure(proxy, upstream, scenario, workdir, seconds, connections, run_id, re
 
 
 def one_run(proxy, upstream, script, seconds, connections):
-    counted = proxy.name in ("filter", "skip", "matcher")
+    counted = proxy.name in ("filter", "skip", "matcher", "routes")
     stats_before = proxy.stats() if counted else {}
     cpu_before, up_before = proxy.cpu_seconds(), upstream.cpu_seconds()
     machine_before, wall_before = machine_busy_seconds(), time.time()
@@ -610,7 +628,7 @@ def start_proxies(workdir, upstream, variants):
 def warm_up(proxies, workdir, connections):
     """JIT tiers, connection pools and allocator caches settle before anything is measured."""
     for variant, proxy in proxies.items():
-        for scenario in ("first-1k" if variant in ("filter", "skip", "matcher") else "nokey-1k",):
+        for scenario in ("first-1k" if variant in ("filter", "skip", "matcher", "routes") else "nokey-1k",):
             script = workdir / "warm.lua"
             script.write_text(wrk_script(scenario, f"warm-{variant}-{time.time_ns()}", None))
             run_wrk(proxy.port, script, 2, connections)
@@ -844,7 +862,8 @@ def fmt_ratio(value):
     return "–" if value is None else f"{value:.2f}×"
 
 
-WHO = {"filter": "filter alone", "skip": "SkipFilter matcher", "matcher": "composite matcher"}
+WHO = {"filter": "filter alone", "skip": "SkipFilter matcher", "matcher": "composite matcher",
+       "routes": "off by route"}
 
 
 def targets():
@@ -852,7 +871,7 @@ def targets():
     out = []
     for scenario, what in (("get", "GET"), ("nokey-1k", "POST without a key, 1 KiB"),
                            ("nokey-64k", "POST without a key, 64 KiB")):
-        for variant in ("filter", "skip", "matcher"):
+        for variant in ("filter", "skip", "matcher", "routes"):
             out.append((scenario, variant, "plain", 0.97, f"{what} ≥ 0.97× plain ({WHO[variant]})"))
     for size in ("1k", "64k"):
         kib = "1 KiB" if size == "1k" else "64 KiB"
@@ -1009,7 +1028,7 @@ def pivot_table(summary, args):
         cells = []
         for variant in args.variants:
             f = figure_for(summary, variant, scenario)
-            ran = scenario in MATRIX[variant] or variant in BASELINES
+            ran = scenario in MATRIX[variant] or variant in ("plain", "direct")
             if f is None or not ran:
                 cells.append("")
                 continue
@@ -1055,7 +1074,8 @@ def update_readme(path, summary, mem, args):
 def svg_chart(summary, args):
     """Grouped horizontal bars: requests/s per scenario and variant, with the ratio to plain."""
     colours = {"plain": "#4c78a8", "empty": "#9ecae9", "filter": "#f58518",
-               "skip": "#ff9da6", "matcher": "#e45756", "direct": "#54a24b"}
+               "skip": "#ff9da6", "matcher": "#e45756", "direct": "#54a24b",
+               "routes": "#b279a2"}
     rows = []
     for scenario in args.scenarios:
         group = []
@@ -1116,7 +1136,8 @@ def main():
     parser.add_argument("--seconds", type=int, default=2, help="length of one wrk run")
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"among {','.join(VARIANTS)}")
     parser.add_argument("--retries", type=int, default=2,
                         help="runs again a run that other work on the machine competed with")
     parser.add_argument("--retry-budget", type=int, default=60,
@@ -1157,7 +1178,7 @@ def main():
 
     upstream = Envoy("upstream", workdir, upstream_config, LOAD_CPU)
     upstream.validate()
-    for variant in VARIANTS:
+    for variant in args.variants:
         Envoy(variant, workdir,
               lambda port, admin, v=variant: proxy_config(v, port, admin, upstream.port),
               PROXY_CPU).validate()
