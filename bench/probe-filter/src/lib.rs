@@ -1,0 +1,229 @@
+//! Repeats one operation `repeat` times per request, so that the cost of one operation is the
+//! difference in CPU per request between two repeat counts. Configured by a plugin configuration
+//! of `key=value` words, e.g. `op=shared_get size=1400 repeat=8 phase=body`:
+//!
+//! - `op`: none, header, headers, body, sha256, xxh3, blake3, shared_get, shared_set, time,
+//!   metric, property, alloc, reply
+//! - `size`: bytes for sha256, alloc and the shared-data value
+//! - `phase`: `headers` (in the request headers callback) or `body` (the headers callback pauses
+//!   until the whole body has arrived, as the Idempotency-Key filter does)
+//!
+//! Counts the HTTP contexts it creates and the streams it sees end (`probe.contexts`,
+//! `probe.logs`), which shows whether Envoy entered the VM for a request at all.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use sha2::{Digest, Sha256};
+use std::rc::Rc;
+use std::time::Duration;
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Warn);
+    proxy_wasm::set_root_context(|_| Box::new(Root { plan: None }));
+}}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Op {
+    None,
+    Header,
+    Headers,
+    Body,
+    Sha256,
+    Xxh3,
+    Blake3,
+    SharedGet,
+    SharedSet,
+    Time,
+    Metric,
+    Property,
+    Alloc,
+    Reply,
+}
+
+struct Plan {
+    op: Op,
+    size: usize,
+    repeat: usize,
+    in_body: bool,
+    data: Vec<u8>,
+    contexts: u32,
+    logs: u32,
+    scratch: u32,
+}
+
+struct Root {
+    plan: Option<Rc<Plan>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let config = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let config = String::from_utf8_lossy(&config).into_owned();
+        let (mut op, mut size, mut repeat, mut in_body) = (Op::None, 0usize, 1usize, false);
+        for word in config.split_whitespace() {
+            let (name, value) = word.split_once('=').unwrap_or((word, ""));
+            match name {
+                "op" => {
+                    op = match value {
+                        "header" => Op::Header,
+                        "headers" => Op::Headers,
+                        "body" => Op::Body,
+                        "sha256" => Op::Sha256,
+                        "xxh3" => Op::Xxh3,
+                        "blake3" => Op::Blake3,
+                        "shared_get" => Op::SharedGet,
+                        "shared_set" => Op::SharedSet,
+                        "time" => Op::Time,
+                        "metric" => Op::Metric,
+                        "property" => Op::Property,
+                        "alloc" => Op::Alloc,
+                        "reply" => Op::Reply,
+                        _ => Op::None,
+                    }
+                }
+                "size" => size = value.parse().unwrap_or(0),
+                "repeat" => repeat = value.parse().unwrap_or(1),
+                "phase" => in_body = value == "body",
+                _ => {}
+            }
+        }
+        let metric = |name| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
+        let data = vec![0x5a; size];
+        if op == Op::SharedGet {
+            let _ = hostcalls::set_shared_data("probe/get", Some(&data), None);
+        }
+        self.plan = Some(Rc::new(Plan {
+            op,
+            size,
+            repeat,
+            in_body,
+            data,
+            contexts: metric("probe.contexts"),
+            logs: metric("probe.logs"),
+            scratch: metric("probe.scratch"),
+        }));
+        let _ = hostcalls::set_tick_period(Duration::from_secs(0));
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let plan = self.plan.clone()?;
+        let _ = hostcalls::increment_metric(plan.contexts, 1);
+        Some(Box::new(Probe { plan }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+struct Probe {
+    plan: Rc<Plan>,
+}
+
+impl Probe {
+    /// Runs the operation; true if it answered the request itself.
+    fn work(&self, body_size: usize) -> bool {
+        let plan = &self.plan;
+        let mut sink = 0usize;
+        for _ in 0..plan.repeat {
+            match plan.op {
+                Op::None => {}
+                Op::Header => {
+                    sink += hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":method")
+                        .ok()
+                        .flatten()
+                        .map_or(0, |v| v.len())
+                }
+                Op::Headers => {
+                    sink += hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
+                        .map_or(0, |h| h.len())
+                }
+                Op::Body => {
+                    sink += hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |b| b.len())
+                }
+                Op::Sha256 => sink += Sha256::digest(&plan.data)[0] as usize,
+                Op::Xxh3 => sink += xxhash_rust::xxh3::xxh3_128(&plan.data) as u8 as usize,
+                Op::Blake3 => sink += blake3::hash(&plan.data).as_bytes()[0] as usize,
+                Op::SharedGet => {
+                    sink += hostcalls::get_shared_data("probe/get")
+                        .ok()
+                        .and_then(|(v, _)| v)
+                        .map_or(0, |v| v.len())
+                }
+                Op::SharedSet => {
+                    let _ = hostcalls::set_shared_data("probe/set", Some(&plan.data), None);
+                }
+                Op::Time => {
+                    sink += hostcalls::get_current_time().map_or(0, |t| t.elapsed().is_ok() as usize)
+                }
+                Op::Metric => {
+                    let _ = hostcalls::increment_metric(plan.scratch, 1);
+                }
+                Op::Property => {
+                    sink += hostcalls::get_property(vec!["request", "path"])
+                        .ok()
+                        .flatten()
+                        .map_or(0, |v| v.len())
+                }
+                Op::Alloc => {
+                    let mut v = Vec::with_capacity(plan.size);
+                    v.resize(plan.size, 1u8);
+                    sink += v[plan.size / 2] as usize;
+                }
+                Op::Reply => {
+                    let _ = hostcalls::send_http_response(
+                        201,
+                        vec![("content-type", "application/json")],
+                        Some(b"{\"id\":\"ord_0001\",\"status\":\"created\"}"),
+                    );
+                    return true;
+                }
+            }
+        }
+        std::hint::black_box(sink);
+        false
+    }
+}
+
+impl Context for Probe {}
+
+impl HttpContext for Probe {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        if self.plan.in_body && !end_of_stream {
+            return Action::Pause;
+        }
+        if self.work(0) {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if !self.plan.in_body {
+            return Action::Continue;
+        }
+        if !end_of_stream {
+            return Action::Pause;
+        }
+        if self.work(body_size) {
+            Action::Pause
+        } else {
+            Action::Continue
+        }
+    }
+
+    fn on_log(&mut self) {
+        let _ = hostcalls::increment_metric(self.plan.logs, 1);
+    }
+}
