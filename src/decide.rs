@@ -151,25 +151,27 @@ pub fn reclaimable(bucket: &Bucket, now: Millis) -> impl Iterator<Item = usize> 
 }
 
 /// Takes an expired complete entry for the sweeper, as a claim would, so that nobody else writes
-/// its response while the sweeper gives the bytes back. False if it is no longer reclaimable.
+/// its response while the sweeper gives the bytes back. Returns the response's length, or `None`
+/// if the entry is no longer reclaimable.
 pub fn take_for_sweep(
     bucket: &mut Bucket,
     slot: usize,
     token: u64,
     until: Millis,
     now: Millis,
-) -> bool {
+) -> Option<u32> {
     match bucket.entries.get_mut(slot) {
         Some(entry) if is_reclaimable(entry, now) => {
+            let len = entry.response_len;
             *entry = Entry {
                 state: State::InFlight,
                 token,
                 deadline: until,
                 ..Entry::EMPTY
             };
-            true
+            Some(len)
         }
-        _ => false,
+        _ => None,
     }
 }
 

@@ -225,47 +225,32 @@ impl StoredResponse {
     }
 }
 
-/// The response bytes held by each entry of one ledger shard: the exact account of what the
-/// stored responses occupy, kept per entry so that an interrupted update only ever over-counts
-/// and the next write to that entry puts it right.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The response bytes one ledger shard accounts for. Bytes are added before a response is
+/// written and taken off after it is cleared, so an interrupted owner can only over-count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ledger {
-    pub sizes: Vec<u32>,
+    pub total: u64,
 }
 
 impl Ledger {
-    pub fn new(entries: usize) -> Ledger {
-        Ledger {
-            sizes: vec![0; entries],
-        }
-    }
-
-    pub fn total(&self) -> u64 {
-        self.sizes.iter().map(|s| u64::from(*s)).sum()
-    }
-
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + 4 * self.sizes.len());
+        let mut out = Vec::with_capacity(HEADER_LEN + 8);
         out.extend_from_slice(&LEDGER_MAGIC);
         out.push(VERSION);
         out.push(0);
-        for size in &self.sizes {
-            out.extend_from_slice(&size.to_le_bytes());
-        }
+        out.extend_from_slice(&self.total.to_le_bytes());
         out
     }
 
-    pub fn decode(bytes: &[u8], entries: usize) -> Result<Ledger, DecodeError> {
+    pub fn decode(bytes: &[u8]) -> Result<Ledger, DecodeError> {
         let mut reader = Reader::new(bytes);
         check_header(&mut reader, LEDGER_MAGIC)?;
         reader.u8()?;
-        if reader.bytes.len() != 4 * entries {
+        let total = reader.u64()?;
+        if !reader.rest().is_empty() {
             return Err(DecodeError::Malformed);
         }
-        let sizes = (0..entries)
-            .map(|_| reader.u32())
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(Ledger { sizes })
+        Ok(Ledger { total })
     }
 }
 
@@ -445,15 +430,11 @@ mod tests {
 
     #[test]
     fn ledgers_round_trip_and_check_their_length() {
-        let mut ledger = Ledger::new(5);
-        ledger.sizes[2] = 700;
-        ledger.sizes[4] = 300;
-        assert_eq!(ledger.total(), 1000);
-        assert_eq!(Ledger::decode(&ledger.encode(), 5), Ok(ledger.clone()));
-        assert_eq!(
-            Ledger::decode(&ledger.encode(), 6),
-            Err(DecodeError::Malformed)
-        );
+        let ledger = Ledger { total: 123_456 };
+        assert_eq!(Ledger::decode(&ledger.encode()), Ok(ledger));
+        let mut long = ledger.encode();
+        long.push(0);
+        assert_eq!(Ledger::decode(&long), Err(DecodeError::Malformed));
     }
 
     #[test]

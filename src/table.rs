@@ -6,8 +6,8 @@
 //! ledger keys accounting the response bytes against `capacity_bytes`. A tuple hashes to one
 //! bucket and lives in one of its entries.
 //!
-//! Only the entry's owner (the claim whose token the entry holds) writes its response key and
-//! its ledger size, so these writes need no compare-and-swap of their own.
+//! Only the entry's owner (the claim whose token the entry holds) writes its response key, so that
+//! write needs no compare-and-swap of its own; the ledger counters are shared and do.
 
 use crate::config::{Config, Millis};
 use crate::decide::{self, Claim, Ending, Finish, Verdict};
@@ -123,49 +123,30 @@ impl<K: Kv> Table<K> {
         }
     }
 
-    fn shard_entries(&self, shard: u64) -> usize {
-        let slots = self.buckets * BUCKET_ENTRIES as u64;
-        (slots.saturating_sub(shard)).div_ceil(LEDGER_SHARDS as u64) as usize
-    }
-
-    /// Sets the response bytes accounted to `slot`; refuses (false) if the shard would exceed its
-    /// share of `capacity_bytes`.
-    fn account(&self, slot: u64, len: u32) -> Result<bool, StoreError> {
-        let shard = slot % LEDGER_SHARDS as u64;
-        let index = (slot / LEDGER_SHARDS as u64) as usize;
-        let entries = self.shard_entries(shard);
-        let key = self.ledger_key(shard);
+    /// Adds `delta` response bytes to `slot`'s ledger shard; refuses (false) an addition that
+    /// would take the shard past its share of `capacity_bytes`.
+    fn account(&self, slot: u64, delta: i64) -> Result<bool, StoreError> {
+        let key = self.ledger_key(slot % LEDGER_SHARDS as u64);
         for _ in 0..MAX_ATTEMPTS {
-            let (mut ledger, cas) = match self.kv.get(&key)? {
-                Some((bytes, cas)) => (
-                    Ledger::decode(&bytes, entries).map_err(unreadable)?,
-                    Some(cas),
-                ),
-                None => (Ledger::new(entries), INSERT_IF_ABSENT),
+            let (ledger, cas) = match self.kv.get(&key)? {
+                Some((bytes, cas)) => (Ledger::decode(&bytes).map_err(unreadable)?, Some(cas)),
+                None => (Ledger { total: 0 }, INSERT_IF_ABSENT),
             };
-            let Some(size) = ledger.sizes.get_mut(index) else {
-                return Err(StoreError::Unreadable(format!(
-                    "ledger has no entry {index}"
-                )));
-            };
-            if *size == len {
-                return Ok(true);
-            }
-            *size = len;
-            if ledger.total() > self.shard_budget {
+            let total = ledger.total.saturating_add_signed(delta);
+            if delta > 0 && total > self.shard_budget {
                 return Ok(false);
             }
-            if self.kv.set(&key, &ledger.encode(), cas)? {
+            if self.kv.set(&key, &Ledger { total }.encode(), cas)? {
                 return Ok(true);
             }
         }
         Err(StoreError::Contended)
     }
 
-    /// Gives back the bytes of the response at `slot`, which the caller owns.
-    fn clear_response(&self, slot: u64) -> Result<(), StoreError> {
+    /// Gives back the `len` bytes of the response at `slot`, which the caller owns.
+    fn clear_response(&self, slot: u64, len: u32) -> Result<(), StoreError> {
         self.kv.set(&self.response_key(slot), b"", None)?;
-        self.account(slot, 0).map(|_| ())
+        self.account(slot, -i64::from(len)).map(|_| ())
     }
 
     fn read_response(
@@ -196,7 +177,7 @@ impl<K: Kv> Table<K> {
             Verdict::Claimed { slot, reclaimed } => {
                 let slot = global(slot);
                 if reclaimed > 0 {
-                    self.clear_response(slot)?;
+                    self.clear_response(slot, reclaimed)?;
                 }
                 ClaimReply::Claimed(Ticket {
                     slot,
@@ -286,14 +267,18 @@ impl<K: Kv> Table<K> {
         let Ok(len) = u32::try_from(bytes.len()) else {
             return without_response(false);
         };
-        if !self.account(ticket.slot, len)? {
+        if !self.account(ticket.slot, i64::from(len))? {
             return without_response(true);
         }
         self.kv.set(&self.response_key(ticket.slot), &bytes, None)?;
         let stored = Ending::Stored { len, ttl };
         Ok(match self.end(ticket, stored, now)? {
             Finish::Done => FinishReply::Stored,
-            Finish::Lost => FinishReply::Lost,
+            Finish::Lost => {
+                // The entry is another claim's now: its completion overwrites these bytes.
+                self.account(ticket.slot, -i64::from(len))?;
+                FinishReply::Lost
+            }
         })
     }
 
@@ -306,13 +291,13 @@ impl<K: Kv> Table<K> {
             // Take the entry as an owner would, so that nobody else writes its response meanwhile.
             let taken = self.update(bucket, |entries| {
                 let taken = decide::take_for_sweep(entries, slot, token, now + SWEEP_LEASE, now);
-                (taken, taken)
+                (taken, taken.is_some())
             })?;
-            if !taken {
+            let Some(len) = taken else {
                 continue;
-            }
+            };
             let global = bucket * BUCKET_ENTRIES as u64 + slot as u64;
-            self.clear_response(global)?;
+            self.clear_response(global, len)?;
             let ticket = Ticket {
                 slot: global,
                 claim: Claim {
