@@ -53,7 +53,7 @@ WRAPS = {"skip": "ExtensionWithMatcher + SkipFilter",
          "composite": "ExtensionWithMatcher + composite filter (envoy/envoy-matcher.yaml)",
          "routes": "a route twin turning the filter off (typed_per_filter_config)"}
 
-# capacity_records for the first-POST runs of the real filter: its ledger shards grow with it.
+# capacity_records for the first-POST runs of the real filter.
 CAPACITIES = (32_768, 131_072, 524_288, 2_097_152)
 
 
@@ -92,10 +92,107 @@ def cpu_per_request(envoy, upstream, scenario, workdir, seconds, tag):
     return best["cpu_us_per_request"]
 
 
+def operations(args, workdir, upstream):
+    """The host operations' table, and whether each matcher keeps skipped requests out."""
+    envoys = {}
+    configs = {("none-headers", None): "op=none", ("none-body", None): "op=none phase=body",
+               ("skip", "skip"): "op=none", ("composite", "composite"): "op=none",
+               ("routes", "routes"): "op=none"}
+    for label, config, repeat, scenario in PROBES:
+        configs[(label, None)] = f"{config} repeat={repeat}"
+    for n, ((label, wrap), config) in enumerate(configs.items()):
+        envoys[(label, wrap)] = run.Envoy(
+            f"probe{n}", workdir,
+            lambda port, admin, c=config, w=wrap: probe_config(port, admin, c, w),
+            run.PROXY_CPU)
+    envoys[("no filter", None)] = run.Envoy(
+        "probe-none", workdir, lambda port, admin: probe_config(port, admin, None), run.PROXY_CPU)
+    for envoy in envoys.values():
+        envoy.start()
+    for envoy in envoys.values():
+        envoy.wait_ready()
+
+    # Does Envoy enter the VM for a request the matcher skips?
+    entered = []
+    for wrap in ("skip", "composite", "routes"):
+        wrapped = envoys[(wrap, wrap)]
+        for scenario in ("get", "nokey-1k"):
+            for _ in range(100):
+                method, size, _, _ = run.SCENARIOS[scenario]
+                run.send(wrapped.port, method, "/v1/payments",
+                         run.headers_for(scenario, None), run.body_of(size) if size else None)
+        counts = wrapped.stats("probe.")
+        entered.append(f"| {WRAPS[wrap]} | {counts.get('contexts', 0)} | "
+                       f"{counts.get('logs', 0)} |")
+        print(entered[-1], flush=True)
+
+    samples = {}
+    fixed = {"no filter": ["get", "nokey-1k", "nokey-64k"],
+             "none-headers": ["get"], "none-body": ["nokey-1k", "nokey-64k"],
+             "skip": ["get", "nokey-1k", "nokey-64k"],
+             "composite": ["get", "nokey-1k", "nokey-64k"],
+             "routes": ["get", "nokey-1k", "nokey-64k"]}
+    for number in range(args.rounds):
+        for key, envoy in envoys.items():
+            scenarios = fixed.get(key[0]) or [p[3] for p in PROBES if p[0] == key[0]]
+            for scenario in scenarios:
+                cpu = cpu_per_request(envoy, upstream, scenario, workdir, args.seconds,
+                                      f"p{number}-{time.time_ns()}")
+                samples.setdefault((key[0], scenario), []).append(cpu)
+                print(f"  round {number + 1} {key[0][:48]:48} {scenario:10} {cpu:7.1f} us/req",
+                      flush=True)
+    for envoy in envoys.values():
+        envoy.stop()
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    lines = ["| a wasm filter that does nothing, wrapped in | HTTP contexts created for 200 "
+             "skipped requests | on_log calls |", "|---|---:|---:|"] + entered
+    lines += ["", "| skipped request (GET, key-less POST 1 KiB, 64 KiB) | extra µs per request |",
+              "|---|---:|"]
+    for wrap in ("skip", "composite", "routes"):
+        extra = [med[(wrap, s)] - med[("no filter", s)] for s in ("get", "nokey-1k", "nokey-64k")]
+        lines.append(f"| {WRAPS[wrap]} | " + " / ".join(f"{x:.1f}" for x in extra) + " |")
+    lines += ["", "| operation | µs per operation |", "|---|---:|"]
+    lines.append(f"| a wasm filter that does nothing (GET) | "
+                 f"{med[('none-headers', 'get')] - med[('no filter', 'get')]:.1f} |")
+    for size in ("1k", "64k"):
+        lines.append(f"| pausing the request until its body is complete, {size} | "
+                     f"{med[('none-body', 'nokey-' + size)] - med[('no filter', 'nokey-' + size)]:.1f} |")
+    for label, config, repeat, scenario in PROBES:
+        base = med[("none-body" if "phase=body" in config else "none-headers", scenario)]
+        lines.append(f"| {label} | {(med[(label, scenario)] - base) / repeat:.1f} |")
+    return lines
+
+
+def capacities(args, workdir, upstream):
+    """The real filter's first POSTs against `capacity_records`: what a store costs as the
+    table grows."""
+    lines = ["| capacity_records | first POST, 1 KiB: CPU µs/request |", "|---:|---:|"]
+    for capacity in CAPACITIES:
+        cpus = []
+        for number in range(args.rounds):
+            plugin = dict(run.FILTER_CONFIG, capacity_records=capacity)
+            envoy = run.Envoy(f"capacity-{capacity}", workdir,
+                              lambda port, admin: run.proxy_config(
+                                  "filter", port, admin, upstream.port, plugin),
+                              run.PROXY_CPU).start().wait_ready()
+            try:
+                cpu_per_request(envoy, upstream, "first-1k", workdir, 1, f"w{time.time_ns()}")
+                cpus.append(cpu_per_request(envoy, upstream, "first-1k", workdir, 1,
+                                            f"c{time.time_ns()}"))
+            finally:
+                envoy.stop()
+        print(f"  capacity {capacity:>9,}: first POST {statistics.median(cpus):6.1f} us/req",
+              flush=True)
+        lines.append(f"| {capacity:,} | {statistics.median(cpus):.0f} |")
+    return lines
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=2)
+    parser.add_argument("--part", choices=("all", "ops", "capacity"), default="all",
+                        help="host operations, first POSTs against capacity, or both")
     args = parser.parse_args()
     subprocess.run(["cargo", "build", "--release", "--target", "wasm32-wasip1",
                     "--manifest-path", str(run.BENCH / "probe-filter" / "Cargo.toml"),
@@ -105,102 +202,18 @@ def main():
     workdir = run.BENCH / ".work"
     workdir.mkdir(parents=True, exist_ok=True)
     upstream = run.Envoy("upstream", workdir, run.upstream_config, run.LOAD_CPU)
-    envoys = {}
+    lines = []
     try:
         upstream.start().wait_ready()
-        configs = {("none-headers", None): "op=none", ("none-body", None): "op=none phase=body",
-                   ("skip", "skip"): "op=none", ("composite", "composite"): "op=none",
-                   ("routes", "routes"): "op=none"}
-        for label, config, repeat, scenario in PROBES:
-            configs[(label, None)] = f"{config} repeat={repeat}"
-        for n, ((label, wrap), config) in enumerate(configs.items()):
-            envoys[(label, wrap)] = run.Envoy(
-                f"probe{n}", workdir,
-                lambda port, admin, c=config, w=wrap: probe_config(port, admin, c, w),
-                run.PROXY_CPU)
-        envoys[("no filter", None)] = run.Envoy(
-            "probe-none", workdir, lambda port, admin: probe_config(port, admin, None),
-            run.PROXY_CPU)
-        for envoy in envoys.values():
-            envoy.start()
-        for envoy in envoys.values():
-            envoy.wait_ready()
-
-        # Does Envoy enter the VM for a request the matcher skips?
-        entered = []
-        for wrap in ("skip", "composite", "routes"):
-            wrapped = envoys[(wrap, wrap)]
-            for scenario in ("get", "nokey-1k"):
-                for _ in range(100):
-                    method, size, _, _ = run.SCENARIOS[scenario]
-                    run.send(wrapped.port, method, "/v1/payments",
-                             run.headers_for(scenario, None), run.body_of(size) if size else None)
-            counts = wrapped.stats("probe.")
-            entered.append(f"| {WRAPS[wrap]} | {counts.get('contexts', 0)} | "
-                           f"{counts.get('logs', 0)} |")
-            print(entered[-1], flush=True)
-
-        samples = {}
-        for number in range(args.rounds):
-            for key, envoy in envoys.items():
-                fixed = {"no filter": ["get", "nokey-1k", "nokey-64k"],
-                         "none-headers": ["get"], "none-body": ["nokey-1k", "nokey-64k"],
-                         "skip": ["get", "nokey-1k", "nokey-64k"],
-                         "composite": ["get", "nokey-1k", "nokey-64k"],
-                         "routes": ["get", "nokey-1k", "nokey-64k"]}
-                scenarios = fixed.get(key[0]) or [p[3] for p in PROBES if p[0] == key[0]]
-                for scenario in scenarios:
-                    cpu = cpu_per_request(envoy, upstream, scenario, workdir, args.seconds,
-                                          f"p{number}-{time.time_ns()}")
-                    samples.setdefault((key[0], scenario), []).append(cpu)
-                    print(f"  round {number + 1} {key[0][:48]:48} {scenario:10} {cpu:7.1f} us/req",
-                          flush=True)
-        med = {k: statistics.median(v) for k, v in samples.items()}
-        lines = ["| a wasm filter that does nothing, wrapped in | HTTP contexts created for 200 "
-                 "skipped requests | on_log calls |", "|---|---:|---:|"] + entered
-        lines += ["", "| skipped request (GET, key-less POST 1 KiB, 64 KiB) | extra µs per request |",
-                  "|---|---:|"]
-        for wrap in ("skip", "composite", "routes"):
-            extra = [med[(wrap, s)] - med[("no filter", s)] for s in ("get", "nokey-1k", "nokey-64k")]
-            lines.append(f"| {WRAPS[wrap]} | " + " / ".join(f"{x:.1f}" for x in extra) + " |")
-        lines += ["", "| operation | µs per operation |", "|---|---:|"]
-        lines.append(f"| a wasm filter that does nothing (GET) | "
-                     f"{med[('none-headers', 'get')] - med[('no filter', 'get')]:.1f} |")
-        for size in ("1k", "64k"):
-            lines.append(f"| pausing the request until its body is complete, {size} | "
-                         f"{med[('none-body', 'nokey-' + size)] - med[('no filter', 'nokey-' + size)]:.1f} |")
-        for label, config, repeat, scenario in PROBES:
-            base = med[("none-body" if "phase=body" in config else "none-headers", scenario)]
-            lines.append(f"| {label} | {(med[(label, scenario)] - base) / repeat:.1f} |")
-        for envoy in list(envoys.values()):
-            envoy.stop()
-
-        # First POSTs of the real filter against its capacity.
-        lines += ["", "| capacity_records | ledger shard | first POST, 1 KiB: CPU µs/request |",
-                  "|---:|---:|---:|"]
-        for capacity in CAPACITIES:
-            cpus = []
-            for number in range(args.rounds):
-                plugin = dict(run.FILTER_CONFIG, capacity_records=capacity)
-                envoy = run.Envoy(f"capacity-{capacity}", workdir,
-                                  lambda port, admin: run.proxy_config(
-                                      "filter", port, admin, upstream.port, plugin),
-                                  run.PROXY_CPU).start().wait_ready()
-                try:
-                    cpu_per_request(envoy, upstream, "first-1k", workdir, 1, f"w{time.time_ns()}")
-                    cpus.append(cpu_per_request(envoy, upstream, "first-1k", workdir, 1,
-                                                f"c{time.time_ns()}"))
-                finally:
-                    envoy.stop()
-            print(f"  capacity {capacity:>9,}: first POST {statistics.median(cpus):6.1f} us/req",
-                  flush=True)
-            lines.append(f"| {capacity:,} | {4 * capacity // 8 // 1024:,} KiB | "
-                         f"{statistics.median(cpus):.0f} |")
-        text = "\n".join(lines)
-        print(text)
-        (workdir / "probe.md").write_text(text + "\n")
+        if args.part in ("all", "ops"):
+            lines += operations(args, workdir, upstream) + [""]
+        if args.part in ("all", "capacity"):
+            lines += capacities(args, workdir, upstream)
     finally:
         run.stop_all()
+    text = "\n".join(lines)
+    print(text)
+    (workdir / "probe.md").write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -93,24 +93,25 @@ SCENARIOS = {
     "conflict-64k": ("POST", 65536, "other", "conflict (same key, other body), 64 KiB"),
 }
 
-# Which variants run which scenario. For plain, empty and direct every POST scenario is the same
-# work (the key header means nothing to them), so they run the key-less POST once per body size
-# and that run is their figure for every POST scenario of that size.
+# Which variants run in which scenario's group. For plain, empty and direct every POST is the
+# same work (the key header means nothing to them): in a group they run the key-less POST of the
+# group's body size, next to the runs they are compared with. Plain runs in every group, since
+# every target is a ratio to it; direct_response where a target is a ratio to it (replays).
 MATRIX = {
-    "plain": ["get", "nokey-1k", "nokey-64k"],
+    "plain": list(SCENARIOS),
     "empty": ["get", "nokey-1k", "nokey-64k"],
-    "direct": ["get", "nokey-1k", "nokey-64k"],
+    "direct": ["get", "nokey-1k", "nokey-64k", "replay-1k", "replay-64k"],
     "filter": list(SCENARIOS),
     # What a matcher changes is whether requests the filter cannot cover enter the VM; covered
     # requests run the filter as without it (the composite matcher runs every scenario).
     "skip": ["get", "nokey-1k", "nokey-64k"],
     "matcher": list(SCENARIOS),
-    "routes": ["get", "nokey-1k", "nokey-64k"],
+    "routes": ["get", "nokey-1k", "nokey-64k", "first-1k", "replay-1k"],
 }
 
 
 def baseline_scenario(scenario):
-    """The run of a baseline variant that stands for `scenario`."""
+    """The workload a baseline variant runs in `scenario`'s group."""
     method, size, _, _ = SCENARIOS[scenario]
     if method == "GET":
         return "get"
@@ -631,24 +632,23 @@ def warm_up(proxies, workdir, connections):
         for scenario in ("first-1k" if variant in ("filter", "skip", "matcher", "routes") else "nokey-1k",):
             script = workdir / "warm.lua"
             script.write_text(wrk_script(scenario, f"warm-{variant}-{time.time_ns()}", None))
-            run_wrk(proxy.port, script, 2, connections)
+            run_wrk(proxy.port, script, 1, connections)
     time.sleep(0.5)  # the last warm-up requests end before anything is counted
 
 
 BASELINES = ("plain", "empty", "direct")
 
 
+def workload(variant, scenario):
+    """What `variant` runs in `scenario`'s group."""
+    return baseline_scenario(scenario) if variant in BASELINES else scenario
+
+
 def plan_runs(args):
-    """Groups of (scenario, variant) runs, one group per scenario asked for; a baseline variant
-    runs the scenario standing for it (once)."""
-    seen, groups = set(), []
+    """Groups of (scenario, variant) runs, one group per scenario asked for."""
+    groups = []
     for scenario in args.scenarios:
-        group = []
-        for variant in args.variants:
-            run_as = baseline_scenario(scenario) if variant in BASELINES else scenario
-            if run_as in MATRIX[variant] and (variant, run_as) not in seen:
-                seen.add((variant, run_as))
-                group.append((run_as, variant))
+        group = [(scenario, v) for v in args.variants if scenario in MATRIX[v]]
         if group:
             groups.append(group)
     return groups
@@ -671,8 +671,9 @@ def rounds(workdir, upstream, args):
                 for s, v in group[shift:] + group[:shift]:
                     done += 1
                     run_id = f"r{number}-{v}-{s}-{time.time_ns()}"
-                    figures = measure(proxies[v], upstream, s, workdir, args.seconds,
-                                      args.connections, run_id, args.retries, budget)
+                    figures = measure(proxies[v], upstream, workload(v, s), workdir,
+                                      args.seconds, args.connections, run_id, args.retries,
+                                      budget)
                     runs.setdefault((v, s), []).append(figures)
                     print(f"  [{done:3}/{total}] round {number + 1} {v:8} {s:13} "
                           f"{figures['rps']:9.0f} req/s  p50 {figures['p50_us'] / 1000:6.2f} ms  "
@@ -722,9 +723,12 @@ def summarise(runs):
 
 
 def figure_for(summary, variant, scenario):
-    if variant in ("plain", "empty", "direct"):
-        scenario = baseline_scenario(scenario)
-    return summary.get((variant, scenario))
+    """The figures of `variant` in `scenario`'s group (a baseline run only with a subset of
+    scenarios, --scenarios, stands in for the group's when it is missing)."""
+    found = summary.get((variant, scenario))
+    if found is None and variant in BASELINES:
+        found = summary.get((variant, baseline_scenario(scenario)))
+    return found
 
 
 # -- memory per record ----------------------------------------------------------------------
@@ -913,17 +917,17 @@ def cpu_ratio(summary, scenario, variant, against):
     return statistics.median(1 / r for r in ratios) if ratios else None
 
 
-def report(summary, mem, args, elapsed):
+def report(summary, mem, args, elapsed, machine_text):
     lines = []
     lines.append("# Benchmark results\n")
     lines.append("Generated by `make bench` (bench/run.py); do not edit by hand.\n")
-    lines.append(f"- Machine: {machine()}")
+    lines.append(f"- Machine: {machine_text}")
     lines.append(f"- Proxy: Envoy `--concurrency 1` pinned to CPU {PROXY_CPU} (`taskset`); "
                  f"wrk (1 thread, {args.connections} connections) and the upstream Envoy "
                  f"(`direct_response`, `--concurrency 1`) pinned to CPU {LOAD_CPU}.")
     lines.append(f"- {args.rounds} interleaved rounds × {args.seconds} s per run; figures are medians "
                  f"over the rounds; the proxies restart, with empty stores, at each round. "
-                 f"Whole run: {elapsed / 60:.1f} min.")
+                 + ("" if elapsed is None else f"Whole run: {elapsed / 60:.1f} min."))
     lines.append(f"- Filter configuration: `{json.dumps(FILTER_CONFIG)}`; requests carry "
                  f"`authorization` (the record's scope). Every POST is answered by the upstream "
                  f"with a {len(SMALL_BODY)}-byte body, the response a record stores.")
@@ -934,9 +938,10 @@ def report(summary, mem, args, elapsed):
                  "Envoy's (utime + stime from `/proc/<pid>/stat`) per request. `vs plain` and "
                  "`vs direct` are requests/s against plain Envoy (router only) and against Envoy "
                  "answering with `direct_response`: the median of the ratios within each round. "
-                 "Plain, empty and direct do the same work for every POST of a body size, so one "
-                 "key-less run per size stands for all of them. Conflicts are answered 409, "
-                 "hence their non-2xx.\n")
+                 "Plain, empty and direct do the same work for every POST of a body size: in "
+                 "each scenario's group they run the key-less POST of that size, seconds from "
+                 "the runs they are compared with. Conflicts are answered 409, hence their "
+                 "non-2xx.\n")
     lines.append("| scenario | variant | req/s | p50 ms | p99 ms | CPU µs/req | vs plain | vs direct | non-2xx | filter counters |")
     lines.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for scenario in args.scenarios:
@@ -1028,7 +1033,7 @@ def pivot_table(summary, args):
         cells = []
         for variant in args.variants:
             f = figure_for(summary, variant, scenario)
-            ran = scenario in MATRIX[variant] or variant in ("plain", "direct")
+            ran = scenario in MATRIX[variant]
             if f is None or not ran:
                 cells.append("")
                 continue
@@ -1081,7 +1086,7 @@ def svg_chart(summary, args):
         group = []
         for variant in args.variants:
             f = figure_for(summary, variant, scenario)
-            if f is not None and (scenario in MATRIX[variant] or variant in ("plain", "direct")):
+            if f is not None and scenario in MATRIX[variant]:
                 group.append((variant, f["rps"], ratio(summary, scenario, variant, "plain")))
         if group:
             rows.append((scenario, group))
@@ -1116,7 +1121,8 @@ def svg_chart(summary, args):
         y += gap
     out.append(f'<line x1="{label_w}" y1="{first_bar - 4}" x2="{label_w}" y2="{y}" stroke="#333"/>')
     out.append(f'<text x="{label_w}" y="{y + 18}" font-size="10" fill="#555">'
-               f'ratio to plain Envoy in brackets; {machine_short()}</text>')
+               f'in brackets: ratio to plain Envoy (median of the per-round ratios); '
+               f'{machine_short()}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -1132,8 +1138,10 @@ def machine_short():
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=int, default=2, help="length of one wrk run")
+    # Many short rounds rather than a few long ones: the machine's speed drifts over seconds, and
+    # a ratio taken within a round, runs a second apart, sees little of the drift.
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=1, help="length of one wrk run")
     parser.add_argument("--connections", type=int, default=CONNECTIONS)
     parser.add_argument("--scenarios", default=",".join(SCENARIOS))
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
@@ -1146,9 +1154,15 @@ def main():
     parser.add_argument("--memory", default="1k,64k",
                         help="record sizes for the memory figures (1k, 64k)")
     parser.add_argument("--out", default=str(BENCH), help="where results.* are written")
+    parser.add_argument("--render", action="store_true",
+                        help="only write results.md, results.svg and the README block again "
+                             "from results.json")
     parser.add_argument("--validate-only", action="store_true",
                         help="write and validate the Envoy configurations, then stop")
     args = parser.parse_args()
+    if args.render:
+        render(Path(args.out))
+        return
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     args.variants = [v for v in args.variants.split(",") if v]
     args.memory = [m for m in args.memory.split(",") if m]
@@ -1204,22 +1218,33 @@ def main():
                       + f"per record ({m['stored']} stored)", flush=True)
     finally:
         stop_all()
+    write_results(Path(args.out), runs, mem, args, time.time() - started, machine())
+
+
+def write_results(out, runs, mem, args, elapsed, machine_text):
     summary = summarise(runs)
-    elapsed = time.time() - started
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = report(summary, mem, args, elapsed)
+    text = report(summary, mem, args, elapsed, machine_text)
     (out / "results.md").write_text(text + "\n")
     (out / "results.svg").write_text(svg_chart(summary, args))
     update_readme(out / "README.md", summary, mem, args)
     (out / "results.json").write_text(json.dumps({
-        "machine": machine(),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": machine_text,
+        "elapsed_s": None if elapsed is None else round(elapsed),
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "render")},
         "runs": [{"variant": v, "scenario": s, "rounds": f} for (v, s), f in runs.items()],
         "memory": mem,
     }, indent=1) + "\n")
     print()
     print(text)
+
+
+def render(out):
+    """Writes results.md, results.svg and the README block again from results.json."""
+    saved = json.loads((out / "results.json").read_text())
+    args = argparse.Namespace(**saved["args"])
+    runs = {(r["variant"], r["scenario"]): r["rounds"] for r in saved["runs"]}
+    write_results(out, runs, saved["memory"], args, saved.get("elapsed_s"), saved["machine"])
 
 
 if __name__ == "__main__":
