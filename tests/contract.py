@@ -6,6 +6,8 @@ import threading
 import time
 import uuid
 
+from harness import Response
+
 ORG_A = "Bearer ic_live_org_a"
 ORG_B = "Bearer ic_live_org_b"
 CUSTOMER = json.dumps({"externalId": "crm-7741", "fullName": "Jane Doe", "email": "jane@example.com"}).encode()
@@ -37,8 +39,16 @@ def comparable_headers(resp):
     return out
 
 
+def timed(fn):
+    """(fn(), seconds it took)."""
+    started = time.monotonic()
+    result = fn()
+    return result, time.monotonic() - started
+
+
 def assert_original(resp, status=201):
     """An answer that came from an upstream execution, not a replay."""
+    assert isinstance(resp, Response), f"{resp!r}"
     assert resp.status == status, f"{resp!r}"
     assert resp.header("idempotent-replayed") is None, f"{resp!r}"
     assert resp.header("x-upstream-execution") is not None, f"{resp!r}"
@@ -47,14 +57,16 @@ def assert_original(resp, status=201):
 def assert_replay_of(replay, original):
     """The stored response verbatim: status, headers (Set-Cookie included), body byte for byte,
     plus idempotent-replayed: true."""
+    assert isinstance(replay, Response), f"{replay!r}"
     assert replay.status == original.status, f"{replay!r}"
     assert replay.header_all("idempotent-replayed") == ["true"], f"{replay!r}"
     assert replay.body == original.body, f"replayed body differs: {len(replay.body)} vs {len(original.body)} bytes"
-    assert comparable_headers(replay) == comparable_headers(original)
+    assert comparable_headers(replay) == comparable_headers(original), f"{replay!r} vs {original!r}"
 
 
 def assert_problem(resp, status, code):
-    """An RFC 9457 problem answer with the contract's code."""
+    """An RFC 9457 problem answer with the contract's code; returns the document."""
+    assert isinstance(resp, Response), f"{resp!r}"
     assert resp.status == status, f"{resp!r}"
     content_type = (resp.header("content-type") or "").split(";")[0].strip()
     assert content_type == "application/problem+json", f"{resp!r}"
@@ -64,6 +76,7 @@ def assert_problem(resp, status, code):
     assert isinstance(doc.get("detail"), str) and doc["detail"], f"{doc!r}"
     assert "title" in doc and "type" in doc, f"{doc!r}"
     assert resp.header("idempotent-replayed") is None, f"{resp!r}"
+    assert resp.header("x-upstream-execution") is None, f"{resp!r}"
     return doc
 
 

@@ -37,14 +37,11 @@ from collections import Counter
 from pathlib import Path
 
 from harness import Response
+from contract import assert_original, assert_problem, assert_replay_of, comparable_headers, timed  # noqa: F401
 from upstream import Upstream, _Handler
 
 ORG = "Bearer ic_live_org_faults"
 BODY = json.dumps({"externalId": "crm-9001", "fullName": "Ada Lovelace", "email": "ada@example.com"}).encode()
-
-# Headers a replay may legitimately not repeat byte for byte: set per hop or per answer by Envoy.
-NOT_REPLAYED = {"date", "x-envoy-upstream-service-time", "idempotent-replayed", "connection", "keep-alive",
-                "transfer-encoding", "proxy-connection", "upgrade", "te", "trailer"}
 
 
 # -- requests and what to check ---------------------------------------------------------------
@@ -62,51 +59,14 @@ def call(envoy, key, headers=(), body=BODY, path="/v1/customers", method="POST",
     return envoy.request(method, path, request_headers(key, extra=headers), body, timeout=timeout)
 
 
-def timed(fn):
-    """(fn(), seconds it took)."""
-    started = time.monotonic()
-    result = fn()
-    return result, time.monotonic() - started
 
 
-def comparable_headers(resp):
-    out = {}
-    for name, value in resp.headers:
-        if name not in NOT_REPLAYED:
-            out.setdefault(name, []).append(value)
-    return out
 
 
-def assert_original(resp, status=201):
-    """An answer that came from an upstream execution, not a replay."""
-    assert isinstance(resp, Response), f"{resp!r}"
-    assert resp.status == status, f"{resp!r}"
-    assert resp.header("idempotent-replayed") is None, f"{resp!r}"
-    assert resp.header("x-upstream-execution") is not None, f"{resp!r}"
 
 
-def assert_replay_of(replay, original):
-    """The stored response verbatim (status, headers, body byte for byte) plus the replay mark."""
-    assert isinstance(replay, Response), f"{replay!r}"
-    assert replay.status == original.status, f"{replay!r}"
-    assert replay.header_all("idempotent-replayed") == ["true"], f"{replay!r}"
-    assert replay.body == original.body, f"replayed body differs: {replay.body[:80]!r} vs {original.body[:80]!r}"
-    assert comparable_headers(replay) == comparable_headers(original), f"{replay!r} vs {original!r}"
 
 
-def assert_problem(resp, status, code):
-    """An RFC 9457 problem answer with the contract's code; returns the document."""
-    assert isinstance(resp, Response), f"{resp!r}"
-    assert resp.status == status, f"{resp!r}"
-    content_type = (resp.header("content-type") or "").split(";")[0].strip()
-    assert content_type == "application/problem+json", f"{resp!r}"
-    doc = resp.json()
-    assert doc.get("code") == code, f"{doc!r}"
-    assert doc.get("status") == status, f"{doc!r}"
-    assert isinstance(doc.get("detail"), str) and doc["detail"], f"{doc!r}"
-    assert resp.header("idempotent-replayed") is None, f"{resp!r}"
-    assert resp.header("x-upstream-execution") is None, f"{resp!r}"
-    return doc
 
 
 def retry_after(resp):

@@ -16,6 +16,7 @@ import pytest
 
 from etcd_support import Etcd, EtcdEnvoy, LogWindow, private_run_dir, start_all
 from harness import Response, burst
+from contract import assert_original, assert_problem, assert_replay_of, timed
 from upstream import binary_body
 
 ORG = "Bearer ic_live_org_fleet"
@@ -23,10 +24,6 @@ CUSTOMER = json.dumps({"externalId": "crm-4410", "fullName": "Grace Hopper", "em
 OTHER = json.dumps({"externalId": "crm-4410", "fullName": "Grace B. Hopper", "email": "grace@example.com"}).encode()
 ETCD_TIMEOUT_S = 0.5
 ETCD_PREFIX = "idempotency/"
-
-# Headers a replay may legitimately not repeat byte for byte: set per hop or per answer by Envoy.
-NOT_REPLAYED = {"date", "x-envoy-upstream-service-time", "idempotent-replayed", "connection", "keep-alive",
-                "transfer-encoding", "proxy-connection", "upgrade", "te", "trailer"}
 
 _sources = []  # every Envoy and etcd this module started, for the logs of a failed test
 
@@ -109,45 +106,14 @@ def call(envoy, key, body=CUSTOMER, headers=(), path="/v1/customers", timeout=10
     return envoy.request("POST", path, hdrs, body, timeout=timeout)
 
 
-def timed(fn):
-    started = time.monotonic()
-    result = fn()
-    return result, time.monotonic() - started
 
 
-def comparable_headers(resp):
-    out = {}
-    for name, value in resp.headers:
-        if name not in NOT_REPLAYED:
-            out.setdefault(name, []).append(value)
-    return out
 
 
-def assert_original(resp, status=201):
-    assert isinstance(resp, Response), f"{resp!r}"
-    assert resp.status == status, f"{resp!r}"
-    assert resp.header("idempotent-replayed") is None, f"{resp!r}"
-    assert resp.header("x-upstream-execution") is not None, f"{resp!r}"
 
 
-def assert_replay_of(replay, original):
-    assert isinstance(replay, Response), f"{replay!r}"
-    assert replay.status == original.status, f"{replay!r}"
-    assert replay.header_all("idempotent-replayed") == ["true"], f"{replay!r}"
-    assert replay.body == original.body, f"replayed body differs: {len(replay.body)} vs {len(original.body)} bytes"
-    assert comparable_headers(replay) == comparable_headers(original), f"{replay!r} vs {original!r}"
 
 
-def assert_problem(resp, status, code):
-    assert isinstance(resp, Response), f"{resp!r}"
-    assert resp.status == status, f"{resp!r}"
-    assert (resp.header("content-type") or "").split(";")[0].strip() == "application/problem+json", f"{resp!r}"
-    doc = resp.json()
-    assert doc.get("code") == code, f"{doc!r}"
-    assert doc.get("status") == status, f"{doc!r}"
-    assert resp.header("idempotent-replayed") is None, f"{resp!r}"
-    assert resp.header("x-upstream-execution") is None, f"{resp!r}"
-    return doc
 
 
 def retry_after(resp):
