@@ -16,7 +16,8 @@ use std::rc::Rc;
 
 /// How often waiting duplicates are polled and one bucket is swept of expired responses.
 const TICK_MILLIS: u64 = 20;
-/// With a remote store, waiting requests ask every 5 ticks (100 ms).
+/// With a remote store, waiting requests look at what this Envoy holds on every tick and ask
+/// the store itself every 5 ticks (100 ms).
 const REMOTE_POLL_TICKS: u64 = 5;
 
 /// What one worker's VM shares between its root context and its HTTP contexts.
@@ -33,8 +34,8 @@ struct Vm {
     awaiting: RefCell<HashMap<CallId, Waiter>>,
     ticks: Cell<u64>,
     quiet_until: Cell<u64>,
-    /// Waiting requests are polled every this many ticks: every tick for shared data, less
-    /// often for a remote store, where each poll is a call.
+    /// Waiting requests ask the store itself every this many ticks: every tick for shared
+    /// data, less often for a remote store, where each such poll is a call.
     poll_every: u64,
 }
 
@@ -192,8 +193,9 @@ impl Vm {
     }
 
     /// Asks again for every waiting request: the original may have finished or released. A
-    /// remote store is asked from the root context itself, so that its answer comes back here.
-    fn poll_waiting(&self) {
+    /// remote store is asked from the root context itself, so that its answer comes back here;
+    /// unless `far`, it answers only from what this Envoy holds.
+    fn poll_waiting(&self, far: bool) {
         let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
         for waiter in waiting {
             let now = host::now();
@@ -202,15 +204,20 @@ impl Vm {
                 if exchange.wait_is_over(now) {
                     exchange.give_up_waiting()
                 } else if let Some(claim) = exchange.pending_claim() {
-                    let answer = self.store.borrow_mut().claim(&claim, now);
+                    let answer = self.store.borrow_mut().poll(&claim, far, now);
                     match answer {
-                        Answer::Now(reply) => exchange.on_claim(reply, true, now),
-                        Answer::Later(call) => {
+                        None => {
+                            drop(exchange);
+                            self.waiting.borrow_mut().push(waiter);
+                            continue;
+                        }
+                        Some(Answer::Now(reply)) => exchange.on_claim(reply, true, now),
+                        Some(Answer::Later(call)) => {
                             drop(exchange);
                             self.awaiting.borrow_mut().insert(call, waiter);
                             continue;
                         }
-                        Answer::Queued => Step::Wait,
+                        Some(Answer::Queued) => Step::Wait,
                     }
                 } else {
                     continue;
@@ -227,9 +234,7 @@ impl Vm {
     fn tick(&self) {
         let ticks = self.ticks.get().wrapping_add(1);
         self.ticks.set(ticks);
-        if ticks.is_multiple_of(self.poll_every) {
-            self.poll_waiting();
-        }
+        self.poll_waiting(ticks.is_multiple_of(self.poll_every));
         let now = host::now();
         let ended = self.store.borrow_mut().tick(now);
         for resumed in ended {

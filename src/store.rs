@@ -102,6 +102,17 @@ impl fmt::Display for StoreError {
 pub trait Store {
     fn claim(&mut self, claim: &Claim, now: Millis) -> Answer<Result<ClaimReply, StoreError>>;
 
+    /// Asks again for a request waiting for `claim`'s original. A store whose every question
+    /// is a call answers from what this Envoy holds unless `far`; `None`: nothing new yet.
+    fn poll(
+        &mut self,
+        claim: &Claim,
+        _far: bool,
+        now: Millis,
+    ) -> Option<Answer<Result<ClaimReply, StoreError>>> {
+        Some(self.claim(claim, now))
+    }
+
     fn finish(
         &mut self,
         ticket: Ticket,
