@@ -9,6 +9,7 @@
 #   make integration  pytest tests/ against a real Envoy
 #   make test         all of the above, in order (what CI runs)
 #   make run          demo: upstream on :8080, Envoy on :10000, admin on :9901
+#   make run-etcd     the demo as a fleet: etcd on :2379, Envoys on :10000 and :10001
 #   make clean        remove build output, the venv and run files
 
 SHELL := bash
@@ -27,7 +28,7 @@ PYTEST_ARGS ?=
 # Package installs need root: through sudo unless make already runs as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup wasm unit lint validate integration test run clean image
+.PHONY: setup wasm unit lint validate integration test run run-etcd clean image
 
 setup: $(STAMPS)/rust $(STAMPS)/etcd $(VENV_STAMP)
 
@@ -90,6 +91,12 @@ test: setup lint unit wasm validate integration
 
 run: setup wasm
 	ENVOY=$(ENVOY) envoy/run-demo.sh
+
+# The same demo as a fleet: etcd on 127.0.0.1:2379 and two Envoys (envoy/envoy-etcd.yaml) on
+# 10000 and 10001 sharing it, so a retry through the other Envoy replays.
+run-etcd: setup wasm
+	@mkdir -p $(RUN_DIR)
+	ENVOY=$(ENVOY) RUN_DIR=$(RUN_DIR) envoy/run-demo.sh fleet
 
 clean:
 	cargo clean

@@ -1,25 +1,86 @@
 #!/usr/bin/env bash
 # Start the demo upstream (127.0.0.1:8080) and Envoy with envoy/envoy.yaml
 # (127.0.0.1:10000, admin 127.0.0.1:9901) in the foreground. Ctrl-C stops both.
-# Run from the repository root, after `make wasm` (or just use `make run`).
+#
+# With "fleet": etcd on 127.0.0.1:2379 (or the one already listening there) and two Envoys
+# with envoy/envoy-etcd.yaml sharing it: A on 10000 (admin 9901), B on 10001 (admin 9902).
+#
+# Run from the repository root, after `make wasm` (or just use `make run` / `make run-etcd`).
 set -euo pipefail
 
 ENVOY=${ENVOY:-.venv/bin/envoy}
 WASM=target/wasm32-wasip1/release/idempotency_filter.wasm
+RUN_DIR=${RUN_DIR:-.run}
 [[ -f $WASM ]] || { echo "missing $WASM: run 'make wasm' first" >&2; exit 1; }
 
-upstream_pid=""
-envoy_pid=""
+pids=()
 cleanup() {
   trap - EXIT INT TERM
-  [[ -n $envoy_pid ]] && kill "$envoy_pid" 2>/dev/null || true
-  [[ -n $upstream_pid ]] && kill "$upstream_pid" 2>/dev/null || true
+  kill "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup EXIT INT TERM
 
+# Quiet Envoy except for the filter's own log lines (LOG_LEVEL=info for everything).
+envoy() {
+  "$ENVOY" "$@" --concurrency 2 --log-level "${LOG_LEVEL:-warn}" \
+    --component-log-level "wasm:${WASM_LOG_LEVEL:-info}" &
+  pids+=($!)
+}
+
+etcd_answers() {
+  curl -sf -X POST http://127.0.0.1:2379/v3/kv/range -d '{"key":"AA=="}' >/dev/null 2>&1
+}
+
 python3 -u envoy/demo_upstream.py --port 8080 &
-upstream_pid=$!
+pids+=($!)
+
+if [[ ${1:-} == fleet ]]; then
+  if etcd_answers; then
+    echo "using the etcd already listening on 127.0.0.1:2379"
+  else
+    etcd --name demo --data-dir "$RUN_DIR/demo-etcd" \
+      --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
+      --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
+      --initial-cluster demo=http://127.0.0.1:2380 --auto-compaction-retention 1h \
+      --log-level warn > "$RUN_DIR/demo-etcd.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 100); do etcd_answers && break; sleep 0.1; done
+    etcd_answers || { echo "etcd did not start: see $RUN_DIR/demo-etcd.log" >&2; exit 1; }
+  fi
+  # Envoy B: the same file on the next ports.
+  sed -e 's/port_value: 10000/port_value: 10001/' -e 's/port_value: 9901/port_value: 9902/' \
+    envoy/envoy-etcd.yaml > "$RUN_DIR/envoy-etcd-b.yaml"
+  cat <<'TRY'
+
+Try it (in another terminal). The first request goes through Envoy A, its retry through
+Envoy B: B replays A's answer from etcd (idempotent-replayed: true), and the upstream logs one
+EXECUTED line.
+
+  curl -si localhost:10000/v1/customers -H 'Authorization: Bearer ic_live_demo' \
+    -H 'Idempotency-Key: fleet-1' -H 'Content-Type: application/json' \
+    -d '{"externalId":"crm-7741","fullName":"Jane Doe","email":"jane@example.com"}'
+
+  curl -si localhost:10001/v1/customers -H 'Authorization: Bearer ic_live_demo' \
+    -H 'Idempotency-Key: fleet-1' -H 'Content-Type: application/json' \
+    -d '{"externalId":"crm-7741","fullName":"Jane Doe","email":"jane@example.com"}'
+
+What etcd holds (keys are hashes; nothing of the key or the credential):
+
+  curl -s -X POST localhost:2379/v3/kv/range -d '{"key":"aWRlbXBvdGVuY3kv","range_end":"aWRlbXBvdGVuY3kw","keys_only":true}'
+
+Counters, and the calls each Envoy made to etcd:
+
+  curl -s 'localhost:9902/stats?filter=idempotency|cluster.etcd.upstream_rq_total'
+
+Ctrl-C stops the Envoys, etcd and the upstream.
+
+TRY
+  envoy -c envoy/envoy-etcd.yaml
+  envoy -c "$RUN_DIR/envoy-etcd-b.yaml" --base-id 1
+  wait -n "${pids[@]}" || true
+  exit
+fi
 
 cat <<'TRY'
 
@@ -49,9 +110,6 @@ Ctrl-C stops Envoy and the upstream.
 
 TRY
 
-# Quiet Envoy except for the filter's own log lines (LOG_LEVEL=info for everything).
-"$ENVOY" -c envoy/envoy.yaml --concurrency 2 --log-level "${LOG_LEVEL:-warn}" \
-  --component-log-level "wasm:${WASM_LOG_LEVEL:-info}" &
-envoy_pid=$!
-# Exit as soon as either process ends (or on Ctrl-C, via the trap).
-wait -n "$envoy_pid" "$upstream_pid" || true
+envoy -c envoy/envoy.yaml
+# Exit as soon as any process ends (or on Ctrl-C, via the trap).
+wait -n "${pids[@]}" || true

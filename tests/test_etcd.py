@@ -16,6 +16,7 @@ import pytest
 
 from etcd_support import Etcd, EtcdEnvoy, LogWindow, private_run_dir, start_all
 from harness import Response, burst
+from shipped import ENVOY_DIR, ShippedEnvoy, load, localise
 from contract import assert_original, assert_problem, assert_replay_of, timed
 from upstream import binary_body
 
@@ -106,16 +107,6 @@ def call(envoy, key, body=CUSTOMER, headers=(), path="/v1/customers", timeout=10
     return envoy.request("POST", path, hdrs, body, timeout=timeout)
 
 
-
-
-
-
-
-
-
-
-
-
 def retry_after(resp):
     value = resp.header("retry-after")
     assert value is not None and value.isdigit() and int(value) >= 1, f"Retry-After: {value!r}: {resp!r}"
@@ -165,6 +156,27 @@ def settled_stats(envoy):
 
 
 # -- one store for both Envoys ------------------------------------------------------------------
+
+def test_two_envoys_started_from_the_shipped_etcd_config_share_records(run_dir, upstream, etcd, key):
+    """envoy/envoy-etcd.yaml as shipped, its etcd cluster pointed at this test's etcd."""
+    config = localise(load(ENVOY_DIR / "envoy-etcd.yaml"), upstream.port)
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "etcd"]
+    endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+    endpoint["address"]["socket_address"].update(address="127.0.0.1", port_value=etcd.client_port)
+    envoys = [ShippedEnvoy(run_dir / f"shipped-{n}", config, upstream.port) for n in range(2)]
+    _sources.extend(envoys)
+    a, b = start_all(envoys)
+    try:
+        original = call(a, key)
+        assert_original(original)
+        assert_replay_of(call(b, key), original)
+        assert_problem(call(b, key, body=OTHER), 409, "idempotency_conflict")
+        assert upstream.count(key=key) == 1
+        assert etcd.range_prefix("idempotency/"), "the shipped key_prefix holds nothing"
+    finally:
+        for envoy in envoys:
+            envoy.stop()
+
 
 def test_retry_on_the_other_envoy_replays_and_then_comes_from_its_local_copy(pair, upstream, etcd, key):
     a, b = pair
