@@ -8,7 +8,9 @@
 //!   on this Envoy) and reads the key from etcd less often; a read is served without the raft
 //!   round a transaction costs, and a claim is attempted only once the record is gone or expired.
 //! - Finish: a compare-and-swap on the claim's revision (store, hold) or a guarded delete
-//!   (release), so an owner whose lease ran out never writes over a newer claim.
+//!   (release), so an owner whose lease ran out never writes over a newer claim. A finish etcd
+//!   did not take is sent again every second for up to `lease` after the response: the client
+//!   has its answer, and without the record a retry after the lease would run the work again.
 //! - Expiry: leases shared by time bucket, one for claims in flight and one for records, so a
 //!   crashed Envoy's claim frees itself and etcd drops records after their TTL.
 //! - Complete records never change until they expire, so replays are served from a copy in this
@@ -34,6 +36,11 @@ pub trait Caller {
 
 /// Attempts at one claim when other Envoys keep changing the record under it.
 const MAX_ROUNDS: u8 = 8;
+/// How long a failed finish waits before it is sent again.
+const FINISH_RETRY_MILLIS: Millis = 1_000;
+/// Bytes of finishes kept to send again, per worker; past it a failed finish is dropped (its
+/// claim then ends with its lease).
+const MAX_RETRY_BYTES: usize = 8 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LeaseKind {
@@ -79,6 +86,10 @@ enum Op {
         reply: FinishReply,
         /// A stored response, kept to cache locally once etcd has it.
         response: Option<(StoredResponse, Millis)>,
+        /// A lease after the response: a retry after that has run the work again anyway.
+        give_up: Millis,
+        /// Failed before: its error was reported once already.
+        retried: bool,
     },
 }
 
@@ -88,6 +99,14 @@ impl Op {
             claim: *claim,
             rounds: 0,
             takeover: None,
+        }
+    }
+
+    /// What keeping it to send again costs: its value and the response kept to cache.
+    fn retry_bytes(&self) -> usize {
+        match self {
+            Op::Claim { .. } => 0,
+            Op::Finish { value, .. } => value.as_ref().map_or(0, Vec::len) * 2,
         }
     }
 }
@@ -109,6 +128,9 @@ pub struct Etcd<C: Caller, K: Kv> {
     claim_lease: Millis,
     pending: HashMap<CallId, Pending>,
     queued: Vec<Op>,
+    /// Failed finishes, with when to send them again.
+    retrying: Vec<(Millis, Op)>,
+    retry_bytes: usize,
 }
 
 impl<C: Caller, K: Kv> Etcd<C, K> {
@@ -129,6 +151,35 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             claim_lease: config.claim_lease(),
             pending: HashMap::new(),
             queued: Vec::new(),
+            retrying: Vec::new(),
+            retry_bytes: 0,
+        }
+    }
+
+    /// An operation failed: its error. A finish is kept to send again (see the module); the
+    /// compare-and-swap on the claim's revision makes a late one harmless. A finish reports its
+    /// first failure and, if it comes to that, giving up; the failures between are quiet.
+    fn fail(&mut self, mut op: Op, error: StoreError, now: Millis) -> Resumed {
+        let bytes = op.retry_bytes();
+        let Op::Finish {
+            give_up, retried, ..
+        } = &mut op
+        else {
+            return failed(&op, error);
+        };
+        let first = !*retried;
+        *retried = true;
+        let at = now + FINISH_RETRY_MILLIS;
+        if at >= *give_up || self.retry_bytes + bytes > MAX_RETRY_BYTES {
+            return failed(&op, error);
+        }
+        self.retry_bytes += bytes;
+        self.retrying.push((at, op));
+        if first {
+            Resumed::Finish(Answer::Now(Err(error)))
+        } else {
+            log::debug!("a finish failed again, sending it again in a second: {error}");
+            Resumed::Finish(Answer::Queued)
         }
     }
 
@@ -201,7 +252,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     Resumed::Finish(Answer::Later(call))
                 }
             }
-            Err(error) => failed(&op, error),
+            Err(error) => self.fail(op, error, now),
         }
     }
 
@@ -335,9 +386,10 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     self.remember_lease(kind, id as i64, now);
                     self.advance(op, now)
                 }
-                None => failed(
-                    &op,
+                None => self.fail(
+                    op,
                     StoreError::Remote(format!("lease grant answered {answer}")),
+                    now,
                 ),
             },
             (Sent::Look, Op::Claim { claim, rounds, .. }) => {
@@ -382,7 +434,11 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 }
                 Resumed::Finish(Answer::Now(Ok(reply)))
             }
-            (_, op) => failed(&op, StoreError::Remote("answer to an unknown step".into())),
+            (_, op) => self.fail(
+                op,
+                StoreError::Remote("answer to an unknown step".into()),
+                now,
+            ),
         }
     }
 
@@ -396,12 +452,15 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             response_len,
         };
         let expires = now + self.ttl;
+        let give_up = now + ticket.claim.lease;
         let unstored = |store_full| Op::Finish {
             ticket,
             value: Some(entry(State::Unstored, expires, 0).encode_remote(None)),
             lease: LeaseKind::Record,
             reply: FinishReply::StoredWithoutResponse { store_full },
             response: None,
+            give_up,
+            retried: false,
         };
         match outcome {
             Outcome::Store(response) => {
@@ -417,6 +476,8 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     lease: LeaseKind::Record,
                     reply: FinishReply::Stored,
                     response: Some((response, expires)),
+                    give_up,
+                    retried: false,
                 }
             }
             Outcome::TooLarge => unstored(false),
@@ -426,6 +487,8 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 lease: LeaseKind::Claim,
                 reply: FinishReply::Released,
                 response: None,
+                give_up,
+                retried: false,
             },
             Outcome::Hold => Op::Finish {
                 ticket,
@@ -433,6 +496,8 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 lease: LeaseKind::Claim,
                 reply: FinishReply::Held,
                 response: None,
+                give_up,
+                retried: false,
             },
         }
     }
@@ -508,18 +573,36 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                         return Some(self.advance(op, now));
                     }
                 }
-                failed(&pending.op, error)
+                self.fail(pending.op, error, now)
             }
         })
     }
 
     fn tick(&mut self, now: Millis) -> Vec<Resumed> {
-        // Calls whose answers never came (their context went away) are forgotten.
-        let horizon = self.settings.timeout.saturating_mul(4);
-        self.pending
-            .retain(|_, pending| now.saturating_sub(pending.since) <= horizon);
-        let queued = std::mem::take(&mut self.queued);
         let mut ended = Vec::new();
+        // Calls whose answers never came (their context went away) have failed.
+        let horizon = self.settings.timeout.saturating_mul(4);
+        let silent: Vec<CallId> = self
+            .pending
+            .iter()
+            .filter(|(_, pending)| now.saturating_sub(pending.since) > horizon)
+            .map(|(call, _)| *call)
+            .collect();
+        for call in silent {
+            if let Some(pending) = self.pending.remove(&call) {
+                let error = StoreError::Remote("etcd never answered".into());
+                ended.push(self.fail(pending.op, error, now));
+            }
+        }
+        let (due, later) = std::mem::take(&mut self.retrying)
+            .into_iter()
+            .partition::<Vec<_>, _>(|(at, _)| *at <= now);
+        self.retrying = later;
+        let mut queued = std::mem::take(&mut self.queued);
+        for (_, op) in due {
+            self.retry_bytes = self.retry_bytes.saturating_sub(op.retry_bytes());
+            queued.push(op);
+        }
         for op in queued {
             match self.advance(op, now) {
                 Resumed::Finish(Answer::Later(_)) => {}
@@ -921,6 +1004,72 @@ mod tests {
             .collect();
         // B's first claim needs a lease of its own: leases are cached per Envoy.
         assert_eq!(paths, ["/v3/kv/range", "/v3/lease/grant", "/v3/kv/txn"]);
+    }
+
+    #[test]
+    fn a_finish_etcd_did_not_take_is_sent_again_while_the_claim_lasts() {
+        let mut world = World::new();
+        let mut a = world.envoy(JSON);
+        let mut b = world.envoy(JSON);
+        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
+        let ticket = claimed(world.settle(&mut a, first, 0));
+        assert_eq!(
+            a.finish(ticket, Outcome::Store(response()), 10),
+            Answer::Queued
+        );
+        assert_eq!(a.tick(10), vec![]);
+        let sent = world.calls.sent.borrow().len();
+        let unavailable = Ok((503, b"etcdserver: leader changed".to_vec()));
+        assert!(matches!(
+            a.resume(sent as CallId, unavailable, 20),
+            Some(Resumed::Finish(Answer::Now(Err(StoreError::Remote(_)))))
+        ));
+        assert_eq!(a.tick(500), vec![]);
+        assert_eq!(world.calls.sent.borrow().len(), sent, "not before a second");
+        assert_eq!(a.tick(1_020), vec![]);
+        let again = world.calls.sent.borrow().len();
+        assert_eq!(again, sent + 1, "sent again");
+        let resumed = world.settle(
+            &mut a,
+            Resumed::Finish(Answer::Later(again as CallId)),
+            1_030,
+        );
+        assert_eq!(
+            resumed,
+            Resumed::Finish(Answer::Now(Ok(FinishReply::Stored)))
+        );
+        let retry = Resumed::Claim(b.claim(&claim_of(1, 20), 1_040));
+        assert_eq!(
+            world.settle(&mut b, retry, 1_040),
+            Resumed::Claim(Answer::Now(Ok(ClaimReply::Replay(response()))))
+        );
+    }
+
+    #[test]
+    fn a_finish_that_keeps_failing_is_given_up_a_lease_after_the_response() {
+        let mut world = World::new();
+        let mut a = world.envoy(JSON);
+        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
+        let ticket = claimed(world.settle(&mut a, first, 0));
+        a.finish(ticket, Outcome::Store(response()), 10);
+        let (mut sends, mut reported) = (0, 0);
+        for now in (10..70_000).step_by(20) {
+            a.tick(now);
+            let sent = world.calls.sent.borrow().len() as CallId;
+            match a.resume(sent, Err(StoreError::Remote("timeout".into())), now) {
+                Some(Resumed::Finish(Answer::Now(Err(_)))) => {
+                    (sends, reported) = (sends + 1, reported + 1)
+                }
+                Some(Resumed::Finish(Answer::Queued)) => sends += 1,
+                None => {}
+                other => panic!("{other:?}"),
+            }
+        }
+        // Every second while the claim's lease (60 s) runs from the response, then no more;
+        // the first failure and giving up are reported, the rest are quiet.
+        assert_eq!(sends, 60);
+        assert_eq!(reported, 2);
+        assert_eq!(a.retry_bytes, 0);
     }
 
     #[test]

@@ -321,9 +321,9 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
     uncached_original = call(a, uncached)  # B never saw this one
     assert_original(uncached_original)
     # A request whose upstream is still working when etcd goes away: its client gets the answer,
-    # and the record that could not be written is counted.
+    # and the record that could not be written is counted (once: A keeps sending it).
     midflight = key + "-midflight"
-    before = settled_stats(a)
+    before = at_midflight = settled_stats(a)
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("resp", call(a, midflight, headers=[
         ("x-test-delay-ms", "400")])))
@@ -366,6 +366,12 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
         assert upstream.total == executed + 2
     finally:
         etcd.start()  # same ports, same data directory
+
+    # A sends the record again once etcd is back: a retry on B replays it instead of running
+    # the work a second time.
+    assert_replay_of(call(b, midflight), box["resp"])
+    assert upstream.count(key=midflight) == 1
+    assert_deltas(a, at_midflight, {"idempotency.stored": 1})
 
     # The requests refused while etcd was down left no claim behind: they run now.
     for envoy, name in ((a, "A"), (b, "B")):
