@@ -102,16 +102,14 @@ clean:
 	cargo clean
 	rm -rf $(VENV) $(RUN_DIR) .pytest_cache tests/__pycache__
 
-# Benchmarks (bench/README.md): the filter against plain Envoy, an empty wasm filter and
-# direct_response, on this machine. Installs wrk if missing; writes bench/results.md and
-# bench/results.svg. Pass options with BENCH_ARGS="--rounds 1 --seconds 2".
+# Benchmarks (bench/README.md): the filter, alone and with the etcd store, against plain Envoy,
+# an empty wasm filter and direct_response, on this machine. Installs wrk and etcd if missing;
+# writes bench/results.md and bench/results.svg. Pass options with BENCH_ARGS="--rounds 1 --seconds 2".
 BENCH_ARGS ?=
 
 .PHONY: bench
-bench: $(STAMPS)/venv wasm
-	@command -v wrk >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq wrk; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq wrk; fi; }
+bench: $(VENV_STAMP) $(STAMPS)/etcd wasm
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
 	cargo build --release --target $(WASM_TARGET) \
 	  --manifest-path bench/empty-filter/Cargo.toml --target-dir bench/.target
 	ENVOY=$(abspath $(ENVOY)) FILTER_WASM=$(abspath $(WASM)) $(PYTHON) bench/run.py $(BENCH_ARGS)

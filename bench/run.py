@@ -14,14 +14,18 @@ Runs, on one machine and in one go:
       matcher   this filter run by Envoy's composite filter only for requests it can cover
                 (ExtensionWithMatcher + ExecuteFilterAction: envoy/envoy-matcher.yaml)
       direct    ``direct_response`` at the proxy: the limit for an answer made at the edge
+      etcd      this filter with the cluster-wide store: records in an etcd (one member, on
+                loopback, pinned with wrk and the upstream) that a second proxy shares, and
+                replays served from the local cache once fetched
       routes    (not run by default) this filter, turned off by a route for requests it cannot
                 cover: each route has a twin matching the method and the key header
-  * wrk, pinned to CPU 1 (with the upstream).
+  * wrk, pinned to CPU 1 (with the upstream and etcd).
 
 Each scenario runs against each variant in interleaved rounds; the figures are medians over the
 rounds. Writes bench/results.md, bench/results.json and bench/results.svg.
 
-Standard library only. Needs wrk, taskset and the two wasm modules (``make bench`` builds them).
+Standard library only. Needs wrk, taskset, etcd and the two wasm modules (``make bench`` builds or
+installs them).
 """
 
 import argparse
@@ -38,11 +42,14 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
+sys.path.insert(0, str(ROOT / "tests"))
+from etcd_support import ETCD_BIN, Etcd, EtcdError  # noqa: E402 - the tests' etcd, started the same way
 ENVOY = Path(os.environ.get("ENVOY", ROOT / ".venv" / "bin" / "envoy"))
 FILTER_WASM = Path(os.environ.get(
     "FILTER_WASM", ROOT / "target" / "wasm32-wasip1" / "release" / "idempotency_filter.wasm"))
@@ -77,10 +84,17 @@ VARIANTS = {
     "matcher": "Envoy + this filter, composite matcher",
     "direct": "Envoy direct_response",
     "routes": "Envoy + this filter, off by route",
+    "etcd": "Envoy + this filter, etcd store",
 }
-DEFAULT_VARIANTS = ["plain", "empty", "filter", "skip", "matcher", "direct"]
+DEFAULT_VARIANTS = ["plain", "empty", "filter", "skip", "matcher", "direct", "etcd"]
+FILTERS = ("filter", "skip", "matcher", "routes", "etcd")
 
-# name: (method, request body bytes, key: None | "unique" | "same" | "other", description)
+# The etcd variant's store: every call through the Envoy cluster "etcd".
+ETCD_STORE = {"cluster": "etcd", "timeout": "500ms"}
+
+# name: (method, request body bytes, key: None | "unique" | "same" | "other" | "cold",
+#        description). "cold": every request replays another record, stored through a second
+#        proxy, so this proxy's local cache has never seen it (etcd store only).
 SCENARIOS = {
     "get": ("GET", 0, None, "GET (not covered)"),
     "nokey-1k": ("POST", 1024, None, "POST without a key, 1 KiB"),
@@ -89,6 +103,7 @@ SCENARIOS = {
     "first-64k": ("POST", 65536, "unique", "first POST (new key), 64 KiB"),
     "replay-1k": ("POST", 1024, "same", "replay (same key and body), 1 KiB"),
     "replay-64k": ("POST", 65536, "same", "replay (same key and body), 64 KiB"),
+    "replay-cold-1k": ("POST", 1024, "cold", "replay, record not in the local cache, 1 KiB"),
     "conflict-1k": ("POST", 1024, "other", "conflict (same key, other body), 1 KiB"),
     "conflict-64k": ("POST", 65536, "other", "conflict (same key, other body), 64 KiB"),
 }
@@ -100,13 +115,15 @@ SCENARIOS = {
 MATRIX = {
     "plain": list(SCENARIOS),
     "empty": ["get", "nokey-1k", "nokey-64k"],
-    "direct": ["get", "nokey-1k", "nokey-64k", "replay-1k", "replay-64k"],
-    "filter": list(SCENARIOS),
+    "direct": ["get", "nokey-1k", "nokey-64k", "replay-1k", "replay-64k", "replay-cold-1k"],
+    "filter": [s for s in SCENARIOS if SCENARIOS[s][2] != "cold"],
     # What a matcher changes is whether requests the filter cannot cover enter the VM; covered
     # requests run the filter as without it (the composite matcher runs every scenario).
     "skip": ["get", "nokey-1k", "nokey-64k"],
-    "matcher": list(SCENARIOS),
+    "matcher": [s for s in SCENARIOS if SCENARIOS[s][2] != "cold"],
     "routes": ["get", "nokey-1k", "nokey-64k", "first-1k", "replay-1k"],
+    # What the store changes: claims, replays from the local cache and replays fetched from etcd.
+    "etcd": ["first-1k", "replay-1k", "replay-cold-1k"],
 }
 
 
@@ -296,17 +313,25 @@ def upstream_config(port, admin_port):
                      [listener("upstream", port, routes, [BUFFER], max_direct_body=70_000)])
 
 
-def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None):
-    plugin_config = FILTER_CONFIG if plugin_config is None else plugin_config
-    to_upstream = [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "15s"}}]
-    cluster = {
-        "name": "upstream",
+def static_cluster(name, port):
+    return {
+        "name": name,
         "type": "STATIC",
         "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": "upstream", "endpoints": [{"lb_endpoints": [{
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{
             "endpoint": {"address": {"socket_address": {
-                "address": "127.0.0.1", "port_value": upstream_port}}}}]}]},
+                "address": "127.0.0.1", "port_value": port}}}}]}]},
     }
+
+
+def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, etcd_port=None):
+    plugin_config = FILTER_CONFIG if plugin_config is None else plugin_config
+    to_upstream = [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "15s"}}]
+    cluster = static_cluster("upstream", upstream_port)
+    if variant == "etcd":
+        store = wasm_filter("idempotency", FILTER_WASM, dict(plugin_config, etcd=ETCD_STORE))
+        return bootstrap(admin_port, [listener("proxy", port, to_upstream, [store])],
+                         [cluster, static_cluster(ETCD_STORE["cluster"], etcd_port)])
     idempotency = wasm_filter("idempotency", FILTER_WASM, plugin_config)
     if variant == "direct":
         # Like a replay, the answer comes once the whole request has been read.
@@ -405,6 +430,15 @@ class Envoy:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=5) as r:
             return r.read().decode()
 
+    def counter(self, name):
+        """One of Envoy's own counters (0 while it does not exist)."""
+        pattern = urllib.parse.quote("^" + name.replace(".", r"\.") + "$")
+        for line in self.admin("/stats?filter=" + pattern).splitlines():
+            found, _, value = line.partition(": ")
+            if found == name and value.strip().isdigit():
+                return int(value)
+        return 0
+
     def stats(self, prefix="idempotency."):
         """The filter's counters (shown as wasmcustom.idempotency.<name> in /stats)."""
         out = {}
@@ -416,10 +450,7 @@ class Envoy:
         return out
 
     def cpu_seconds(self):
-        """utime + stime of every thread of the process, from /proc/<pid>/stat."""
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        return cpu_seconds(self.process.pid)
 
     def rss_bytes(self):
         with open(f"/proc/{self.process.pid}/statm") as f:
@@ -436,6 +467,27 @@ class Envoy:
 def stop_all():
     for envoy in list(Envoy.live):
         envoy.stop()
+
+
+def cpu_seconds(pid):
+    """utime + stime of every thread of a process, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+class PinnedEtcd(Etcd):
+    """The tests' single-member etcd on loopback, on the load generator's CPU: its work is part
+    of what serves the etcd variant, like the upstream's."""
+
+    def start(self):
+        super().start()
+        subprocess.run(["taskset", "-a", "-c", "-p", LOAD_CPU, str(self.proc.pid)],
+                       check=True, capture_output=True)
+        return self
+
+    def cpu_seconds(self):
+        return cpu_seconds(self.proc.pid)
 
 
 # -- HTTP -----------------------------------------------------------------------------------
@@ -485,7 +537,9 @@ def lua_string(value):
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def wrk_script(scenario, run_id, key):
+def wrk_script(scenario, run_id, key, stored=0):
+    """The Lua script of a run. `key` is the one key of a "same" or "other" run; a "cold" run
+    replays keys run_id-1 .. run_id-`stored`, in turn."""
     method, size, key_mode, _ = SCENARIOS[scenario]
     lines = [f"wrk.method = {lua_string(method)}"]
     for name, value in headers_for(scenario, None).items():
@@ -500,6 +554,16 @@ def wrk_script(scenario, run_id, key):
             f"local prefix = {lua_string(run_id + '-')}",
             "request = function()",
             "  counter = counter + 1",
+            "  wrk.headers['idempotency-key'] = prefix .. counter",
+            "  return wrk.format()",
+            "end",
+        ]
+    elif key_mode == "cold":
+        lines += [
+            "local counter = 0",
+            f"local prefix = {lua_string(run_id + '-')}",
+            "request = function()",
+            f"  counter = counter % {stored} + 1",
             "  wrk.headers['idempotency-key'] = prefix .. counter",
             "  return wrk.format()",
             "end",
@@ -562,9 +626,28 @@ class RetryBudget:
         return True
 
 
-def measure(proxy, upstream, scenario, workdir, seconds, connections, run_id, retries, budget):
+# A cold run replays records a second proxy stored just before, for this many times its length:
+# a replay fetched from etcd is one etcd call, a first POST two calls (both writes) and the
+# upstream's answer, so replays run through records 2-5 times as fast as they are stored. A
+# run that replays a record twice shows it in its etcd calls per request (below 1).
+POPULATE_FACTOR = 6
+
+
+def populate(peer, workdir, seconds, connections, run_id):
+    """Records stored through `peer` under keys run_id-1, run_id-2, ...: how many a cold run may
+    replay. The last `connections` keys may have been cut off by wrk's end, so they are left out."""
+    script = workdir / "populate.lua"
+    script.write_text(wrk_script("first-1k", run_id, None))
+    figures = run_wrk(peer.port, script, seconds * POPULATE_FACTOR, connections)
+    time.sleep(0.2)  # finishes are written on the next timer ticks
+    return max(figures["requests"] - connections, 1)
+
+
+def measure(proxy, load, scenario, workdir, seconds, connections, run_id, retries, budget,
+            peer=None):
     """One wrk run of `scenario` against `proxy` (again, up to `retries` times while the budget
-    lasts, if other work on the machine competed with it); returns the figures of the quietest."""
+    lasts, if other work on the machine competed with it); returns the figures of the quietest.
+    `load` is what serves the proxy (the upstream, etcd); `peer` stores a cold run's records."""
     method, size, key_mode, _ = SCENARIOS[scenario]
     key = None
     if key_mode in ("same", "other"):
@@ -581,8 +664,10 @@ def measure(proxy, upstream, scenario, workdir, seconds, connections, run_id, re
             if not budget.take(seconds + 5):
                 break
             wait_for_quiet(5.0)
-        script.write_text(wrk_script(scenario, f"{run_id}-{attempt}", key))
-        figures = one_run(proxy, upstream, script, seconds, connections)
+        attempt_id = f"{run_id}-{attempt}"
+        stored = populate(peer, workdir, seconds, connections, attempt_id) if key_mode == "cold" else 0
+        script.write_text(wrk_script(scenario, attempt_id, key, stored))
+        figures = one_run(proxy, load, script, seconds, connections)
         figures["attempts"] = attempt + 1
         if best is None or figures["other_load"] < best["other_load"]:
             best = figures
@@ -591,20 +676,34 @@ def measure(proxy, upstream, scenario, workdir, seconds, connections, run_id, re
     return best
 
 
-def one_run(proxy, upstream, script, seconds, connections):
-    counted = proxy.name in ("filter", "skip", "matcher", "routes")
+def store_calls(proxy):
+    """Requests the proxy sent to etcd: the filter's only way to reach it."""
+    return proxy.counter(f"cluster.{ETCD_STORE['cluster']}.upstream_rq_total")
+
+
+def one_run(proxy, load, script, seconds, connections):
+    counted = proxy.name in FILTERS
+    remote = proxy.name == "etcd"
     stats_before = proxy.stats() if counted else {}
-    cpu_before, up_before = proxy.cpu_seconds(), upstream.cpu_seconds()
+    calls_before = store_calls(proxy) if remote else 0
+    cpu_before, load_before = proxy.cpu_seconds(), [p.cpu_seconds() for p in load]
     machine_before, wall_before = machine_busy_seconds(), time.time()
     figures = run_wrk(proxy.port, script, seconds, connections)
-    cpu, up_cpu = proxy.cpu_seconds() - cpu_before, upstream.cpu_seconds() - up_before
+    cpu = proxy.cpu_seconds() - cpu_before
+    load_cpu = {p.name: p.cpu_seconds() - b for p, b in zip(load, load_before)}
+    up_cpu = sum(load_cpu.values())
     machine_busy = machine_busy_seconds() - machine_before
     wall = time.time() - wall_before
     stats_after = proxy.stats() if counted else {}
+    if remote:
+        time.sleep(0.1)  # the run's last finishes go out on the next timer ticks
+        stats_before["etcd_calls"] = calls_before
+        stats_after["etcd_calls"] = store_calls(proxy)
     requests = max(figures["requests"], 1)
     figures.update({
         "rps": figures["requests"] / (figures["duration_us"] / 1e6),
         "cpu_us_per_request": cpu * 1e6 / requests,
+        "load_cpu_us_per_request": {name: t * 1e6 / requests for name, t in load_cpu.items()},
         "proxy_busy": cpu / wall,
         "load_core_busy": (figures["wrk_cpu_s"] + up_cpu) / wall,
         "other_load": max(0.0, machine_busy - cpu - up_cpu - figures["wrk_cpu_s"]) / wall,
@@ -614,25 +713,34 @@ def one_run(proxy, upstream, script, seconds, connections):
     return figures
 
 
-def start_proxies(workdir, upstream, variants):
+# The proxy that stores the records a cold run replays, next to the etcd variant's: it shares
+# its etcd, never its local cache. It runs on the load CPU and is idle while anything is measured.
+PEER = "etcd-peer"
+
+
+def start_proxies(workdir, upstream, variants, etcd):
+    """The variants' proxies, by variant, and the etcd variant's peer."""
     proxies = {}
-    for variant in variants:
-        envoy = Envoy(variant, workdir,
-                      lambda port, admin, v=variant: proxy_config(v, port, admin, upstream.port),
-                      PROXY_CPU)
-        proxies[variant] = envoy.start()
+    wanted = [(v, PROXY_CPU) for v in variants] + ([(PEER, LOAD_CPU)] if "etcd" in variants else [])
+    for name, cpu in wanted:
+        variant = "etcd" if name == PEER else name
+        envoy = Envoy(name, workdir,
+                      lambda port, admin, v=variant: proxy_config(
+                          v, port, admin, upstream.port, etcd_port=etcd and etcd.client_port),
+                      cpu)
+        proxies[name] = envoy.start()
     for envoy in proxies.values():
         envoy.wait_ready()
     return proxies
 
 
-def warm_up(proxies, workdir, connections):
+def warm_up(proxies, workdir, connections, variants):
     """JIT tiers, connection pools and allocator caches settle before anything is measured."""
-    for variant, proxy in proxies.items():
-        for scenario in ("first-1k" if variant in ("filter", "skip", "matcher", "routes") else "nokey-1k",):
-            script = workdir / "warm.lua"
-            script.write_text(wrk_script(scenario, f"warm-{variant}-{time.time_ns()}", None))
-            run_wrk(proxy.port, script, 1, connections)
+    for variant in variants:
+        scenario = "first-1k" if variant in FILTERS else "nokey-1k"
+        script = workdir / "warm.lua"
+        script.write_text(wrk_script(scenario, f"warm-{variant}-{time.time_ns()}", None))
+        run_wrk(proxies[variant].port, script, 1, connections)
     time.sleep(0.5)  # the last warm-up requests end before anything is counted
 
 
@@ -654,7 +762,7 @@ def plan_runs(args):
     return groups
 
 
-def rounds(workdir, upstream, args):
+def rounds(workdir, upstream, etcd, args):
     runs = {}  # (variant, scenario) -> [figures per round]
     budget = RetryBudget(args.retry_budget)
     groups = plan_runs(args)
@@ -662,20 +770,21 @@ def rounds(workdir, upstream, args):
     done = 0
     for number in range(args.rounds):
         # Fresh proxies each round: the stores start empty, so first POSTs never fill them.
-        proxies = start_proxies(workdir, upstream, args.variants)
+        proxies = start_proxies(workdir, upstream, args.variants, etcd)
         try:
-            warm_up(proxies, workdir, args.connections)
+            warm_up(proxies, workdir, args.connections, args.variants)
             # Rotate the order of variants each round, so drift does not favour one of them.
             for group in groups:
                 shift = number % len(group)
                 for s, v in group[shift:] + group[:shift]:
                     done += 1
                     run_id = f"r{number}-{v}-{s}-{time.time_ns()}"
-                    figures = measure(proxies[v], upstream, workload(v, s), workdir,
+                    load = [upstream, etcd] if v == "etcd" else [upstream]
+                    figures = measure(proxies[v], load, workload(v, s), workdir,
                                       args.seconds, args.connections, run_id, args.retries,
-                                      budget)
+                                      budget, proxies.get(PEER))
                     runs.setdefault((v, s), []).append(figures)
-                    print(f"  [{done:3}/{total}] round {number + 1} {v:8} {s:13} "
+                    print(f"  [{done:3}/{total}] round {number + 1} {v:8} {s:14} "
                           f"{figures['rps']:9.0f} req/s  p50 {figures['p50_us'] / 1000:6.2f} ms  "
                           f"p99 {figures['p99_us'] / 1000:6.2f} ms  "
                           f"{figures['cpu_us_per_request']:6.1f} us/req  "
@@ -708,6 +817,8 @@ def summarise(runs):
             "p50_us": median_of(figures, "p50_us"),
             "p99_us": median_of(figures, "p99_us"),
             "cpu_us_per_request": median_of(figures, "cpu_us_per_request"),
+            "etcd_cpu_us_per_request": statistics.median(
+                f.get("load_cpu_us_per_request", {}).get("etcd", 0) for f in figures),
             "proxy_busy": median_of(figures, "proxy_busy"),
             "load_core_busy": max(f["load_core_busy"] for f in figures),
             "other_load": max(f["other_load"] for f in figures),
@@ -834,6 +945,44 @@ def memory(workdir, upstream, cases):
     return results
 
 
+def etcd_storage(workdir, upstream, etcd, cases):
+    """etcd's database bytes per record (`dbSizeInUse` of /v3/maintenance/status), for records
+    stored through a proxy with the etcd store, once compacted (the claim's revision gone): what
+    an etcd with --auto-compaction-retention holds in the long run."""
+    results = []
+    envoy = Envoy("etcd-storage", workdir,
+                  lambda port, admin: proxy_config("etcd", port, admin, upstream.port,
+                                                   etcd_port=etcd.client_port),
+                  PROXY_CPU).start().wait_ready()
+    try:
+        for label, path, size, _, _, count in cases:
+            count = min(count, 5_000)
+
+            def in_use():
+                return int(etcd.post("/v3/maintenance/status", {})["dbSizeInUse"])
+
+            def compact():
+                revision = etcd.post("/v3/kv/range", {"key": "AA=="})["header"]["revision"]
+                try:
+                    etcd.post("/v3/kv/compaction", {"revision": revision, "physical": True})
+                except EtcdError as error:
+                    if "has been compacted" not in str(error):  # nothing written since
+                        raise
+
+            compact()
+            before = in_use()
+            stored_before = envoy.stats().get("stored", 0)
+            fill(envoy.port, path, size, count, f"etcd-{size}-{time.time_ns()}", connections=16)
+            time.sleep(0.5)  # the last finishes go out on the next ticks
+            stored = max(envoy.stats().get("stored", 0) - stored_before, 1)
+            compact()
+            results.append({"label": label, "body_bytes": size, "stored": stored,
+                            "bytes_per_record": (in_use() - before) / stored})
+    finally:
+        envoy.stop()
+    return results
+
+
 # -- report ---------------------------------------------------------------------------------
 
 
@@ -917,7 +1066,7 @@ def cpu_ratio(summary, scenario, variant, against):
     return statistics.median(1 / r for r in ratios) if ratios else None
 
 
-def report(summary, mem, args, elapsed, machine_text):
+def report(summary, mem, storage, args, elapsed, machine_text):
     lines = []
     lines.append("# Benchmark results\n")
     lines.append("Generated by `make bench` (bench/run.py); do not edit by hand.\n")
@@ -970,6 +1119,7 @@ def report(summary, mem, args, elapsed, machine_text):
                  f"{statistics.median(other):.0%}, at most {max(other):.0%} of a CPU; a run "
                  f"with more than {NOISY:.0%} is run again when the time allows.\n")
     lines.append("![requests per second](results.svg)\n")
+    lines += etcd_section(summary, storage)
 
     lines.append("## Targets\n")
     lines.append("Measured is the median over the rounds of the ratio of requests/s within a "
@@ -1023,6 +1173,48 @@ def report(summary, mem, args, elapsed, machine_text):
                 + ("– |" if table is None else f"{table:,.0f} B |"))
         lines.append("")
     return "\n".join(lines)
+
+
+def etcd_section(summary, storage):
+    """What the cluster-wide store costs: where the time goes, what etcd does per request and
+    what it stores per record."""
+    rows = [s for s in MATRIX["etcd"] if ("etcd", s) in summary]
+    if not rows:
+        return []
+    lines = ["## The etcd store\n",
+             "The filter with `\"etcd\": " + json.dumps(ETCD_STORE) + "` and the same table as its "
+             "local cache. etcd is one member on loopback (Debian's etcd-server, data directory "
+             "on this machine's disk), pinned to the load CPU with wrk and the upstream: its work "
+             "is part of the load core's. A second proxy sharing the etcd stores, just before "
+             "each cold run, the records that run replays: this proxy's cache has never seen "
+             "them. Warm replays repeat one key, whose record the proxy fetched or stored "
+             "before. etcd calls and CPU are per request: a first POST claims (one transaction) "
+             "and stores (one transaction), a cold replay reads the record in its claim's "
+             "transaction, a warm replay makes no call.\n",
+             "| scenario | req/s | vs plain | p50 ms | p99 ms | proxy CPU µs/req | "
+             "etcd CPU µs/req | etcd calls/req |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for scenario in rows:
+        f = summary[("etcd", scenario)]
+        calls = f["counters"].get("etcd_calls", 0) / max(f["requests"], 1)
+        lines.append(f"| {SCENARIOS[scenario][3]} | {f['rps']:,.0f} | "
+                     f"{fmt_ratio(ratio(summary, scenario, 'etcd', 'plain'))} | "
+                     f"{f['p50_us'] / 1000:.2f} | {f['p99_us'] / 1000:.2f} | "
+                     f"{f['cpu_us_per_request']:.0f} | {f['etcd_cpu_us_per_request']:.0f} | "
+                     f"{calls:.2f} |")
+    lines.append("")
+    if storage:
+        lines += ["etcd's database per record: the growth of `dbSizeInUse` "
+                  "(`/v3/maintenance/status`) over the records stored, after a compaction has "
+                  "dropped the claims' revisions, which is what an etcd with "
+                  "`--auto-compaction-retention` holds in the long run. The record is the "
+                  "upstream's answer (status, four headers, the body).\n",
+                  "| record body | records stored | etcd database per record |",
+                  "|---|---:|---:|"]
+        lines += [f"| {e['label']} | {e['stored']:,} | {e['bytes_per_record']:,.0f} B |"
+                  for e in storage]
+        lines.append("")
+    return lines
 
 
 def pivot_table(summary, args):
@@ -1080,7 +1272,7 @@ def svg_chart(summary, args):
     """Grouped horizontal bars: requests/s per scenario and variant, with the ratio to plain."""
     colours = {"plain": "#4c78a8", "empty": "#9ecae9", "filter": "#f58518",
                "skip": "#ff9da6", "matcher": "#e45756", "direct": "#54a24b",
-               "routes": "#b279a2"}
+               "routes": "#b279a2", "etcd": "#72b7b2"}
     rows = []
     for scenario in args.scenarios:
         group = []
@@ -1178,6 +1370,8 @@ def main():
     for tool in ("wrk", "taskset"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found (make bench installs wrk)")
+    if "etcd" in args.variants and not os.access(ETCD_BIN, os.X_OK):
+        raise SystemExit(f"etcd not found at {ETCD_BIN} (make bench installs it)")
     for path in (ENVOY, FILTER_WASM, EMPTY_WASM):
         if not path.exists():
             raise SystemExit(f"missing {path.relative_to(ROOT) if ROOT in path.parents else path} "
@@ -1193,38 +1387,51 @@ def main():
     upstream = Envoy("upstream", workdir, upstream_config, LOAD_CPU)
     upstream.validate()
     for variant in args.variants:
+        # etcd's port is picked when it starts; any port makes a valid configuration.
         Envoy(variant, workdir,
-              lambda port, admin, v=variant: proxy_config(v, port, admin, upstream.port),
+              lambda port, admin, v=variant: proxy_config(v, port, admin, upstream.port,
+                                                          etcd_port=2379),
               PROXY_CPU).validate()
     print(f"configurations valid ({workdir.relative_to(ROOT)})")
     if args.validate_only:
         return
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    etcd = PinnedEtcd(workdir / "etcd") if "etcd" in args.variants else None
     try:
         upstream.start().wait_ready()
+        if etcd:
+            etcd.start()
         plan = sum(len(g) for g in plan_runs(args))
         print(f"{args.rounds} rounds x {plan} runs x {args.seconds} s "
               f"(proxy on CPU {PROXY_CPU}; wrk and upstream on CPU {LOAD_CPU})", flush=True)
-        runs = rounds(workdir, upstream, args)
-        mem = []
+        runs = rounds(workdir, upstream, etcd, args)
+        mem, storage = [], []
         if not args.no_memory:
             print("memory per record:", flush=True)
-            mem = memory(workdir, upstream, [MEMORY_CASES[size] for size in args.memory])
+            cases = [MEMORY_CASES[size] for size in args.memory]
+            mem = memory(workdir, upstream, cases)
             for m in mem:
                 alloc = m["allocated_per_record"]
                 print(f"  {m['label']}: {m['rss_per_record']:,.0f} B RSS, "
                       + ("" if alloc is None else f"{alloc:,.0f} B allocated ")
                       + f"per record ({m['stored']} stored)", flush=True)
+            if etcd:
+                storage = etcd_storage(workdir, upstream, etcd, cases)
+                for e in storage:
+                    print(f"  etcd, {e['label']}: {e['bytes_per_record']:,.0f} B per record",
+                          flush=True)
     finally:
         stop_all()
-    write_results(Path(args.out), runs, mem, args, time.time() - started, machine())
+        if etcd:
+            etcd.remove_data()
+    write_results(Path(args.out), runs, mem, storage, args, time.time() - started, machine())
 
 
-def write_results(out, runs, mem, args, elapsed, machine_text):
+def write_results(out, runs, mem, storage, args, elapsed, machine_text):
     summary = summarise(runs)
     out.mkdir(parents=True, exist_ok=True)
-    text = report(summary, mem, args, elapsed, machine_text)
+    text = report(summary, mem, storage, args, elapsed, machine_text)
     (out / "results.md").write_text(text + "\n")
     (out / "results.svg").write_text(svg_chart(summary, args))
     update_readme(out / "README.md", summary, mem, args)
@@ -1234,6 +1441,7 @@ def write_results(out, runs, mem, args, elapsed, machine_text):
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "render")},
         "runs": [{"variant": v, "scenario": s, "rounds": f} for (v, s), f in runs.items()],
         "memory": mem,
+        "etcd_storage": storage,
     }, indent=1) + "\n")
     print()
     print(text)
@@ -1244,7 +1452,8 @@ def render(out):
     saved = json.loads((out / "results.json").read_text())
     args = argparse.Namespace(**saved["args"])
     runs = {(r["variant"], r["scenario"]): r["rounds"] for r in saved["runs"]}
-    write_results(out, runs, saved["memory"], args, saved.get("elapsed_s"), saved["machine"])
+    write_results(out, runs, saved["memory"], saved.get("etcd_storage", []), args,
+                  saved.get("elapsed_s"), saved["machine"])
 
 
 if __name__ == "__main__":
