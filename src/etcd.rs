@@ -816,6 +816,21 @@ mod tests {
             Etcd::new(self.calls, kv, cache, &config, settings)
         }
 
+        /// A claim (token `token`, fingerprint 1) made and won on `store`.
+        fn claim_on(&mut self, store: &mut Envoy, token: u64, now: Millis) -> Ticket {
+            let first = Resumed::Claim(store.claim(&claim_of(1, token), now));
+            claimed(self.settle(store, first, now))
+        }
+
+        /// The same request on `store` replays `response()`.
+        fn assert_replays(&mut self, store: &mut Envoy, token: u64, now: Millis) {
+            let retry = Resumed::Claim(store.claim(&claim_of(1, token), now));
+            assert_eq!(
+                self.settle(store, retry, now),
+                Resumed::Claim(Answer::Now(Ok(ClaimReply::Replay(response()))))
+            );
+        }
+
         /// Answers every call made so far, feeding answers back until the operation settles.
         fn settle<S: Store>(
             &mut self,
@@ -901,8 +916,7 @@ mod tests {
         let mut world = World::new();
         let mut a = world.envoy(JSON);
         let mut b = world.envoy(JSON);
-        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
-        claimed(world.settle(&mut a, first, 0));
+        world.claim_on(&mut a, 10, 0);
         assert_eq!(world.etcd.leases, 1);
         // Another Envoy, same request: the transaction fails and returns the claim in flight.
         let second = Resumed::Claim(b.claim(&claim_of(1, 20), 5));
@@ -922,17 +936,12 @@ mod tests {
         let mut world = World::new();
         let mut a = world.envoy(JSON);
         let mut b = world.envoy(JSON);
-        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
-        let ticket = claimed(world.settle(&mut a, first, 0));
+        let ticket = world.claim_on(&mut a, 10, 0);
         assert_eq!(
             finish(&mut world, &mut a, ticket, Outcome::Store(response()), 10),
             FinishReply::Stored
         );
-        let retry = Resumed::Claim(b.claim(&claim_of(1, 20), 20));
-        assert_eq!(
-            world.settle(&mut b, retry, 20),
-            Resumed::Claim(Answer::Now(Ok(ClaimReply::Replay(response()))))
-        );
+        world.assert_replays(&mut b, 20, 20);
         let before = world.answered;
         assert_eq!(
             b.claim(&claim_of(1, 21), 30),
@@ -950,8 +959,7 @@ mod tests {
         let mut world = World::new();
         let mut a = world.envoy(JSON);
         let mut b = world.envoy(JSON);
-        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
-        let ticket = claimed(world.settle(&mut a, first, 0));
+        let ticket = world.claim_on(&mut a, 10, 0);
         let sent = world.calls.sent.borrow().len();
         assert_eq!(b.poll(&claim_of(1, 20), false, 5), None);
         assert_eq!(
@@ -988,8 +996,7 @@ mod tests {
         let mut world = World::new();
         let mut a = world.envoy(JSON);
         let mut b = world.envoy(JSON);
-        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
-        let ticket = claimed(world.settle(&mut a, first, 0));
+        let ticket = world.claim_on(&mut a, 10, 0);
         assert_eq!(
             finish(&mut world, &mut a, ticket, Outcome::Release, 1),
             FinishReply::Released
@@ -1011,8 +1018,7 @@ mod tests {
         let mut world = World::new();
         let mut a = world.envoy(JSON);
         let mut b = world.envoy(JSON);
-        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
-        let ticket = claimed(world.settle(&mut a, first, 0));
+        let ticket = world.claim_on(&mut a, 10, 0);
         assert_eq!(
             a.finish(ticket, Outcome::Store(response()), 10),
             Answer::Queued
@@ -1038,19 +1044,14 @@ mod tests {
             resumed,
             Resumed::Finish(Answer::Now(Ok(FinishReply::Stored)))
         );
-        let retry = Resumed::Claim(b.claim(&claim_of(1, 20), 1_040));
-        assert_eq!(
-            world.settle(&mut b, retry, 1_040),
-            Resumed::Claim(Answer::Now(Ok(ClaimReply::Replay(response()))))
-        );
+        world.assert_replays(&mut b, 20, 1_040);
     }
 
     #[test]
     fn a_finish_that_keeps_failing_is_given_up_a_lease_after_the_response() {
         let mut world = World::new();
         let mut a = world.envoy(JSON);
-        let first = Resumed::Claim(a.claim(&claim_of(1, 10), 0));
-        let ticket = claimed(world.settle(&mut a, first, 0));
+        let ticket = world.claim_on(&mut a, 10, 0);
         a.finish(ticket, Outcome::Store(response()), 10);
         let (mut sends, mut reported) = (0, 0);
         for now in (10..70_000).step_by(20) {
@@ -1076,8 +1077,7 @@ mod tests {
     fn a_released_claim_is_deleted_only_if_still_ours() {
         let mut world = World::new();
         let mut store = world.envoy(JSON);
-        let first = Resumed::Claim(store.claim(&claim_of(1, 10), 0));
-        let ticket = claimed(world.settle(&mut store, first, 0));
+        let ticket = world.claim_on(&mut store, 10, 0);
         // Past the lease, another request takes the record over.
         let later = Resumed::Claim(store.claim(&claim_of(1, 11), 60_001));
         claimed(world.settle(&mut store, later, 60_001));
@@ -1092,8 +1092,7 @@ mod tests {
     fn a_release_lets_the_retry_claim_again() {
         let mut world = World::new();
         let mut store = world.envoy(JSON);
-        let first = Resumed::Claim(store.claim(&claim_of(1, 10), 0));
-        let ticket = claimed(world.settle(&mut store, first, 0));
+        let ticket = world.claim_on(&mut store, 10, 0);
         assert_eq!(
             finish(&mut world, &mut store, ticket, Outcome::Release, 1),
             FinishReply::Released
@@ -1107,8 +1106,7 @@ mod tests {
         let mut world = World::new();
         let json = r#"{"etcd": {"cluster": "etcd", "max_value_bytes": 1024}}"#;
         let mut store = world.envoy(json);
-        let first = Resumed::Claim(store.claim(&claim_of(1, 10), 0));
-        let ticket = claimed(world.settle(&mut store, first, 0));
+        let ticket = world.claim_on(&mut store, 10, 0);
         let mut big = response();
         big.body = vec![0; 2048];
         assert_eq!(
