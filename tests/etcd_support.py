@@ -1,6 +1,6 @@
 """What the etcd store tests need beyond the harness: a private etcd and Envoys that reach it.
 
-    Etcd(workdir, max_request_bytes=None)
+    Etcd(workdir, max_request_bytes=None, quota_backend_bytes=None)
         .start() / .stop()            a single-member etcd on loopback (kernel-picked free ports, its
                                       own data directory, --auto-compaction-retention 1h); start()
                                       again after stop() reuses the same ports and data directory
@@ -56,12 +56,13 @@ class EtcdError(RuntimeError):
 
 
 class Etcd:
-    def __init__(self, workdir, max_request_bytes=None, name="etcd"):
+    def __init__(self, workdir, max_request_bytes=None, name="etcd", quota_backend_bytes=None):
         self.workdir = Path(workdir)
         self.name = name
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "etcd.log"
         self.max_request_bytes = max_request_bytes
+        self.quota_backend_bytes = quota_backend_bytes
         self.client_port = None
         self.peer_port = None
         self.proc = None
@@ -96,6 +97,8 @@ class Etcd:
         ]
         if self.max_request_bytes is not None:
             cmd += ["--max-request-bytes", str(self.max_request_bytes)]
+        if self.quota_backend_bytes is not None:
+            cmd += ["--quota-backend-bytes", str(self.quota_backend_bytes)]
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -6,6 +6,7 @@ STATIC cluster ``etcd`` on a private etcd that the tests start (and stop, to see
 Each test checks what the client saw and what the upstream did (its execution count).
 """
 
+import base64
 import json
 import re
 import threading
@@ -14,7 +15,7 @@ import uuid
 
 import pytest
 
-from etcd_support import Etcd, EtcdEnvoy, LogWindow, private_run_dir, start_all
+from etcd_support import Etcd, EtcdEnvoy, EtcdError, LogWindow, private_run_dir, start_all
 from harness import Response, burst
 from shipped import ENVOY_DIR, ShippedEnvoy, load, localise
 from contract import assert_original, assert_problem, assert_replay_of, timed
@@ -443,3 +444,53 @@ def test_a_response_etcd_refuses_as_too_large_is_kept_without_its_body(run_dir, 
             if envoy is not None:
                 envoy.stop()
         strict.remove_data()
+
+
+def test_an_etcd_out_of_space_applies_the_policy_until_an_operator_frees_it(run_dir, upstream, key):
+    """NOSPACE: etcd refuses writes once its database reaches --quota-backend-bytes. The README's
+    remedy (delete, compact, defragment, disarm the alarm) brings service back."""
+    small = _start_etcd(run_dir, "small", quota_backend_bytes=256 * 1024)
+    a = b = None
+    try:
+        a, b = _start_pair(run_dir, upstream, small, _config())
+        before_full = call(a, key + "-before")
+        assert_original(before_full)
+
+        filler = base64.b64encode(b"x" * 20_000).decode()
+        for n in range(100):
+            try:
+                small.post("/v3/kv/put", {"key": base64.b64encode(f"fill/{n}".encode()).decode(),
+                                          "value": filler})
+            except EtcdError as error:
+                assert "database space exceeded" in str(error), error
+                break
+        else:
+            pytest.fail("etcd never ran out of space")
+
+        full = key + "-full"
+        before = settled_stats(b)
+        resp = call(b, full)
+        assert_problem(resp, 503, "idempotency_store_unavailable")
+        retry_after(resp)
+        assert upstream.count(key=full) == 0
+        assert_deltas(b, before, {"idempotency.store_error": 1, "idempotency.rejected": 1})
+        # A record A already holds a copy of still replays there.
+        assert_replay_of(call(a, key + "-before"), before_full)
+
+        small.post("/v3/kv/deleterange", {"key": base64.b64encode(b"fill/").decode(),
+                                          "range_end": base64.b64encode(b"fill0").decode()})
+        revision = small.post("/v3/kv/range", {"key": "AA=="})["header"]["revision"]
+        small.post("/v3/kv/compaction", {"revision": revision, "physical": True})
+        small.post("/v3/maintenance/defragment", {})
+        for alarm in small.post("/v3/maintenance/alarm", {"action": "GET"}).get("alarms", []):
+            small.post("/v3/maintenance/alarm", {"action": "DEACTIVATE", **alarm})
+
+        original = call(b, full)
+        assert_original(original)
+        assert_replay_of(call(a, full), original)
+        assert upstream.count(key=full) == 1
+    finally:
+        for envoy in (a, b):
+            if envoy is not None:
+                envoy.stop()
+        small.remove_data()
