@@ -4,6 +4,7 @@
         .start() / .stop()            a single-member etcd on loopback (kernel-picked free ports, its
                                       own data directory, --auto-compaction-retention 1h); start()
                                       again after stop() reuses the same ports and data directory
+        .freeze() / .thaw()           SIGSTOP / SIGCONT: an etcd that accepts but never answers
         .client_port, .log_path
         .range_prefix(prefix) -> [(key bytes, value bytes)]   what etcd holds, read directly
     EtcdEnvoy(workdir, plugin_config, upstream_port, etcd)
@@ -128,6 +129,14 @@ class Etcd:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+    def freeze(self):
+        """Stop etcd answering without closing anything: connections hang, as with a stuck
+        member. thaw() resumes it."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def thaw(self):
+        self.proc.send_signal(signal.SIGCONT)
 
     @property
     def running(self):

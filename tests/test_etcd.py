@@ -393,6 +393,25 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
                                       "idempotency.store_error": 0})
 
 
+def test_an_etcd_that_never_answers_costs_a_request_the_timeout_not_a_hang(pair, upstream, etcd, key):
+    a, b = pair
+    before = settled_stats(a)
+    etcd.freeze()
+    try:
+        resp, took = timed(lambda: call(a, key))
+        assert_problem(resp, 503, "idempotency_store_unavailable")
+        print(f"etcd frozen: 503 in {took * 1000:.0f} ms (timeout {ETCD_TIMEOUT_S * 1000:.0f} ms)")
+        assert took < 6 * ETCD_TIMEOUT_S, f"the request took {took:.3f}s with etcd frozen"
+        assert upstream.count(key=key) == 0
+        assert_deltas(a, before, {"idempotency.store_error": 1, "idempotency.rejected": 1})
+    finally:
+        etcd.thaw()
+    original = call(a, key)
+    assert_original(original)
+    assert_replay_of(call(b, key), original)
+    assert upstream.count(key=key) == 1
+
+
 # -- responses etcd cannot keep ---------------------------------------------------------------------
 
 def test_a_response_over_max_value_bytes_is_kept_without_its_body(run_dir, upstream, etcd, key):
