@@ -86,7 +86,7 @@ def assert_retry_after(resp):
     return int(value)
 
 
-def wait_for(predicate, timeout=2.0):
+def wait_for(predicate, timeout=3.0):
     """Poll until predicate() is true (stats move after the answer is on the wire)."""
     deadline = time.monotonic() + timeout
     while not predicate() and time.monotonic() < deadline:
@@ -99,12 +99,26 @@ def stat_deltas(envoy, before, names):
     return {n: after.get(n, 0) - before.get(n, 0) for n in names}
 
 
+def assert_stat_deltas(envoy, before, expected, timeout=3.0):
+    """Each named stat moved by exactly the given amount since ``before`` (a dict of stats)."""
+    wait_for(lambda: stat_deltas(envoy, before, expected) == expected, timeout)
+    assert stat_deltas(envoy, before, expected) == expected
+
+
 def unique_path(prefix="/v1/probe"):
     return f"{prefix}/{uuid.uuid4().hex}"
 
 
 def in_background(fn):
+    """Run fn() in a thread; join() the thread, then read box["result"] (or box["error"])."""
     box = {}
-    thread = threading.Thread(target=lambda: box.setdefault("result", fn()))
+
+    def run():
+        try:
+            box["result"] = fn()
+        except Exception as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return thread, box

@@ -32,7 +32,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from harness import ROOT, Envoy
+from harness import ROOT, Envoy, LogFile
 
 ETCD_BIN = os.environ.get("ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
 ETCD_READY_TIMEOUT_S = 20
@@ -56,7 +56,7 @@ class EtcdError(RuntimeError):
     pass
 
 
-class Etcd:
+class Etcd(LogFile):
     def __init__(self, workdir, max_request_bytes=None, name="etcd", quota_backend_bytes=None):
         self.workdir = Path(workdir)
         self.name = name
@@ -163,23 +163,6 @@ class Etcd:
         """Delete the data directory (its WAL alone preallocates 64 MB); the log stays."""
         self.stop()
         shutil.rmtree(self.data_dir, ignore_errors=True)
-
-    def log_size(self):
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, start=0):
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(start)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines=30):
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 def _b64(data):

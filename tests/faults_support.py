@@ -8,7 +8,7 @@
     send_and_vanish(...)            send a whole request, then close the socket before the answer
     tolerant_request(...)           a request whose answer may be cut short (upstream reset)
     worker_connections(envoy)       accepted connections per Envoy worker thread
-    call / assert_* / stat_deltas   requests as the seed document shows them, and what to check
+    call                            a request as the seed document shows it (checks: contract.py)
 
 Load (used by test_capacity.py), each in its own process so that the test process, the load and
 the upstream do not share one interpreter lock:
@@ -37,7 +37,6 @@ from collections import Counter
 from pathlib import Path
 
 from harness import Response
-from contract import assert_original, assert_problem, assert_replay_of, comparable_headers, timed  # noqa: F401
 from upstream import Upstream, _Handler
 
 ORG = "Bearer ic_live_org_faults"
@@ -57,59 +56,6 @@ def request_headers(key, auth=ORG, extra=()):
 def call(envoy, key, headers=(), body=BODY, path="/v1/customers", method="POST", timeout=30):
     """A covered request (the upstream answers 201 unless headers say otherwise)."""
     return envoy.request(method, path, request_headers(key, extra=headers), body, timeout=timeout)
-
-
-
-
-
-
-
-
-
-
-
-
-def retry_after(resp):
-    """Retry-After as delay-seconds (the form the filter must use)."""
-    value = resp.header("retry-after")
-    assert value is not None and value.isdigit(), f"Retry-After must be delay-seconds, got {value!r}: {resp!r}"
-    return int(value)
-
-
-def wait_for(predicate, timeout=3.0, step=0.05):
-    """Poll until predicate() is true (stats move just after the answer is on the wire)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(step)
-    return True
-
-
-def stat_deltas(envoy, before, names):
-    after = envoy.stats()
-    return {n: after.get(n, 0) - before.get(n, 0) for n in names}
-
-
-def assert_stat_deltas(envoy, before, expected, timeout=3.0):
-    """Each named stat moved by exactly the given amount since ``before`` (a dict of stats)."""
-    wait_for(lambda: stat_deltas(envoy, before, expected) == expected, timeout)
-    assert stat_deltas(envoy, before, expected) == expected
-
-
-def in_background(fn):
-    """Run fn() in a thread; join() the thread, then read box["result"] (or box["error"])."""
-    box = {}
-
-    def run():
-        try:
-            box["result"] = fn()
-        except Exception as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box
 
 
 def worker_connections(envoy):

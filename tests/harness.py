@@ -211,7 +211,28 @@ class EnvoyError(RuntimeError):
     pass
 
 
-class Envoy:
+class LogFile:
+    """What a process the tests started wrote to its log (``self.log_path``)."""
+
+    def log_size(self):
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def log_text(self, start=0):
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(start)
+                return f.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines=40, start=0):
+        return "\n".join(self.log_text(start).splitlines()[-lines:])
+
+
+class Envoy(LogFile):
     def __init__(self, workdir, plugin_config=None, upstream_port=None, route_timeout="5s",
                  wasm_path=WASM_PATH, expect_upstream=True):
         self.number = next(_instance_numbers)
@@ -343,22 +364,6 @@ class Envoy:
     def counter(self, name):
         return self.stats().get(name, 0)
 
-    def log_size(self):
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, start=0):
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(start)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines=40, start=0):
-        return "\n".join(self.log_text(start).splitlines()[-lines:])
 
 
 @atexit.register

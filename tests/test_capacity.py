@@ -12,15 +12,11 @@ import uuid
 
 import pytest
 
+from contract import assert_original, assert_problem, assert_replay_of, assert_retry_after, assert_stat_deltas
 from faults_support import (
     FastUpstream,
     RssSampler,
-    assert_original,
-    assert_problem,
-    assert_replay_of,
-    assert_stat_deltas,
     call,
-    retry_after,
     rss_kib,
     run_load,
 )
@@ -82,7 +78,7 @@ def test_full_store_under_reject_answers_the_17th_key_503_store_full(envoy_with,
     for _ in range(2):
         refused = call(envoy, extra)
         assert_problem(refused, 503, "idempotency_store_full")
-        assert 1 <= retry_after(refused) <= 60, f"{refused!r}"
+        assert 1 <= assert_retry_after(refused) <= 60, f"{refused!r}"
     assert upstream.count(key=extra) == 0
     # What is stored is still served while the store is full.
     assert_replay_of(call(envoy, keys[0]), answers[0])

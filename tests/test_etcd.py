@@ -18,7 +18,8 @@ import pytest
 from etcd_support import Etcd, EtcdEnvoy, EtcdError, LogWindow, private_run_dir, start_all
 from harness import Response, burst
 from shipped import ENVOY_DIR, ShippedEnvoy, load, localise
-from contract import assert_original, assert_problem, assert_replay_of, timed
+from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
+                      assert_stat_deltas, stat_deltas, timed, wait_for)
 from upstream import binary_body
 
 ORG = "Bearer ic_live_org_fleet"
@@ -106,33 +107,6 @@ def call(envoy, key, body=CUSTOMER, headers=(), path="/v1/customers", timeout=10
     names = {name for name, _ in headers}
     hdrs = [(n, v) for n, v in hdrs if n not in names] + list(headers)
     return envoy.request("POST", path, hdrs, body, timeout=timeout)
-
-
-def retry_after(resp):
-    value = resp.header("retry-after")
-    assert value is not None and value.isdigit() and int(value) >= 1, f"Retry-After: {value!r}: {resp!r}"
-    return int(value)
-
-
-def wait_for(predicate, timeout=3.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return predicate()
-        time.sleep(step)
-    return True
-
-
-def deltas(envoy, before, names):
-    after = envoy.stats()
-    return {n: after.get(n, 0) - before.get(n, 0) for n in names}
-
-
-def assert_deltas(envoy, before, expected, timeout=3.0):
-    """Each named stat moved by exactly this much since ``before`` (stats move just after the
-    answer is on the wire, and finishes run from the next tick)."""
-    wait_for(lambda: deltas(envoy, before, expected) == expected, timeout)
-    assert deltas(envoy, before, expected) == expected
 
 
 def etcd_requests(envoy):
@@ -242,8 +216,8 @@ def test_a_burst_split_across_both_envoys_executes_once(pair, upstream, key):
     assert upstream.count(key=key) == 1
 
     names = ["idempotency.claimed", "idempotency.replayed"]
-    wait_for(lambda: sum(deltas(e, s, names)["idempotency.replayed"] for e, s in zip(pair, before)) == n - 1)
-    totals = {name: sum(deltas(e, s, [name])[name] for e, s in zip(pair, before)) for name in names}
+    wait_for(lambda: sum(stat_deltas(e, s, names)["idempotency.replayed"] for e, s in zip(pair, before)) == n - 1)
+    totals = {name: sum(stat_deltas(e, s, [name])[name] for e, s in zip(pair, before)) for name in names}
     assert totals == {"idempotency.claimed": 1, "idempotency.replayed": n - 1}
     # The other Envoy's waiters poll etcd every 100 ms: they are answered soon after the original.
     lag = max(ended) - ended[originals[0]]
@@ -282,7 +256,7 @@ def test_a_5xx_on_one_envoy_releases_so_a_retry_on_the_other_runs(pair, upstream
     before = settled_stats(a)
     failed = call(a, key, headers=[("x-test-status", "503")])
     assert_original(failed, 503)
-    assert_deltas(a, before, {"idempotency.released": 1, "idempotency.stored": 0})
+    assert_stat_deltas(a, before, {"idempotency.released": 1, "idempotency.stored": 0})
 
     retry = call(b, key)
     assert_original(retry, 201)
@@ -305,7 +279,7 @@ def test_a_5xx_on_one_envoy_releases_so_a_retry_on_the_other_runs(pair, upstream
     assert_original(box["resp"], 503)
     assert_original(taken, 201)
     assert upstream.count(key=waiting) == 2
-    assert_deltas(b, before_b, {"idempotency.waited": 1, "idempotency.taken_over": 1, "idempotency.claimed": 1})
+    assert_stat_deltas(b, before_b, {"idempotency.waited": 1, "idempotency.taken_over": 1, "idempotency.claimed": 1})
     assert_replay_of(call(a, waiting), taken)
     assert upstream.count(key=waiting) == 2
 
@@ -335,7 +309,7 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
     try:
         thread.join()
         assert_original(box["resp"])
-        assert_deltas(a, before, {"idempotency.store_error": 1, "idempotency.stored": 0})
+        assert_stat_deltas(a, before, {"idempotency.store_error": 1, "idempotency.stored": 0})
         executed = upstream.total
 
         # reject: 503 idempotency_store_unavailable with Retry-After, at once, nothing upstream.
@@ -344,11 +318,11 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
             down = f"{key}-down-{name}"
             resp, took = timed(lambda: call(envoy, down))
             assert_problem(resp, 503, "idempotency_store_unavailable")
-            retry_after(resp)
+            assert assert_retry_after(resp) >= 1, resp
             print(f"etcd down, when_full reject, Envoy {name}: 503 in {took * 1000:.1f} ms")
             assert took < ETCD_TIMEOUT_S, f"{name} took {took:.3f}s to answer with etcd down"
             assert upstream.count(key=down) == 0
-            assert_deltas(envoy, before, {"idempotency.store_error": 1, "idempotency.rejected": 1,
+            assert_stat_deltas(envoy, before, {"idempotency.store_error": 1, "idempotency.rejected": 1,
                                           "idempotency.claimed": 0})
         # A record B already copied still replays from that copy.
         assert_replay_of(call(b, cached), cached_original)
@@ -362,7 +336,7 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
             print(f"etcd down, when_full pass: passed in {took * 1000:.1f} ms")
             assert took < ETCD_TIMEOUT_S + 0.25, f"passing took {took:.3f}s with etcd down"
             assert upstream.count(key=passed) == runs
-            assert_deltas(envoy, before, {"idempotency.store_error": 1, "idempotency.bypassed": 1,
+            assert_stat_deltas(envoy, before, {"idempotency.store_error": 1, "idempotency.bypassed": 1,
                                           "idempotency.claimed": 0})
         assert upstream.total == executed + 2
     finally:
@@ -372,7 +346,7 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
     # the work a second time.
     assert_replay_of(call(b, midflight), box["resp"])
     assert upstream.count(key=midflight) == 1
-    assert_deltas(a, at_midflight, {"idempotency.stored": 1})
+    assert_stat_deltas(a, at_midflight, {"idempotency.stored": 1})
 
     # The requests refused while etcd was down left no claim behind: they run now.
     for envoy, name in ((a, "A"), (b, "B")):
@@ -389,7 +363,7 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
         assert_original(original)
         assert_replay_of(call(second, fresh), original)
         assert upstream.count(key=fresh) == 1
-        assert_deltas(first, before, {"idempotency.claimed": 1, "idempotency.stored": 1,
+        assert_stat_deltas(first, before, {"idempotency.claimed": 1, "idempotency.stored": 1,
                                       "idempotency.store_error": 0})
 
 
@@ -403,7 +377,7 @@ def test_an_etcd_that_never_answers_costs_a_request_the_timeout_not_a_hang(pair,
         print(f"etcd frozen: 503 in {took * 1000:.0f} ms (timeout {ETCD_TIMEOUT_S * 1000:.0f} ms)")
         assert took < 6 * ETCD_TIMEOUT_S, f"the request took {took:.3f}s with etcd frozen"
         assert upstream.count(key=key) == 0
-        assert_deltas(a, before, {"idempotency.store_error": 1, "idempotency.rejected": 1})
+        assert_stat_deltas(a, before, {"idempotency.store_error": 1, "idempotency.rejected": 1})
     finally:
         etcd.thaw()
     original = call(a, key)
@@ -423,7 +397,7 @@ def test_a_response_over_max_value_bytes_is_kept_without_its_body(run_dir, upstr
         resp = call(a, key, headers=big)
         assert_original(resp, 200)
         assert resp.body == binary_body(size, key), f"the client got {len(resp.body)} bytes"
-        assert_deltas(a, before, {"idempotency.response_too_large": 1, "idempotency.stored": 0,
+        assert_stat_deltas(a, before, {"idempotency.response_too_large": 1, "idempotency.stored": 0,
                                   "idempotency.store_error": 0})
 
         for envoy in (b, a):
@@ -445,7 +419,7 @@ def test_a_response_etcd_refuses_as_too_large_is_kept_without_its_body(run_dir, 
         resp = call(a, key, headers=big)
         assert_original(resp, 200)
         assert resp.body == binary_body(size, key), f"the client got {len(resp.body)} bytes"
-        assert_deltas(a, before, {"idempotency.response_too_large": 1, "idempotency.stored": 0,
+        assert_stat_deltas(a, before, {"idempotency.response_too_large": 1, "idempotency.stored": 0,
                                   "idempotency.store_error": 0})
         # A handful of calls (lease grants, the claim, the refused put, the put without the body),
         # and then no more: no retry loop.
@@ -490,9 +464,9 @@ def test_an_etcd_out_of_space_applies_the_policy_until_an_operator_frees_it(run_
         before = settled_stats(b)
         resp = call(b, full)
         assert_problem(resp, 503, "idempotency_store_unavailable")
-        retry_after(resp)
+        assert assert_retry_after(resp) >= 1, resp
         assert upstream.count(key=full) == 0
-        assert_deltas(b, before, {"idempotency.store_error": 1, "idempotency.rejected": 1})
+        assert_stat_deltas(b, before, {"idempotency.store_error": 1, "idempotency.rejected": 1})
         # A record A already holds a copy of still replays there.
         assert_replay_of(call(a, key + "-before"), before_full)
 

@@ -7,21 +7,14 @@ import time
 
 import pytest
 
+from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
+                      assert_stat_deltas, in_background, stat_deltas, timed, wait_for)
 from faults_support import (
     ScriptedUpstream,
-    assert_original,
-    assert_problem,
-    assert_replay_of,
-    assert_stat_deltas,
     call,
     free_port,
-    in_background,
-    retry_after,
     send_and_vanish,
-    stat_deltas,
-    timed,
     tolerant_request,
-    wait_for,
     worker_connections,
 )
 from harness import burst
@@ -87,7 +80,7 @@ def test_duplicates_waiting_past_max_wait_get_409_in_progress_with_retry_after(e
 
     for resp, took in duplicates:
         assert_problem(resp, 409, "idempotency_in_progress")
-        assert 1 <= retry_after(resp) <= 60, f"{resp!r}"
+        assert 1 <= assert_retry_after(resp) <= 60, f"{resp!r}"
         assert 0.25 <= took < 1.5, f"answered after {took:.2f}s with max_wait 300ms"
     assert upstream.count(key=key) == 1
     original = answer_of(thread, box)
@@ -112,7 +105,7 @@ def test_duplicates_beyond_max_waiting_get_409_in_progress_at_once(envoy_with, u
     assert 1 <= len(waited) <= 2, f"{len(waited)} waited with max_waiting 1 on 2 workers: {duplicates!r}"
     for resp, took in turned_away:
         assert_problem(resp, 409, "idempotency_in_progress")
-        retry_after(resp)
+        assert_retry_after(resp)
         assert took < 1.2, f"turned away only after {took:.2f}s: not at once"
     original = answer_of(thread, box)
     assert_original(original)
@@ -137,7 +130,7 @@ def assert_held_until_the_lease_ends(envoy, upstream, key, before):
 
     retry = call(envoy, key)
     assert_problem(retry, 409, "idempotency_in_progress")
-    seconds = retry_after(retry)
+    seconds = assert_retry_after(retry)
     remainder = first_at + LEASE_S - time.monotonic()
     assert 1 <= seconds <= LEASE_S and seconds >= remainder - 0.1, \
         f"Retry-After {seconds} for a lease ending in {remainder:.2f}s"
@@ -199,7 +192,7 @@ def test_duplicates_waiting_on_an_original_that_ends_held_get_409_with_the_lease
         # Answered when the original timed out (1s), not after max_wait (10s); told to come back
         # when the lease (4s from the claim) ends, about 3s later.
         assert took < 2.5, f"answered after {took:.2f}s"
-        assert 2 <= retry_after(resp) <= 4, f"{resp!r}"
+        assert 2 <= assert_retry_after(resp) <= 4, f"{resp!r}"
     assert time.monotonic() - first_at < 4
     assert upstream.count(key=key) == 1
     assert_stat_deltas(envoy, before, {
