@@ -72,26 +72,6 @@ def test_unstored_status_is_not_stored_and_retry_executes_again(envoy, upstream,
     assert upstream.count(key=key) == 3
 
 
-def test_envoy_local_reply_for_down_upstream_is_not_stored(envoy_with, upstream_factory, key):
-    probe = upstream_factory()
-    port = probe.port
-    probe.stop()  # nothing listens on port now
-    envoy = envoy_with({}, upstream_port=port, fresh=True)
-
-    for _ in range(2):  # released at once: the retry is not held as in progress
-        down = call(envoy, key)
-        assert down.status == 503, f"{down!r}"
-        assert down.header("idempotent-replayed") is None, f"{down!r}"
-        assert down.header("x-upstream-execution") is None, f"{down!r}"
-
-    upstream = upstream_factory(port)
-    resp = call(envoy, key)
-    assert_original(resp)
-    assert upstream.count(key=key) == 1
-    assert_replay_of(call(envoy, key), resp)
-    assert upstream.count(key=key) == 1
-
-
 # -- concurrency and expiry ---------------------------------------------------------------------
 
 def test_burst_of_identical_requests_executes_exactly_once(envoy, upstream, key):
