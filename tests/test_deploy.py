@@ -380,9 +380,11 @@ def envoy_filter_wasm():
 
 def test_istio_manifests_are_the_resources_istio_expects():
     kinds = {name: (doc["apiVersion"], doc["kind"]) for name, doc in
-             ((n, istio(n)) for n in ("envoyfilter.yaml", "wasmplugin.yaml", "trafficextension.yaml"))}
+             ((n, istio(n)) for n in ("envoyfilter.yaml", "wasmplugin.yaml", "trafficextension.yaml",
+                                      "etcd-cluster.yaml"))}
     assert kinds == {
         "envoyfilter.yaml": ("networking.istio.io/v1alpha3", "EnvoyFilter"),
+        "etcd-cluster.yaml": ("networking.istio.io/v1alpha3", "EnvoyFilter"),
         "wasmplugin.yaml": ("extensions.istio.io/v1alpha1", "WasmPlugin"),
         "trafficextension.yaml": ("extensions.istio.io/v1alpha1", "TrafficExtension"),
     }
@@ -420,6 +422,12 @@ def test_envoyfilter_installs_the_filter_with_the_flag_it_needs_after_authn_and_
     contexts = {p["match"]["context"] for p in envoy_filter["spec"]["configPatches"]}
     assert contexts == {"GATEWAY"}
     assert envoy_filter["spec"]["workloadSelector"]["labels"] == {"istio": "ingressgateway"}
+
+
+def test_the_etcd_cluster_envoyfilter_patches_the_same_gateways_as_the_filter():
+    filter_spec, cluster_spec = istio("envoyfilter.yaml")["spec"], istio("etcd-cluster.yaml")["spec"]
+    assert cluster_spec["workloadSelector"] == filter_spec["workloadSelector"]
+    assert {p["match"]["context"] for p in cluster_spec["configPatches"]} == {"GATEWAY"}
 
 
 def test_wasmplugin_and_trafficextension_carry_the_same_settings_as_the_envoyfilter():

@@ -17,7 +17,7 @@ import pytest
 
 from etcd_support import Etcd, EtcdEnvoy, EtcdError, LogWindow, private_run_dir, start_all
 from harness import Response, burst
-from shipped import ENVOY_DIR, ShippedEnvoy, load, localise
+from shipped import ENVOY_DIR, ShippedEnvoy, load, localise, wasm_filters
 from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
                       assert_stat_deltas, stat_deltas, timed, wait_for)
 from upstream import binary_body
@@ -132,10 +132,27 @@ def settled_stats(envoy):
 
 # -- one store for both Envoys ------------------------------------------------------------------
 
-def test_two_envoys_started_from_the_shipped_etcd_config_share_records(run_dir, upstream, etcd, key):
-    """envoy/envoy-etcd.yaml as shipped, its etcd cluster pointed at this test's etcd."""
+def _istio_etcd_cluster():
+    """The cluster envoy/istio/etcd-cluster.yaml adds to Istio's gateway."""
+    (patch,) = load(ENVOY_DIR / "istio" / "etcd-cluster.yaml")["spec"]["configPatches"]
+    assert patch["applyTo"] == "CLUSTER" and patch["patch"]["operation"] == "ADD"
+    return patch["patch"]["value"]
+
+
+@pytest.mark.parametrize("etcd_cluster", ["envoy-etcd.yaml", "istio/etcd-cluster.yaml"])
+def test_two_envoys_started_from_the_shipped_etcd_config_share_records(run_dir, upstream, etcd, key,
+                                                                      etcd_cluster):
+    """envoy/envoy-etcd.yaml as shipped, its etcd cluster (or the one the Istio EnvoyFilter adds,
+    with the plugin configuration pointing at it) pointed at this test's etcd."""
     config = localise(load(ENVOY_DIR / "envoy-etcd.yaml"), upstream.port)
-    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "etcd"]
+    clusters = config["static_resources"]["clusters"]
+    (cluster,) = [c for c in clusters if c["name"] == "etcd"]
+    if etcd_cluster.startswith("istio/"):
+        clusters[clusters.index(cluster)] = cluster = _istio_etcd_cluster()
+        (wasm,) = wasm_filters(config)
+        plugin = json.loads(wasm["config"]["configuration"]["value"])
+        plugin["etcd"]["cluster"] = cluster["name"]
+        wasm["config"]["configuration"]["value"] = json.dumps(plugin)
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"]["socket_address"].update(address="127.0.0.1", port_value=etcd.client_port)
     envoys = [ShippedEnvoy(run_dir / f"shipped-{n}", config, upstream.port) for n in range(2)]
