@@ -38,10 +38,11 @@ $(STAMPS)/rust:
 	@mkdir -p $(STAMPS) && touch $@
 
 # etcd for the cluster-wide store's tests, which start their own etcd on loopback (the system
-# service the package may start is not used): Debian's etcd-server, installed only when missing.
+# service the package may start is not used): Debian's etcd-server, and openssl for the
+# certificates of the TLS test, installed only when missing.
 $(STAMPS)/etcd:
-	command -v etcd >/dev/null || { $(SUDO) apt-get update \
-	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server; }
+	command -v etcd >/dev/null && command -v openssl >/dev/null || { $(SUDO) apt-get update \
+	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server openssl; }
 	etcd --version
 	@mkdir -p $(STAMPS) && touch $@
 

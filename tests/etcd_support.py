@@ -1,10 +1,17 @@
 """What the etcd store tests need beyond the harness: a private etcd and Envoys that reach it.
 
-    Etcd(workdir, max_request_bytes=None, quota_backend_bytes=None)
+    Etcd(workdir, max_request_bytes=None, quota_backend_bytes=None, certs=None)
         .start() / .stop()            a single-member etcd on loopback (kernel-picked free ports, its
                                       own data directory, --auto-compaction-retention 1h); start()
                                       again after stop() reuses the same ports and data directory
         .freeze() / .thaw()           SIGSTOP / SIGCONT: an etcd that accepts but never answers
+        .enable_auth(user, prefix) -> token
+                                      users on: root (the tests' own calls from then on), and
+                                      `user`, allowed under `prefix` only; returns its token
+    make_certs(directory) -> Certs    a CA, etcd's certificate for 127.0.0.1, a client
+                                      certificate, and the key pair etcd signs its JWT tokens
+                                      with (openssl); an Etcd given them serves TLS, requires a
+                                      client certificate and hands out JWT tokens (1 h)
         .client_port, .log_path
         .range_prefix(prefix) -> [(key bytes, value bytes)]   what etcd holds, read directly
     EtcdEnvoy(workdir, plugin_config, upstream_port, etcd)
@@ -25,11 +32,13 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from harness import ROOT, Envoy, LogFile
@@ -56,14 +65,55 @@ class EtcdError(RuntimeError):
     pass
 
 
+@dataclass
+class Certs:
+    ca: Path
+    server: tuple  # (certificate, key)
+    client: tuple
+    jwt: tuple  # (private key, public key)
+
+
+def make_certs(directory):
+    """Certificates for a TLS etcd with client-certificate authentication (EC keys: fast)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=idempotency-test-ca")
+
+    def issue(name, extensions):
+        # No common name: with users on, etcd refuses gateway requests whose client certificate
+        # has one (the gateway cannot authenticate by it).
+        openssl("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/O={name}")
+        (directory / f"{name}.ext").write_text(extensions)
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext")
+        return directory / f"{name}.crt", directory / f"{name}.key"
+
+    # etcd's JSON gateway calls etcd's gRPC server with etcd's own certificate: clientAuth too.
+    server = issue("etcd", "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                           "extendedKeyUsage=serverAuth,clientAuth\n")
+    client = issue("client", "extendedKeyUsage=clientAuth\n")
+    openssl("genrsa", "-out", "jwt.key", "2048")
+    openssl("rsa", "-in", "jwt.key", "-pubout", "-out", "jwt.pub")
+    return Certs(directory / "ca.crt", server, client, (directory / "jwt.key", directory / "jwt.pub"))
+
+
 class Etcd(LogFile):
-    def __init__(self, workdir, max_request_bytes=None, name="etcd", quota_backend_bytes=None):
+    def __init__(self, workdir, max_request_bytes=None, name="etcd", quota_backend_bytes=None,
+                 certs=None):
         self.workdir = Path(workdir)
         self.name = name
         self.data_dir = self.workdir / "data"
         self.log_path = self.workdir / "etcd.log"
         self.max_request_bytes = max_request_bytes
         self.quota_backend_bytes = quota_backend_bytes
+        self.certs = certs
+        self.token = None
         self.client_port = None
         self.peer_port = None
         self.proc = None
@@ -73,7 +123,8 @@ class Etcd(LogFile):
 
     @property
     def url(self):
-        return f"http://127.0.0.1:{self.client_port}"
+        scheme = "https" if self.certs else "http"
+        return f"{scheme}://127.0.0.1:{self.client_port}"
 
     def start(self):
         if not (Path(ETCD_BIN).is_file() and os.access(ETCD_BIN, os.X_OK)):
@@ -100,6 +151,11 @@ class Etcd(LogFile):
             cmd += ["--max-request-bytes", str(self.max_request_bytes)]
         if self.quota_backend_bytes is not None:
             cmd += ["--quota-backend-bytes", str(self.quota_backend_bytes)]
+        if self.certs:
+            private, public = self.certs.jwt
+            cmd += ["--cert-file", str(self.certs.server[0]), "--key-file", str(self.certs.server[1]),
+                    "--trusted-ca-file", str(self.certs.ca), "--client-cert-auth",
+                    "--auth-token", f"jwt,pub-key={public},priv-key={private},sign-method=RS256,ttl=1h"]
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -138,15 +194,39 @@ class Etcd(LogFile):
     def thaw(self):
         self.proc.send_signal(signal.SIGCONT)
 
+    def enable_auth(self, user, prefix):
+        """Turn on etcd's users: root, whose token the tests' own calls carry from then on, and
+        ``user``, allowed to read and write keys under ``prefix`` only. Returns ``user``'s token
+        (etcd's JSON gateway authenticates by token only, never by certificate)."""
+        b64 = lambda text: _b64(text.encode())  # noqa: E731
+        self.post("/v3/auth/user/add", {"name": "root", "password": "root-secret"})
+        self.post("/v3/auth/user/grant", {"user": "root", "role": "root"})
+        self.post("/v3/auth/role/add", {"name": "store"})
+        end = prefix[:-1] + chr(ord(prefix[-1]) + 1)
+        self.post("/v3/auth/role/grant", {"name": "store", "perm": {
+            "permType": "READWRITE", "key": b64(prefix), "range_end": b64(end)}})
+        self.post("/v3/auth/user/add", {"name": user, "password": "store-secret"})
+        self.post("/v3/auth/user/grant", {"user": user, "role": "store"})
+        self.post("/v3/auth/enable", {})
+        self.token = self.post("/v3/auth/authenticate", {"name": "root", "password": "root-secret"})["token"]
+        return self.post("/v3/auth/authenticate", {"name": user, "password": "store-secret"})["token"]
+
     @property
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
     def post(self, path, body, timeout=5):
+        headers = {"content-type": "application/json"}
+        if self.token:
+            headers["authorization"] = self.token
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
-                                     headers={"content-type": "application/json"})
+                                     headers=headers)
+        context = None
+        if self.certs:
+            context = ssl.create_default_context(cafile=str(self.certs.ca))
+            context.load_cert_chain(*map(str, self.certs.client))
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as err:
             raise EtcdError(f"etcd answered {err.code} to {path}: {err.read()[:300]!r}") from None

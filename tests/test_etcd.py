@@ -7,6 +7,7 @@ Each test checks what the client saw and what the upstream did (its execution co
 """
 
 import base64
+import copy
 import json
 import re
 import threading
@@ -15,7 +16,7 @@ import uuid
 
 import pytest
 
-from etcd_support import Etcd, EtcdEnvoy, EtcdError, LogWindow, private_run_dir, start_all
+from etcd_support import Etcd, EtcdEnvoy, EtcdError, LogWindow, make_certs, private_run_dir, start_all
 from harness import Response, burst
 from shipped import ENVOY_DIR, ShippedEnvoy, load, localise, wasm_filters
 from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
@@ -139,25 +140,37 @@ def _istio_etcd_cluster():
     return patch["patch"]["value"]
 
 
-@pytest.mark.parametrize("etcd_cluster", ["envoy-etcd.yaml", "istio/etcd-cluster.yaml"])
-def test_two_envoys_started_from_the_shipped_etcd_config_share_records(run_dir, upstream, etcd, key,
-                                                                      etcd_cluster):
-    """envoy/envoy-etcd.yaml as shipped, its etcd cluster (or the one the Istio EnvoyFilter adds,
-    with the plugin configuration pointing at it) pointed at this test's etcd."""
+def _shipped_etcd_config(upstream, etcd, cluster=None, **store):
+    """envoy/envoy-etcd.yaml as shipped, its etcd cluster (or ``cluster`` in its place, the
+    plugin pointed at it) reaching ``etcd``; ``store`` adds to the plugin's etcd section."""
     config = localise(load(ENVOY_DIR / "envoy-etcd.yaml"), upstream.port)
     clusters = config["static_resources"]["clusters"]
-    (cluster,) = [c for c in clusters if c["name"] == "etcd"]
-    if etcd_cluster.startswith("istio/"):
-        clusters[clusters.index(cluster)] = cluster = _istio_etcd_cluster()
-        (wasm,) = wasm_filters(config)
-        plugin = json.loads(wasm["config"]["configuration"]["value"])
-        plugin["etcd"]["cluster"] = cluster["name"]
-        wasm["config"]["configuration"]["value"] = json.dumps(plugin)
+    index = next(n for n, c in enumerate(clusters) if c["name"] == "etcd")
+    if cluster is not None:
+        clusters[index] = copy.deepcopy(cluster)
+    cluster = clusters[index]
     endpoint = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
     endpoint["address"]["socket_address"].update(address="127.0.0.1", port_value=etcd.client_port)
-    envoys = [ShippedEnvoy(run_dir / f"shipped-{n}", config, upstream.port) for n in range(2)]
+    (wasm,) = wasm_filters(config)
+    plugin = json.loads(wasm["config"]["configuration"]["value"])
+    plugin["etcd"].update(cluster=cluster["name"], **store)
+    wasm["config"]["configuration"]["value"] = json.dumps(plugin)
+    return config
+
+
+def _start_shipped(run_dir, config, count=2):
+    envoys = [ShippedEnvoy(run_dir / f"shipped-{uuid.uuid4().hex[:8]}", config) for _ in range(count)]
     _sources.extend(envoys)
-    a, b = start_all(envoys)
+    return start_all(envoys)
+
+
+@pytest.mark.parametrize("cluster_from", ["envoy-etcd.yaml", "istio/etcd-cluster.yaml"])
+def test_two_envoys_started_from_the_shipped_etcd_config_share_records(run_dir, upstream, etcd, key,
+                                                                      cluster_from):
+    """envoy/envoy-etcd.yaml as shipped, with its own etcd cluster or the one the Istio
+    EnvoyFilter adds to a gateway, on this test's etcd."""
+    cluster = _istio_etcd_cluster() if cluster_from.startswith("istio/") else None
+    a, b = _start_shipped(run_dir, _shipped_etcd_config(upstream, etcd, cluster))
     try:
         original = call(a, key)
         assert_original(original)
@@ -166,8 +179,47 @@ def test_two_envoys_started_from_the_shipped_etcd_config_share_records(run_dir, 
         assert upstream.count(key=key) == 1
         assert etcd.range_prefix("idempotency/"), "the shipped key_prefix holds nothing"
     finally:
+        a.stop()
+        b.stop()
+
+
+def test_etcd_with_tls_client_certificates_and_users(run_dir, upstream, key):
+    """The production set-up: TLS with a client certificate on the cluster, etcd's users on, and
+    the filter's user, allowed under its key_prefix only, sending its token (a JWT)."""
+    certs = make_certs(run_dir / "certs")
+    secure = _start_etcd(run_dir, "secure", certs=certs)
+    envoys = []
+    try:
+        token = secure.enable_auth("idempotency", "idempotency/")
+        config = localise(load(ENVOY_DIR / "envoy-etcd.yaml"), upstream.port)
+        (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "etcd"]
+        certificate, private_key = certs.client
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "localhost",
+            "common_tls_context": {
+                "tls_certificates": [{"certificate_chain": {"filename": str(certificate)},
+                                      "private_key": {"filename": str(private_key)}}],
+                "validation_context": {"trusted_ca": {"filename": str(certs.ca)}}}}}
+        envoys += _start_shipped(run_dir, _shipped_etcd_config(upstream, secure, cluster,
+                                                               auth_token=token))
+        a, b = envoys
+        original = call(a, key)
+        assert_original(original)
+        assert_replay_of(call(b, key), original)
+        assert upstream.count(key=key) == 1
+        assert secure.range_prefix("idempotency/"), "nothing stored under the user's prefix"
+
+        # Without the token etcd refuses the filter's calls: the policy applies, nothing runs.
+        (anonymous,) = _start_shipped(run_dir, _shipped_etcd_config(upstream, secure, cluster), 1)
+        envoys.append(anonymous)
+        refused = key + "-anonymous"
+        assert_problem(call(anonymous, refused), 503, "idempotency_store_unavailable")
+        assert upstream.count(key=refused) == 0
+    finally:
         for envoy in envoys:
             envoy.stop()
+        secure.remove_data()
 
 
 def test_retry_on_the_other_envoy_replays_and_then_comes_from_its_local_copy(pair, upstream, etcd, key):
