@@ -4,6 +4,10 @@
 //! - Claim: one transaction, "create the key if absent, else read it back"; the loser decides on
 //!   the record it read with the same [`decide`] as the embedded table. An expired record is taken
 //!   over by a compare-and-swap on its `mod_revision`.
+//! - Lost answers: a claim whose transaction got no answer (a timeout, a reset) may still have
+//!   been applied, and would then block its key for a lease with work that never ran. Such a
+//!   claim is revoked: deleted if the key still holds exactly what it wrote, tried again while the
+//!   key is absent (the transaction may land late), with backoff, until the claim would expire.
 //! - Waiting: a duplicate looks in the local cache on every tick (the original may have finished
 //!   on this Envoy) and reads the key from etcd less often; a read is served without the raft
 //!   round a transaction costs, and a claim is attempted only once the record is gone or expired.
@@ -41,6 +45,9 @@ const FINISH_RETRY_MILLIS: Millis = 1_000;
 /// Bytes of finishes kept to send again, per worker; past it a failed finish is dropped (its
 /// claim then ends with its lease).
 const MAX_RETRY_BYTES: usize = 8 << 20;
+/// Revocations of claims whose answer was lost, per worker; past it such a claim, if it
+/// landed, is left to expire with its lease. Each makes a handful of calls at most.
+const MAX_REVOKES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LeaseKind {
@@ -68,6 +75,7 @@ enum Sent {
     Create,
     Takeover,
     Finish,
+    Revoke,
 }
 
 #[derive(Debug)]
@@ -91,6 +99,15 @@ enum Op {
         /// Failed before: its error was reported once already.
         retried: bool,
     },
+    /// Delete the key if it holds `value`, a claim whose transaction got no answer.
+    Revoke {
+        claim: Claim,
+        value: Vec<u8>,
+        /// When the claim would expire anyway.
+        give_up: Millis,
+        /// How long to wait before the next attempt, doubled each time.
+        backoff: Millis,
+    },
 }
 
 impl Op {
@@ -107,8 +124,22 @@ impl Op {
         match self {
             Op::Claim { .. } => 0,
             Op::Finish { value, .. } => value.as_ref().map_or(0, Vec::len) * 2,
+            Op::Revoke { value, .. } => value.len(),
         }
     }
+}
+
+/// What a claim writes: an entry in flight until `now` + its lease.
+fn claim_value(claim: &Claim, now: Millis) -> Vec<u8> {
+    let entry = Entry {
+        state: State::InFlight,
+        tuple: claim.tuple,
+        fingerprint: claim.fingerprint,
+        token: claim.token,
+        deadline: now + claim.lease,
+        response_len: 0,
+    };
+    entry.encode_remote(None)
 }
 
 struct Pending {
@@ -131,6 +162,7 @@ pub struct Etcd<C: Caller, K: Kv> {
     /// Failed finishes, with when to send them again.
     retrying: Vec<(Millis, Op)>,
     retry_bytes: usize,
+    revokes: usize,
 }
 
 impl<C: Caller, K: Kv> Etcd<C, K> {
@@ -153,13 +185,67 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             queued: Vec::new(),
             retrying: Vec::new(),
             retry_bytes: 0,
+            revokes: 0,
         }
+    }
+
+    /// A call ended without an answer. If it was a claim's transaction, etcd may still apply
+    /// it: revoke it (see the module).
+    fn answer_lost(&mut self, pending: &Pending, now: Millis) {
+        let (Sent::Create | Sent::Takeover, Op::Claim { claim, .. }) = (&pending.sent, &pending.op)
+        else {
+            return;
+        };
+        if self.revokes >= MAX_REVOKES {
+            log::warn!("a claim whose answer was lost is left to its lease: too many revocations");
+            return;
+        }
+        self.revokes += 1;
+        let op = Op::Revoke {
+            claim: *claim,
+            value: claim_value(claim, pending.since),
+            give_up: pending.since + claim.lease,
+            backoff: FINISH_RETRY_MILLIS,
+        };
+        self.retry_bytes += op.retry_bytes();
+        self.retrying.push((now + FINISH_RETRY_MILLIS, op));
+    }
+
+    /// A revocation goes on later, with twice the wait, unless the claim is expiring anyway.
+    fn revoke_later(&mut self, op: Op, now: Millis) -> Resumed {
+        let Op::Revoke {
+            claim,
+            value,
+            give_up,
+            backoff,
+        } = op
+        else {
+            return Resumed::Nothing;
+        };
+        let at = now + backoff;
+        if at >= give_up {
+            self.revokes = self.revokes.saturating_sub(1);
+            return Resumed::Nothing;
+        }
+        let op = Op::Revoke {
+            claim,
+            value,
+            give_up,
+            backoff: backoff * 2,
+        };
+        self.retry_bytes += op.retry_bytes();
+        self.retrying.push((at, op));
+        Resumed::Nothing
     }
 
     /// An operation failed: its error. A finish is kept to send again (see the module); the
     /// compare-and-swap on the claim's revision makes a late one harmless. A finish reports its
     /// first failure and, if it comes to that, giving up; the failures between are quiet.
     fn fail(&mut self, mut op: Op, error: StoreError, now: Millis) -> Resumed {
+        if matches!(op, Op::Revoke { .. }) {
+            log::debug!("revoking a claim whose answer was lost failed: {error}");
+            return self.revoke_later(op, now);
+        }
         let bytes = op.retry_bytes();
         let Op::Finish {
             give_up, retried, ..
@@ -237,7 +323,11 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     fn send(&mut self, path: &str, body: Value, op: Op, sent: Sent, now: Millis) -> Resumed {
         match self.caller.post(path, body.to_string().as_bytes()) {
             Ok(call) => {
-                let is_claim = matches!(op, Op::Claim { .. });
+                let resumed = match op {
+                    Op::Claim { .. } => Resumed::Claim(Answer::Later(call)),
+                    Op::Finish { .. } => Resumed::Finish(Answer::Later(call)),
+                    Op::Revoke { .. } => Resumed::Nothing,
+                };
                 self.pending.insert(
                     call,
                     Pending {
@@ -246,11 +336,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                         since: now,
                     },
                 );
-                if is_claim {
-                    Resumed::Claim(Answer::Later(call))
-                } else {
-                    Resumed::Finish(Answer::Later(call))
-                }
+                resumed
             }
             Err(error) => self.fail(op, error, now),
         }
@@ -259,36 +345,31 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     /// Carries an operation forward: a lease first if it needs one, then its transaction.
     fn advance(&mut self, op: Op, now: Millis) -> Resumed {
         let kind = match &op {
-            Op::Claim { .. } => LeaseKind::Claim,
-            Op::Finish { lease, .. } => *lease,
+            Op::Claim { .. } => Some(LeaseKind::Claim),
+            Op::Finish {
+                value: Some(_),
+                lease,
+                ..
+            } => Some(*lease),
+            Op::Finish { value: None, .. } | Op::Revoke { .. } => None,
         };
-        let needs_lease = !matches!(&op, Op::Finish { value: None, .. });
-        let lease = if needs_lease {
-            match self.cached_lease(kind, now) {
+        let lease = match kind {
+            Some(kind) => match self.cached_lease(kind, now) {
                 Some(id) => Some(id),
                 None => {
                     let (_, length) = self.lease_shape(kind);
                     let body = json!({ "TTL": length.div_ceil(1000) });
                     return self.send("/v3/lease/grant", body, op, Sent::Grant(kind), now);
                 }
-            }
-        } else {
-            None
+            },
+            None => None,
         };
         match &op {
             Op::Claim {
                 claim, takeover, ..
             } => {
                 let key = b64(self.key(&claim.tuple).as_bytes());
-                let entry = Entry {
-                    state: State::InFlight,
-                    tuple: claim.tuple,
-                    fingerprint: claim.fingerprint,
-                    token: claim.token,
-                    deadline: now + claim.lease,
-                    response_len: 0,
-                };
-                let put = put(&key, &entry.encode_remote(None), lease);
+                let put = put(&key, &claim_value(claim, now), lease);
                 let (compare, sent) = match takeover {
                     None => (
                         json!({"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0"}),
@@ -315,6 +396,15 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 };
                 let body = json!({"compare": [compare], "success": [success]});
                 self.send("/v3/kv/txn", body, op, Sent::Finish, now)
+            }
+            Op::Revoke { claim, value, .. } => {
+                let key = b64(self.key(&claim.tuple).as_bytes());
+                let body = json!({
+                    "compare": [{"key": key, "result": "EQUAL", "target": "VALUE", "value": b64(value)}],
+                    "success": [{"request_delete_range": {"key": key}}],
+                    "failure": [{"request_range": {"key": key, "keys_only": true}}],
+                });
+                self.send("/v3/kv/txn", body, op, Sent::Revoke, now)
             }
         }
     }
@@ -434,6 +524,17 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 }
                 Resumed::Finish(Answer::Now(Ok(reply)))
             }
+            (Sent::Revoke, op) => {
+                if succeeded(&answer) {
+                    log::info!("revoked a claim whose answer was lost: its key is free again");
+                } else if !key_found(&answer) {
+                    // The lost transaction may still land.
+                    return self.revoke_later(op, now);
+                }
+                // Else another claim holds the key: the lost one never landed, or is gone.
+                self.revokes = self.revokes.saturating_sub(1);
+                Resumed::Nothing
+            }
             (_, op) => self.fail(
                 op,
                 StoreError::Remote("answer to an unknown step".into()),
@@ -549,6 +650,8 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
 
     fn resume(&mut self, call: CallId, response: CallResponse, now: Millis) -> Option<Resumed> {
         let pending = self.pending.remove(&call)?;
+        // etcd refused it (4xx: out of space, too large, denied): nothing was applied.
+        let refused = matches!(response, Ok((400..=499, _)));
         let answer = match response {
             Ok((200, body)) => serde_json::from_slice::<Value>(&body)
                 .map_err(|e| StoreError::Remote(format!("etcd answered invalid JSON: {e}"))),
@@ -573,6 +676,9 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                         return Some(self.advance(op, now));
                     }
                 }
+                if !refused {
+                    self.answer_lost(&pending, now);
+                }
                 self.fail(pending.op, error, now)
             }
         })
@@ -590,6 +696,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             .collect();
         for call in silent {
             if let Some(pending) = self.pending.remove(&call) {
+                self.answer_lost(&pending, now);
                 let error = StoreError::Remote("etcd never answered".into());
                 ended.push(self.fail(pending.op, error, now));
             }
@@ -618,13 +725,16 @@ fn failed(op: &Op, error: StoreError) -> Resumed {
     match op {
         Op::Claim { .. } => Resumed::Claim(Answer::Now(Err(error))),
         Op::Finish { .. } => Resumed::Finish(Answer::Now(Err(error))),
+        Op::Revoke { .. } => Resumed::Nothing,
     }
 }
 
 fn claim_answer(resumed: Resumed) -> Answer<Result<ClaimReply, StoreError>> {
     match resumed {
         Resumed::Claim(answer) => answer,
-        Resumed::Finish(_) => Answer::Now(Err(StoreError::Remote("mixed-up operation".into()))),
+        Resumed::Finish(_) | Resumed::Nothing => {
+            Answer::Now(Err(StoreError::Remote("mixed-up operation".into())))
+        }
     }
 }
 
@@ -643,6 +753,13 @@ fn put(key: &str, value: &[u8], lease: Option<i64>) -> Value {
 /// A failed transaction has no `succeeded` member at all.
 fn succeeded(answer: &Value) -> bool {
     answer.get("succeeded").and_then(Value::as_bool) == Some(true)
+}
+
+/// Whether a failed transaction's read found its key.
+fn key_found(answer: &Value) -> bool {
+    answer
+        .pointer("/responses/0/response_range/kvs/0")
+        .is_some()
 }
 
 fn revision_of(answer: &Value) -> Option<u64> {
@@ -752,6 +869,9 @@ mod tests {
                     current.map(|(_, r)| r.to_string())
                         == compare["mod_revision"].as_str().map(String::from)
                 }
+                "VALUE" => {
+                    current.map(|(v, _)| b64(v)) == compare["value"].as_str().map(String::from)
+                }
                 other => panic!("{other}"),
             };
             let branch = if holds {
@@ -829,6 +949,44 @@ mod tests {
                 self.settle(store, retry, now),
                 Resumed::Claim(Answer::Now(Ok(ClaimReply::Replay(response()))))
             );
+        }
+
+        /// etcd answers the last call made; the answer reaches `store` if `delivered`, else the
+        /// store learns only that the call failed.
+        fn answer_last<S: Store>(
+            &mut self,
+            store: &mut S,
+            delivered: bool,
+            now: Millis,
+        ) -> Option<Resumed> {
+            let call = self.calls.sent.borrow().len() as CallId;
+            let (path, body) = self.calls.sent.borrow()[call as usize - 1].clone();
+            let answer = self.etcd.answer(&path, &body);
+            let response = if delivered {
+                Ok((200, answer.to_string().into_bytes()))
+            } else {
+                Err(StoreError::Remote("no answer".into()))
+            };
+            store.resume(call, response, now)
+        }
+
+        /// A claim on `store` whose transaction is sent (after a lease, if it needs one) but not
+        /// answered yet.
+        fn claim_sent(&mut self, store: &mut Envoy, token: u64, now: Millis) {
+            let mut resumed = Resumed::Claim(store.claim(&claim_of(1, token), now));
+            while self.last_path() != "/v3/kv/txn" {
+                resumed = self.answer_last(store, true, now).unwrap();
+            }
+            assert!(matches!(resumed, Resumed::Claim(Answer::Later(_))));
+        }
+
+        fn last_path(&self) -> String {
+            self.calls
+                .sent
+                .borrow()
+                .last()
+                .map(|(path, _)| path.clone())
+                .unwrap_or_default()
         }
 
         /// Answers every call made so far, feeding answers back until the operation settles.
@@ -1071,6 +1229,85 @@ mod tests {
         assert_eq!(sends, 60);
         assert_eq!(reported, 2);
         assert_eq!(a.retry_bytes, 0);
+    }
+
+    #[test]
+    fn a_claim_whose_answer_was_lost_is_revoked_once_it_has_landed() {
+        let mut world = World::new();
+        let mut a = world.envoy(JSON);
+        let mut b = world.envoy(JSON);
+        world.claim_sent(&mut a, 10, 0);
+        // etcd applied it; A never heard back and answered its client 503.
+        let lost = world.answer_last(&mut a, false, 500);
+        assert!(matches!(lost, Some(Resumed::Claim(Answer::Now(Err(_))))));
+        assert_eq!(world.etcd.keys.len(), 1, "the claim landed");
+        let sent = world.calls.sent.borrow().len();
+        assert_eq!(a.tick(1_000), vec![]);
+        assert_eq!(world.calls.sent.borrow().len(), sent, "not before a second");
+        a.tick(1_500);
+        assert_eq!(world.last_path(), "/v3/kv/txn");
+        assert_eq!(
+            world.answer_last(&mut a, true, 1_510),
+            Some(Resumed::Nothing)
+        );
+        assert!(world.etcd.keys.is_empty(), "revoked");
+        assert_eq!(a.revokes, 0);
+        // The retry, on any Envoy, runs the work instead of waiting for the lease.
+        world.claim_on(&mut b, 20, 1_520);
+    }
+
+    #[test]
+    fn a_lost_claim_that_lands_late_is_revoked_when_it_does() {
+        let mut world = World::new();
+        let mut a = world.envoy(JSON);
+        world.claim_sent(&mut a, 10, 0);
+        let late = world.calls.sent.borrow().last().cloned().unwrap();
+        let call = world.calls.sent.borrow().len() as CallId;
+        a.resume(call, Err(StoreError::Remote("no answer".into())), 500);
+        a.tick(1_500);
+        // Not there yet: looked for again a second later, then at doubling intervals.
+        assert_eq!(
+            world.answer_last(&mut a, true, 1_510),
+            Some(Resumed::Nothing)
+        );
+        world.etcd.answer(&late.0, &late.1);
+        assert_eq!(world.etcd.keys.len(), 1, "the lost claim landed late");
+        let sent = world.calls.sent.borrow().len();
+        a.tick(2_000);
+        assert_eq!(world.calls.sent.borrow().len(), sent);
+        a.tick(2_510);
+        assert_eq!(
+            world.answer_last(&mut a, true, 2_520),
+            Some(Resumed::Nothing)
+        );
+        assert!(world.etcd.keys.is_empty());
+    }
+
+    #[test]
+    fn revoking_leaves_another_claim_alone_and_a_refused_claim_is_not_revoked() {
+        let mut world = World::new();
+        let mut a = world.envoy(JSON);
+        let mut b = world.envoy(JSON);
+        world.claim_sent(&mut a, 10, 0);
+        let call = world.calls.sent.borrow().len() as CallId;
+        a.resume(call, Err(StoreError::Remote("no answer".into())), 500);
+        world.claim_on(&mut b, 20, 600);
+        a.tick(1_500);
+        assert_eq!(
+            world.answer_last(&mut a, true, 1_510),
+            Some(Resumed::Nothing)
+        );
+        assert_eq!(world.etcd.keys.len(), 1, "B's claim stays");
+        assert_eq!(a.revokes, 0, "done: the key is someone else's");
+
+        // A claim etcd refused (4xx) was not applied: nothing to revoke.
+        world.claim_sent(&mut a, 11, 2_000);
+        let call = world.calls.sent.borrow().len() as CallId;
+        let nospace = br#"{"error":"etcdserver: mvcc: database space exceeded","code":8}"#.to_vec();
+        a.resume(call, Ok((429, nospace)), 2_010);
+        let sent = world.calls.sent.borrow().len();
+        a.tick(10_000);
+        assert_eq!(world.calls.sent.borrow().len(), sent);
     }
 
     #[test]

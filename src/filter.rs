@@ -188,7 +188,7 @@ impl Vm {
                 }
                 self.metrics.increment(exchange::finish_counter(&reply));
             }
-            Resumed::Finish(_) => {}
+            Resumed::Finish(_) | Resumed::Nothing => {}
         }
     }
 

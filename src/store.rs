@@ -39,6 +39,8 @@ pub type CallResponse = Result<(u16, Vec<u8>), StoreError>;
 pub enum Resumed {
     Claim(Answer<Result<ClaimReply, StoreError>>),
     Finish(Answer<Result<FinishReply, StoreError>>),
+    /// Work of the store's own, which no request waits for, went on or ended.
+    Nothing,
 }
 
 #[derive(Debug, PartialEq, Eq)]
