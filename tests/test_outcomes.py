@@ -34,6 +34,9 @@ def test_replay_is_verbatim_with_cookies_and_does_not_reach_upstream(envoy, upst
         assert_replay_of(replay, original)
         assert replay.header("x-upstream-execution") == original.header("x-upstream-execution")
     assert upstream.count(key=key) == 1
+    # A second later, the replay still carries the original's Date: the time the work ran.
+    time.sleep(1.1)
+    assert call(envoy, key, headers=cookies).header("date") == original.header("date")
 
 
 def test_large_binary_response_is_replayed_byte_for_byte(envoy, upstream, key):
