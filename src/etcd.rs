@@ -40,8 +40,8 @@ pub trait Caller {
 
 /// Attempts at one claim when other Envoys keep changing the record under it.
 const MAX_ROUNDS: u8 = 8;
-/// How long a failed finish waits before it is sent again.
-const FINISH_RETRY_MILLIS: Millis = 1_000;
+/// How long a failed finish, or a revocation, waits before it is sent (again).
+const RETRY_MILLIS: Millis = 1_000;
 /// Bytes of finishes kept to send again, per worker; past it a failed finish is dropped (its
 /// claim then ends with its lease).
 const MAX_RETRY_BYTES: usize = 8 << 20;
@@ -189,52 +189,60 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         }
     }
 
-    /// A call ended without an answer. If it was a claim's transaction, etcd may still apply
-    /// it: revoke it (see the module).
-    fn answer_lost(&mut self, pending: &Pending, now: Millis) {
-        let (Sent::Create | Sent::Takeover, Op::Claim { claim, .. }) = (&pending.sent, &pending.op)
-        else {
-            return;
-        };
-        if self.revokes >= MAX_REVOKES {
-            log::warn!("a claim whose answer was lost is left to its lease: too many revocations");
-            return;
+    /// Keeps `op` to send again at `at`, unless that is past `give_up` or over the bytes kept
+    /// for it; whether it was kept.
+    fn keep_for_later(&mut self, op: Op, at: Millis, give_up: Millis) -> bool {
+        let bytes = op.retry_bytes();
+        if at >= give_up || self.retry_bytes + bytes > MAX_RETRY_BYTES {
+            return false;
         }
-        self.revokes += 1;
-        let op = Op::Revoke {
-            claim: *claim,
-            value: claim_value(claim, pending.since),
-            give_up: pending.since + claim.lease,
-            backoff: FINISH_RETRY_MILLIS,
-        };
-        self.retry_bytes += op.retry_bytes();
-        self.retrying.push((now + FINISH_RETRY_MILLIS, op));
+        self.retry_bytes += bytes;
+        self.retrying.push((at, op));
+        true
+    }
+
+    /// A call failed. If it was a claim's transaction and `maybe_applied`, etcd may still apply
+    /// it: it is revoked (see the module). Then the operation fails as [`Etcd::fail`] says.
+    fn call_failed(
+        &mut self,
+        pending: Pending,
+        error: StoreError,
+        maybe_applied: bool,
+        now: Millis,
+    ) -> Resumed {
+        if let (true, Sent::Create | Sent::Takeover, Op::Claim { claim, .. }) =
+            (maybe_applied, &pending.sent, &pending.op)
+        {
+            let give_up = pending.since + claim.lease;
+            let revoke = Op::Revoke {
+                claim: *claim,
+                value: claim_value(claim, pending.since),
+                give_up,
+                backoff: RETRY_MILLIS,
+            };
+            if self.revokes >= MAX_REVOKES {
+                log::warn!(
+                    "a claim whose answer was lost is left to its lease: too many revocations"
+                );
+            } else if self.keep_for_later(revoke, now + RETRY_MILLIS, give_up) {
+                self.revokes += 1;
+            }
+        }
+        self.fail(pending.op, error, now)
     }
 
     /// A revocation goes on later, with twice the wait, unless the claim is expiring anyway.
-    fn revoke_later(&mut self, op: Op, now: Millis) -> Resumed {
-        let Op::Revoke {
-            claim,
-            value,
-            give_up,
-            backoff,
-        } = op
-        else {
-            return Resumed::Nothing;
-        };
-        let at = now + backoff;
-        if at >= give_up {
-            self.revokes = self.revokes.saturating_sub(1);
-            return Resumed::Nothing;
+    fn revoke_later(&mut self, mut op: Op, now: Millis) -> Resumed {
+        if let Op::Revoke {
+            give_up, backoff, ..
+        } = &mut op
+        {
+            let (at, give_up) = (now + *backoff, *give_up);
+            *backoff *= 2;
+            if !self.keep_for_later(op, at, give_up) {
+                self.revokes = self.revokes.saturating_sub(1);
+            }
         }
-        let op = Op::Revoke {
-            claim,
-            value,
-            give_up,
-            backoff: backoff * 2,
-        };
-        self.retry_bytes += op.retry_bytes();
-        self.retrying.push((at, op));
         Resumed::Nothing
     }
 
@@ -242,31 +250,23 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     /// compare-and-swap on the claim's revision makes a late one harmless. A finish reports its
     /// first failure and, if it comes to that, giving up; the failures between are quiet.
     fn fail(&mut self, mut op: Op, error: StoreError, now: Millis) -> Resumed {
-        if matches!(op, Op::Revoke { .. }) {
-            log::debug!("revoking a claim whose answer was lost failed: {error}");
-            return self.revoke_later(op, now);
-        }
-        let bytes = op.retry_bytes();
         let Op::Finish {
             give_up, retried, ..
         } = &mut op
         else {
+            if matches!(op, Op::Revoke { .. }) {
+                log::debug!("revoking a claim whose answer was lost failed: {error}");
+                return self.revoke_later(op, now);
+            }
             return failed(&op, error);
         };
-        let first = !*retried;
-        *retried = true;
-        let at = now + FINISH_RETRY_MILLIS;
-        if at >= *give_up || self.retry_bytes + bytes > MAX_RETRY_BYTES {
-            return failed(&op, error);
-        }
-        self.retry_bytes += bytes;
-        self.retrying.push((at, op));
-        if first {
-            Resumed::Finish(Answer::Now(Err(error)))
-        } else {
+        let first = !std::mem::replace(retried, true);
+        let give_up = *give_up;
+        if self.keep_for_later(op, now + RETRY_MILLIS, give_up) && !first {
             log::debug!("a finish failed again, sending it again in a second: {error}");
-            Resumed::Finish(Answer::Queued)
+            return Resumed::Finish(Answer::Queued);
         }
+        Resumed::Finish(Answer::Now(Err(error)))
     }
 
     pub fn cache_mut(&mut self) -> &mut Table<K> {
@@ -676,10 +676,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                         return Some(self.advance(op, now));
                     }
                 }
-                if !refused {
-                    self.answer_lost(&pending, now);
-                }
-                self.fail(pending.op, error, now)
+                self.call_failed(pending, error, !refused, now)
             }
         })
     }
@@ -696,9 +693,8 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             .collect();
         for call in silent {
             if let Some(pending) = self.pending.remove(&call) {
-                self.answer_lost(&pending, now);
                 let error = StoreError::Remote("etcd never answered".into());
-                ended.push(self.fail(pending.op, error, now));
+                ended.push(self.call_failed(pending, error, true, now));
             }
         }
         let (due, later) = std::mem::take(&mut self.retrying)
