@@ -945,6 +945,17 @@ def memory(workdir, upstream, cases):
     return results
 
 
+def compacted_in_use(etcd):
+    """etcd's database bytes in use, once compacted to its current revision."""
+    revision = etcd.post("/v3/kv/range", {"key": "AA=="})["header"]["revision"]
+    try:
+        etcd.post("/v3/kv/compaction", {"revision": revision, "physical": True})
+    except EtcdError as error:
+        if "has been compacted" not in str(error):  # nothing written since
+            raise
+    return int(etcd.post("/v3/maintenance/status", {})["dbSizeInUse"])
+
+
 def etcd_storage(workdir, upstream, etcd, cases):
     """etcd's database bytes per record (`dbSizeInUse` of /v3/maintenance/status), for records
     stored through a proxy with the etcd store, once compacted (the claim's revision gone): what
@@ -956,28 +967,14 @@ def etcd_storage(workdir, upstream, etcd, cases):
                   PROXY_CPU).start().wait_ready()
     try:
         for label, path, size, _, _, count in cases:
-            count = min(count, 5_000)
-
-            def in_use():
-                return int(etcd.post("/v3/maintenance/status", {})["dbSizeInUse"])
-
-            def compact():
-                revision = etcd.post("/v3/kv/range", {"key": "AA=="})["header"]["revision"]
-                try:
-                    etcd.post("/v3/kv/compaction", {"revision": revision, "physical": True})
-                except EtcdError as error:
-                    if "has been compacted" not in str(error):  # nothing written since
-                        raise
-
-            compact()
-            before = in_use()
+            before = compacted_in_use(etcd)
             stored_before = envoy.stats().get("stored", 0)
-            fill(envoy.port, path, size, count, f"etcd-{size}-{time.time_ns()}", connections=16)
+            fill(envoy.port, path, size, min(count, 5_000), f"etcd-{size}-{time.time_ns()}",
+                 connections=16)
             time.sleep(0.5)  # the last finishes go out on the next ticks
             stored = max(envoy.stats().get("stored", 0) - stored_before, 1)
-            compact()
             results.append({"label": label, "body_bytes": size, "stored": stored,
-                            "bytes_per_record": (in_use() - before) / stored})
+                            "bytes_per_record": (compacted_in_use(etcd) - before) / stored})
     finally:
         envoy.stop()
     return results

@@ -365,7 +365,6 @@ class Envoy(LogFile):
         return self.stats().get(name, 0)
 
 
-
 @atexit.register
 def _kill_leftovers():
     for envoy in list(_live):
