@@ -56,16 +56,8 @@ class Handler(BaseHTTPRequestHandler):
             return None
         return value if isinstance(value, dict) else None
 
-    def _send(self, status, payload):
-        body = json.dumps(payload, indent=2).encode() + b"\n"
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-        return status
-
-    def _log(self, status, note=""):
+    def _reply(self, status, payload, note=""):
+        # Logged before the response goes out, so whoever saw the response also sees the line.
         n = next(STORE.executions)
         key = self.headers.get("idempotency-key", "-")
         print(
@@ -73,6 +65,12 @@ class Handler(BaseHTTPRequestHandler):
             % (time.strftime("%H:%M:%S"), n, self.command, self.path, key, status, note),
             flush=True,
         )
+        body = json.dumps(payload, indent=2).encode() + b"\n"
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def _segments(self):
         path = self.path.split("?", 1)[0].rstrip("/")
@@ -82,10 +80,10 @@ class Handler(BaseHTTPRequestHandler):
         data = self._read_json()  # always drain the body: the connection is kept alive
         seg = self._segments()
         if seg != ["v1", "customers"]:
-            self._log(self._send(404, {"error": "not_found"}))
+            self._reply(404, {"error": "not_found"})
             return
         if data is None:
-            self._log(self._send(400, {"error": "body must be a JSON object"}))
+            self._reply(400, {"error": "body must be a JSON object"})
             return
         fields = {k: data[k] for k in FIELDS if k in data}
         with STORE.lock:
@@ -103,16 +101,16 @@ class Handler(BaseHTTPRequestHandler):
                 customer = {"id": STORE.new_id(), **fields, "createdAt": _now()}
                 STORE.customers[customer["id"]] = customer
                 customer, status = dict(customer), 201
-        self._log(self._send(status, customer), customer["id"])
+        self._reply(status, customer, customer["id"])
 
     def do_PATCH(self):
         data = self._read_json()
         seg = self._segments()
         if len(seg) != 3 or seg[:2] != ["v1", "customers"]:
-            self._log(self._send(404, {"error": "not_found"}))
+            self._reply(404, {"error": "not_found"})
             return
         if data is None:
-            self._log(self._send(400, {"error": "body must be a JSON object"}))
+            self._reply(400, {"error": "body must be a JSON object"})
             return
         with STORE.lock:
             customer = STORE.customers.get(seg[2])
@@ -121,9 +119,9 @@ class Handler(BaseHTTPRequestHandler):
                 customer["updatedAt"] = _now()
                 customer = dict(customer)
         if customer is None:
-            self._log(self._send(404, {"error": "customer not found"}))
+            self._reply(404, {"error": "customer not found"})
         else:
-            self._log(self._send(200, customer), customer["id"])
+            self._reply(200, customer, customer["id"])
 
     def do_GET(self):
         seg = self._segments()
@@ -134,7 +132,7 @@ class Handler(BaseHTTPRequestHandler):
                 status, payload = 200, dict(STORE.customers[seg[2]])
             else:
                 status, payload = 404, {"error": "not_found"}
-        self._log(self._send(status, payload))
+        self._reply(status, payload)
 
 
 def _now():
