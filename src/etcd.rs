@@ -250,23 +250,24 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     /// compare-and-swap on the claim's revision makes a late one harmless. A finish reports its
     /// first failure and, if it comes to that, giving up; the failures between are quiet.
     fn fail(&mut self, mut op: Op, error: StoreError, now: Millis) -> Resumed {
-        let Op::Finish {
-            give_up, retried, ..
-        } = &mut op
-        else {
-            if matches!(op, Op::Revoke { .. }) {
+        match &mut op {
+            Op::Claim { .. } => Resumed::Claim(Answer::Now(Err(error))),
+            Op::Revoke { .. } => {
                 log::debug!("revoking a claim whose answer was lost failed: {error}");
-                return self.revoke_later(op, now);
+                self.revoke_later(op, now)
             }
-            return failed(&op, error);
-        };
-        let first = !std::mem::replace(retried, true);
-        let give_up = *give_up;
-        if self.keep_for_later(op, now + RETRY_MILLIS, give_up) && !first {
-            log::debug!("a finish failed again, sending it again in a second: {error}");
-            return Resumed::Finish(Answer::Queued);
+            Op::Finish {
+                give_up, retried, ..
+            } => {
+                let first = !std::mem::replace(retried, true);
+                let give_up = *give_up;
+                if self.keep_for_later(op, now + RETRY_MILLIS, give_up) && !first {
+                    log::debug!("a finish failed again, sending it again in a second: {error}");
+                    return Resumed::Finish(Answer::Queued);
+                }
+                Resumed::Finish(Answer::Now(Err(error)))
+            }
         }
-        Resumed::Finish(Answer::Now(Err(error)))
     }
 
     pub fn cache_mut(&mut self) -> &mut Table<K> {
@@ -714,14 +715,6 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
         }
         ended.extend(self.cache.tick(now));
         ended
-    }
-}
-
-fn failed(op: &Op, error: StoreError) -> Resumed {
-    match op {
-        Op::Claim { .. } => Resumed::Claim(Answer::Now(Err(error))),
-        Op::Finish { .. } => Resumed::Finish(Answer::Now(Err(error))),
-        Op::Revoke { .. } => Resumed::Nothing,
     }
 }
 
