@@ -39,16 +39,41 @@ def _config(**extra):
     return {"etcd": etcd, **extra}
 
 
-def _start_etcd(run_dir, name, **kwargs):
-    etcd = Etcd(run_dir / f"etcd-{name}", name=name, **kwargs)
-    _sources.append(etcd)
-    return etcd.start()
+class _Started:
+    """What a fixture's scope starts: kept for the logs of a failed test, and at the scope's end
+    its Envoys stopped and its etcds' data removed."""
 
+    def __init__(self, run_dir):
+        self.run_dir = run_dir
+        self.envoys, self.etcds = [], []
 
-def _start_pair(run_dir, upstream, etcd, config):
-    pair = [EtcdEnvoy(run_dir, config, upstream.port, etcd) for _ in range(2)]
-    _sources.extend(pair)
-    return start_all(pair)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for envoy in self.envoys:
+            envoy.stop()
+        for etcd in self.etcds:
+            etcd.remove_data()
+
+    def etcd(self, name, **kwargs):
+        etcd = Etcd(self.run_dir / f"etcd-{name}", name=name, **kwargs)
+        _sources.append(etcd)
+        self.etcds.append(etcd)
+        return etcd.start()
+
+    def pair(self, upstream, etcd, config):
+        return self._envoys([EtcdEnvoy(self.run_dir, config, upstream.port, etcd) for _ in range(2)])
+
+    def shipped(self, config, count=2):
+        """Envoys started from a shipped config (see ``_shipped_etcd_config``)."""
+        return self._envoys([ShippedEnvoy(self.run_dir / f"shipped-{uuid.uuid4().hex[:8]}", config)
+                             for _ in range(count)])
+
+    def _envoys(self, envoys):
+        _sources.extend(envoys)
+        self.envoys.extend(envoys)
+        return start_all(envoys)
 
 
 @pytest.fixture(scope="module")
@@ -58,28 +83,33 @@ def run_dir():
 
 
 @pytest.fixture(scope="module")
-def etcd(run_dir):
-    etcd = _start_etcd(run_dir, "main")
-    yield etcd
-    etcd.remove_data()
+def module_started(run_dir):
+    with _Started(run_dir) as started:
+        yield started
+
+
+@pytest.fixture
+def started(run_dir):
+    """Envoys and etcds of one test's own."""
+    with _Started(run_dir) as started:
+        yield started
 
 
 @pytest.fixture(scope="module")
-def pair(run_dir, upstream, etcd):
+def etcd(module_started):
+    return module_started.etcd("main")
+
+
+@pytest.fixture(scope="module")
+def pair(module_started, upstream, etcd):
     """Envoys A and B, defaults (when_full "reject")."""
-    envoys = _start_pair(run_dir, upstream, etcd, _config())
-    yield envoys
-    for envoy in envoys:
-        envoy.stop()
+    return module_started.pair(upstream, etcd, _config())
 
 
 @pytest.fixture(scope="module")
-def pass_pair(run_dir, upstream, etcd):
+def pass_pair(module_started, upstream, etcd):
     """Envoys C and D on the same etcd, with when_full "pass"."""
-    envoys = _start_pair(run_dir, upstream, etcd, _config(when_full="pass"))
-    yield envoys
-    for envoy in envoys:
-        envoy.stop()
+    return module_started.pair(upstream, etcd, _config(when_full="pass"))
 
 
 @pytest.fixture(autouse=True)
@@ -158,68 +188,49 @@ def _shipped_etcd_config(upstream, etcd, cluster=None, **store):
     return config
 
 
-def _start_shipped(run_dir, config, count=2):
-    envoys = [ShippedEnvoy(run_dir / f"shipped-{uuid.uuid4().hex[:8]}", config) for _ in range(count)]
-    _sources.extend(envoys)
-    return start_all(envoys)
-
-
 @pytest.mark.parametrize("cluster_from", ["envoy-etcd.yaml", "istio/etcd-cluster.yaml"])
-def test_two_envoys_started_from_the_shipped_etcd_config_share_records(run_dir, upstream, etcd, key,
+def test_two_envoys_started_from_the_shipped_etcd_config_share_records(started, upstream, etcd, key,
                                                                       cluster_from):
     """envoy/envoy-etcd.yaml as shipped, with its own etcd cluster or the one the Istio
     EnvoyFilter adds to a gateway, on this test's etcd."""
     cluster = _istio_etcd_cluster() if cluster_from.startswith("istio/") else None
-    a, b = _start_shipped(run_dir, _shipped_etcd_config(upstream, etcd, cluster))
-    try:
-        original = call(a, key)
-        assert_original(original)
-        assert_replay_of(call(b, key), original)
-        assert_problem(call(b, key, body=OTHER), 409, "idempotency_conflict")
-        assert upstream.count(key=key) == 1
-        assert etcd.range_prefix("idempotency/"), "the shipped key_prefix holds nothing"
-    finally:
-        a.stop()
-        b.stop()
+    a, b = started.shipped(_shipped_etcd_config(upstream, etcd, cluster))
+    original = call(a, key)
+    assert_original(original)
+    assert_replay_of(call(b, key), original)
+    assert_problem(call(b, key, body=OTHER), 409, "idempotency_conflict")
+    assert upstream.count(key=key) == 1
+    assert etcd.range_prefix("idempotency/"), "the shipped key_prefix holds nothing"
 
 
-def test_etcd_with_tls_client_certificates_and_users(run_dir, upstream, key):
+def test_etcd_with_tls_client_certificates_and_users(started, run_dir, upstream, key):
     """The production set-up: TLS with a client certificate on the cluster, etcd's users on, and
     the filter's user, allowed under its key_prefix only, sending its token (a JWT)."""
     certs = make_certs(run_dir / "certs")
-    secure = _start_etcd(run_dir, "secure", certs=certs)
-    envoys = []
-    try:
-        token = secure.enable_auth("idempotency", "idempotency/")
-        config = localise(load(ENVOY_DIR / "envoy-etcd.yaml"), upstream.port)
-        (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "etcd"]
-        certificate, private_key = certs.client
-        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "sni": "localhost",
-            "common_tls_context": {
-                "tls_certificates": [{"certificate_chain": {"filename": str(certificate)},
-                                      "private_key": {"filename": str(private_key)}}],
-                "validation_context": {"trusted_ca": {"filename": str(certs.ca)}}}}}
-        envoys += _start_shipped(run_dir, _shipped_etcd_config(upstream, secure, cluster,
-                                                               auth_token=token))
-        a, b = envoys
-        original = call(a, key)
-        assert_original(original)
-        assert_replay_of(call(b, key), original)
-        assert upstream.count(key=key) == 1
-        assert secure.range_prefix("idempotency/"), "nothing stored under the user's prefix"
+    secure = started.etcd("secure", certs=certs)
+    token = secure.enable_auth("idempotency", "idempotency/")
+    config = localise(load(ENVOY_DIR / "envoy-etcd.yaml"), upstream.port)
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "etcd"]
+    certificate, private_key = certs.client
+    cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "sni": "localhost",
+        "common_tls_context": {
+            "tls_certificates": [{"certificate_chain": {"filename": str(certificate)},
+                                  "private_key": {"filename": str(private_key)}}],
+            "validation_context": {"trusted_ca": {"filename": str(certs.ca)}}}}}
+    a, b = started.shipped(_shipped_etcd_config(upstream, secure, cluster, auth_token=token))
+    original = call(a, key)
+    assert_original(original)
+    assert_replay_of(call(b, key), original)
+    assert upstream.count(key=key) == 1
+    assert secure.range_prefix("idempotency/"), "nothing stored under the user's prefix"
 
-        # Without the token etcd refuses the filter's calls: the policy applies, nothing runs.
-        (anonymous,) = _start_shipped(run_dir, _shipped_etcd_config(upstream, secure, cluster), 1)
-        envoys.append(anonymous)
-        refused = key + "-anonymous"
-        assert_problem(call(anonymous, refused), 503, "idempotency_store_unavailable")
-        assert upstream.count(key=refused) == 0
-    finally:
-        for envoy in envoys:
-            envoy.stop()
-        secure.remove_data()
+    # Without the token etcd refuses the filter's calls: the policy applies, nothing runs.
+    (anonymous,) = started.shipped(_shipped_etcd_config(upstream, secure, cluster), 1)
+    refused = key + "-anonymous"
+    assert_problem(call(anonymous, refused), 503, "idempotency_store_unavailable")
+    assert upstream.count(key=refused) == 0
 
 
 def test_retry_on_the_other_envoy_replays_and_then_comes_from_its_local_copy(pair, upstream, etcd, key):
@@ -457,102 +468,82 @@ def test_an_etcd_that_never_answers_costs_a_request_the_timeout_not_a_hang(pair,
 
 # -- responses etcd cannot keep ---------------------------------------------------------------------
 
-def test_a_response_over_max_value_bytes_is_kept_without_its_body(run_dir, upstream, etcd, key):
-    a, b = _start_pair(run_dir, upstream, etcd, _config(etcd={"max_value_bytes": 4096}))
-    try:
-        size = 16 * 1024
-        big = [("x-test-status", "200"), ("x-test-body-bytes", str(size)), ("x-test-body-seed", key)]
-        before = settled_stats(a)
-        resp = call(a, key, headers=big)
-        assert_original(resp, 200)
-        assert resp.body == binary_body(size, key), f"the client got {len(resp.body)} bytes"
-        assert_stat_deltas(a, before, {"idempotency.response_too_large": 1, "idempotency.stored": 0,
-                                  "idempotency.store_error": 0})
-
-        for envoy in (b, a):
-            assert_problem(call(envoy, key, headers=big), 409, "idempotency_response_not_stored")
-        assert upstream.count(key=key) == 1
-    finally:
-        for envoy in (a, b):
-            envoy.stop()
+def _send_too_large(envoy, key, size):
+    """A first POST whose response (``size`` bytes) the store cannot keep: the client still gets
+    it whole, and it is counted as too large. Its headers and the stats before it."""
+    big = [("x-test-status", "200"), ("x-test-body-bytes", str(size)), ("x-test-body-seed", key)]
+    before = settled_stats(envoy)
+    resp = call(envoy, key, headers=big)
+    assert_original(resp, 200)
+    assert resp.body == binary_body(size, key), f"the client got {len(resp.body)} bytes"
+    assert_stat_deltas(envoy, before, {"idempotency.response_too_large": 1, "idempotency.stored": 0,
+                                       "idempotency.store_error": 0})
+    return big, before
 
 
-def test_a_response_etcd_refuses_as_too_large_is_kept_without_its_body(run_dir, upstream, key):
-    strict = _start_etcd(run_dir, "strict", max_request_bytes=65536)
-    a = b = None
-    try:
-        a, b = _start_pair(run_dir, upstream, strict, _config(etcd={"max_value_bytes": 1000000}))
-        size = 100 * 1024
-        big = [("x-test-status", "200"), ("x-test-body-bytes", str(size)), ("x-test-body-seed", key)]
-        before = settled_stats(a)
-        resp = call(a, key, headers=big)
-        assert_original(resp, 200)
-        assert resp.body == binary_body(size, key), f"the client got {len(resp.body)} bytes"
-        assert_stat_deltas(a, before, {"idempotency.response_too_large": 1, "idempotency.stored": 0,
-                                  "idempotency.store_error": 0})
-        # A handful of calls (lease grants, the claim, the refused put, the put without the body),
-        # and then no more: no retry loop.
-        calls = settled_etcd_requests(a) - before.get("cluster.etcd.upstream_rq_total", 0)
-        assert calls <= 6, f"{calls} calls to etcd for one request"
-        # etcd did refuse the put with the body (its gateway answers 400 "request is too large").
-        refused = a.counter("cluster.etcd.upstream_rq_400") - before.get("cluster.etcd.upstream_rq_400", 0)
-        assert refused == 1, f"{refused} calls answered 400"
-
-        for envoy in (b, a):
-            assert_problem(call(envoy, key, headers=big), 409, "idempotency_response_not_stored")
-        assert upstream.count(key=key) == 1
-    finally:
-        for envoy in (a, b):
-            if envoy is not None:
-                envoy.stop()
-        strict.remove_data()
+def test_a_response_over_max_value_bytes_is_kept_without_its_body(started, upstream, etcd, key):
+    a, b = started.pair(upstream, etcd, _config(etcd={"max_value_bytes": 4096}))
+    big, _ = _send_too_large(a, key, 16 * 1024)
+    for envoy in (b, a):
+        assert_problem(call(envoy, key, headers=big), 409, "idempotency_response_not_stored")
+    assert upstream.count(key=key) == 1
 
 
-def test_an_etcd_out_of_space_applies_the_policy_until_an_operator_frees_it(run_dir, upstream, key):
+def test_a_response_etcd_refuses_as_too_large_is_kept_without_its_body(started, upstream, key):
+    strict = started.etcd("strict", max_request_bytes=65536)
+    a, b = started.pair(upstream, strict, _config(etcd={"max_value_bytes": 1000000}))
+    big, before = _send_too_large(a, key, 100 * 1024)
+    # A handful of calls (lease grants, the claim, the refused put, the put without the body),
+    # and then no more: no retry loop.
+    calls = settled_etcd_requests(a) - before.get("cluster.etcd.upstream_rq_total", 0)
+    assert calls <= 6, f"{calls} calls to etcd for one request"
+    # etcd did refuse the put with the body (its gateway answers 400 "request is too large").
+    refused = a.counter("cluster.etcd.upstream_rq_400") - before.get("cluster.etcd.upstream_rq_400", 0)
+    assert refused == 1, f"{refused} calls answered 400"
+
+    for envoy in (b, a):
+        assert_problem(call(envoy, key, headers=big), 409, "idempotency_response_not_stored")
+    assert upstream.count(key=key) == 1
+
+
+def test_an_etcd_out_of_space_applies_the_policy_until_an_operator_frees_it(started, upstream, key):
     """NOSPACE: etcd refuses writes once its database reaches --quota-backend-bytes. The README's
     remedy (delete, compact, defragment, disarm the alarm) brings service back."""
-    small = _start_etcd(run_dir, "small", quota_backend_bytes=256 * 1024)
-    a = b = None
-    try:
-        a, b = _start_pair(run_dir, upstream, small, _config())
-        before_full = call(a, key + "-before")
-        assert_original(before_full)
+    small = started.etcd("small", quota_backend_bytes=256 * 1024)
+    a, b = started.pair(upstream, small, _config())
+    before_full = call(a, key + "-before")
+    assert_original(before_full)
 
-        filler = base64.b64encode(b"x" * 20_000).decode()
-        for n in range(100):
-            try:
-                small.post("/v3/kv/put", {"key": base64.b64encode(f"fill/{n}".encode()).decode(),
-                                          "value": filler})
-            except EtcdError as error:
-                assert "database space exceeded" in str(error), error
-                break
-        else:
-            pytest.fail("etcd never ran out of space")
+    filler = base64.b64encode(b"x" * 20_000).decode()
+    for n in range(100):
+        try:
+            small.post("/v3/kv/put", {"key": base64.b64encode(f"fill/{n}".encode()).decode(),
+                                      "value": filler})
+        except EtcdError as error:
+            assert "database space exceeded" in str(error), error
+            break
+    else:
+        pytest.fail("etcd never ran out of space")
 
-        full = key + "-full"
-        before = settled_stats(b)
-        resp = call(b, full)
-        assert_problem(resp, 503, "idempotency_store_unavailable")
-        assert assert_retry_after(resp) >= 1, resp
-        assert upstream.count(key=full) == 0
-        assert_stat_deltas(b, before, {"idempotency.store_error": 1, "idempotency.rejected": 1})
-        # A record A already holds a copy of still replays there.
-        assert_replay_of(call(a, key + "-before"), before_full)
+    full = key + "-full"
+    before = settled_stats(b)
+    resp = call(b, full)
+    assert_problem(resp, 503, "idempotency_store_unavailable")
+    assert assert_retry_after(resp) >= 1, resp
+    assert upstream.count(key=full) == 0
+    assert_stat_deltas(b, before, {"idempotency.store_error": 1, "idempotency.rejected": 1})
+    # A record A already holds a copy of still replays there.
+    assert_replay_of(call(a, key + "-before"), before_full)
 
-        small.post("/v3/kv/deleterange", {"key": base64.b64encode(b"fill/").decode(),
-                                          "range_end": base64.b64encode(b"fill0").decode()})
-        revision = small.post("/v3/kv/range", {"key": "AA=="})["header"]["revision"]
-        small.post("/v3/kv/compaction", {"revision": revision, "physical": True})
-        small.post("/v3/maintenance/defragment", {})
-        for alarm in small.post("/v3/maintenance/alarm", {"action": "GET"}).get("alarms", []):
-            small.post("/v3/maintenance/alarm", {"action": "DEACTIVATE", **alarm})
+    small.post("/v3/kv/deleterange", {"key": base64.b64encode(b"fill/").decode(),
+                                      "range_end": base64.b64encode(b"fill0").decode()})
+    revision = small.post("/v3/kv/range", {"key": "AA=="})["header"]["revision"]
+    small.post("/v3/kv/compaction", {"revision": revision, "physical": True})
+    small.post("/v3/maintenance/defragment", {})
+    for alarm in small.post("/v3/maintenance/alarm", {"action": "GET"}).get("alarms", []):
+        small.post("/v3/maintenance/alarm", {"action": "DEACTIVATE", **alarm})
 
-        original = call(b, full)
-        assert_original(original)
-        assert_replay_of(call(a, full), original)
-        assert upstream.count(key=full) == 1
-    finally:
-        for envoy in (a, b):
-            if envoy is not None:
-                envoy.stop()
-        small.remove_data()
+    original = call(b, full)
+    assert_original(original)
+    assert_replay_of(call(a, full), original)
+    assert upstream.count(key=full) == 1
