@@ -18,9 +18,10 @@ NOT_REPLAYED = {"date", "x-envoy-upstream-service-time", "idempotent-replayed",
 
 
 def call(envoy, key, body=CUSTOMER, path="/v1/customers", method="POST", auth=ORG_A, headers=(),
-         key_header="idempotency-key"):
+         key_header="idempotency-key", http2=False):
     """A covered request as the seed document shows it; the upstream answers 201 unless
-    headers say otherwise. key=None sends no Idempotency-Key, auth=None no Authorization."""
+    headers say otherwise. key=None sends no Idempotency-Key, auth=None no Authorization;
+    http2=True sends it over HTTP/2."""
     hdrs = [("content-type", "application/json"), ("x-test-status", "201")]
     if auth is not None:
         hdrs.append(("authorization", auth))
@@ -28,7 +29,7 @@ def call(envoy, key, body=CUSTOMER, path="/v1/customers", method="POST", auth=OR
         hdrs.append((key_header, key))
     names = {name for name, _ in headers}
     hdrs = [(n, v) for n, v in hdrs if n not in names] + list(headers)
-    return envoy.request(method, path, hdrs, body)
+    return envoy.request(method, path, hdrs, body, http2=http2)
 
 
 def comparable_headers(resp):

@@ -5,12 +5,13 @@ The pieces tests use (through the fixtures in conftest.py):
     Envoy(workdir, plugin_config, upstream_port, route_timeout="5s")
         .start() / .stop()            start (and wait until ready) / always kill
         .port, .admin_port            the listener and admin ports (both picked by the kernel)
-        .request(method, path, headers=None, body=None, timeout=30) -> Response
+        .request(method, path, headers=None, body=None, timeout=30, http2=False) -> Response
         .stats() -> {name: int}       admin /stats, counters and gauges
         .counter(name) -> int         one stat, 0 when absent
         .log_path                     Envoy's log file
 
-    request(port, method, path, headers, body) -> Response   (plain http.client)
+    request(port, method, path, headers, body, http2=False) -> Response
+                                  (http.client, or HTTP/2 with prior knowledge through h2)
     burst(n, fn) -> [result or exception]                  run fn(i) in n threads at once
 """
 
@@ -21,6 +22,7 @@ import itertools
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -28,6 +30,10 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+import h2.config
+import h2.connection
+import h2.events
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_BIN = os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy"))
@@ -64,13 +70,18 @@ class Response:
         return f"Response({self.status} {self.reason}, headers={self.headers}, body={body!r})"
 
 
-def request(port, method, path, headers=None, body=None, timeout=30, host="127.0.0.1"):
+def request(port, method, path, headers=None, body=None, timeout=30, host="127.0.0.1", http2=False):
     """One request on a fresh connection. ``headers`` is a dict or a list of (name, value)
     pairs (repeat a name to send it twice); values may be bytes to send raw octets. ``body``
-    is bytes (sent with Content-Length) or a list of bytes chunks (sent chunked)."""
+    is bytes (sent with Content-Length) or a list of bytes chunks (sent chunked). ``http2``:
+    HTTP/2 with prior knowledge, header values sent exactly as given (HTTP/1.1 parsers trim
+    the whitespace around them; HTTP/2 does not)."""
     pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
     if isinstance(body, str):
         body = body.encode()
+    if http2:
+        return _request_h2(host, port, method, path, pairs, b"".join(body) if isinstance(body, list) else body,
+                           timeout)
     conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.putrequest(method, path, skip_accept_encoding=True)
@@ -91,6 +102,45 @@ def request(port, method, path, headers=None, body=None, timeout=30, host="127.0
         return Response(resp.status, resp.reason, [(k.lower(), v) for k, v in resp.getheaders()], data)
     finally:
         conn.close()
+
+
+def _request_h2(host, port, method, path, pairs, body, timeout):
+    # Sent as given: h2 would otherwise strip the whitespace around values, or refuse them.
+    config = h2.config.H2Configuration(client_side=True, header_encoding=None,
+                                       validate_outbound_headers=False, normalize_outbound_headers=False)
+    conn = h2.connection.H2Connection(config)
+    raw = lambda text: text if isinstance(text, bytes) else text.encode()  # noqa: E731
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        conn.initiate_connection()
+        request_headers = [(b":method", raw(method)), (b":path", raw(path)), (b":scheme", b"http"),
+                           (b":authority", raw(f"{host}:{port}"))]
+        request_headers += [(raw(n).lower(), raw(v)) for n, v in pairs]
+        stream = conn.get_next_available_stream_id()
+        conn.send_headers(stream, request_headers, end_stream=not body)
+        if body:
+            conn.send_data(stream, body, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status, headers, data = None, [], b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("HTTP/2 connection closed before the response ended")
+            for event in conn.receive_data(chunk):
+                if isinstance(event, h2.events.ResponseReceived):
+                    for name, value in event.headers:
+                        name, value = name.decode(), value.decode("latin-1")
+                        if name == ":status":
+                            status = int(value)
+                        else:
+                            headers.append((name, value))
+                elif isinstance(event, h2.events.DataReceived):
+                    data += event.data
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                elif isinstance(event, h2.events.StreamReset):
+                    raise ConnectionError(f"HTTP/2 stream reset: {event.error_code!r}")
+                elif isinstance(event, h2.events.StreamEnded):
+                    return Response(status, http.client.responses.get(status, ""), headers, data)
+            sock.sendall(conn.data_to_send())
 
 
 def burst(n, fn):
@@ -335,8 +385,8 @@ class Envoy(LogFile):
         self._fail(f"timed out after {READY_TIMEOUT_S}s waiting for {step}")
 
     # -- use --
-    def request(self, method, path, headers=None, body=None, timeout=30):
-        return request(self.port, method, path, headers, body, timeout)
+    def request(self, method, path, headers=None, body=None, timeout=30, http2=False):
+        return request(self.port, method, path, headers, body, timeout, http2=http2)
 
     def admin_get(self, path):
         try:
