@@ -95,6 +95,9 @@ struct Capture {
     unstorable: bool,
     /// Headers arrived, but from Envoy rather than the upstream.
     local_reply: bool,
+    /// The upstream said `content-length: 0`: kept for an empty body, which Envoy's local-reply
+    /// path would otherwise answer without a length over HTTP/2.
+    declared_empty: bool,
 }
 
 pub struct Exchange {
@@ -105,6 +108,9 @@ pub struct Exchange {
     token: u64,
     /// Envoy's `x-request-id`, for log lines.
     request_id: String,
+    /// The headers of an empty-bodied replay, which Envoy's local-reply path drops
+    /// (`content-type`): put back when the reply's own headers pass the filter.
+    restore: Vec<(String, String)>,
 }
 
 impl Exchange {
@@ -117,6 +123,7 @@ impl Exchange {
             counts: Vec::new(),
             token,
             request_id: String::new(),
+            restore: Vec::new(),
         }
     }
 
@@ -187,16 +194,16 @@ impl Exchange {
                 );
             }
         };
-        let Some((_, scope_value)) = headers
+        let scope = headers
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(&self.config.scope_header))
-        else {
+            .and_then(|(_, value)| identity::scope_of_header(value));
+        let Some(scope) = scope else {
             // No organisation to keep records apart: never share one record between strangers.
             self.count(Counter::Bypassed);
             self.phase = Phase::Out;
             return Step::Pass;
         };
-        let scope = identity::scope_of(scope_value);
         let tuple = identity::tuple_of(&scope, method, path, key);
         self.phase = Phase::Buffering {
             tuple,
@@ -280,6 +287,12 @@ impl Exchange {
         };
         let reply = match reply {
             Ok(reply) => reply,
+            // A request that has seen its key claimed by another attempt never goes upstream on
+            // a store failure: it asks again on the next poll, within `max_wait`.
+            Err(_) if waiting_since.is_some() => {
+                self.count(Counter::StoreError);
+                return self.keep_waiting(claim, waiting_since, now);
+            }
             Err(_) => {
                 self.count(Counter::StoreError);
                 return self.when_full(
@@ -297,7 +310,13 @@ impl Exchange {
                 self.phase = Phase::Owner { ticket };
                 Step::Forward
             }
-            ClaimReply::Replay(response) => self.answer(Counter::Replayed, problem::replay(response)),
+            ClaimReply::Replay(response) => {
+                let reply = problem::replay(response);
+                if reply.body.is_empty() {
+                    self.restore = reply.headers.clone();
+                }
+                self.answer(Counter::Replayed, reply)
+            }
             ClaimReply::Conflict => self.answer(
                 Counter::Conflict,
                 Problem::Conflict.reply(
@@ -305,28 +324,14 @@ impl Exchange {
                     None,
                 ),
             ),
-            ClaimReply::InFlight { remaining } => {
-                let since = waiting_since.unwrap_or(now);
-                let may_wait = waiting_since.is_some() || room_to_wait;
-                if may_wait && now.saturating_sub(since) < self.config.max_wait {
-                    if waiting_since.is_none() {
-                        self.count(Counter::Waited);
-                    }
-                    self.phase = Phase::Claiming {
-                        claim,
-                        waiting_since: Some(since),
-                    };
-                    return Step::Wait;
-                }
-                let retry = whole_seconds(remaining.min(1_000));
-                self.answer(
-                    Counter::InProgress,
-                    Problem::InProgress.reply(
-                        "a request with this Idempotency-Key is still being processed",
-                        Some(retry),
-                    ),
-                )
+            ClaimReply::InFlight { .. } if waiting_since.is_some() => {
+                self.keep_waiting(claim, waiting_since, now)
             }
+            ClaimReply::InFlight { .. } if room_to_wait && self.config.max_wait > 0 => {
+                self.count(Counter::Waited);
+                self.keep_waiting(claim, Some(now), now)
+            }
+            ClaimReply::InFlight { .. } => self.give_up_waiting(),
             ClaimReply::Held { remaining } => self.answer(
                 Counter::InProgress,
                 Problem::InProgress.reply(
@@ -377,6 +382,8 @@ impl Exchange {
         for (name, value) in headers {
             if name == ":status" {
                 self.capture.status = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
+            } else if name == "content-length" {
+                self.capture.declared_empty = value.as_slice() == b"0";
             } else if !UNSTORED_HEADERS.contains(&name.as_str()) {
                 match String::from_utf8(value.clone()) {
                     Ok(value) => self.capture.headers.push((name.clone(), value)),
@@ -386,6 +393,12 @@ impl Exchange {
             }
         }
         self.capture.complete = end_of_stream;
+    }
+
+    /// The headers a replay sent without a body must carry, once, when its response headers
+    /// pass the filter (the glue adds the ones Envoy left out).
+    pub fn take_headers_to_restore(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.restore)
     }
 
     /// Whether the glue should copy response body chunks (the response is being captured).
@@ -425,11 +438,17 @@ impl Exchange {
             Some(status) if !self.config.stores_status(status) => Outcome::Release,
             Some(_) if !capture.complete => Outcome::Hold,
             Some(_) if capture.unstorable => Outcome::TooLarge,
-            Some(status) => Outcome::Store(StoredResponse {
-                status,
-                headers: capture.headers,
-                body: capture.body,
-            }),
+            Some(status) => {
+                let mut headers = capture.headers;
+                if capture.declared_empty && capture.body.is_empty() {
+                    headers.push(("content-length".to_string(), "0".to_string()));
+                }
+                Outcome::Store(StoredResponse {
+                    status,
+                    headers,
+                    body: capture.body,
+                })
+            }
             None if flags & MAY_HAVE_RUN != 0 => Outcome::Hold,
             // Envoy answered without the upstream: connection failure, no healthy host, no route.
             None if capture.local_reply => Outcome::Release,
@@ -448,9 +467,23 @@ impl Exchange {
         self.count(finish_counter(&reply));
     }
 
-    /// The waiting request ran out of `max_wait`.
+    /// Holds a request that waits for its original, unless it has waited `max_wait`.
+    fn keep_waiting(&mut self, claim: Claim, since: Option<Millis>, now: Millis) -> Step {
+        let since = since.unwrap_or(now);
+        if now.saturating_sub(since) >= self.config.max_wait {
+            return self.give_up_waiting();
+        }
+        self.phase = Phase::Claiming {
+            claim,
+            waiting_since: Some(since),
+        };
+        Step::Wait
+    }
+
+    /// The original is still running and this request waits no longer (`max_wait` over, or no
+    /// room in the waiting room).
     pub fn give_up_waiting(&mut self) -> Step {
-        if !self.is_waiting() {
+        if !matches!(self.phase, Phase::Claiming { .. }) {
             return Step::Done;
         }
         self.answer(
@@ -647,15 +680,14 @@ mod tests {
     #[test]
     fn requests_without_a_scope_are_not_given_a_shared_record() {
         let mut run = Run::new("{}");
-        let mut exchange = run.exchange();
-        let step = exchange.on_request_headers(
-            "POST",
-            b"/v1",
-            &headers(&[("idempotency-key", b"k")]),
-            false,
-        );
-        assert_eq!(step, Step::Pass);
-        assert_eq!(exchange.take_counts(), [Counter::Bypassed]);
+        let absent = headers(&[("idempotency-key", b"k")]);
+        let blank = headers(&[("idempotency-key", b"k"), ("authorization", b" ")]);
+        for request in [absent, blank] {
+            let mut exchange = run.exchange();
+            let step = exchange.on_request_headers("POST", b"/v1", &request, false);
+            assert_eq!(step, Step::Pass);
+            assert_eq!(exchange.take_counts(), [Counter::Bypassed]);
+        }
     }
 
     #[test]
@@ -701,6 +733,29 @@ mod tests {
             ],
             "hop-by-hop and length headers are not stored"
         );
+    }
+
+    #[test]
+    fn an_empty_bodied_replay_asks_for_its_headers_back() {
+        let mut run = Run::new("{}");
+        let mut first = run.forwarded();
+        let response = [
+            (":status", b"201".as_slice()),
+            ("content-type", b"text/plain"),
+            ("content-length", b"0"),
+        ];
+        first.on_response_headers(&headers(&response), true, true);
+        let step = first.on_end(0);
+        run.settle(&mut first, step);
+        assert!(first.take_headers_to_restore().is_empty());
+        let mut again = run.exchange();
+        let reply = reply_of(run.request(&mut again, "POST", b"{}"));
+        assert!(reply.body.is_empty());
+        assert!(reply
+            .headers
+            .contains(&("content-length".to_string(), "0".to_string())));
+        assert_eq!(again.take_headers_to_restore(), reply.headers);
+        assert!(again.take_headers_to_restore().is_empty(), "once");
     }
 
     #[test]
@@ -776,6 +831,28 @@ mod tests {
         let reply = reply_of(duplicate.give_up_waiting());
         assert_eq!(reply.status, 409);
         assert!(reply.headers.iter().any(|(n, _)| n == "retry-after"));
+    }
+
+    #[test]
+    fn a_store_failure_while_waiting_never_sends_the_duplicate_upstream() {
+        let mut run = Run::new(r#"{"when_full": "pass", "max_wait": "100ms"}"#);
+        let _original = run.forwarded();
+        let mut duplicate = run.exchange();
+        assert_eq!(run.request(&mut duplicate, "POST", b"{}"), Step::Wait);
+        let failed = || Err(StoreError::Remote("timeout".into()));
+        assert_eq!(duplicate.on_claim(failed(), true, run.now + 50), Step::Wait);
+        assert!(duplicate.is_waiting());
+        let step = duplicate.on_claim(failed(), true, run.now + 100);
+        assert_eq!(code_of(step), (409, "idempotency_in_progress".into()));
+        assert_eq!(
+            duplicate.take_counts(),
+            [
+                Counter::Waited,
+                Counter::StoreError,
+                Counter::StoreError,
+                Counter::InProgress
+            ]
+        );
     }
 
     #[test]

@@ -405,6 +405,7 @@ impl HttpContext for Filter {
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         if let Some(mut exchange) = self.exchange() {
+            host::add_missing_headers(&exchange.take_headers_to_restore());
             if exchange.is_owner() {
                 let via_upstream = host::response_via_upstream();
                 let headers = if via_upstream {

@@ -157,6 +157,22 @@ pub fn send(reply: &LocalReply) {
     }
 }
 
+/// Adds to the response headers in flight each of `headers` whose name they lack.
+pub fn add_missing_headers(headers: &[(String, String)]) {
+    if headers.is_empty() {
+        return;
+    }
+    let present = self::headers(MapType::HttpResponseHeaders);
+    for (name, value) in headers {
+        if present.iter().any(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            continue;
+        }
+        if let Err(status) = hostcalls::add_map_value(MapType::HttpResponseHeaders, name, value) {
+            warn!("add_map_value({name}) failed: {status:?}");
+        }
+    }
+}
+
 pub fn resume_request() {
     if let Err(status) = hostcalls::resume_http_request() {
         warn!("resume_http_request failed: {status:?}");

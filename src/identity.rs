@@ -12,7 +12,7 @@ pub type Digest32 = [u8; 32];
 pub struct InvalidKey(pub &'static str);
 
 /// Finds the key among the request headers. The header must appear once, with 1 to 255
-/// characters of visible ASCII or space.
+/// characters of visible ASCII or space once the whitespace around it is trimmed.
 pub fn key_of<'a>(
     headers: &'a [(String, Vec<u8>)],
     name: &str,
@@ -24,7 +24,25 @@ pub fn key_of<'a>(
     if values.next().is_some() {
         return Err(InvalidKey("the header appears more than once"));
     }
-    validate_key(value).map(Some)
+    validate_key(trim_ows(value)).map(Some)
+}
+
+/// Strips the optional whitespace (space, tab) around a header value. HTTP/1.1 parsers do it
+/// before the filter sees the value and HTTP/2 does not, so without this one key sent over both
+/// would be two records.
+pub fn trim_ows(value: &[u8]) -> &[u8] {
+    let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
+    let start = value.iter().position(|b| !is_ows(b)).unwrap_or(value.len());
+    let end = value.iter().rposition(|b| !is_ows(b)).map_or(start, |at| at + 1);
+    &value[start..end]
+}
+
+/// The organisation named by the scope header's value, if it names one: a value that is empty
+/// or only whitespace (`Authorization:` with no credential) is no organisation, or every such
+/// client would share one key space.
+pub fn scope_of_header(value: &[u8]) -> Option<Digest32> {
+    let value = trim_ows(value);
+    (!value.is_empty()).then(|| scope_of(value))
 }
 
 pub fn validate_key(value: &[u8]) -> Result<&[u8], InvalidKey> {
@@ -121,6 +139,25 @@ mod tests {
             key_of(&once, "idempotency-key"),
             Ok(Some(b"abc".as_slice()))
         );
+    }
+
+    #[test]
+    fn whitespace_around_a_key_is_not_part_of_it() {
+        let padded = headers(&[("idempotency-key", b"  k-1 \t")]);
+        assert_eq!(key_of(&padded, "idempotency-key"), Ok(Some(b"k-1".as_slice())));
+        let inner = headers(&[("idempotency-key", b" a b ")]);
+        assert_eq!(key_of(&inner, "idempotency-key"), Ok(Some(b"a b".as_slice())));
+        for blank in [b"".as_slice(), b"   ", b"\t \t"] {
+            let blank = headers(&[("idempotency-key", blank)]);
+            assert!(matches!(key_of(&blank, "idempotency-key"), Err(InvalidKey(_))));
+        }
+    }
+
+    #[test]
+    fn a_blank_scope_is_no_organisation_and_padding_does_not_change_one() {
+        assert_eq!(scope_of_header(b""), None);
+        assert_eq!(scope_of_header(b" \t "), None);
+        assert_eq!(scope_of_header(b"  Bearer a "), Some(scope_of(b"Bearer a")));
     }
 
     #[test]

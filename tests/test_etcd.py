@@ -20,7 +20,7 @@ from etcd_support import Etcd, EtcdEnvoy, EtcdError, LogWindow, make_certs, priv
 from harness import Response, burst
 from shipped import ENVOY_DIR, ShippedEnvoy, load, localise, wasm_filters
 from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
-                      assert_stat_deltas, stat_deltas, timed, wait_for)
+                      assert_stat_deltas, in_background, stat_deltas, timed, wait_for)
 from upstream import binary_body
 
 ORG = "Bearer ic_live_org_fleet"
@@ -464,6 +464,38 @@ def test_an_etcd_that_never_answers_costs_a_request_the_timeout_not_a_hang(pair,
     assert_original(original)
     assert_replay_of(call(b, key), original)
     assert upstream.count(key=key) == 1
+
+
+def test_a_waiting_duplicate_rides_out_a_failed_read_and_never_runs_unprotected(pair, pass_pair, upstream,
+                                                                                etcd, key):
+    # An original in flight on one Envoy of each pair, its duplicate waiting on the other; etcd
+    # freezes past the call timeout, so the duplicates' reads of the key fail, then thaws. Under
+    # either policy the duplicate keeps waiting and gets the original's answer.
+    slow = [("x-test-delay-ms", "2500")]
+    runs = []
+    for (first, second), policy in ((pair, "reject"), (pass_pair, "pass")):
+        own = f"{key}-{policy}"
+        original = in_background(lambda first=first, own=own: call(first, own, headers=slow))
+        assert wait_for(lambda: upstream.count(key=own) == 1), "the original never reached the upstream"
+        before = settled_stats(second)
+        duplicate = in_background(lambda second=second, own=own: call(second, own, headers=slow))
+        assert wait_for(lambda: stat_deltas(second, before, ["idempotency.waited"])["idempotency.waited"] == 1)
+        runs.append((own, second, before, original, duplicate))
+    etcd.freeze()
+    try:
+        time.sleep(3 * ETCD_TIMEOUT_S)
+    finally:
+        etcd.thaw()
+    for own, second, before, (original, original_box), (duplicate, duplicate_box) in runs:
+        original.join()
+        duplicate.join()
+        assert_original(original_box["result"])
+        assert_replay_of(duplicate_box["result"], original_box["result"])
+        assert upstream.count(key=own) == 1
+        failed = stat_deltas(second, before, ["idempotency.store_error"])["idempotency.store_error"]
+        assert failed >= 1, "no read failed while etcd was frozen: the test proved nothing"
+        assert stat_deltas(second, before, ["idempotency.bypassed", "idempotency.rejected"]) == {
+            "idempotency.bypassed": 0, "idempotency.rejected": 0}
 
 
 # -- responses etcd cannot keep ---------------------------------------------------------------------

@@ -89,6 +89,16 @@ def test_method_path_and_authorization_scope_never_interfere(envoy, upstream, ke
     assert upstream.count(key=key) == 4
 
 
+def test_one_key_is_one_record_over_http1_and_http2_whatever_the_whitespace(envoy, upstream, key):
+    # HTTP/2 passes the values as sent; HTTP/1.1 trims them before the filter sees them.
+    executed = upstream.total
+    original = call(envoy, f"  {key} ", auth=f"\t{ORG_A}  ", http2=True)
+    assert_original(original)
+    assert_replay_of(call(envoy, key), original)
+    assert_replay_of(call(envoy, f" {key}\t", auth=f" {ORG_A}", http2=True), original)
+    assert upstream.total == executed + 1
+
+
 # The configurable parts of request selection and matching, on one shared instance.
 CUSTOM = {"scope_header": "x-org-id", "key_header": "x-request-key", "methods": ["POST", "PUT"],
           "unstored_statuses": ["5xx", 409]}

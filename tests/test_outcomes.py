@@ -51,6 +51,21 @@ def test_large_binary_response_is_replayed_byte_for_byte(envoy, upstream, key):
     assert upstream.count(key=key) == 1
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+@pytest.mark.parametrize("status", [204, 201, 200])
+def test_a_response_without_a_body_is_replayed_with_its_headers(envoy, upstream, key, status, http2):
+    # The upstream echoes the request's (empty) body and its content-type.
+    request = dict(body=b"", headers=[("x-test-status", str(status)), ("content-type", "text/plain")],
+                   http2=http2)
+    original = call(envoy, key, **request)
+    assert_original(original, status)
+    assert (original.header("content-type"), original.body) == ("text/plain", b"")
+    replay = call(envoy, key, **request)
+    assert_replay_of(replay, original)
+    assert replay.header("content-type") == "text/plain"
+    assert upstream.count(key=key) == 1
+
+
 def test_client_error_answer_is_stored_and_replayed(envoy, upstream, key):
     original = call(envoy, key, headers=[("x-test-status", "422")])
     assert_original(original, 422)

@@ -27,13 +27,15 @@ INVALID_KEYS = {
     "tab_control_char": lambda k: [("idempotency-key", f"{k}\tx".encode())],
     "non_ascii": lambda k: [("idempotency-key", f"{k}-caf\u00e9".encode())],
     "header_twice": lambda k: [("idempotency-key", k), ("idempotency-key", k)],
+    "only_spaces": lambda k: [("idempotency-key", "   ")],
 }
 
 
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
 @pytest.mark.parametrize("case", sorted(INVALID_KEYS))
-def test_invalid_key_is_400_and_never_reaches_upstream(envoy, upstream, key, case):
+def test_invalid_key_is_400_and_never_reaches_upstream(envoy, upstream, key, case, http2):
     path = unique_path()
-    resp = call(envoy, None, path=path, headers=INVALID_KEYS[case](key))
+    resp = call(envoy, None, path=path, headers=INVALID_KEYS[case](key), http2=http2)
     assert_problem(resp, 400, "idempotency_key_invalid")
     assert upstream.count(path=path) == 0
 
@@ -70,10 +72,23 @@ def test_uncovered_method_with_key_passes_untouched(envoy, upstream, key, method
     assert upstream.count(method=method, key=key) == 2
 
 
-def test_request_without_scope_header_passes_untouched(envoy, upstream, key):
+# (scope header, its value or None for absent, over HTTP/2): a blank value names no organisation.
+NO_SCOPE = {
+    "absent": ("authorization", None, False),
+    "empty": ("authorization", "", False),
+    "whitespace_over_http2": ("authorization", " \t ", True),
+    "configured_header_blank_over_http2": ("x-org-id", "  ", True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NO_SCOPE))
+def test_request_without_a_scope_passes_untouched(envoy_with, upstream, key, case):
+    scope_header, value, http2 = NO_SCOPE[case]
+    envoy = envoy_with({} if scope_header == "authorization" else {"scope_header": scope_header})
+    scope = [] if value is None else [(scope_header, value)]
     before = envoy.stats()
     for _ in range(2):
-        assert_original(call(envoy, key, auth=None))
+        assert_original(call(envoy, key, auth=None, headers=scope, http2=http2))
     assert upstream.count(key=key) == 2
     assert wait_for(lambda: stat_deltas(envoy, before, ["idempotency.bypassed"])["idempotency.bypassed"] >= 2)
 
