@@ -155,10 +155,23 @@ def settled_etcd_requests(envoy, quiet_s=0.3):
         last = now
 
 
-def settled_stats(envoy):
-    """Stats once the finishes of earlier requests (run on later ticks) have landed."""
-    settled_etcd_requests(envoy, quiet_s=0.15)
-    return envoy.stats()
+def settled_stats(envoy, quiet_s=0.3, limit_s=10.0):
+    """Stats once the finishes of earlier requests (run on later ticks) have landed: neither the
+    filter's counters nor the calls to etcd moved for ``quiet_s``."""
+    def sample():
+        stats = envoy.stats()
+        return stats, ({k: v for k, v in stats.items() if k.startswith("idempotency.")},
+                       stats.get("cluster.etcd.upstream_rq_total", 0))
+
+    deadline = time.monotonic() + limit_s
+    stats, moving = sample()
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        stats, now = sample()
+        if now == moving:
+            break
+        moving = now
+    return stats
 
 
 # -- one store for both Envoys ------------------------------------------------------------------
@@ -370,15 +383,18 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
     a, b = pair
     c, d = pass_pair
     cached, uncached = key + "-cached", key + "-uncached"
+    start = settled_stats(a)
     cached_original = call(a, cached)
     assert_original(cached_original)
     assert_replay_of(call(b, cached), cached_original)  # B keeps a copy
     uncached_original = call(a, uncached)  # B never saw this one
     assert_original(uncached_original)
+    # Both records are stored (finishes land on later ticks) before etcd goes away.
+    assert_stat_deltas(a, start, {"idempotency.stored": 2})
     # A request whose upstream is still working when etcd goes away: its client gets the answer,
     # and the record that could not be written is counted (once: A keeps sending it).
     midflight = key + "-midflight"
-    before = at_midflight = settled_stats(a)
+    before = at_midflight = a.stats()
     box = {}
     thread = threading.Thread(target=lambda: box.setdefault("resp", call(a, midflight, headers=[
         ("x-test-delay-ms", "400")])))
@@ -430,8 +446,10 @@ def test_etcd_down_applies_the_policy_and_service_recovers_after_a_restart(pair,
 
     # The requests refused while etcd was down left no claim behind: they run now.
     for envoy, name in ((a, "A"), (b, "B")):
+        before = envoy.stats()
         assert_original(call(envoy, f"{key}-down-{name}"))
         assert upstream.count(key=f"{key}-down-{name}") == 1
+        assert_stat_deltas(envoy, before, {"idempotency.stored": 1})
     # The records written before the outage are still there.
     assert_replay_of(call(b, uncached), uncached_original)
     assert upstream.count(key=uncached) == 1
