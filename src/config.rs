@@ -11,6 +11,9 @@ pub type Millis = u64;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WhenFull {
+    /// The completed record nearest its expiry makes way for the new one; with none (every
+    /// record in flight), `Reject`.
+    Evict,
     /// Answer `503` with `Retry-After`: no request runs without its guarantee.
     Reject,
     /// Forward without idempotency: availability over the guarantee.
@@ -52,6 +55,10 @@ pub struct Config {
     pub unstored_statuses: Vec<StatusRule>,
     pub capacity_records: usize,
     pub capacity_bytes: usize,
+    /// The part of `capacity_records` and `capacity_bytes` one organisation may hold.
+    pub max_share: f64,
+    /// Stored responses are deflated where that saves space.
+    pub compress_responses: bool,
     pub when_full: WhenFull,
     pub key_prefix: String,
     /// Path prefixes the filter covers; empty means every path.
@@ -180,6 +187,8 @@ struct Raw {
     unstored_statuses: Vec<RawStatus>,
     capacity_records: usize,
     capacity_bytes: usize,
+    max_share: f64,
+    compress_responses: bool,
     when_full: String,
     key_prefix: String,
     include_paths: Vec<String>,
@@ -222,6 +231,10 @@ impl Raw {
                 "unstored_statuses" => raw.unstored_statuses = field("unstored_statuses", value)?,
                 "capacity_records" => raw.capacity_records = field("capacity_records", value)?,
                 "capacity_bytes" => raw.capacity_bytes = field("capacity_bytes", value)?,
+                "max_share" => raw.max_share = field("max_share", value)?,
+                "compress_responses" => {
+                    raw.compress_responses = field("compress_responses", value)?
+                }
                 "when_full" => raw.when_full = field("when_full", value)?,
                 "key_prefix" => raw.key_prefix = field("key_prefix", value)?,
                 "include_paths" => raw.include_paths = field("include_paths", value)?,
@@ -253,9 +266,11 @@ impl Default for Raw {
                 RawStatus::Code(425),
                 RawStatus::Code(429),
             ],
-            capacity_records: 10_000,
-            capacity_bytes: 64 << 20,
-            when_full: "reject".into(),
+            capacity_records: 100_000,
+            capacity_bytes: 128 << 20,
+            max_share: 0.1,
+            compress_responses: true,
+            when_full: "evict".into(),
             key_prefix: "idempotency/".into(),
             include_paths: Vec::new(),
             exclude_paths: Vec::new(),
@@ -335,13 +350,20 @@ impl Config {
                 ),
             ));
         }
+        if !(raw.max_share > 0.0 && raw.max_share <= 1.0) {
+            return Err(invalid(
+                "max_share",
+                "must be a fraction above 0 and at most 1",
+            ));
+        }
         let when_full = match raw.when_full.as_str() {
+            "evict" => WhenFull::Evict,
             "reject" => WhenFull::Reject,
             "pass" => WhenFull::Pass,
             other => {
                 return Err(invalid(
                     "when_full",
-                    format!("`{other}`: expected `reject` or `pass`"),
+                    format!("`{other}`: expected `evict`, `reject` or `pass`"),
                 ))
             }
         };
@@ -376,6 +398,8 @@ impl Config {
             unstored_statuses,
             capacity_records: raw.capacity_records,
             capacity_bytes: raw.capacity_bytes,
+            max_share: raw.max_share,
+            compress_responses: raw.compress_responses,
             when_full,
             key_prefix: raw.key_prefix,
             include_paths: raw.include_paths,
@@ -495,7 +519,8 @@ mod tests {
         assert_eq!(config.scope_header, "authorization");
         assert_eq!(config.ttl, 86_400_000);
         assert_eq!(config.lease, 60_000);
-        assert_eq!(config.when_full, WhenFull::Reject);
+        assert_eq!(config.when_full, WhenFull::Evict);
+        assert_eq!(config.max_share, 0.1);
         for status in [500, 503, 599, 408, 425, 429] {
             assert!(!config.stores_status(status), "{status}");
         }

@@ -23,7 +23,7 @@
 //! Every operation goes out as calls; their answers come back through [`Store::resume`].
 
 use crate::config::{Config, EtcdConfig, Millis};
-use crate::decide::{self, Claim, Verdict};
+use crate::decide::{self, Claim, Room, Verdict};
 use crate::record::{Bucket, Entry, State, StoredResponse};
 use crate::store::{
     Answer, CallId, CallResponse, ClaimReply, FinishReply, Kv, Outcome, Resumed, Store, StoreError,
@@ -138,6 +138,7 @@ fn claim_value(claim: &Claim, now: Millis) -> Vec<u8> {
         token: claim.token,
         deadline: now + claim.lease,
         response_len: 0,
+        org: claim.org,
     };
     entry.encode_remote(None)
 }
@@ -157,6 +158,7 @@ pub struct Etcd<C: Caller, K: Kv> {
     lease_prefix: String,
     ttl: Millis,
     claim_lease: Millis,
+    deflate: bool,
     pending: HashMap<CallId, Pending>,
     queued: Vec<Op>,
     /// Failed finishes, with when to send them again.
@@ -181,6 +183,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             settings,
             ttl: config.ttl,
             claim_lease: config.claim_lease(),
+            deflate: config.compress_responses,
             pending: HashMap::new(),
             queued: Vec::new(),
             retrying: Vec::new(),
@@ -425,7 +428,11 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         };
         let mut bucket = Bucket::empty();
         bucket.entries[0] = entry;
-        let reply = match decide::claim(&mut bucket, &claim, 1, now) {
+        let room = Room {
+            usable: 1,
+            evict: false,
+        };
+        let reply = match decide::claim(&mut bucket, &claim, room, now) {
             Verdict::Claimed { .. } => return self.retry_claim(claim, rounds, Some(revision), now),
             Verdict::Replay { token, .. } => {
                 match StoredResponse::decode(response, &claim.tuple, token) {
@@ -552,6 +559,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             token: ticket.claim.token,
             deadline,
             response_len,
+            org: ticket.claim.org,
         };
         let expires = now + self.ttl;
         let give_up = now + ticket.claim.lease;
@@ -566,7 +574,8 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         };
         match outcome {
             Outcome::Store(response) => {
-                let bytes = response.encode(&ticket.claim.tuple, ticket.claim.token);
+                let bytes =
+                    response.encode(&ticket.claim.tuple, ticket.claim.token, self.deflate);
                 // The gateway carries values base64-encoded: 4 bytes for every 3.
                 if bytes.len().div_ceil(3) * 4 > self.settings.max_value_bytes {
                     return unstored(false);
@@ -1010,6 +1019,7 @@ mod tests {
             fingerprint: [fingerprint; 32],
             token,
             lease: 60_000,
+            org: 1,
         }
     }
 
@@ -1334,7 +1344,7 @@ mod tests {
         let mut store = world.envoy(json);
         let ticket = world.claim_on(&mut store, 10, 0);
         let mut big = response();
-        big.body = vec![0; 2048];
+        big.body = crate::record::incompressible(2048);
         assert_eq!(
             finish(&mut world, &mut store, ticket, Outcome::Store(big), 1),
             FinishReply::StoredWithoutResponse { store_full: false }

@@ -70,6 +70,7 @@ enum Phase {
     /// Covered; its body is being buffered.
     Buffering {
         tuple: Digest32,
+        org: u16,
         query: Vec<u8>,
         size: usize,
     },
@@ -207,6 +208,7 @@ impl Exchange {
         let tuple = identity::tuple_of(&scope, method, path, key);
         self.phase = Phase::Buffering {
             tuple,
+            org: identity::org_tag(&scope),
             query: query.to_vec(),
             size: 0,
         };
@@ -225,7 +227,10 @@ impl Exchange {
         end_of_stream: bool,
         read: impl FnOnce() -> Vec<u8>,
     ) -> Step {
-        let Phase::Buffering { tuple, query, .. } = &self.phase else {
+        let Phase::Buffering {
+            tuple, org, query, ..
+        } = &self.phase
+        else {
             return Step::Pass;
         };
         if size > self.config.max_request_body_bytes {
@@ -249,6 +254,7 @@ impl Exchange {
             fingerprint: identity::fingerprint_of(query, &read()),
             token: self.token,
             lease: self.config.claim_lease(),
+            org: *org,
         };
         self.phase = Phase::Claiming {
             claim,
@@ -351,6 +357,14 @@ impl Exchange {
                 self.count(Counter::StoreFull);
                 self.when_full(Problem::StoreFull, "no room for another record right now")
             }
+            ClaimReply::QuotaExceeded => self.answer(
+                Counter::QuotaExceeded,
+                Problem::QuotaExceeded.reply(
+                    "this organisation holds its whole share of the idempotency store, \
+                     all of it still in flight",
+                    Some(1),
+                ),
+            ),
         }
     }
 
@@ -361,7 +375,9 @@ impl Exchange {
                 self.phase = Phase::Out;
                 Step::Forward
             }
-            WhenFull::Reject => self.answer(Counter::Rejected, problem.reply(detail, Some(1))),
+            WhenFull::Evict | WhenFull::Reject => {
+                self.answer(Counter::Rejected, problem.reply(detail, Some(1)))
+            }
         }
     }
 
@@ -937,7 +953,8 @@ mod tests {
     #[test]
     fn a_full_store_rejects_or_passes_as_configured() {
         for (policy, expect_reply) in [("reject", true), ("pass", false)] {
-            let json = format!(r#"{{"capacity_records": 16, "when_full": "{policy}"}}"#);
+            let json =
+                format!(r#"{{"capacity_records": 16, "max_share": 1, "when_full": "{policy}"}}"#);
             let mut run = Run::new(&json);
             for n in 0..16u8 {
                 let mut exchange = run.exchange();

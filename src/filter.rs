@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::etcd::Etcd;
 use crate::exchange::{self, Exchange, Step};
 use crate::host::{self, EtcdCalls, Metrics, SharedData};
+use crate::metrics::Counter;
 use crate::store::{Answer, CallId, CallResponse, Resumed, Store, StoreError};
 use crate::table::Table;
 use log::{debug, error, info, warn};
@@ -34,6 +35,7 @@ struct Vm {
     awaiting: RefCell<HashMap<CallId, Waiter>>,
     ticks: Cell<u64>,
     quiet_until: Cell<u64>,
+    pressure_quiet_until: Cell<u64>,
     /// Waiting requests ask the store itself every this many ticks: every tick for shared
     /// data, less often for a remote store, where each such poll is a call.
     poll_every: u64,
@@ -113,8 +115,37 @@ impl Vm {
         for counter in exchange.take_counts() {
             self.metrics.increment(counter);
             debug!("[{}] {}", exchange.request_id(), counter.name());
+            if matches!(counter, Counter::StoreFull | Counter::QuotaExceeded) {
+                self.store_pressure(counter.name());
+            }
         }
+        self.count_evictions();
         action
+    }
+
+    fn count_evictions(&self) {
+        let ages = self.store.borrow_mut().take_evictions();
+        let Some(youngest) = ages.iter().min() else {
+            return;
+        };
+        let seconds: u64 = ages.iter().map(|age| age / 1_000).sum();
+        self.metrics.add(Counter::Evicted, ages.len() as u64);
+        self.metrics.add(Counter::EvictedAgeSeconds, seconds);
+        self.store_pressure(&format!(
+            "evicting records before their ttl, the youngest after {}s of {}s: raise capacity_records",
+            youngest / 1_000,
+            self.config.ttl / 1_000
+        ));
+    }
+
+    /// The store evicting or refusing is logged at most once a minute per worker, so that an
+    /// operator learns of it from the log and not from clients; the counters count every one.
+    fn store_pressure(&self, what: &str) {
+        let now = host::now();
+        if now >= self.pressure_quiet_until.get() {
+            self.pressure_quiet_until.set(now + 60_000);
+            warn!("idempotency store full: {what}");
+        }
     }
 
     /// Store failures are logged at most once a second per worker, so that an outage does not
@@ -240,6 +271,7 @@ impl Vm {
         for resumed in ended {
             self.carry_on(0, resumed, now);
         }
+        self.count_evictions();
     }
 }
 
@@ -269,7 +301,11 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let mut table = Table::new(SharedData, &config);
+        let mut table = if config.etcd.is_some() {
+            Table::cache(SharedData, &config)
+        } else {
+            Table::new(SharedData, &config)
+        };
         let number = match table.boot() {
             Ok(number) => number,
             Err(problem) => {
@@ -305,6 +341,7 @@ impl RootContext for Root {
             awaiting: RefCell::new(HashMap::new()),
             ticks: Cell::new(0),
             quiet_until: Cell::new(0),
+            pressure_quiet_until: Cell::new(0),
             poll_every,
         }));
         host::set_tick_period(TICK_MILLIS);

@@ -219,8 +219,16 @@ impl Metrics {
     }
 
     pub fn increment(&self, counter: Counter) {
+        self.add(counter, 1);
+    }
+
+    pub fn add(&self, counter: Counter, n: u64) {
+        // Envoy refuses to add 0 to a counter.
+        let Ok(n @ 1..) = i64::try_from(n) else {
+            return;
+        };
         if let Some(Some(id)) = self.ids.get(counter.index()) {
-            if let Err(status) = hostcalls::increment_metric(*id, 1) {
+            if let Err(status) = hostcalls::increment_metric(*id, n) {
                 warn!("increment_metric({}) failed: {status:?}", counter.name());
             }
         }

@@ -83,6 +83,12 @@ pub fn scope_of(value: &[u8]) -> Digest32 {
     digest_of(&[b"scope", value])
 }
 
+/// A 16-bit tag of the organisation, which the store keeps its share under. Only ever used to
+/// count: two organisations with one tag share one share, and never each other's records.
+pub fn org_tag(scope: &Digest32) -> u16 {
+    u16::from_le_bytes([scope[0], scope[1]])
+}
+
 /// The record's identity: (scope, method, path, key).
 pub fn tuple_of(scope: &Digest32, method: &str, path: &[u8], key: &[u8]) -> Digest32 {
     digest_of(&[b"tuple", scope, method.as_bytes(), path, key])

@@ -33,10 +33,16 @@ pub enum Counter {
     ResponseTooLarge,
     /// `409 idempotency_response_not_stored` answered.
     ResponseNotStored,
+    /// A completed record made way for a new one before its TTL.
+    Evicted,
+    /// How long the evicted records had been stored, in seconds, summed.
+    EvictedAgeSeconds,
+    /// `429 idempotency_quota_exceeded` answered.
+    QuotaExceeded,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 19] = [
+    pub const ALL: [Counter; 22] = [
         Counter::Claimed,
         Counter::Replayed,
         Counter::Stored,
@@ -56,6 +62,9 @@ impl Counter {
         Counter::RequestTooLarge,
         Counter::ResponseTooLarge,
         Counter::ResponseNotStored,
+        Counter::Evicted,
+        Counter::EvictedAgeSeconds,
+        Counter::QuotaExceeded,
     ];
 
     pub fn name(self) -> &'static str {
@@ -79,6 +88,9 @@ impl Counter {
             Counter::RequestTooLarge => "idempotency.request_too_large",
             Counter::ResponseTooLarge => "idempotency.response_too_large",
             Counter::ResponseNotStored => "idempotency.response_not_stored",
+            Counter::Evicted => "idempotency.evicted",
+            Counter::EvictedAgeSeconds => "idempotency.evicted_age_seconds",
+            Counter::QuotaExceeded => "idempotency.quota_exceeded",
         }
     }
 

@@ -20,6 +20,7 @@ pub enum Problem {
     RequestTooLarge,
     StoreFull,
     StoreUnavailable,
+    QuotaExceeded,
 }
 
 impl Problem {
@@ -36,6 +37,11 @@ impl Problem {
             ),
             Problem::RequestTooLarge => (413, "request_too_large", "Request body too large"),
             Problem::StoreFull => (503, "idempotency_store_full", "Idempotency store full"),
+            Problem::QuotaExceeded => (
+                429,
+                "idempotency_quota_exceeded",
+                "Idempotency store share used up",
+            ),
             Problem::StoreUnavailable => (
                 503,
                 "idempotency_store_unavailable",

@@ -1,6 +1,7 @@
-//! The stored formats: a bucket of entries (the state of up to `BUCKET_ENTRIES` records) and a
-//! stored response. Both are versioned binary: a reader that meets a version it does not know
-//! refuses it rather than guess, so a filter upgrade in a running Envoy never misreads a record.
+//! The stored formats: a bucket of entries (the state of up to `BUCKET_ENTRIES` records), a
+//! stored response, the byte ledger and an organisation's share. All are versioned binary: a
+//! reader that meets a version it does not know refuses it rather than guess, so a filter upgrade
+//! in a running Envoy never misreads a record.
 
 use crate::config::Millis;
 use crate::identity::Digest32;
@@ -10,9 +11,19 @@ const BUCKET_MAGIC: [u8; 2] = *b"IB";
 const RESPONSE_MAGIC: [u8; 2] = *b"IR";
 const LEDGER_MAGIC: [u8; 2] = *b"IL";
 const REMOTE_MAGIC: [u8; 2] = *b"IE";
+const SHARE_MAGIC: [u8; 2] = *b"IS";
 const VERSION: u8 = 1;
+/// Version 2 added each entry's organisation tag.
+const BUCKET_VERSION: u8 = 2;
+/// A stored response whose body is deflated; version 1 keeps it as it came, and is still written
+/// for bodies that do not compress, so that an older filter reading a record it cannot read
+/// refuses it rather than replay compressed bytes.
+const DEFLATED_VERSION: u8 = 2;
+/// Bodies shorter than this are kept as they came: deflate would save too little for its cost.
+const DEFLATE_FROM: usize = 256;
 const HEADER_LEN: usize = 4;
 const ENTRY_LEN: usize = 1 + 32 + 32 + 8 + 8 + 4;
+const BUCKET_ENTRY_LEN: usize = ENTRY_LEN + 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -25,6 +36,8 @@ pub enum State {
     Complete,
     /// The work ran but its response was not stored (too large); `deadline` is the expiry.
     Unstored,
+    /// Not a record: the sweeper is clearing an expired record's response until `deadline`.
+    Sweeping,
 }
 
 impl State {
@@ -35,7 +48,13 @@ impl State {
             State::Held => 2,
             State::Complete => 3,
             State::Unstored => 4,
+            State::Sweeping => 5,
         }
+    }
+
+    /// Whether an entry in this state is a record (and so counts in its organisation's share).
+    pub fn is_record(self) -> bool {
+        !matches!(self, State::Empty | State::Sweeping)
     }
 
     fn from_code(code: u8) -> Option<State> {
@@ -45,6 +64,7 @@ impl State {
             2 => State::Held,
             3 => State::Complete,
             4 => State::Unstored,
+            5 => State::Sweeping,
             _ => return None,
         })
     }
@@ -60,6 +80,8 @@ pub struct Entry {
     pub deadline: Millis,
     /// Bytes of the stored response, for `Complete`.
     pub response_len: u32,
+    /// The organisation's tag ([`crate::identity::org_tag`]), whose share this record counts in.
+    pub org: u16,
 }
 
 impl Entry {
@@ -70,6 +92,7 @@ impl Entry {
         token: 0,
         deadline: 0,
         response_len: 0,
+        org: 0,
     };
 
     fn encode_into(&self, out: &mut Vec<u8>) {
@@ -89,6 +112,7 @@ impl Entry {
             token: reader.u64()?,
             deadline: reader.u64()?,
             response_len: reader.u32()?,
+            org: 0,
         })
     }
 
@@ -106,7 +130,7 @@ impl Entry {
     /// The entry and the stored response bytes (empty if none) of a remote record.
     pub fn decode_remote(bytes: &[u8]) -> Result<(Entry, &[u8]), DecodeError> {
         let mut reader = Reader::new(bytes);
-        check_header(&mut reader, REMOTE_MAGIC)?;
+        check_header(&mut reader, REMOTE_MAGIC, VERSION)?;
         reader.u8()?;
         let entry = Entry::read(&mut reader)?;
         Ok((entry, reader.rest()))
@@ -138,27 +162,29 @@ impl Bucket {
     }
 
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + BUCKET_ENTRIES * ENTRY_LEN);
+        let mut out = Vec::with_capacity(HEADER_LEN + BUCKET_ENTRIES * BUCKET_ENTRY_LEN);
         out.extend_from_slice(&BUCKET_MAGIC);
-        out.push(VERSION);
+        out.push(BUCKET_VERSION);
         out.push(BUCKET_ENTRIES as u8);
         for entry in &self.entries {
             entry.encode_into(&mut out);
+            out.extend_from_slice(&entry.org.to_le_bytes());
         }
         out
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Bucket, DecodeError> {
         let mut reader = Reader::new(bytes);
-        check_header(&mut reader, BUCKET_MAGIC)?;
+        check_header(&mut reader, BUCKET_MAGIC, BUCKET_VERSION)?;
         if usize::from(reader.u8()?) != BUCKET_ENTRIES
-            || bytes.len() != HEADER_LEN + BUCKET_ENTRIES * ENTRY_LEN
+            || bytes.len() != HEADER_LEN + BUCKET_ENTRIES * BUCKET_ENTRY_LEN
         {
             return Err(DecodeError::Malformed);
         }
         let mut bucket = Bucket::empty();
         for entry in bucket.entries.iter_mut() {
             *entry = Entry::read(&mut reader)?;
+            entry.org = reader.u16()?;
         }
         Ok(bucket)
     }
@@ -175,15 +201,24 @@ pub struct StoredResponse {
 impl StoredResponse {
     /// Encodes with the record's tuple and claim token, so a reader can prove the bytes belong
     /// to the entry that points at them.
-    pub fn encode(&self, tuple: &Digest32, token: u64) -> Vec<u8> {
+    /// With `deflate`, the body is deflated when that saves an eighth of it or more.
+    pub fn encode(&self, tuple: &Digest32, token: u64, deflate: bool) -> Vec<u8> {
+        let deflated = (deflate && self.body.len() >= DEFLATE_FROM)
+            .then(|| miniz_oxide::deflate::compress_to_vec(&self.body, 1))
+            .filter(|d| d.len() + 4 <= self.body.len() - self.body.len() / 8);
+        let body = deflated.as_deref().unwrap_or(&self.body);
         let headers_len: usize = self
             .headers
             .iter()
             .map(|(n, v)| 6 + n.len() + v.len())
             .sum();
-        let mut out = Vec::with_capacity(64 + headers_len + self.body.len());
+        let mut out = Vec::with_capacity(68 + headers_len + body.len());
         out.extend_from_slice(&RESPONSE_MAGIC);
-        out.push(VERSION);
+        out.push(if deflated.is_some() {
+            DEFLATED_VERSION
+        } else {
+            VERSION
+        });
         out.push(0);
         out.extend_from_slice(tuple);
         out.extend_from_slice(&token.to_le_bytes());
@@ -195,14 +230,24 @@ impl StoredResponse {
             out.extend_from_slice(&(value.len() as u32).to_le_bytes());
             out.extend_from_slice(value.as_bytes());
         }
-        out.extend_from_slice(&self.body);
+        if deflated.is_some() {
+            out.extend_from_slice(&(self.body.len() as u32).to_le_bytes());
+        }
+        out.extend_from_slice(body);
         out
     }
 
     /// Decodes a response and checks that it belongs to (tuple, token).
     pub fn decode(bytes: &[u8], tuple: &Digest32, token: u64) -> Result<Self, DecodeError> {
         let mut reader = Reader::new(bytes);
-        check_header(&mut reader, RESPONSE_MAGIC)?;
+        if reader.take(2)? != RESPONSE_MAGIC {
+            return Err(DecodeError::Malformed);
+        }
+        let deflated = match reader.u8()? {
+            VERSION => false,
+            DEFLATED_VERSION => true,
+            other => return Err(DecodeError::UnknownVersion(other)),
+        };
         reader.u8()?;
         if reader.digest()? != *tuple || reader.u64()? != token {
             return Err(DecodeError::Malformed);
@@ -217,10 +262,19 @@ impl StoredResponse {
             let value = reader.text(value_len)?;
             headers.push((name, value));
         }
+        let body = if deflated {
+            let len = reader.u32()? as usize;
+            miniz_oxide::inflate::decompress_to_vec_with_limit(reader.rest(), len)
+                .ok()
+                .filter(|body| body.len() == len)
+                .ok_or(DecodeError::Malformed)?
+        } else {
+            reader.rest().to_vec()
+        };
         Ok(StoredResponse {
             status,
             headers,
-            body: reader.rest().to_vec(),
+            body,
         })
     }
 }
@@ -244,7 +298,7 @@ impl Ledger {
 
     pub fn decode(bytes: &[u8]) -> Result<Ledger, DecodeError> {
         let mut reader = Reader::new(bytes);
-        check_header(&mut reader, LEDGER_MAGIC)?;
+        check_header(&mut reader, LEDGER_MAGIC, VERSION)?;
         reader.u8()?;
         let total = reader.u64()?;
         if !reader.rest().is_empty() {
@@ -254,12 +308,46 @@ impl Ledger {
     }
 }
 
-fn check_header(reader: &mut Reader, magic: [u8; 2]) -> Result<(), DecodeError> {
+/// What the organisations whose tags share one slot of the share table hold: records (live or
+/// not yet reclaimed), and bytes of stored responses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Share {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl Share {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER_LEN + 16);
+        out.extend_from_slice(&SHARE_MAGIC);
+        out.push(VERSION);
+        out.push(0);
+        out.extend_from_slice(&self.records.to_le_bytes());
+        out.extend_from_slice(&self.bytes.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Share, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        check_header(&mut reader, SHARE_MAGIC, VERSION)?;
+        reader.u8()?;
+        let share = Share {
+            records: reader.u64()?,
+            bytes: reader.u64()?,
+        };
+        if !reader.rest().is_empty() {
+            return Err(DecodeError::Malformed);
+        }
+        Ok(share)
+    }
+}
+
+fn check_header(reader: &mut Reader, magic: [u8; 2], version: u8) -> Result<(), DecodeError> {
     if reader.take(2)? != magic {
         return Err(DecodeError::Malformed);
     }
     match reader.u8()? {
-        VERSION => Ok(()),
+        found if found == version => Ok(()),
         other => Err(DecodeError::UnknownVersion(other)),
     }
 }
@@ -315,6 +403,20 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// Bytes that deflate cannot shrink, for tests whose sizes must hold as written.
+#[cfg(test)]
+pub fn incompressible(len: usize) -> Vec<u8> {
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -327,13 +429,17 @@ mod tests {
             token: 0xdead_beef_0000_0001,
             deadline: 1_700_000_000_000,
             response_len: 1234,
+            org: 0,
         }
     }
 
     #[test]
     fn buckets_round_trip() {
         let mut bucket = Bucket::empty();
-        bucket.entries[3] = sample_entry();
+        bucket.entries[3] = Entry {
+            org: 0xbeef,
+            ..sample_entry()
+        };
         bucket.entries[15].state = State::Held;
         assert_eq!(Bucket::decode(&bucket.encode()), Ok(bucket));
     }
@@ -368,8 +474,48 @@ mod tests {
             ],
             body: (0..=255u8).cycle().take(5000).collect(),
         };
-        let bytes = response.encode(&[1; 32], 42);
+        let bytes = response.encode(&[1; 32], 42, true);
         assert_eq!(StoredResponse::decode(&bytes, &[1; 32], 42), Ok(response));
+    }
+
+    #[test]
+    fn a_body_that_compresses_is_stored_deflated_and_replays_byte_for_byte() {
+        let json = br#"{"id":"cus_000001","fullName":"Jane Doe","email":"jane@example.com"},"#;
+        let response = StoredResponse {
+            status: 201,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: json.repeat(16),
+        };
+        let bytes = response.encode(&[1; 32], 42, true);
+        assert_eq!(bytes[2], DEFLATED_VERSION);
+        assert!(bytes.len() < response.body.len() / 4, "{} bytes", bytes.len());
+        assert_eq!(StoredResponse::decode(&bytes, &[1; 32], 42), Ok(response));
+        // Random bytes do not compress: kept as they came, in the version older filters read.
+        let noise = StoredResponse {
+            status: 200,
+            headers: vec![],
+            body: incompressible(4096),
+        };
+        let bytes = noise.encode(&[1; 32], 42, true);
+        assert_eq!(bytes[2], VERSION);
+        assert_eq!(StoredResponse::decode(&bytes, &[1; 32], 42), Ok(noise));
+    }
+
+    #[test]
+    fn a_deflated_body_that_does_not_inflate_to_its_length_is_malformed() {
+        let response = StoredResponse {
+            status: 200,
+            headers: vec![],
+            body: vec![b'a'; 1000],
+        };
+        let mut bytes = response.encode(&[1; 32], 42, true);
+        assert_eq!(bytes[2], DEFLATED_VERSION);
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0xff;
+        assert_eq!(
+            StoredResponse::decode(&bytes, &[1; 32], 42),
+            Err(DecodeError::Malformed)
+        );
     }
 
     #[test]
@@ -379,7 +525,7 @@ mod tests {
             headers: vec![],
             body: b"x".to_vec(),
         };
-        let bytes = response.encode(&[1; 32], 42);
+        let bytes = response.encode(&[1; 32], 42, true);
         assert_eq!(
             StoredResponse::decode(&bytes, &[2; 32], 42),
             Err(DecodeError::Malformed)
@@ -393,14 +539,14 @@ mod tests {
     #[test]
     fn unknown_versions_are_refused_not_guessed() {
         let mut bytes = Bucket::empty().encode();
-        bytes[2] = 2;
-        assert_eq!(Bucket::decode(&bytes), Err(DecodeError::UnknownVersion(2)));
+        bytes[2] = 1;
+        assert_eq!(Bucket::decode(&bytes), Err(DecodeError::UnknownVersion(1)));
         let mut bytes = StoredResponse {
             status: 200,
             headers: vec![],
             body: vec![],
         }
-        .encode(&[0; 32], 0);
+        .encode(&[0; 32], 0, true);
         bytes[2] = 9;
         assert_eq!(
             StoredResponse::decode(&bytes, &[0; 32], 0),
@@ -422,19 +568,27 @@ mod tests {
             headers: vec![("a".into(), "b".into())],
             body: vec![],
         }
-        .encode(&[0; 32], 0);
+        .encode(&[0; 32], 0, true);
         for cut in 0..response.len() - 1 {
             assert!(StoredResponse::decode(&response[..cut], &[0; 32], 0).is_err());
         }
     }
 
     #[test]
-    fn ledgers_round_trip_and_check_their_length() {
+    fn ledgers_and_shares_round_trip_and_check_their_length() {
         let ledger = Ledger { total: 123_456 };
         assert_eq!(Ledger::decode(&ledger.encode()), Ok(ledger));
         let mut long = ledger.encode();
         long.push(0);
         assert_eq!(Ledger::decode(&long), Err(DecodeError::Malformed));
+        let share = Share {
+            records: 7,
+            bytes: 1 << 40,
+        };
+        assert_eq!(Share::decode(&share.encode()), Ok(share));
+        let mut long = share.encode();
+        long.push(0);
+        assert_eq!(Share::decode(&long), Err(DecodeError::Malformed));
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub enum ClaimReply {
     Held { remaining: Millis },
     NotStored,
     Full,
+    /// The organisation holds its share of the store, and none of its records could make way.
+    QuotaExceeded,
 }
 
 /// How the owner's attempt ended, with what the store needs to record it.
@@ -129,6 +131,11 @@ pub trait Store {
 
     /// Periodic work from the root context; returns operations that ended without a call.
     fn tick(&mut self, now: Millis) -> Vec<Resumed>;
+
+    /// How long each record evicted since the last call had been stored.
+    fn take_evictions(&mut self) -> Vec<Millis> {
+        Vec::new()
+    }
 }
 
 /// A key-value map with compare-and-swap: Envoy's shared data, as the host really behaves.

@@ -2,21 +2,33 @@
 //!
 //! Shared-data keys can never be deleted, so the keyspace is fixed at configuration: `buckets`
 //! bucket keys (the state of 16 records each, changed only by compare-and-swap, so every decision
-//! about a record is atomic across workers), one response key per entry, and `LEDGER_SHARDS`
-//! ledger keys accounting the response bytes against `capacity_bytes`. A tuple hashes to one
-//! bucket and lives in one of its entries.
+//! about a record is atomic across workers), one response key per entry, `LEDGER_SHARDS` ledger
+//! keys accounting the response bytes against `capacity_bytes`, and at most `SHARE_SLOTS` share
+//! keys counting each organisation's records and bytes against its share. A tuple hashes to one
+//! bucket and lives in one of its entries; a bucket's responses are accounted in one ledger
+//! shard, so evicting within the bucket frees bytes where they are needed.
 //!
-//! Only the entry's owner (the claim whose token the entry holds) writes its response key, so that
-//! write needs no compare-and-swap of its own; the ledger counters are shared and do.
+//! Only the entry's owner (the claim whose token the entry holds, or the sweeper holding it as
+//! `Sweeping`) writes its response key, so that write needs no compare-and-swap of its own; the
+//! ledger and share counters are shared and do.
 
-use crate::config::{Config, Millis};
+use crate::config::{Config, Millis, WhenFull};
 use crate::decide::{self, Claim, Ending, Finish, Verdict};
-use crate::record::{Bucket, DecodeError, Ledger, StoredResponse, BUCKET_ENTRIES};
+use crate::decide::Room;
+use crate::record::{
+    Bucket, DecodeError, Entry, Ledger, Share, State, StoredResponse, BUCKET_ENTRIES,
+};
 use crate::store::{
     Answer, ClaimReply, FinishReply, Kv, Outcome, Resumed, Store, StoreError, Ticket,
 };
 
 pub const LEDGER_SHARDS: usize = 8;
+/// Organisations' tags map onto this many share counters: two organisations whose tags share a
+/// slot share one share (a collision can only over-count).
+const SHARE_SLOTS: u16 = 4096;
+/// The table's keys live under this, after `key_prefix`: a filter with another table format
+/// starts a table of its own instead of misreading or refusing this one.
+const TABLE_FORMAT: &str = "t2/";
 /// Compare-and-swap attempts before an operation gives up as contended.
 const MAX_ATTEMPTS: usize = 64;
 /// Shared data writes an absent key whatever CAS is passed, and fails a present key unless its CAS
@@ -28,18 +40,31 @@ const INSERT_IF_ABSENT: Option<u32> = Some(1);
 const COMPLETION_MARGIN: Millis = 250;
 /// How long the sweeper holds an entry while it gives its bytes back.
 const SWEEP_LEASE: Millis = 5_000;
+/// Buckets an organisation at its share looks through, from the new key's own, for one of its
+/// completed records to make way.
+const SHARE_PROBES: u64 = 8;
 
 pub struct Table<K: Kv> {
     kv: K,
+    /// `key_prefix`: the boot key's; the table's own keys add `TABLE_FORMAT`.
     prefix: String,
     buckets: u64,
     /// Entries in all: the last bucket may use fewer than `BUCKET_ENTRIES`.
     capacity: u64,
     shard_budget: u64,
+    /// What one organisation may hold.
+    share_records: u64,
+    share_bytes: u64,
+    /// A full bucket makes way for a new record by evicting its completed record nearest expiry.
+    evict: bool,
+    /// Stored responses are deflated where that saves space.
+    deflate: bool,
     ttl: Millis,
-    /// The next bucket this VM sweeps, and the token its sweeps claim with.
+    /// The next bucket this VM sweeps, and the token its sweeps and evictions hold entries with.
     sweep_cursor: u64,
     sweep_token: u64,
+    /// Ages of the records evicted since [`Store::take_evictions`] was last asked.
+    evictions: Vec<Millis>,
 }
 
 impl<K: Kv> Table<K> {
@@ -51,9 +76,24 @@ impl<K: Kv> Table<K> {
             buckets,
             capacity: config.capacity_records as u64,
             shard_budget: (config.capacity_bytes / LEDGER_SHARDS) as u64,
+            share_records: ((config.capacity_records as f64 * config.max_share) as u64).max(1),
+            // Any storable response fits in one organisation's share.
+            share_bytes: ((config.capacity_bytes as f64 * config.max_share) as u64)
+                .max(config.max_response_body_bytes as u64),
+            evict: config.when_full == WhenFull::Evict,
+            deflate: config.compress_responses,
             ttl: config.ttl,
             sweep_cursor: 0,
             sweep_token: 0,
+            evictions: Vec::new(),
+        }
+    }
+
+    /// A table that keeps copies of records held elsewhere: a full bucket always evicts.
+    pub fn cache(kv: K, config: &Config) -> Self {
+        Table {
+            evict: true,
+            ..Table::new(kv, config)
         }
     }
 
@@ -77,22 +117,26 @@ impl<K: Kv> Table<K> {
         Err(StoreError::Contended)
     }
 
-    fn bucket_key(&self, bucket: u64) -> String {
-        format!("{}b/{bucket}", self.prefix)
-    }
-
-    fn response_key(&self, slot: u64) -> String {
-        format!("{}r/{slot}", self.prefix)
-    }
-
-    fn ledger_key(&self, shard: u64) -> String {
-        format!("{}l/{shard}", self.prefix)
+    fn key(&self, kind: &str, n: u64) -> String {
+        format!("{}{TABLE_FORMAT}{kind}/{n}", self.prefix)
     }
 
     fn bucket_of(&self, tuple: &[u8; 32]) -> u64 {
         let mut head = [0u8; 8];
         head.copy_from_slice(&tuple[..8]);
         u64::from_le_bytes(head) % self.buckets
+    }
+
+    /// Entries of `bucket` that records may use (the last bucket may be partly past capacity).
+    fn usable(&self, bucket: u64) -> usize {
+        (self.capacity - bucket * BUCKET_ENTRIES as u64).min(BUCKET_ENTRIES as u64) as usize
+    }
+
+    fn room(&self, bucket: u64) -> Room {
+        Room {
+            usable: self.usable(bucket),
+            evict: self.evict,
+        }
     }
 
     /// Reads a bucket, lets `change` decide, and writes the bucket back if it says so; retries
@@ -102,7 +146,7 @@ impl<K: Kv> Table<K> {
         bucket: u64,
         mut change: impl FnMut(&mut Bucket) -> (T, bool),
     ) -> Result<T, StoreError> {
-        let key = self.bucket_key(bucket);
+        let key = self.key("b", bucket);
         for _ in 0..MAX_ATTEMPTS {
             let (mut entries, cas) = match self.kv.get(&key)? {
                 Some((bytes, cas)) => (Bucket::decode(&bytes).map_err(unreadable)?, Some(cas)),
@@ -117,36 +161,113 @@ impl<K: Kv> Table<K> {
     }
 
     fn read_bucket(&self, bucket: u64) -> Result<Bucket, StoreError> {
-        match self.kv.get(&self.bucket_key(bucket))? {
+        match self.kv.get(&self.key("b", bucket))? {
             Some((bytes, _)) => Bucket::decode(&bytes).map_err(unreadable),
             None => Ok(Bucket::empty()),
         }
     }
 
-    /// Adds `delta` response bytes to `slot`'s ledger shard; refuses (false) an addition that
-    /// would take the shard past its share of `capacity_bytes`.
-    fn account(&self, slot: u64, delta: i64) -> Result<bool, StoreError> {
-        let key = self.ledger_key(slot % LEDGER_SHARDS as u64);
+    /// Reads a counter, lets `change` compute its next value (`None`: refused), and writes it
+    /// under compare-and-swap; whether it was written.
+    fn count<T>(
+        &self,
+        key: &str,
+        decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+        encode: impl Fn(&T) -> Vec<u8>,
+        change: impl Fn(Option<T>) -> Option<T>,
+    ) -> Result<bool, StoreError> {
         for _ in 0..MAX_ATTEMPTS {
-            let (ledger, cas) = match self.kv.get(&key)? {
-                Some((bytes, cas)) => (Ledger::decode(&bytes).map_err(unreadable)?, Some(cas)),
-                None => (Ledger { total: 0 }, INSERT_IF_ABSENT),
+            let (current, cas) = match self.kv.get(key)? {
+                Some((bytes, cas)) => (Some(decode(&bytes).map_err(unreadable)?), Some(cas)),
+                None => (None, INSERT_IF_ABSENT),
             };
-            let total = ledger.total.saturating_add_signed(delta);
-            if delta > 0 && total > self.shard_budget {
+            let Some(next) = change(current) else {
                 return Ok(false);
-            }
-            if self.kv.set(&key, &Ledger { total }.encode(), cas)? {
+            };
+            if self.kv.set(key, &encode(&next), cas)? {
                 return Ok(true);
             }
         }
         Err(StoreError::Contended)
     }
 
-    /// Gives back the `len` bytes of the response at `slot`, which the caller owns.
-    fn clear_response(&self, slot: u64, len: u32) -> Result<(), StoreError> {
-        self.kv.set(&self.response_key(slot), b"", None)?;
-        self.account(slot, -i64::from(len)).map(|_| ())
+    /// Adds `delta` response bytes to the ledger shard of `slot`'s bucket; refuses (false) an
+    /// addition that would take the shard past its part of `capacity_bytes`.
+    fn account(&self, slot: u64, delta: i64) -> Result<bool, StoreError> {
+        let shard = slot / BUCKET_ENTRIES as u64 % LEDGER_SHARDS as u64;
+        self.count(&self.key("l", shard), Ledger::decode, Ledger::encode, |ledger| {
+            let total = ledger.map_or(0, |l| l.total).saturating_add_signed(delta);
+            (delta <= 0 || total <= self.shard_budget).then_some(Ledger { total })
+        })
+    }
+
+    /// Adds to what organisation `org` holds; refuses (false) an addition past its share.
+    fn share(&self, org: u16, records: i64, bytes: i64) -> Result<bool, StoreError> {
+        let key = self.key("s", u64::from(org % SHARE_SLOTS));
+        self.count(&key, Share::decode, Share::encode, |share| {
+            let share = share.unwrap_or_default();
+            let next = Share {
+                records: share.records.saturating_add_signed(records),
+                bytes: share.bytes.saturating_add_signed(bytes),
+            };
+            let over = (records > 0 && next.records > self.share_records)
+                || (bytes > 0 && next.bytes > self.share_bytes);
+            (!over).then_some(next)
+        })
+    }
+
+    /// Gives back what a record that left `slot` held: its response and bytes if it was
+    /// complete, and its place in its organisation's share. The caller owns the entry.
+    fn give_back(&self, slot: u64, record: &Entry) -> Result<(), StoreError> {
+        let len = i64::from(record.response_len);
+        if record.state == State::Complete {
+            self.kv.set(&self.key("r", slot), b"", None)?;
+            self.account(slot, -len)?;
+        }
+        if record.state.is_record() {
+            let bytes = if record.state == State::Complete { len } else { 0 };
+            self.share(record.org, -1, -bytes)?;
+        }
+        Ok(())
+    }
+
+    fn note_eviction(&mut self, record: &Entry, now: Millis) {
+        let left = record.deadline.saturating_sub(now);
+        self.evictions.push(self.ttl.saturating_sub(left));
+    }
+
+    /// Evicts the completed record nearest its expiry that `which` accepts from `bucket`; what
+    /// it held, or `None` if there is none.
+    fn evict_in(
+        &mut self,
+        bucket: u64,
+        now: Millis,
+        which: impl Fn(&Entry) -> bool,
+    ) -> Result<Option<Entry>, StoreError> {
+        let usable = self.usable(bucket);
+        let (token, until) = (self.sweep_token, now + SWEEP_LEASE);
+        let taken = self.update(bucket, |entries| {
+            let taken = decide::victim(entries, usable, now, &which)
+                .map(|slot| (slot, decide::take(entries, slot, token, until)));
+            (taken, taken.is_some())
+        })?;
+        let Some((slot, record)) = taken else {
+            return Ok(None);
+        };
+        self.release_taken(bucket, slot, &record)?;
+        self.note_eviction(&record, now);
+        Ok(Some(record))
+    }
+
+    /// Gives back a record `decide::take` took out of `slot`, and ends the sweep that holds it.
+    fn release_taken(&self, bucket: u64, slot: usize, record: &Entry) -> Result<(), StoreError> {
+        let global = bucket * BUCKET_ENTRIES as u64 + slot as u64;
+        self.give_back(global, record)?;
+        if record.state == State::Complete {
+            let token = self.sweep_token;
+            self.update(bucket, |entries| ((), decide::end_sweep(entries, slot, token)))?;
+        }
+        Ok(())
     }
 
     fn read_response(
@@ -155,7 +276,7 @@ impl<K: Kv> Table<K> {
         tuple: &[u8; 32],
         token: u64,
     ) -> Result<Option<StoredResponse>, StoreError> {
-        let Some((bytes, _)) = self.kv.get(&self.response_key(slot))? else {
+        let Some((bytes, _)) = self.kv.get(&self.key("r", slot))? else {
             return Ok(None);
         };
         match StoredResponse::decode(&bytes, tuple, token) {
@@ -165,24 +286,31 @@ impl<K: Kv> Table<K> {
         }
     }
 
-    fn try_claim(&self, claim: &Claim, now: Millis) -> Result<Option<ClaimReply>, StoreError> {
+    fn try_claim(&mut self, claim: &Claim, now: Millis) -> Result<Option<ClaimReply>, StoreError> {
         let bucket = self.bucket_of(&claim.tuple);
-        let usable = (self.capacity - bucket * BUCKET_ENTRIES as u64) as usize;
+        let room = self.room(bucket);
         let verdict = self.update(bucket, |entries| {
-            let verdict = decide::claim(entries, claim, usable, now);
+            let verdict = decide::claim(entries, claim, room, now);
             (verdict, verdict.writes())
         })?;
         let global = |slot: usize| bucket * BUCKET_ENTRIES as u64 + slot as u64;
         Ok(Some(match verdict {
-            Verdict::Claimed { slot, reclaimed } => {
-                let slot = global(slot);
-                if reclaimed > 0 {
-                    self.clear_response(slot, reclaimed)?;
-                }
-                ClaimReply::Claimed(Ticket {
-                    slot,
+            Verdict::Claimed { slot, displaced } => {
+                let ticket = Ticket {
+                    slot: global(slot),
                     claim: *claim,
-                })
+                };
+                if let Some(displaced) = displaced {
+                    self.give_back(ticket.slot, &displaced.entry)?;
+                    if displaced.evicted {
+                        self.note_eviction(&displaced.entry, now);
+                    }
+                }
+                if self.take_share(ticket, now)? {
+                    ClaimReply::Claimed(ticket)
+                } else {
+                    ClaimReply::QuotaExceeded
+                }
             }
             Verdict::Replay { slot, token, .. } => {
                 match self.read_response(global(slot), &claim.tuple, token)? {
@@ -197,6 +325,58 @@ impl<K: Kv> Table<K> {
             Verdict::NotStored => ClaimReply::NotStored,
             Verdict::Full => ClaimReply::Full,
         }))
+    }
+
+    /// Counts a new claim in its organisation's share. At its share, one of the organisation's
+    /// own completed records makes way (the one nearest expiry in the first of `SHARE_PROBES`
+    /// buckets that holds any); with none, the claim is undone and refused (false).
+    fn take_share(&mut self, ticket: Ticket, now: Millis) -> Result<bool, StoreError> {
+        let org = ticket.claim.org;
+        let home = ticket.slot / BUCKET_ENTRIES as u64;
+        let mut probe = 0;
+        while !self.share(org, 1, 0)? {
+            let own = |e: &Entry| e.org == org;
+            let made_way = loop {
+                if probe == SHARE_PROBES.min(self.buckets) {
+                    break false;
+                }
+                if self.evict_in((home + probe) % self.buckets, now, own)?.is_some() {
+                    break true;
+                }
+                probe += 1;
+            };
+            if !made_way {
+                self.end(ticket, Ending::Released, now)?;
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Makes room for `len` response bytes of `ticket`'s record: in the store's bytes (where a
+    /// full store evicts, the bucket's completed record nearest expiry makes way) and in its
+    /// organisation's share (its own record makes way). False when there is none to be made.
+    fn make_room(&mut self, ticket: Ticket, len: u32, now: Millis) -> Result<bool, StoreError> {
+        let (org, len) = (ticket.claim.org, i64::from(len));
+        let bucket = ticket.slot / BUCKET_ENTRIES as u64;
+        let complete = |e: &Entry| e.state == State::Complete;
+        for _ in 0..=BUCKET_ENTRIES {
+            let evicted = if !self.account(ticket.slot, len)? {
+                if !self.evict {
+                    return Ok(false);
+                }
+                self.evict_in(bucket, now, complete)?
+            } else if self.share(org, 0, len)? {
+                return Ok(true);
+            } else {
+                self.account(ticket.slot, -len)?;
+                self.evict_in(bucket, now, |e| complete(e) && e.org == org)?
+            };
+            if evicted.is_none() {
+                return Ok(false);
+            }
+        }
+        Ok(false)
     }
 
     fn end(&self, ticket: Ticket, ending: Ending, now: Millis) -> Result<Finish, StoreError> {
@@ -214,7 +394,7 @@ impl<K: Kv> Table<K> {
         let bucket = self.bucket_of(&claim.tuple);
         let entries = self.read_bucket(bucket)?;
         let Some((slot, entry)) = entries.entries.iter().enumerate().find(|(_, e)| {
-            e.is_live(now) && e.tuple == claim.tuple && e.state == crate::record::State::Complete
+            e.is_live(now) && e.tuple == claim.tuple && e.state == State::Complete
         }) else {
             return Ok(None);
         };
@@ -242,7 +422,7 @@ impl<K: Kv> Table<K> {
     }
 
     fn store_response(
-        &self,
+        &mut self,
         ticket: Ticket,
         response: &StoredResponse,
         ttl: Millis,
@@ -256,65 +436,51 @@ impl<K: Kv> Table<K> {
             return Ok(FinishReply::Lost);
         }
         let unstored = Ending::Unstored { ttl };
-        let without_response = |store_full| match self.end(ticket, unstored, now)? {
+        let without_response = |table: &Self, store_full| match table.end(ticket, unstored, now)? {
             Finish::Done => Ok(FinishReply::StoredWithoutResponse { store_full }),
             Finish::Lost => Ok(FinishReply::Lost),
         };
         if entry.deadline - now < COMPLETION_MARGIN {
-            return without_response(false);
+            return without_response(self, false);
         }
-        let bytes = response.encode(&entry.tuple, token);
+        let bytes = response.encode(&entry.tuple, token, self.deflate);
         let Ok(len) = u32::try_from(bytes.len()) else {
-            return without_response(false);
+            return without_response(self, false);
         };
-        if !self.account(ticket.slot, i64::from(len))? {
-            return without_response(true);
+        if !self.make_room(ticket, len, now)? {
+            return without_response(self, true);
         }
-        self.kv.set(&self.response_key(ticket.slot), &bytes, None)?;
+        self.kv.set(&self.key("r", ticket.slot), &bytes, None)?;
         let stored = Ending::Stored { len, ttl };
         Ok(match self.end(ticket, stored, now)? {
             Finish::Done => FinishReply::Stored,
             Finish::Lost => {
                 // The entry is another claim's now: its completion overwrites these bytes.
                 self.account(ticket.slot, -i64::from(len))?;
+                self.share(ticket.claim.org, 0, -i64::from(len))?;
                 FinishReply::Lost
             }
         })
     }
 
-    /// Gives back the response bytes of expired records in one bucket; returns how many.
-    pub fn sweep(&self, bucket: u64, token: u64, now: Millis) -> Result<usize, StoreError> {
+    /// Gives back what the expired records of one bucket held; returns how many.
+    pub fn sweep(&self, bucket: u64, now: Millis) -> Result<usize, StoreError> {
         let bucket = bucket % self.buckets;
         let expired: Vec<usize> = decide::reclaimable(&self.read_bucket(bucket)?, now).collect();
+        let (token, until) = (self.sweep_token, now + SWEEP_LEASE);
         let mut swept = 0;
         for slot in expired {
-            // Take the entry as an owner would, so that nobody else writes its response meanwhile.
             let taken = self.update(bucket, |entries| {
-                let taken = decide::take_for_sweep(entries, slot, token, now + SWEEP_LEASE, now);
+                let still_expired = decide::reclaimable(entries, now).any(|at| at == slot);
+                let taken = still_expired.then(|| decide::take(entries, slot, token, until));
                 (taken, taken.is_some())
             })?;
-            let Some(len) = taken else {
-                continue;
-            };
-            let global = bucket * BUCKET_ENTRIES as u64 + slot as u64;
-            self.clear_response(global, len)?;
-            let ticket = Ticket {
-                slot: global,
-                claim: Claim {
-                    tuple: [0; 32],
-                    fingerprint: [0; 32],
-                    token,
-                    lease: SWEEP_LEASE,
-                },
-            };
-            self.end(ticket, Ending::Released, now)?;
-            swept += 1;
+            if let Some(record) = taken {
+                self.release_taken(bucket, slot, &record)?;
+                swept += usize::from(record.state.is_record());
+            }
         }
         Ok(swept)
-    }
-
-    pub fn buckets(&self) -> u64 {
-        self.buckets
     }
 }
 
@@ -336,8 +502,8 @@ impl<K: Kv> Store for Table<K> {
         outcome: Outcome,
         now: Millis,
     ) -> Answer<Result<FinishReply, StoreError>> {
-        let ended = |ending, reply| {
-            self.end(ticket, ending, now).map(|finish| match finish {
+        let ended = |table: &Self, ending, reply| {
+            table.end(ticket, ending, now).map(|finish| match finish {
                 Finish::Done => reply,
                 Finish::Lost => FinishReply::Lost,
             })
@@ -345,11 +511,17 @@ impl<K: Kv> Store for Table<K> {
         Answer::Now(match outcome {
             Outcome::Store(response) => self.store_response(ticket, &response, self.ttl, now),
             Outcome::TooLarge => ended(
+                self,
                 Ending::Unstored { ttl: self.ttl },
                 FinishReply::StoredWithoutResponse { store_full: false },
             ),
-            Outcome::Release => ended(Ending::Released, FinishReply::Released),
-            Outcome::Hold => ended(Ending::Held, FinishReply::Held),
+            Outcome::Release => match ended(self, Ending::Released, FinishReply::Released) {
+                Ok(FinishReply::Released) => self
+                    .share(ticket.claim.org, -1, 0)
+                    .map(|_| FinishReply::Released),
+                other => other,
+            },
+            Outcome::Hold => ended(self, Ending::Held, FinishReply::Held),
         })
     }
 
@@ -357,10 +529,14 @@ impl<K: Kv> Store for Table<K> {
     fn tick(&mut self, now: Millis) -> Vec<Resumed> {
         let bucket = self.sweep_cursor;
         self.sweep_cursor = bucket.wrapping_add(1);
-        if let Err(error) = self.sweep(bucket, self.sweep_token, now) {
+        if let Err(error) = self.sweep(bucket, now) {
             log::warn!("sweeping expired records failed: {error}");
         }
         Vec::new()
+    }
+
+    fn take_evictions(&mut self) -> Vec<Millis> {
+        std::mem::take(&mut self.evictions)
     }
 }
 
@@ -443,6 +619,7 @@ pub mod tests {
             fingerprint: [fingerprint; 32],
             token,
             lease: 60_000,
+            org: 1,
         }
     }
 
@@ -450,7 +627,7 @@ pub mod tests {
         StoredResponse {
             status: 201,
             headers: vec![("set-cookie".into(), "a=1".into())],
-            body: vec![7; body_len],
+            body: crate::record::incompressible(body_len),
         }
     }
 
@@ -552,8 +729,8 @@ pub mod tests {
         let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
         finish_now(&mut table, owner, Outcome::Store(response(50_000)), 0);
         let full = kv.bytes();
-        assert_eq!(table.sweep(0, 99, 999).unwrap(), 0);
-        assert_eq!(table.sweep(0, 99, 1000).unwrap(), 1);
+        assert_eq!(table.sweep(0, 999).unwrap(), 0);
+        assert_eq!(table.sweep(0, 1000).unwrap(), 1);
         assert!(kv.bytes() < full - 50_000, "{} vs {full}", kv.bytes());
         assert!(matches!(
             claim_now(&mut table, &request(1, 1, 11), 1001),
@@ -584,7 +761,7 @@ pub mod tests {
                 other => panic!("{other:?}"),
             }
             if n % 8 == 0 {
-                table.sweep(n / 8, 7, now).unwrap();
+                table.sweep(n / 8, now).unwrap();
             }
         }
         assert!(stored > 3_000, "stored {stored}, full {full}");
@@ -602,18 +779,18 @@ pub mod tests {
         let mut table = table(&kv, r#"{"capacity_records": 16}"#);
         let mut bytes = Bucket::empty().encode();
         bytes[2] = 9;
-        (&kv).set("idempotency/b/0", &bytes, None).unwrap();
+        (&kv).set("idempotency/t2/b/0", &bytes, None).unwrap();
         assert!(matches!(
             table.claim(&request(1, 1, 10), 0),
             Answer::Now(Err(StoreError::Unreadable(_)))
         ));
-        assert_eq!((&kv).get("idempotency/b/0").unwrap().unwrap().0, bytes);
+        assert_eq!((&kv).get("idempotency/t2/b/0").unwrap().unwrap().0, bytes);
     }
 
     #[test]
     fn capacity_is_exact_when_not_a_multiple_of_the_bucket_size() {
         let kv = MemoryKv::default();
-        let mut table = table(&kv, r#"{"capacity_records": 4}"#);
+        let mut table = table(&kv, r#"{"capacity_records": 4, "max_share": 1}"#);
         for n in 0..4 {
             ticket(claim_now(&mut table, &request(n, 1, u64::from(n) + 1), 0));
         }
@@ -621,6 +798,215 @@ pub mod tests {
             claim_now(&mut table, &request(9, 1, 99), 0),
             ClaimReply::Full
         );
+    }
+
+    /// A claim of organisation `org` for tuple `n`, all in bucket 0 of a one-bucket table.
+    fn of_org(org: u16, n: u8, token: u64) -> Claim {
+        Claim {
+            org,
+            ..request(n, 1, token)
+        }
+    }
+
+    fn store(table: &mut Table<&MemoryKv>, claim: &Claim, now: Millis) {
+        let owner = ticket(claim_now(table, claim, now));
+        let reply = finish_now(table, owner, Outcome::Store(response(100)), now);
+        assert_eq!(reply, FinishReply::Stored);
+    }
+
+    /// The bytes ledger shard `shard` counts.
+    fn ledger(kv: &MemoryKv, shard: u64) -> u64 {
+        (&kv)
+            .get(&format!("idempotency/t2/l/{shard}"))
+            .unwrap()
+            .map_or(0, |(bytes, _)| Ledger::decode(&bytes).unwrap().total)
+    }
+
+    /// What the share counters say organisation `org` holds.
+    fn held(kv: &MemoryKv, org: u16) -> Share {
+        (&kv)
+            .get(&format!("idempotency/t2/s/{}", org % SHARE_SLOTS))
+            .unwrap()
+            .map(|(bytes, _)| Share::decode(&bytes).unwrap())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_full_bucket_evicts_the_completed_record_nearest_expiry_never_a_claim_in_flight() {
+        let kv = MemoryKv::default();
+        let mut table = table(&kv, r#"{"capacity_records": 16, "max_share": 1}"#);
+        let in_flight = ticket(claim_now(&mut table, &of_org(1, 0, 100), 0));
+        for n in 1..16u8 {
+            store(&mut table, &of_org(1, n, u64::from(n)), u64::from(n) * 1000);
+        }
+        let bytes = kv.bytes();
+        // Tuple 1, stored first, makes way; its retry then runs again.
+        ticket(claim_now(&mut table, &of_org(1, 99, 99), 20_000));
+        assert_eq!(table.take_evictions(), [19_000]);
+        assert!(kv.bytes() < bytes, "the evicted response's bytes were given back");
+        assert!(matches!(
+            claim_now(&mut table, &of_org(1, 1, 101), 20_001),
+            ClaimReply::Claimed(_)
+        ));
+        assert_eq!(table.take_evictions(), [18_001], "tuple 2 made way for it");
+        assert!(matches!(
+            claim_now(&mut table, &of_org(1, 0, 102), 20_002),
+            ClaimReply::InFlight { .. }
+        ));
+        assert_eq!(
+            finish_now(&mut table, in_flight, Outcome::Store(response(1)), 20_003),
+            FinishReply::Stored,
+            "the claim in flight kept its entry"
+        );
+    }
+
+    #[test]
+    fn a_bucket_of_claims_in_flight_is_full_and_reject_never_evicts() {
+        let kv = MemoryKv::default();
+        let mut evicting = table(&kv, r#"{"capacity_records": 16, "max_share": 1}"#);
+        for n in 0..16u8 {
+            ticket(claim_now(&mut evicting, &of_org(1, n, u64::from(n) + 1), 0));
+        }
+        assert_eq!(
+            claim_now(&mut evicting, &of_org(1, 99, 99), 1),
+            ClaimReply::Full
+        );
+        let kv = MemoryKv::default();
+        let json = r#"{"capacity_records": 16, "max_share": 1, "when_full": "reject"}"#;
+        let mut rejecting = table(&kv, json);
+        for n in 0..16u8 {
+            store(&mut rejecting, &of_org(1, n, u64::from(n) + 1), 0);
+        }
+        assert_eq!(
+            claim_now(&mut rejecting, &of_org(1, 99, 99), 1),
+            ClaimReply::Full
+        );
+        assert!(rejecting.take_evictions().is_empty());
+    }
+
+    #[test]
+    fn an_organisation_at_its_share_makes_way_with_its_own_records_and_no_one_elses() {
+        let kv = MemoryKv::default();
+        // 16 records, a quarter each: four.
+        let mut table = table(&kv, r#"{"capacity_records": 16, "max_share": 0.25}"#);
+        store(&mut table, &of_org(2, 200, 200), 0);
+        for n in 0..4u8 {
+            store(&mut table, &of_org(1, n, u64::from(n) + 1), u64::from(n));
+        }
+        assert_eq!(held(&kv, 1).records, 4);
+        // A fifth key evicts the organisation's oldest record, not the other's.
+        ticket(claim_now(&mut table, &of_org(1, 10, 10), 100));
+        assert_eq!(table.take_evictions(), [100]);
+        assert_eq!(held(&kv, 1).records, 4);
+        assert!(matches!(
+            claim_now(&mut table, &of_org(1, 0, 99), 100),
+            ClaimReply::Claimed(_)
+        ), "the evicted record is gone: its retry runs again");
+        assert!(matches!(
+            claim_now(&mut table, &of_org(2, 200, 201), 101),
+            ClaimReply::Replay(_)
+        ));
+        // With its share all in flight, it is refused, and the refused claim leaves nothing.
+        for n in 11..13u8 {
+            ticket(claim_now(&mut table, &of_org(1, n, u64::from(n)), 102));
+        }
+        for token in [14, 15] {
+            assert_eq!(
+                claim_now(&mut table, &of_org(1, 14, token), 103),
+                ClaimReply::QuotaExceeded
+            );
+        }
+        assert_eq!(held(&kv, 1).records, 4);
+        // Another organisation still claims.
+        assert!(matches!(
+            claim_now(&mut table, &of_org(3, 30, 30), 105),
+            ClaimReply::Claimed(_)
+        ));
+    }
+
+    #[test]
+    fn an_organisation_at_its_share_finds_its_own_record_in_the_next_buckets() {
+        let kv = MemoryKv::default();
+        // Two buckets (tuples of even bytes hash to the first, odd to the second); a share of 8.
+        let mut table = table(&kv, r#"{"capacity_records": 32, "max_share": 0.25}"#);
+        for n in 0..8u8 {
+            store(&mut table, &of_org(1, 2 * n + 1, u64::from(n) + 1), 0);
+        }
+        assert!(matches!(
+            claim_now(&mut table, &of_org(1, 100, 100), 1),
+            ClaimReply::Claimed(_)
+        ));
+        assert_eq!(table.take_evictions().len(), 1);
+        assert_eq!(held(&kv, 1).records, 8);
+    }
+
+    #[test]
+    fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() {
+        let kv = MemoryKv::default();
+        let json = r#"{"capacity_records": 16, "ttl": "1s", "max_share": 1}"#;
+        let mut table = table(&kv, json);
+        let released = ticket(claim_now(&mut table, &of_org(1, 1, 1), 0));
+        finish_now(&mut table, released, Outcome::Release, 1);
+        assert_eq!(held(&kv, 1), Share::default());
+        store(&mut table, &of_org(1, 2, 2), 0);
+        let one = ledger(&kv, 0);
+        assert!(one > 100, "{one}");
+        assert_eq!(held(&kv, 1), Share { records: 1, bytes: one });
+        store(&mut table, &of_org(2, 3, 3), 0);
+        assert_eq!(ledger(&kv, 0), 2 * one);
+        // A claim whose owner vanished and the stored records expire, and are swept.
+        ticket(claim_now(&mut table, &of_org(1, 4, 4), 0));
+        assert_eq!(held(&kv, 1).records, 2);
+        assert_eq!(table.sweep(0, 60_000).unwrap(), 3);
+        assert_eq!(held(&kv, 1), Share::default());
+        assert_eq!(held(&kv, 2), Share::default());
+        assert_eq!(ledger(&kv, 0), 0);
+    }
+
+    #[test]
+    fn an_organisation_past_its_byte_share_makes_way_with_its_own_responses() {
+        let kv = MemoryKv::default();
+        // The organisations' share: a tenth of 48 000 bytes. Bucket 0's shard: 6 000.
+        let json = r#"{"capacity_records": 16, "max_share": 0.1, "capacity_bytes": 48000,
+                       "max_response_body_bytes": 3000}"#;
+        let mut table = table(&kv, json);
+        let big = |table: &mut Table<&MemoryKv>, org, n: u8, now| {
+            let owner = ticket(claim_now(table, &of_org(org, n, u64::from(n)), now));
+            finish_now(table, owner, Outcome::Store(response(2900)), now)
+        };
+        assert_eq!(big(&mut table, 1, 1, 0), FinishReply::Stored);
+        assert_eq!(big(&mut table, 2, 2, 1), FinishReply::Stored);
+        // Organisation 1's second response does not fit its share: its first makes way.
+        assert_eq!(big(&mut table, 1, 3, 2), FinishReply::Stored);
+        assert_eq!(table.take_evictions().len(), 1);
+        assert!(matches!(
+            claim_now(&mut table, &of_org(2, 2, 9), 3),
+            ClaimReply::Replay(_)
+        ));
+        assert!(matches!(
+            claim_now(&mut table, &of_org(1, 1, 10), 3),
+            ClaimReply::Claimed(_)
+        ));
+    }
+
+    #[test]
+    fn a_response_that_finds_the_bytes_full_evicts_in_its_bucket() {
+        let kv = MemoryKv::default();
+        let json = r#"{"capacity_records": 16, "max_share": 1, "capacity_bytes": 16000,
+                       "max_response_body_bytes": 1000}"#;
+        let mut table = table(&kv, json);
+        // The bucket's ledger shard holds 2000 bytes: one 1000-byte response fits, not two.
+        let big = |table: &mut Table<&MemoryKv>, n: u8, now| {
+            let owner = ticket(claim_now(table, &of_org(1, n, u64::from(n)), now));
+            finish_now(table, owner, Outcome::Store(response(1000)), now)
+        };
+        assert_eq!(big(&mut table, 1, 0), FinishReply::Stored);
+        assert_eq!(big(&mut table, 2, 1), FinishReply::Stored);
+        assert_eq!(table.take_evictions().len(), 1);
+        assert!(matches!(
+            claim_now(&mut table, &of_org(1, 2, 9), 2),
+            ClaimReply::Replay(_)
+        ));
     }
 
     #[test]

@@ -1,12 +1,11 @@
 """CONTRACT.md "Bounds and bad input" (the store's capacity, bad configuration) and the stats
-that count every outcome."""
+that count every outcome. A full store's policies, shares and memory are test_capacity.py's."""
 
 import uuid
 
 import pytest
 
-from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after, call,
-                      stat_deltas, wait_for)
+from contract import assert_original, assert_problem, assert_replay_of, call, stat_deltas, wait_for
 from harness import Envoy, EnvoyError
 
 
@@ -17,41 +16,8 @@ def _fill(envoy, n, prefix):
     return keys, [call(envoy, k) for k in keys]
 
 
-def test_full_store_with_reject_policy_answers_503_store_full(envoy_with, upstream):
-    envoy = envoy_with({"capacity_records": 16, "when_full": "reject"})
-    before = envoy.stats()
-    keys, answers = _fill(envoy, 48, "full")
-    accepted = [(k, a) for k, a in zip(keys, answers) if a.status == 201]
-    refused = [(k, a) for k, a in zip(keys, answers) if a.status != 201]
-    assert 1 <= len(accepted) <= 16, f"{len(accepted)} records stored with capacity_records 16"
-    assert refused, "the store never filled up"
-    for k, a in refused:
-        assert_problem(a, 503, "idempotency_store_full")
-        assert_retry_after(a)
-        assert upstream.count(key=k) == 0
-    for k, a in accepted:  # what was stored is still served
-        assert_original(a)
-        assert_replay_of(call(envoy, k), a)
-        assert upstream.count(key=k) == 1
-    assert wait_for(lambda: stat_deltas(envoy, before, ["idempotency.store_full"])["idempotency.store_full"]
-                    >= len(refused))
-
-
-def test_full_store_with_pass_policy_forwards_without_idempotency(envoy_with, upstream):
-    envoy = envoy_with({"capacity_records": 16, "when_full": "pass"})
-    before = envoy.stats()
-    keys, answers = _fill(envoy, 48, "pass")
-    for k, a in zip(keys, answers):
-        assert_original(a)
-        assert upstream.count(key=k) == 1
-    # The last key could not be recorded: its duplicate runs the work again rather than failing.
-    assert_original(call(envoy, keys[-1]))
-    assert upstream.count(key=keys[-1]) == 2
-    assert wait_for(lambda: stat_deltas(envoy, before, ["idempotency.store_full"])["idempotency.store_full"] >= 1)
-
-
 def test_store_never_holds_more_records_than_capacity_records(envoy_with, upstream):
-    envoy = envoy_with({"capacity_records": 4, "when_full": "reject"})
+    envoy = envoy_with({"capacity_records": 4, "max_share": 1, "when_full": "reject"})
     keys, answers = _fill(envoy, 12, "cap")
     stored = [k for k, a in zip(keys, answers) if a.status == 201]
     assert 1 <= len(stored) <= 4, f"{len(stored)} records stored with capacity_records 4"

@@ -6,19 +6,23 @@ The memory test sends IDEMPOTENCY_LOAD_REQUESTS requests (default 200000) per re
 for a quick run. Its figures are printed (run pytest with -s to see them)."""
 
 import os
+import threading
 import time
 import urllib.request
 import uuid
 
 import pytest
 
-from contract import assert_original, assert_problem, assert_replay_of, assert_retry_after, assert_stat_deltas
+from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after, assert_stat_deltas,
+                      in_background, stat_deltas, wait_for)
 from faults_support import (
     FastUpstream,
     RssSampler,
     call,
+    request_headers,
     rss_kib,
     run_load,
+    worker_connections,
 )
 from upstream import binary_body
 
@@ -57,7 +61,8 @@ def test_response_over_the_limit_reaches_its_client_whole_and_a_retry_gets_409_n
 
 # -- a store with no room left ----------------------------------------------------------------------
 
-ONE_BUCKET = {"capacity_records": 16, "ttl": "1h"}  # 16 records: a single bucket, so keys cannot spread
+# 16 records: a single bucket, so keys cannot spread; one organisation may fill it.
+ONE_BUCKET = {"capacity_records": 16, "ttl": "1h", "max_share": 1}
 
 
 def fill(envoy, upstream, n=16):
@@ -110,7 +115,7 @@ def test_full_store_under_pass_forwards_the_17th_key_without_idempotency(envoy_w
 
 
 def test_full_store_takes_new_keys_again_once_its_records_expire(envoy_with, upstream):
-    envoy = envoy_with({"capacity_records": 16, "ttl": "1s", "when_full": "reject"}, fresh=True)
+    envoy = envoy_with({**ONE_BUCKET, "ttl": "1s", "when_full": "reject"}, fresh=True)
     before = envoy.stats()
     fill(envoy, upstream)
     extra = f"extra-{uuid.uuid4()}"
@@ -127,9 +132,120 @@ def test_full_store_takes_new_keys_again_once_its_records_expire(envoy_with, ups
         "idempotency.replayed": 1})
 
 
+def test_a_full_store_evicts_its_oldest_completed_record_and_never_a_claim_in_flight(envoy_with, upstream):
+    envoy = envoy_with(ONE_BUCKET, fresh=True)  # when_full: evict, the default
+    before = envoy.stats()
+    slow = f"slow-{uuid.uuid4()}"
+    in_flight, box = in_background(lambda: call(envoy, slow, headers=[("x-test-delay-ms", "1500")]))
+    assert wait_for(lambda: upstream.count(key=slow) == 1), "the slow original never reached the upstream"
+    keys, answers = fill(envoy, upstream, n=15)
+
+    newcomer = f"new-{uuid.uuid4()}"
+    first = call(envoy, newcomer)
+    assert_original(first)
+    # The oldest completed record made way: its retry runs again (and evicts the next oldest).
+    assert_original(call(envoy, keys[0]))
+    assert upstream.count(key=keys[0]) == 2
+    # The claim in flight kept its entry: its answer is stored and replays.
+    in_flight.join()
+    assert_original(box["result"])
+    assert_replay_of(call(envoy, slow), box["result"])
+    assert upstream.count(key=slow) == 1
+    for k, answer in ((newcomer, first), (keys[-1], answers[-1])):
+        assert_replay_of(call(envoy, k), answer)
+        assert upstream.count(key=k) == 1
+    assert_stat_deltas(envoy, before, {
+        "idempotency.evicted": 2, "idempotency.store_full": 0, "idempotency.rejected": 0,
+        "idempotency.claimed": 18, "idempotency.stored": 18})
+
+
+def test_an_organisation_whose_whole_share_is_in_flight_gets_429_and_no_one_else_does(envoy_with, upstream):
+    envoy = envoy_with({**ONE_BUCKET, "max_share": 0.25}, fresh=True)  # a share of 4 records
+    before = envoy.stats()
+    slow = [("x-test-delay-ms", "1500")]
+    keys = [f"busy-{uuid.uuid4()}" for _ in range(4)]
+    running = [in_background(lambda k=k: call(envoy, k, headers=slow)) for k in keys]
+    assert wait_for(lambda: all(upstream.count(key=k) == 1 for k in keys))
+
+    extra = f"busy-{uuid.uuid4()}"
+    refused = call(envoy, extra)
+    assert_problem(refused, 429, "idempotency_quota_exceeded")
+    assert assert_retry_after(refused) >= 1
+    assert upstream.count(key=extra) == 0
+    other = f"other-{uuid.uuid4()}"
+    other_org = request_headers(other, auth="Bearer ic_live_org_other")
+    assert_original(envoy.request("POST", "/v1/customers", other_org, b"{}"))
+    for thread, box in running:
+        thread.join()
+        assert_original(box["result"])
+    # Its records complete: the next key makes way with the oldest of them.
+    assert_original(call(envoy, extra))
+    assert_stat_deltas(envoy, before, {"idempotency.quota_exceeded": 1, "idempotency.evicted": 1,
+                                       "idempotency.claimed": 6})
+
+
+FLOOD_REQUESTS = 100_000
+STEADY_KEYS = 300  # well inside its share of a store that holds 10 000
+FLOOD_STORE = {"capacity_records": 10_000, "capacity_bytes": 4 << 20, "max_response_body_bytes": 64 << 10}
+
+
+def test_one_organisation_flooding_distinct_keys_never_locks_another_out(envoy_with, fast_upstream):
+    # The defaults (evict, max_share 0.1) on a store the flood overfills ten times.
+    envoy = envoy_with(FLOOD_STORE, upstream_port=fast_upstream.port, fresh=True)
+    quiet_logs(envoy)
+    before = envoy.stats()
+    rss_start = rss_kib(envoy.proc.pid)
+    flood = {}
+    done = threading.Event()
+
+    def flooding():
+        try:
+            flood.update(run_load(envoy.port, 0, FLOOD_REQUESTS, f"flood-{uuid.uuid4().hex[:8]}", 32,
+                                  auth="Bearer ic_live_org_flood"))
+        finally:
+            done.set()
+
+    with RssSampler(envoy.proc.pid) as sampler:
+        thread = threading.Thread(target=flooding, daemon=True)
+        thread.start()
+        # The organisation that keeps working: first POSTs and their replays for as long as the
+        # flood lasts, then replays of its earlier keys.
+        other = []
+        while not done.is_set() or not other:
+            if len(other) < STEADY_KEYS:
+                k = f"steady-{uuid.uuid4()}"
+                first = call(envoy, k, body=b'{"steady": true}', path="/v1/load")
+            else:
+                k, first = other[len(other) % STEADY_KEYS][0], other[len(other) % STEADY_KEYS][1]
+            other.append((k, first, call(envoy, k, body=b'{"steady": true}', path="/v1/load")))
+        thread.join()
+    growth = max(sampler.peak, rss_kib(envoy.proc.pid)) - rss_start
+
+    deltas = stat_deltas(envoy, before, ["idempotency.evicted", "idempotency.store_full",
+                                         "idempotency.rejected", "idempotency.quota_exceeded"])
+    print(f"\nflood of {FLOOD_REQUESTS} keys in {flood['seconds']}s: statuses {flood['statuses']} codes "
+          f"{flood['codes']}; the other organisation: {len(other)} first POSTs and replays; VmRSS growth "
+          f"{growth} KiB; {deltas}")
+    for _, first, replay in other:
+        assert first.status == 201 and first.header("idempotent-replayed") is None, f"{first!r}"
+        assert replay.status == 201 and replay.header("idempotent-replayed") == "true", f"{replay!r}"
+        assert replay.body == first.body
+    # The flood was held to its share: its own records made way for its new keys, and a key that
+    # found none of them in its bucket was refused 429, never 503.
+    assert set(flood["statuses"]) <= {201, 429}, flood
+    assert flood["codes"].get("idempotency_quota_exceeded", 0) == flood["statuses"].get(429, 0), flood
+    assert deltas["idempotency.store_full"] == 0 and deltas["idempotency.rejected"] == 0, deltas
+    assert deltas["idempotency.evicted"] > FLOOD_REQUESTS // 2, deltas
+    assert len([w for w, n in worker_connections(envoy).items() if n > 0]) == 2, "one worker took it all"
+    bound_kib = (FLOOD_STORE["capacity_records"] * BYTES_PER_RECORD + FLOOD_STORE["capacity_bytes"]
+                 + RSS_SLACK_BYTES) // 1024
+    assert growth < bound_kib, f"VmRSS grew {growth} KiB (bound {bound_kib} KiB)"
+
+
 # -- memory under far more keys than capacity --------------------------------------------------------
 
-LOAD_STORE = {"capacity_records": 10_000, "capacity_bytes": 2 << 20, "max_response_body_bytes": 16 << 10}
+LOAD_STORE = {"capacity_records": 10_000, "capacity_bytes": 2 << 20, "max_response_body_bytes": 16 << 10,
+              "max_share": 1}
 REGIMES = {
     # Records expire within a second: the store turns over many times, responses are rewritten.
     "churning_store_under_reject": {**LOAD_STORE, "ttl": "1s", "when_full": "reject"},
