@@ -57,7 +57,7 @@ pub struct Config {
     pub capacity_bytes: usize,
     /// The part of `capacity_records` and `capacity_bytes` one organisation may hold.
     pub max_share: f64,
-    /// Stored responses are deflated where that saves space.
+    /// Stored responses are compressed where that saves space.
     pub compress_responses: bool,
     pub when_full: WhenFull,
     pub key_prefix: String,

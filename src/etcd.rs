@@ -158,7 +158,7 @@ pub struct Etcd<C: Caller, K: Kv> {
     lease_prefix: String,
     ttl: Millis,
     claim_lease: Millis,
-    deflate: bool,
+    compress: bool,
     pending: HashMap<CallId, Pending>,
     queued: Vec<Op>,
     /// Failed finishes, with when to send them again.
@@ -183,7 +183,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             settings,
             ttl: config.ttl,
             claim_lease: config.claim_lease(),
-            deflate: config.compress_responses,
+            compress: config.compress_responses,
             pending: HashMap::new(),
             queued: Vec::new(),
             retrying: Vec::new(),
@@ -575,7 +575,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         match outcome {
             Outcome::Store(response) => {
                 let bytes =
-                    response.encode(&ticket.claim.tuple, ticket.claim.token, self.deflate);
+                    response.encode(&ticket.claim.tuple, ticket.claim.token, self.compress);
                 // The gateway carries values base64-encoded: 4 bytes for every 3.
                 if bytes.len().div_ceil(3) * 4 > self.settings.max_value_bytes {
                     return unstored(false);

@@ -57,8 +57,8 @@ pub struct Table<K: Kv> {
     share_bytes: u64,
     /// A full bucket makes way for a new record by evicting its completed record nearest expiry.
     evict: bool,
-    /// Stored responses are deflated where that saves space.
-    deflate: bool,
+    /// Stored responses are compressed where that saves space.
+    compress: bool,
     ttl: Millis,
     /// The next bucket this VM sweeps, and the token its sweeps and evictions hold entries with.
     sweep_cursor: u64,
@@ -81,7 +81,7 @@ impl<K: Kv> Table<K> {
             share_bytes: ((config.capacity_bytes as f64 * config.max_share) as u64)
                 .max(config.max_response_body_bytes as u64),
             evict: config.when_full == WhenFull::Evict,
-            deflate: config.compress_responses,
+            compress: config.compress_responses,
             ttl: config.ttl,
             sweep_cursor: 0,
             sweep_token: 0,
@@ -443,7 +443,7 @@ impl<K: Kv> Table<K> {
         if entry.deadline - now < COMPLETION_MARGIN {
             return without_response(self, false);
         }
-        let bytes = response.encode(&entry.tuple, token, self.deflate);
+        let bytes = response.encode(&entry.tuple, token, self.compress);
         let Ok(len) = u32::try_from(bytes.len()) else {
             return without_response(self, false);
         };
