@@ -9,6 +9,7 @@ Runs, on one machine and in one go:
       plain     router only: the limit for anything that goes upstream
       empty     a proxy-wasm filter that does nothing: the cost of any wasm filter at all
       filter    this filter
+      raw       this filter with compress_responses off: what compressing stored responses costs
       skip      this filter wrapped in an ExtensionWithMatcher whose SkipFilter action skips it
                 for requests it cannot cover
       matcher   this filter run by Envoy's composite filter only for requests it can cover
@@ -33,6 +34,7 @@ import http.client
 import json
 import os
 import platform
+import random
 import resource
 import shutil
 import signal
@@ -65,13 +67,40 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 
 # The upstream's answer to every POST: the record the filter stores is this response.
 SMALL_BODY = '{"id":"ord_0001","status":"created"}'
+
+
+def json_answer(size):
+    """A JSON answer of exactly `size` bytes, shaped like an API's list of customers (ids,
+    names, e-mails, dates and amounts that differ from one to the next), for what compression makes
+    of a real answer."""
+    rng = random.Random(size)
+    names = ["Jane Doe", "Grace Hopper", "Ada Lovelace", "Alan Turing", "Edsger Dijkstra",
+             "Barbara Liskov", "Ken Thompson", "Margaret Hamilton", "Donald Knuth", "Frances Allen"]
+    items = []
+    while True:
+        n = rng.randrange(1, 999_999)
+        name = rng.choice(names)
+        item = json.dumps({
+            "id": f"cus_{n:06d}", "externalId": f"crm-{rng.randrange(10_000)}", "fullName": name,
+            "email": f"{name.split()[0].lower()}.{n}@example.com",
+            "createdAt": f"2026-{rng.randrange(1, 13):02d}-{rng.randrange(1, 29):02d}T"
+                         f"{rng.randrange(24):02d}:{rng.randrange(60):02d}:{rng.randrange(60):02d}Z",
+            "balance": rng.randrange(-50_000, 500_000), "currency": rng.choice(["eur", "usd", "gbp"]),
+            "active": rng.random() < 0.8}, separators=(",", ":"))
+        if len(",".join(items + [item])) + 24 > size:
+            break
+        items.append(item)
+    head = '{"data":[' + ",".join(items) + '],"more":"'
+    return head + "x" * (size - len(head) - 2) + '"}'
 AUTHORIZATION = "Bearer bench-tenant"
 
-# The filter's configuration for the bench: room for every record a round creates.
-# capacity_bytes must be at least 8 x max_response_body_bytes (one ledger shard holds any record).
+# The filter's configuration for the bench: room for every record a round creates, all of it
+# for the bench's one organisation. capacity_bytes must be at least 8 x max_response_body_bytes
+# (one ledger shard holds any record).
 FILTER_CONFIG = {
     "capacity_records": 250_000,
     "capacity_bytes": 1 << 30,
+    "max_share": 1,
     "max_response_body_bytes": 128 << 10,
     "max_request_body_bytes": 1 << 20,
 }
@@ -80,14 +109,15 @@ VARIANTS = {
     "plain": "Envoy, router only",
     "empty": "Envoy + empty wasm filter",
     "filter": "Envoy + this filter",
+    "raw": "Envoy + this filter, responses not compressed",
     "skip": "Envoy + this filter, SkipFilter matcher",
     "matcher": "Envoy + this filter, composite matcher",
     "direct": "Envoy direct_response",
     "routes": "Envoy + this filter, off by route",
     "etcd": "Envoy + this filter, etcd store",
 }
-DEFAULT_VARIANTS = ["plain", "empty", "filter", "skip", "matcher", "direct", "etcd"]
-FILTERS = ("filter", "skip", "matcher", "routes", "etcd")
+DEFAULT_VARIANTS = ["plain", "empty", "filter", "raw", "skip", "matcher", "direct", "etcd"]
+FILTERS = ("filter", "raw", "skip", "matcher", "routes", "etcd")
 
 # The etcd variant's store: every call through the Envoy cluster "etcd".
 ETCD_STORE = {"cluster": "etcd", "timeout": "500ms"}
@@ -106,7 +136,19 @@ SCENARIOS = {
     "replay-cold-1k": ("POST", 1024, "cold", "replay, record not in the local cache, 1 KiB"),
     "conflict-1k": ("POST", 1024, "other", "conflict (same key, other body), 1 KiB"),
     "conflict-64k": ("POST", 65536, "other", "conflict (same key, other body), 64 KiB"),
+    "first-json-16k": ("POST", 1024, "unique", "first POST, 1 KiB, answered 16 KiB of JSON"),
+    "replay-json-16k": ("POST", 1024, "same", "replay of a 16 KiB JSON answer"),
 }
+# Where a scenario's requests go (the upstream answers by path); the rest go to /v1/payments.
+SCENARIO_PATHS = {"first-json-16k": "/r/json-16k", "replay-json-16k": "/r/json-16k"}
+
+
+def path_of(scenario):
+    return SCENARIO_PATHS.get(scenario, "/v1/payments")
+
+
+# The JSON answers the upstream serves at /r/json-<name>.
+JSON_ANSWERS = {"1k": 1024, "16k": 16_384, "64k": 65_536}
 
 # Which variants run in which scenario's group. For plain, empty and direct every POST is the
 # same work (the key header means nothing to them): in a group they run the key-less POST of the
@@ -117,6 +159,8 @@ MATRIX = {
     "empty": ["get", "nokey-1k", "nokey-64k"],
     "direct": ["get", "nokey-1k", "nokey-64k", "replay-1k", "replay-64k", "replay-cold-1k"],
     "filter": [s for s in SCENARIOS if SCENARIOS[s][2] != "cold"],
+    # What compressing stored responses costs: answers it shrinks, stored and replayed.
+    "raw": ["first-json-16k", "replay-json-16k"],
     # What a matcher changes is whether requests the filter cannot cover enter the VM; covered
     # requests run the filter as without it (the composite matcher runs every scenario).
     "skip": ["get", "nokey-1k", "nokey-64k"],
@@ -125,6 +169,7 @@ MATRIX = {
     # What the store changes: claims, replays from the local cache and replays fetched from etcd.
     "etcd": ["first-1k", "replay-1k", "replay-cold-1k"],
 }
+# Every variant of a group sends its requests to the group scenario's path.
 
 
 def baseline_scenario(scenario):
@@ -300,12 +345,13 @@ def bootstrap(admin_port, listeners, clusters=()):
 
 
 def upstream_config(port, admin_port):
-    """Answers everything itself. /r/1k and /r/64k answer bodies of that size (records of that
-    size for the memory figures), /fail answers 503 (a claim the filter releases), the rest
-    answers SMALL_BODY."""
+    """Answers everything itself. /r/json-<size> answer JSON of that size (records of that size
+    for the memory figures and the compression runs), /fail answers 503 (a claim the filter
+    releases), the rest answers SMALL_BODY."""
     routes = [
-        {"match": {"prefix": "/r/1k"}, "direct_response": direct("x" * 1024, 201)},
-        {"match": {"prefix": "/r/64k"}, "direct_response": direct("x" * 65536, 201)},
+        {"match": {"prefix": f"/r/json-{label}"}, "direct_response": direct(json_answer(size), 201)}
+        for label, size in JSON_ANSWERS.items()
+    ] + [
         {"match": {"prefix": "/fail"}, "direct_response": direct("unavailable", 503)},
         {"match": {"prefix": "/"}, "direct_response": direct(SMALL_BODY, 201)},
     ]
@@ -332,6 +378,8 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, e
         store = wasm_filter("idempotency", FILTER_WASM, dict(plugin_config, etcd=ETCD_STORE))
         return bootstrap(admin_port, [listener("proxy", port, to_upstream, [store])],
                          [cluster, static_cluster(ETCD_STORE["cluster"], etcd_port)])
+    if variant == "raw":
+        plugin_config = dict(plugin_config, compress_responses=False)
     idempotency = wasm_filter("idempotency", FILTER_WASM, plugin_config)
     if variant == "direct":
         # Like a replay, the answer comes once the whole request has been read.
@@ -354,6 +402,7 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, e
         "plain": [],
         "empty": [wasm_filter("empty", EMPTY_WASM, None)],
         "filter": [idempotency],
+        "raw": [idempotency],
         "skip": [skip_unless_covered(idempotency)],
         "matcher": [run_when_covered(idempotency)],
     }[variant]
@@ -581,7 +630,7 @@ def machine_busy_seconds():
     return (sum(fields[:8]) - idle) / CLK_TCK
 
 
-def run_wrk(port, script_path, seconds, connections, path="/v1/payments"):
+def run_wrk(port, script_path, seconds, connections, path=path_of(None)):
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(
         ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s",
@@ -644,16 +693,17 @@ def populate(peer, workdir, seconds, connections, run_id):
 
 
 def measure(proxy, load, scenario, workdir, seconds, connections, run_id, retries, budget,
-            peer=None):
+            peer=None, path=path_of(None)):
     """One wrk run of `scenario` against `proxy` (again, up to `retries` times while the budget
     lasts, if other work on the machine competed with it); returns the figures of the quietest.
-    `load` is what serves the proxy (the upstream, etcd); `peer` stores a cold run's records."""
+    `load` is what serves the proxy (the upstream, etcd); `peer` stores a cold run's records;
+    `path` is where the requests go."""
     method, size, key_mode, _ = SCENARIOS[scenario]
     key = None
     if key_mode in ("same", "other"):
         # The record every request of the run meets: stored once, before the run.
         key = f"{run_id}-seed"
-        status, headers, _ = send(proxy.port, "POST", "/v1/payments",
+        status, headers, _ = send(proxy.port, "POST", path,
                                   headers_for(scenario, key), body_of(size, "a"))
         if status != 201:
             raise SystemExit(f"{proxy.name}: seeding {scenario} answered {status}")
@@ -667,7 +717,7 @@ def measure(proxy, load, scenario, workdir, seconds, connections, run_id, retrie
         attempt_id = f"{run_id}-{attempt}"
         stored = populate(peer, workdir, seconds, connections, attempt_id) if key_mode == "cold" else 0
         script.write_text(wrk_script(scenario, attempt_id, key, stored))
-        figures = one_run(proxy, load, script, seconds, connections)
+        figures = one_run(proxy, load, script, seconds, connections, path)
         figures["attempts"] = attempt + 1
         if best is None or figures["other_load"] < best["other_load"]:
             best = figures
@@ -681,14 +731,14 @@ def store_calls(proxy):
     return proxy.counter(f"cluster.{ETCD_STORE['cluster']}.upstream_rq_total")
 
 
-def one_run(proxy, load, script, seconds, connections):
+def one_run(proxy, load, script, seconds, connections, path):
     counted = proxy.name in FILTERS
     remote = proxy.name == "etcd"
     stats_before = proxy.stats() if counted else {}
     calls_before = store_calls(proxy) if remote else 0
     cpu_before, load_before = proxy.cpu_seconds(), [p.cpu_seconds() for p in load]
     machine_before, wall_before = machine_busy_seconds(), time.time()
-    figures = run_wrk(proxy.port, script, seconds, connections)
+    figures = run_wrk(proxy.port, script, seconds, connections, path)
     cpu = proxy.cpu_seconds() - cpu_before
     load_cpu = {p.name: p.cpu_seconds() - b for p, b in zip(load, load_before)}
     up_cpu = sum(load_cpu.values())
@@ -782,7 +832,7 @@ def rounds(workdir, upstream, etcd, args):
                     load = [upstream, etcd] if v == "etcd" else [upstream]
                     figures = measure(proxies[v], load, workload(v, s), workdir,
                                       args.seconds, args.connections, run_id, args.retries,
-                                      budget, proxies.get(PEER))
+                                      budget, proxies.get(PEER), path_of(s))
                     runs.setdefault((v, s), []).append(figures)
                     print(f"  [{done:3}/{total}] round {number + 1} {v:8} {s:14} "
                           f"{figures['rps']:9.0f} req/s  p50 {figures['p50_us'] / 1000:6.2f} ms  "
@@ -882,11 +932,14 @@ def snapshot(envoy):
     return envoy.rss_bytes(), envoy.allocated_bytes(), envoy.stats().get("stored", 0)
 
 
-# size: (label, upstream path answering a body of that size, body bytes, table capacity,
-#        records stored to use up the allocator's free heap, records measured)
+# name: (label, upstream path answering a body of that size, body bytes, table capacity,
+#        records stored to use up the allocator's free heap, records measured, compressed)
 MEMORY_CASES = {
-    "1k": ("1 KiB", "/r/1k", 1024, 65_536, 12_000, 16_000),
-    "64k": ("64 KiB", "/r/64k", 65_536, 4_096, 500, 1_000),
+    "1k": ("1 KiB JSON", "/r/json-1k", 1024, 65_536, 12_000, 16_000, True),
+    "1k-raw": ("1 KiB JSON, not compressed", "/r/json-1k", 1024, 65_536, 12_000, 16_000, False),
+    "16k": ("16 KiB JSON", "/r/json-16k", 16_384, 16_384, 2_000, 4_000, True),
+    "16k-raw": ("16 KiB JSON, not compressed", "/r/json-16k", 16_384, 16_384, 2_000, 4_000, False),
+    "64k": ("64 KiB JSON", "/r/json-64k", 65_536, 4_096, 500, 1_000, True),
 }
 
 
@@ -902,8 +955,8 @@ def memory(workdir, upstream, cases):
     (the filter's `stored` counter).
     """
     results = []
-    for label, path, size, capacity, absorb, count in cases:
-        plugin = dict(FILTER_CONFIG, capacity_records=capacity)
+    for label, path, size, capacity, absorb, count, compressed in cases:
+        plugin = dict(FILTER_CONFIG, capacity_records=capacity, compress_responses=compressed)
         envoy = Envoy(f"memory-{size}", workdir,
                       lambda port, admin: proxy_config("filter", port, admin, upstream.port, plugin),
                       PROXY_CPU).start().wait_ready()
@@ -966,7 +1019,9 @@ def etcd_storage(workdir, upstream, etcd, cases):
                                                    etcd_port=etcd.client_port),
                   PROXY_CPU).start().wait_ready()
     try:
-        for label, path, size, _, _, count in cases:
+        for label, path, size, _, _, count, compressed in cases:
+            if not compressed:  # the etcd proxy runs the defaults
+                continue
             before = compacted_in_use(etcd)
             stored_before = envoy.stats().get("stored", 0)
             fill(envoy.port, path, size, min(count, 5_000), f"etcd-{size}-{time.time_ns()}",
@@ -1267,7 +1322,7 @@ def update_readme(path, summary, mem, args):
 
 def svg_chart(summary, args):
     """Grouped horizontal bars: requests/s per scenario and variant, with the ratio to plain."""
-    colours = {"plain": "#4c78a8", "empty": "#9ecae9", "filter": "#f58518",
+    colours = {"plain": "#4c78a8", "empty": "#9ecae9", "filter": "#f58518", "raw": "#eeca3b",
                "skip": "#ff9da6", "matcher": "#e45756", "direct": "#54a24b",
                "routes": "#b279a2", "etcd": "#72b7b2"}
     rows = []
@@ -1340,7 +1395,7 @@ def main():
     parser.add_argument("--retry-budget", type=int, default=60,
                         help="seconds the whole bench may spend on such runs")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory figures")
-    parser.add_argument("--memory", default="1k,64k",
+    parser.add_argument("--memory", default=",".join(MEMORY_CASES),
                         help="record sizes for the memory figures (1k, 64k)")
     parser.add_argument("--out", default=str(BENCH), help="where results.* are written")
     parser.add_argument("--render", action="store_true",
