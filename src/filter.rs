@@ -115,8 +115,16 @@ impl Vm {
         for counter in exchange.take_counts() {
             self.metrics.increment(counter);
             debug!("[{}] {}", exchange.request_id(), counter.name());
-            if matches!(counter, Counter::StoreFull | Counter::QuotaExceeded) {
-                self.store_pressure(counter.name());
+            match counter {
+                Counter::StoreFull => self.store_pressure(
+                    "no room for a new record or response could be made (every record of its \
+                     bucket in flight): raise capacity_records or capacity_bytes",
+                ),
+                Counter::QuotaExceeded => self.store_pressure(
+                    "an organisation holds its whole max_share, all of it in flight: its new keys \
+                     get 429",
+                ),
+                _ => {}
             }
         }
         self.count_evictions();
@@ -144,7 +152,7 @@ impl Vm {
         let now = host::now();
         if now >= self.pressure_quiet_until.get() {
             self.pressure_quiet_until.set(now + 60_000);
-            warn!("idempotency store full: {what}");
+            warn!("idempotency store: {what}");
         }
     }
 
