@@ -84,6 +84,9 @@ pub struct EtcdConfig {
     pub auth_token: Option<String>,
     /// Largest record value written to etcd; larger responses are kept without their body.
     pub max_value_bytes: usize,
+    /// What one organisation's records written through this Envoy may hold in etcd for their
+    /// whole `ttl`; past it, its new records live `lease`.
+    pub max_share_bytes: usize,
 }
 
 #[derive(Deserialize)]
@@ -100,6 +103,8 @@ struct RawEtcd {
     auth_token: Option<String>,
     #[serde(default = "default_etcd_max_value")]
     max_value_bytes: usize,
+    #[serde(default = "default_etcd_max_share")]
+    max_share_bytes: usize,
 }
 
 fn default_etcd_authority() -> String {
@@ -119,6 +124,11 @@ fn default_etcd_max_value() -> usize {
     1_000_000
 }
 
+/// A tenth of etcd's default 2 GiB quota, across about three Envoys.
+fn default_etcd_max_share() -> usize {
+    64 << 20
+}
+
 impl RawEtcd {
     fn validate(self) -> Result<EtcdConfig, ConfigError> {
         if self.cluster.is_empty() {
@@ -131,6 +141,12 @@ impl RawEtcd {
         if self.max_value_bytes < 1024 {
             return Err(invalid("etcd.max_value_bytes", "must be at least 1024"));
         }
+        if self.max_share_bytes < self.max_value_bytes {
+            return Err(invalid(
+                "etcd.max_share_bytes",
+                "must be at least etcd.max_value_bytes, so that any record fits in a share",
+            ));
+        }
         Ok(EtcdConfig {
             cluster: self.cluster,
             authority: self.authority,
@@ -138,6 +154,7 @@ impl RawEtcd {
             timeout,
             auth_token: self.auth_token.filter(|t| !t.is_empty()),
             max_value_bytes: self.max_value_bytes,
+            max_share_bytes: self.max_share_bytes,
         })
     }
 }
@@ -611,6 +628,7 @@ mod tests {
         assert_eq!(etcd.timeout, 1_000);
         assert_eq!(etcd.key_prefix, "idempotency/");
         assert_eq!(etcd.auth_token, None);
+        assert_eq!(etcd.max_share_bytes, 64 << 20);
         assert_eq!(field_of(r#"{"etcd": {}}"#), "etcd");
         assert_eq!(
             field_of(r#"{"etcd": {"cluster": "e", "timout": "1s"}}"#),
@@ -621,6 +639,10 @@ mod tests {
             "etcd.timeout"
         );
         assert_eq!(field_of(r#"{"etcd": {"cluster": ""}}"#), "etcd.cluster");
+        assert_eq!(
+            field_of(r#"{"etcd": {"cluster": "e", "max_share_bytes": 4096}}"#),
+            "etcd.max_share_bytes"
+        );
     }
 
     #[test]

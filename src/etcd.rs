@@ -17,6 +17,9 @@
 //!   has its answer, and without the record a retry after the lease would run the work again.
 //! - Expiry: leases shared by time bucket, one for claims in flight and one for records, so a
 //!   crashed Envoy's claim frees itself and etcd drops records after their TTL.
+//! - Shares: what each organisation's records written through this Envoy hold in etcd is counted
+//!   by lease window; past `max_share_bytes` its new records live `lease` instead of `ttl`, as if
+//!   evicted then, so a flooding organisation never holds more of etcd than its share.
 //! - Complete records never change until they expire, so replays are served from a copy in this
 //!   Envoy's shared data after the first fetch.
 //!
@@ -24,12 +27,12 @@
 
 use crate::config::{Config, EtcdConfig, Millis};
 use crate::decide::{self, Claim, Room, Verdict};
-use crate::record::{Bucket, Entry, State, StoredResponse};
+use crate::record::{Bucket, Entry, State, StoredResponse, Written};
 use crate::store::{
     Answer, CallId, CallResponse, ClaimReply, FinishReply, Kv, Outcome, Resumed, Store, StoreError,
     Ticket,
 };
-use crate::table::Table;
+use crate::table::{self, Table};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
@@ -48,6 +51,9 @@ const MAX_RETRY_BYTES: usize = 8 << 20;
 /// Revocations of claims whose answer was lost, per worker; past it such a claim, if it
 /// landed, is left to expire with its lease. Each makes a handful of calls at most.
 const MAX_REVOKES: usize = 64;
+/// Organisations' tags map onto this many counters of written bytes (a collision can only
+/// over-count).
+const SHARE_SLOTS: u16 = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LeaseKind {
@@ -151,11 +157,12 @@ struct Pending {
 
 pub struct Etcd<C: Caller, K: Kv> {
     caller: C,
-    /// Lease ids by kind and time bucket, shared by every worker through shared data.
-    leases: K,
+    /// This Envoy's shared data, for every worker: lease ids by kind and time bucket, and what
+    /// each organisation wrote by lease window.
+    shared: K,
     cache: Table<K>,
     settings: EtcdConfig,
-    lease_prefix: String,
+    shared_prefix: String,
     ttl: Millis,
     claim_lease: Millis,
     compress: bool,
@@ -165,21 +172,24 @@ pub struct Etcd<C: Caller, K: Kv> {
     retrying: Vec<(Millis, Op)>,
     retry_bytes: usize,
     revokes: usize,
+    /// Ages the records stored since [`Store::take_evictions`] was last asked will be evicted
+    /// at: those of organisations past their share.
+    evictions: Vec<Millis>,
 }
 
 impl<C: Caller, K: Kv> Etcd<C, K> {
     pub fn new(
         caller: C,
-        leases: K,
+        shared: K,
         cache: Table<K>,
         config: &Config,
         settings: EtcdConfig,
     ) -> Self {
         Etcd {
             caller,
-            leases,
+            shared,
             cache,
-            lease_prefix: format!("{}etcd-lease/", config.key_prefix),
+            shared_prefix: format!("{}etcd/", config.key_prefix),
             settings,
             ttl: config.ttl,
             claim_lease: config.claim_lease(),
@@ -189,6 +199,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             retrying: Vec::new(),
             retry_bytes: 0,
             revokes: 0,
+            evictions: Vec::new(),
         }
     }
 
@@ -306,8 +317,8 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
 
     fn cached_lease(&self, kind: LeaseKind, now: Millis) -> Option<i64> {
         let (width, _) = self.lease_shape(kind);
-        let key = format!("{}{}", self.lease_prefix, kind.name());
-        let (bytes, _) = self.leases.get(&key).ok()??;
+        let key = format!("{}lease/{}", self.shared_prefix, kind.name());
+        let (bytes, _) = self.shared.get(&key).ok()??;
         let (bucket, id) = bytes.split_at_checked(8)?;
         let bucket = u64::from_le_bytes(bucket.try_into().ok()?);
         let id = i64::from_le_bytes(id.try_into().ok()?);
@@ -316,12 +327,42 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
 
     fn remember_lease(&self, kind: LeaseKind, id: i64, now: Millis) {
         let (width, _) = self.lease_shape(kind);
-        let key = format!("{}{}", self.lease_prefix, kind.name());
+        let key = format!("{}lease/{}", self.shared_prefix, kind.name());
         let mut value = (now / width).to_le_bytes().to_vec();
         value.extend_from_slice(&id.to_le_bytes());
-        if let Err(error) = self.leases.set(&key, &value, None) {
+        if let Err(error) = self.shared.set(&key, &value, None) {
             log::warn!("caching an etcd lease failed: {error}");
         }
+    }
+
+    /// Whether a record of `bytes` for `org` may live its `ttl`: so if what the organisation
+    /// wrote through this Envoy that may still be in etcd leaves room for it, and it is then
+    /// counted. A failing shared data lets it live its `ttl`: the share gives way to the guarantee.
+    fn within_share(&self, org: u16, bytes: u64, now: Millis) -> bool {
+        let (width, length) = self.lease_shape(LeaseKind::Record);
+        let window = now / width;
+        // A record's lease is its window's, or the next one's when its finish went out late; a
+        // lease ends `length` after its grant, within its window.
+        let oldest = (now.saturating_sub(length) / width).saturating_sub(2);
+        let limit = self.settings.max_share_bytes as u64;
+        let key = format!("{}share/{}", self.shared_prefix, org % SHARE_SLOTS);
+        let counted = table::count(
+            &self.shared,
+            &key,
+            Written::decode,
+            Written::encode,
+            |written| {
+                let mut written = written.unwrap_or_default();
+                (written.since(oldest) + bytes <= limit).then(|| {
+                    written.add(window, bytes);
+                    written
+                })
+            },
+        );
+        counted.unwrap_or_else(|error| {
+            log::warn!("counting an organisation's share of etcd failed: {error}");
+            true
+        })
     }
 
     fn send(&mut self, path: &str, body: Value, op: Op, sent: Sent, now: Millis) -> Resumed {
@@ -551,7 +592,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         }
     }
 
-    fn finish_op(&self, ticket: Ticket, outcome: Outcome, now: Millis) -> Op {
+    fn finish_op(&mut self, ticket: Ticket, outcome: Outcome, now: Millis) -> Op {
         let entry = |state, deadline, response_len| Entry {
             state,
             tuple: ticket.claim.tuple,
@@ -561,55 +602,66 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             response_len,
             org: ticket.claim.org,
         };
-        let expires = now + self.ttl;
         let give_up = now + ticket.claim.lease;
-        let unstored = |store_full| Op::Finish {
+        let op = |value, lease, reply, response| Op::Finish {
             ticket,
-            value: Some(entry(State::Unstored, expires, 0).encode_remote(None)),
-            lease: LeaseKind::Record,
-            reply: FinishReply::StoredWithoutResponse { store_full },
-            response: None,
+            value,
+            lease,
+            reply,
+            response,
             give_up,
             retried: false,
         };
         match outcome {
             Outcome::Store(response) => {
-                let bytes =
-                    response.encode(&ticket.claim.tuple, ticket.claim.token, self.compress);
+                let bytes = response.encode(&ticket.claim.tuple, ticket.claim.token, self.compress);
                 // The gateway carries values base64-encoded: 4 bytes for every 3.
                 if bytes.len().div_ceil(3) * 4 > self.settings.max_value_bytes {
-                    return unstored(false);
+                    return self.finish_op(ticket, Outcome::TooLarge, now);
                 }
                 let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                Op::Finish {
-                    ticket,
-                    value: Some(entry(State::Complete, expires, len).encode_remote(Some(&bytes))),
-                    lease: LeaseKind::Record,
-                    reply: FinishReply::Stored,
-                    response: Some((response, expires)),
-                    give_up,
-                    retried: false,
-                }
+                let written = entry(State::Complete, 0, len)
+                    .encode_remote(Some(&bytes))
+                    .len();
+                let (lease, expires) = self.record_lease(&ticket, written, now);
+                let value = entry(State::Complete, expires, len).encode_remote(Some(&bytes));
+                op(
+                    Some(value),
+                    lease,
+                    FinishReply::Stored,
+                    Some((response, expires)),
+                )
             }
-            Outcome::TooLarge => unstored(false),
-            Outcome::Release => Op::Finish {
-                ticket,
-                value: None,
-                lease: LeaseKind::Claim,
-                reply: FinishReply::Released,
-                response: None,
-                give_up,
-                retried: false,
-            },
-            Outcome::Hold => Op::Finish {
-                ticket,
-                value: Some(entry(State::Held, now + self.claim_lease, 0).encode_remote(None)),
-                lease: LeaseKind::Claim,
-                reply: FinishReply::Held,
-                response: None,
-                give_up,
-                retried: false,
-            },
+            Outcome::TooLarge => {
+                let written = entry(State::Unstored, 0, 0).encode_remote(None).len();
+                let (lease, expires) = self.record_lease(&ticket, written, now);
+                let value = entry(State::Unstored, expires, 0).encode_remote(None);
+                let reply = FinishReply::StoredWithoutResponse { store_full: false };
+                op(Some(value), lease, reply, None)
+            }
+            Outcome::Release => op(None, LeaseKind::Claim, FinishReply::Released, None),
+            Outcome::Hold => {
+                let value = entry(State::Held, now + self.claim_lease, 0).encode_remote(None);
+                op(Some(value), LeaseKind::Claim, FinishReply::Held, None)
+            }
+        }
+    }
+
+    /// The lease a record whose value is `written` bytes long goes under, and when it expires:
+    /// its `ttl` within its organisation's share, else `lease` (an eviction at that age).
+    fn record_lease(
+        &mut self,
+        ticket: &Ticket,
+        written: usize,
+        now: Millis,
+    ) -> (LeaseKind, Millis) {
+        let bytes =
+            (self.settings.key_prefix.len() + 2 * ticket.claim.tuple.len() + written) as u64;
+        if self.within_share(ticket.claim.org, bytes, now) {
+            (LeaseKind::Record, now + self.ttl)
+        } else {
+            self.evictions.push(self.claim_lease);
+            (LeaseKind::Claim, now + self.claim_lease)
         }
     }
 }
@@ -724,6 +776,12 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
         }
         ended.extend(self.cache.tick(now));
         ended
+    }
+
+    /// The local copies' evictions are not the records' (etcd still holds those): dropped.
+    fn take_evictions(&mut self) -> Vec<Millis> {
+        self.cache.take_evictions();
+        std::mem::take(&mut self.evictions)
     }
 }
 
@@ -1109,6 +1167,46 @@ mod tests {
             a.claim(&claim_of(1, 22), 30),
             Answer::Now(Ok(ClaimReply::Replay(response())))
         );
+    }
+
+    #[test]
+    fn past_its_share_an_organisation_s_records_live_a_lease_and_count_as_evicted() {
+        let mut world = World::new();
+        let json = r#"{"ttl": "1h", "lease": "10s",
+            "etcd": {"cluster": "etcd", "max_value_bytes": 1024, "max_share_bytes": 1024}}"#;
+        let mut envoy = world.envoy(json);
+        // Stores a response for organisation `org` under tuple `n`; when its record expires.
+        let mut store = |world: &mut World, org: u16, n: u8, now: Millis| {
+            let claim = Claim {
+                tuple: [n; 32],
+                org,
+                ..claim_of(1, u64::from(n))
+            };
+            let first = Resumed::Claim(envoy.claim(&claim, now));
+            let ticket = claimed(world.settle(&mut envoy, first, now));
+            let reply = finish(world, &mut envoy, ticket, Outcome::Store(response()), now);
+            assert_eq!(reply, FinishReply::Stored);
+            let key = b64(envoy.key(&claim.tuple).as_bytes());
+            let (entry, _) = Entry::decode_remote(&world.etcd.keys[&key].0).unwrap();
+            (entry.deadline - now, envoy.take_evictions())
+        };
+        let (hour, lease) = (3_600_000, 10_000);
+        let lives: Vec<Millis> = (1..=8).map(|n| store(&mut world, 1, n, 0).0).collect();
+        let kept = lives.iter().filter(|life| **life == hour).count();
+        assert!(
+            (3..8).contains(&kept),
+            "1 KiB holds a few records: {lives:?}"
+        );
+        assert!(lives[kept..].iter().all(|life| *life == lease), "{lives:?}");
+        assert_eq!(store(&mut world, 1, 9, 0), (lease, vec![lease]));
+        assert_eq!(
+            store(&mut world, 2, 10, 0),
+            (hour, vec![]),
+            "another organisation"
+        );
+        // Once the first records' leases have surely ended, the share has room again.
+        let later = hour + 4 * hour / 8;
+        assert_eq!(store(&mut world, 1, 11, later), (hour, vec![]));
     }
 
     #[test]

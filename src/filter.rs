@@ -139,8 +139,12 @@ impl Vm {
         let seconds: u64 = ages.iter().map(|age| age / 1_000).sum();
         self.metrics.add(Counter::Evicted, ages.len() as u64);
         self.metrics.add(Counter::EvictedAgeSeconds, seconds);
+        let raise = match self.config.etcd {
+            Some(_) => "an organisation is past its share: raise etcd.max_share_bytes",
+            None => "raise capacity_records",
+        };
         self.store_pressure(&format!(
-            "evicting records before their ttl, the youngest after {}s of {}s: raise capacity_records",
+            "evicting records before their ttl, the youngest after {}s of {}s: {raise}",
             youngest / 1_000,
             self.config.ttl / 1_000
         ));

@@ -13,8 +13,8 @@
 //! ledger and share counters are shared and do.
 
 use crate::config::{Config, Millis, WhenFull};
-use crate::decide::{self, Claim, Ending, Finish, Verdict};
 use crate::decide::Room;
+use crate::decide::{self, Claim, Ending, Finish, Verdict};
 use crate::record::{
     Bucket, DecodeError, Entry, Ledger, Share, State, StoredResponse, BUCKET_ENTRIES,
 };
@@ -167,44 +167,26 @@ impl<K: Kv> Table<K> {
         }
     }
 
-    /// Reads a counter, lets `change` compute its next value (`None`: refused), and writes it
-    /// under compare-and-swap; whether it was written.
-    fn count<T>(
-        &self,
-        key: &str,
-        decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
-        encode: impl Fn(&T) -> Vec<u8>,
-        change: impl Fn(Option<T>) -> Option<T>,
-    ) -> Result<bool, StoreError> {
-        for _ in 0..MAX_ATTEMPTS {
-            let (current, cas) = match self.kv.get(key)? {
-                Some((bytes, cas)) => (Some(decode(&bytes).map_err(unreadable)?), Some(cas)),
-                None => (None, INSERT_IF_ABSENT),
-            };
-            let Some(next) = change(current) else {
-                return Ok(false);
-            };
-            if self.kv.set(key, &encode(&next), cas)? {
-                return Ok(true);
-            }
-        }
-        Err(StoreError::Contended)
-    }
-
     /// Adds `delta` response bytes to the ledger shard of `slot`'s bucket; refuses (false) an
     /// addition that would take the shard past its part of `capacity_bytes`.
     fn account(&self, slot: u64, delta: i64) -> Result<bool, StoreError> {
         let shard = slot / BUCKET_ENTRIES as u64 % LEDGER_SHARDS as u64;
-        self.count(&self.key("l", shard), Ledger::decode, Ledger::encode, |ledger| {
-            let total = ledger.map_or(0, |l| l.total).saturating_add_signed(delta);
-            (delta <= 0 || total <= self.shard_budget).then_some(Ledger { total })
-        })
+        count(
+            &self.kv,
+            &self.key("l", shard),
+            Ledger::decode,
+            Ledger::encode,
+            |ledger| {
+                let total = ledger.map_or(0, |l| l.total).saturating_add_signed(delta);
+                (delta <= 0 || total <= self.shard_budget).then_some(Ledger { total })
+            },
+        )
     }
 
     /// Adds to what organisation `org` holds; refuses (false) an addition past its share.
     fn share(&self, org: u16, records: i64, bytes: i64) -> Result<bool, StoreError> {
         let key = self.key("s", u64::from(org % SHARE_SLOTS));
-        self.count(&key, Share::decode, Share::encode, |share| {
+        count(&self.kv, &key, Share::decode, Share::encode, |share| {
             let share = share.unwrap_or_default();
             let next = Share {
                 records: share.records.saturating_add_signed(records),
@@ -225,7 +207,11 @@ impl<K: Kv> Table<K> {
             self.account(slot, -len)?;
         }
         if record.state.is_record() {
-            let bytes = if record.state == State::Complete { len } else { 0 };
+            let bytes = if record.state == State::Complete {
+                len
+            } else {
+                0
+            };
             self.share(record.org, -1, -bytes)?;
         }
         Ok(())
@@ -265,7 +251,9 @@ impl<K: Kv> Table<K> {
         self.give_back(global, record)?;
         if record.state == State::Complete {
             let token = self.sweep_token;
-            self.update(bucket, |entries| ((), decide::end_sweep(entries, slot, token)))?;
+            self.update(bucket, |entries| {
+                ((), decide::end_sweep(entries, slot, token))
+            })?;
         }
         Ok(())
     }
@@ -340,7 +328,10 @@ impl<K: Kv> Table<K> {
                 if probe == SHARE_PROBES.min(self.buckets) {
                     break false;
                 }
-                if self.evict_in((home + probe) % self.buckets, now, own)?.is_some() {
+                if self
+                    .evict_in((home + probe) % self.buckets, now, own)?
+                    .is_some()
+                {
                     break true;
                 }
                 probe += 1;
@@ -393,9 +384,11 @@ impl<K: Kv> Table<K> {
     pub fn peek(&self, claim: &Claim, now: Millis) -> Result<Option<ClaimReply>, StoreError> {
         let bucket = self.bucket_of(&claim.tuple);
         let entries = self.read_bucket(bucket)?;
-        let Some((slot, entry)) = entries.entries.iter().enumerate().find(|(_, e)| {
-            e.is_live(now) && e.tuple == claim.tuple && e.state == State::Complete
-        }) else {
+        let Some((slot, entry)) =
+            entries.entries.iter().enumerate().find(|(_, e)| {
+                e.is_live(now) && e.tuple == claim.tuple && e.state == State::Complete
+            })
+        else {
             return Ok(None);
         };
         if entry.fingerprint != claim.fingerprint {
@@ -538,6 +531,30 @@ impl<K: Kv> Store for Table<K> {
     fn take_evictions(&mut self) -> Vec<Millis> {
         std::mem::take(&mut self.evictions)
     }
+}
+
+/// Reads a counter in shared data, lets `change` compute its next value (`None`: refused), and
+/// writes it under compare-and-swap; whether it was written.
+pub fn count<T>(
+    kv: &impl Kv,
+    key: &str,
+    decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+    encode: impl Fn(&T) -> Vec<u8>,
+    change: impl Fn(Option<T>) -> Option<T>,
+) -> Result<bool, StoreError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let (current, cas) = match kv.get(key)? {
+            Some((bytes, cas)) => (Some(decode(&bytes).map_err(unreadable)?), Some(cas)),
+            None => (None, INSERT_IF_ABSENT),
+        };
+        let Some(next) = change(current) else {
+            return Ok(false);
+        };
+        if kv.set(key, &encode(&next), cas)? {
+            return Ok(true);
+        }
+    }
+    Err(StoreError::Contended)
 }
 
 fn unreadable(error: DecodeError) -> StoreError {
@@ -843,7 +860,10 @@ pub mod tests {
         // Tuple 1, stored first, makes way; its retry then runs again.
         ticket(claim_now(&mut table, &of_org(1, 99, 99), 20_000));
         assert_eq!(table.take_evictions(), [19_000]);
-        assert!(kv.bytes() < bytes, "the evicted response's bytes were given back");
+        assert!(
+            kv.bytes() < bytes,
+            "the evicted response's bytes were given back"
+        );
         assert!(matches!(
             claim_now(&mut table, &of_org(1, 1, 101), 20_001),
             ClaimReply::Claimed(_)
@@ -898,10 +918,13 @@ pub mod tests {
         ticket(claim_now(&mut table, &of_org(1, 10, 10), 100));
         assert_eq!(table.take_evictions(), [100]);
         assert_eq!(held(&kv, 1).records, 4);
-        assert!(matches!(
-            claim_now(&mut table, &of_org(1, 0, 99), 100),
-            ClaimReply::Claimed(_)
-        ), "the evicted record is gone: its retry runs again");
+        assert!(
+            matches!(
+                claim_now(&mut table, &of_org(1, 0, 99), 100),
+                ClaimReply::Claimed(_)
+            ),
+            "the evicted record is gone: its retry runs again"
+        );
         assert!(matches!(
             claim_now(&mut table, &of_org(2, 200, 201), 101),
             ClaimReply::Replay(_)
@@ -951,7 +974,13 @@ pub mod tests {
         store(&mut table, &of_org(1, 2, 2), 0);
         let one = ledger(&kv, 0);
         assert!(one > 100, "{one}");
-        assert_eq!(held(&kv, 1), Share { records: 1, bytes: one });
+        assert_eq!(
+            held(&kv, 1),
+            Share {
+                records: 1,
+                bytes: one
+            }
+        );
         store(&mut table, &of_org(2, 3, 3), 0);
         assert_eq!(ledger(&kv, 0), 2 * one);
         // A claim whose owner vanished and the stored records expire, and are swept.

@@ -161,6 +161,13 @@ fn integer_bounds_are_the_parsers_bounds() {
             if path == ["max_response_body_bytes"] {
                 document["capacity_bytes"] = json!(1_u64 << 30);
             }
+            // Likewise etcd.max_share_bytes must hold etcd.max_value_bytes, and the reverse.
+            if path == ["etcd", "max_share_bytes"] {
+                document["etcd"]["max_value_bytes"] = json!(1024);
+            }
+            if path == ["etcd", "max_value_bytes"] {
+                document["etcd"]["max_share_bytes"] = json!(1_u64 << 40);
+            }
             document
         };
         let accepts = |n: i64| parse(&context(with_field(&path, &json!(n)))).is_ok();

@@ -17,6 +17,7 @@ import uuid
 import pytest
 
 from etcd_support import Etcd, EtcdEnvoy, EtcdError, LogWindow, make_certs, private_run_dir, start_all
+from faults_support import run_load
 from harness import Response, burst
 from shipped import ENVOY_DIR, ShippedEnvoy, load, localise, wasm_filters
 from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
@@ -597,3 +598,70 @@ def test_an_etcd_out_of_space_applies_the_policy_until_an_operator_frees_it(star
     assert_original(original)
     assert_replay_of(call(a, full), original)
     assert upstream.count(key=full) == 1
+
+
+# -- one organisation's flood ------------------------------------------------------------------
+
+FLOOD_KEYS = 1_500
+STEADY_KEYS = 20
+FLOODER = "Bearer ic_live_org_flood"
+
+
+def test_an_organisation_flooding_etcd_holds_its_share_and_leaves_another_working(started, upstream, etcd):
+    """The README's etcd shares: past ``max_share_bytes`` of records written through one Envoy, an
+    organisation's new records live ``lease``, not ``ttl``. It keeps being served, its retries
+    within the lease replay, and what it holds in etcd falls back to a share per Envoy, while
+    another organisation's records keep their ``ttl``."""
+    prefix, share = f"flood-{uuid.uuid4().hex[:8]}/", 16_384
+    config = _config(lease="3s", etcd={"key_prefix": prefix, "max_share_bytes": share, "max_value_bytes": 4096})
+    a, b = started.pair(upstream, etcd, config)
+    before = [settled_stats(envoy) for envoy in (a, b)]
+
+    floods = []
+    threads = [threading.Thread(target=lambda e=envoy: floods.append(
+        run_load(e.port, 0, FLOOD_KEYS // 2, f"flood-{e.port}", 8, auth=FLOODER)), daemon=True)
+        for envoy in (a, b)]
+    for thread in threads:
+        thread.start()
+    # The other organisation: first POSTs on A and their retries on B for as long as the flood
+    # lasts, within its own share (STEADY_KEYS records), then retries of its earlier keys.
+    other, retries = [], []
+    while any(thread.is_alive() for thread in threads) or not retries:
+        if len(other) < STEADY_KEYS:
+            k = f"steady-{uuid.uuid4()}"
+            other.append((k, call(a, k, path="/v1/load")))
+        k, first = other[len(retries) % len(other)]
+        retries.append((k, first, call(b, k, path="/v1/load")))
+    for thread in threads:
+        thread.join()
+
+    for flood in floods:
+        assert flood["statuses"] == {200: FLOOD_KEYS // 2}, flood
+    for k, first, retry in retries:
+        assert_original(first)
+        assert_replay_of(retry, first)
+        assert upstream.count(key=k) == 1
+    evicted = sum(stat_deltas(envoy, start, ["idempotency.evicted"])["idempotency.evicted"]
+                  for envoy, start in zip((a, b), before))
+    assert evicted > FLOOD_KEYS // 2, evicted
+    # Past its share, the flooder is still protected for the lease: a retry on the other Envoy
+    # finds the record in etcd.
+    late = f"flood-late-{uuid.uuid4()}"
+    flooder = [("authorization", FLOODER)]
+    first = call(a, late, headers=flooder, path="/v1/load")
+    assert_original(first)
+    assert_replay_of(call(b, late, headers=flooder, path="/v1/load"), first)
+
+    # Once the lease-long records have gone, the flooder holds at most a share per Envoy.
+    def held():
+        return [len(k) + len(v) for k, v in etcd.range_prefix(prefix)]
+
+    bound = 2 * share + len(other) * max(held())
+    assert wait_for(lambda: sum(held()) <= bound, timeout=30), (len(held()), sum(held()), bound)
+    assert len(held()) > len(other) + 1, "the flooder's records within its share are kept"
+    # The other organisation's records kept their ttl: an Envoy that never saw them replays
+    # every one from etcd.
+    (c, _) = started.pair(upstream, etcd, config)
+    for k, first in other:
+        assert_replay_of(call(c, k, path="/v1/load"), first)
+        assert upstream.count(key=k) == 1
