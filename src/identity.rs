@@ -33,7 +33,10 @@ pub fn key_of<'a>(
 pub fn trim_ows(value: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = value.iter().position(|b| !is_ows(b)).unwrap_or(value.len());
-    let end = value.iter().rposition(|b| !is_ows(b)).map_or(start, |at| at + 1);
+    let end = value
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |at| at + 1);
     &value[start..end]
 }
 
@@ -150,12 +153,21 @@ mod tests {
     #[test]
     fn whitespace_around_a_key_is_not_part_of_it() {
         let padded = headers(&[("idempotency-key", b"  k-1 \t")]);
-        assert_eq!(key_of(&padded, "idempotency-key"), Ok(Some(b"k-1".as_slice())));
+        assert_eq!(
+            key_of(&padded, "idempotency-key"),
+            Ok(Some(b"k-1".as_slice()))
+        );
         let inner = headers(&[("idempotency-key", b" a b ")]);
-        assert_eq!(key_of(&inner, "idempotency-key"), Ok(Some(b"a b".as_slice())));
+        assert_eq!(
+            key_of(&inner, "idempotency-key"),
+            Ok(Some(b"a b".as_slice()))
+        );
         for blank in [b"".as_slice(), b"   ", b"\t \t"] {
             let blank = headers(&[("idempotency-key", blank)]);
-            assert!(matches!(key_of(&blank, "idempotency-key"), Err(InvalidKey(_))));
+            assert!(matches!(
+                key_of(&blank, "idempotency-key"),
+                Err(InvalidKey(_))
+            ));
         }
     }
 

@@ -48,8 +48,12 @@ pub enum ClaimReply {
     Claimed(Ticket),
     Replay(StoredResponse),
     Conflict,
-    InFlight { remaining: Millis },
-    Held { remaining: Millis },
+    InFlight {
+        remaining: Millis,
+    },
+    Held {
+        remaining: Millis,
+    },
     NotStored,
     Full,
     /// The organisation holds its share of the store, and none of its records could make way.
