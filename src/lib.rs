@@ -1,25 +1,25 @@
 //! An Idempotency-Key filter for Envoy: a retried request with the same key does not run the work
-//! twice. The decisions live in pure modules that `cargo test` runs on the host; `filter` and
-//! `host` are the thin proxy-wasm glue over them.
+//! twice.
+//!
+//! Three layers, each depending only on the ones before it:
+//! - `core`: the decisions, pure Rust with time passed in: configuration, identity, a record's
+//!   lifecycle and formats, one request's exchange, problems, counters, and the store boundary.
+//! - `stores`: the shared-data table and etcd, behind that boundary.
+//! - `proxy` (wasm32 only): the proxy-wasm glue, a few lines per callback.
+// The glue is built for wasm32 only, so what only it uses looks dead to a host build; dead code
+// is judged by the wasm32 build.
+#![cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 
-pub mod config;
-pub mod decide;
-pub mod etcd;
-pub mod exchange;
-pub mod identity;
-pub mod metrics;
-pub mod problem;
-pub mod record;
-pub mod store;
-pub mod table;
+mod core;
+mod stores;
 
 #[cfg(target_arch = "wasm32")]
-mod filter;
-#[cfg(target_arch = "wasm32")]
-mod host;
+mod proxy;
+
+pub use crate::core::config::{Config, ConfigError};
 
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| Box::new(filter::Root::default()));
+    proxy_wasm::set_root_context(|_| Box::new(proxy::Root::default()));
 }}

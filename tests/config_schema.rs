@@ -6,7 +6,7 @@
 // A test crate: its helpers fail loudly too, like the #[test] functions clippy already allows.
 #![allow(clippy::panic)]
 
-use idempotency_filter::config::Config;
+use idempotency_filter::Config;
 use serde_json::{json, Map, Value};
 use std::collections::BTreeSet;
 use std::path::Path;

@@ -4,9 +4,9 @@
 //! remote store (etcd through `dispatch_http_call`) answers in a callback. The exchange is written
 //! against [`Answer`], so either kind drives it without change.
 
-use crate::config::Millis;
-use crate::decide::Claim;
-use crate::record::StoredResponse;
+use crate::core::lifecycle::Claim;
+use crate::core::record::StoredResponse;
+use crate::core::Millis;
 use std::fmt;
 
 /// Identifies a call a remote store made; its answer is handed to [`Store::resume`].
@@ -140,13 +140,4 @@ pub trait Store {
     fn take_evictions(&mut self) -> Vec<Millis> {
         Vec::new()
     }
-}
-
-/// A key-value map with compare-and-swap: Envoy's shared data, as the host really behaves.
-/// `set` with `cas: None` always writes; with `Some(cas)` it writes only if the key's current
-/// CAS matches — and always if the key is absent.
-pub trait Kv {
-    fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError>;
-    /// `Ok(false)` on a CAS mismatch.
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
 }

@@ -1,13 +1,15 @@
 //! The proxy-wasm glue: each callback hands its event to the request's [`Exchange`] and carries
 //! out the [`Step`] it gets back. Waiting duplicates are polled from the root context's tick.
 
-use crate::config::Config;
-use crate::etcd::Etcd;
-use crate::exchange::{self, Exchange, Step};
-use crate::host::{self, EtcdCalls, Metrics, SharedData};
-use crate::metrics::Counter;
-use crate::store::{Answer, CallId, CallResponse, Resumed, Store, StoreError};
-use crate::table::Table;
+use crate::core::config::Config;
+use crate::core::counters::Counter;
+use crate::core::exchange::{self, Exchange, Step};
+use crate::core::store::{Answer, CallId, CallResponse, Resumed, Store, StoreError};
+mod host;
+
+use crate::stores::etcd::Etcd;
+use crate::stores::table::Table;
+use host::{EtcdCalls, Metrics, SharedData};
 use log::{debug, error, info, warn};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, MapType};

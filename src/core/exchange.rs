@@ -4,13 +4,14 @@
 //! end of the stream) and gets back a [`Step`] to carry out. Store operations are steps too, so
 //! a store that answers later (by callback) drives the same machine as one that answers now.
 
-use crate::config::{Config, Millis, WhenFull};
-use crate::decide::Claim;
-use crate::identity::{self, Digest32, InvalidKey};
-use crate::metrics::Counter;
-use crate::problem::{self, whole_seconds, LocalReply, Problem};
-use crate::record::StoredResponse;
-use crate::store::{ClaimReply, FinishReply, Outcome, StoreError, Ticket};
+use crate::core::config::{Config, WhenFull};
+use crate::core::counters::Counter;
+use crate::core::identity::{self, Digest32, InvalidKey};
+use crate::core::lifecycle::Claim;
+use crate::core::problem::{self, whole_seconds, LocalReply, Problem};
+use crate::core::record::StoredResponse;
+use crate::core::store::{ClaimReply, FinishReply, Outcome, StoreError, Ticket};
+use crate::core::Millis;
 use std::rc::Rc;
 
 /// What the glue must do next.
@@ -148,6 +149,7 @@ impl Exchange {
     }
 
     /// Whether the request is held waiting for an original.
+    #[cfg(test)]
     pub fn is_waiting(&self) -> bool {
         matches!(
             self.phase,
@@ -547,9 +549,9 @@ pub fn finish_counter(reply: &Result<FinishReply, StoreError>) -> Counter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Answer, Store};
-    use crate::table::tests::{config, MemoryKv};
-    use crate::table::Table;
+    use crate::core::store::{Answer, Store};
+    use crate::stores::table::Table;
+    use crate::stores::testkit::{config, MemoryKv};
 
     const POST_HEADERS: [(&str, &[u8]); 2] = [
         ("authorization", b"Bearer org-a"),

@@ -2,9 +2,9 @@
 //! (verdict, new entries). Stores apply them under their own atomicity (a compare-and-swap on a
 //! bucket, a transaction on a remote store); nothing here knows where the entries live.
 
-use crate::config::Millis;
-use crate::identity::Digest32;
-use crate::record::{Bucket, Entry, State, BUCKET_ENTRIES};
+use crate::core::identity::Digest32;
+use crate::core::record::{Bucket, Entry, State, BUCKET_ENTRIES};
+use crate::core::Millis;
 
 /// A request asking for a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

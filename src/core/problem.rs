@@ -1,6 +1,6 @@
 //! The filter's own answers: RFC 9457 problem documents, and replays of stored responses.
 
-use crate::record::StoredResponse;
+use crate::core::record::StoredResponse;
 
 /// A response the filter sends itself; the request does not reach the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,10 +48,6 @@ impl Problem {
                 "Idempotency store unavailable",
             ),
         }
-    }
-
-    pub fn code(self) -> &'static str {
-        self.parts().1
     }
 
     /// The problem document, with `Retry-After` in whole seconds where given.

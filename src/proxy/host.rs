@@ -1,11 +1,12 @@
 //! The host, through `proxy_wasm::hostcalls` only: every call's error is handled here, so the
 //! rest of the glue never meets a host `Status` (the SDK's trait helpers would panic on one).
 
-use crate::config::{EtcdConfig, Millis};
-use crate::etcd::Caller;
-use crate::metrics::Counter;
-use crate::problem::LocalReply;
-use crate::store::{CallId, CallResponse, Kv, StoreError};
+use crate::core::config::EtcdConfig;
+use crate::core::counters::Counter;
+use crate::core::problem::LocalReply;
+use crate::core::store::{CallId, CallResponse, StoreError};
+use crate::core::Millis;
+use crate::stores::{Caller, Kv};
 use log::warn;
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};

@@ -2,7 +2,7 @@
 //! gateway, so that every Envoy of a fleet sees the same claims.
 //!
 //! - Claim: one transaction, "create the key if absent, else read it back"; the loser decides on
-//!   the record it read with the same [`decide`] as the embedded table. An expired record is taken
+//!   the record it read with the same [`lifecycle`] as the embedded table. An expired record is taken
 //!   over by a compare-and-swap on its `mod_revision`.
 //! - Lost answers: a claim whose transaction got no answer (a timeout, a reset) may still have
 //!   been applied, and would then block its key for a lease with work that never ran. Such a
@@ -25,21 +25,18 @@
 //!
 //! Every operation goes out as calls; their answers come back through [`Store::resume`].
 
-use crate::config::{Config, EtcdConfig, Millis};
-use crate::decide::{self, Claim, Room, Verdict};
-use crate::record::{Bucket, Entry, State, StoredResponse, Written};
-use crate::store::{
-    Answer, CallId, CallResponse, ClaimReply, FinishReply, Kv, Outcome, Resumed, Store, StoreError,
+use crate::core::config::{Config, EtcdConfig};
+use crate::core::lifecycle::{self, Claim, Room, Verdict};
+use crate::core::record::{Bucket, Entry, State, StoredResponse, Written};
+use crate::core::store::{
+    Answer, CallId, CallResponse, ClaimReply, FinishReply, Outcome, Resumed, Store, StoreError,
     Ticket,
 };
-use crate::table::{self, Table};
+use crate::core::Millis;
+use crate::stores::table::{self, Table};
+use crate::stores::{Caller, Kv};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-
-/// Sends a POST to etcd's gateway; the answer comes to [`Store::resume`] under the returned id.
-pub trait Caller {
-    fn post(&self, path: &str, body: &[u8]) -> Result<CallId, StoreError>;
-}
 
 /// Attempts at one claim when other Envoys keep changing the record under it.
 const MAX_ROUNDS: u8 = 8;
@@ -284,10 +281,6 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         }
     }
 
-    pub fn cache_mut(&mut self) -> &mut Table<K> {
-        &mut self.cache
-    }
-
     /// The reply a complete record this Envoy holds a copy of gives, if it holds one.
     fn cached(&self, claim: &Claim, now: Millis) -> Option<ClaimReply> {
         self.cache.peek(claim, now).unwrap_or_else(|error| {
@@ -473,7 +466,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             usable: 1,
             evict: false,
         };
-        let reply = match decide::claim(&mut bucket, &claim, room, now) {
+        let reply = match lifecycle::claim(&mut bucket, &claim, room, now) {
             Verdict::Claimed { .. } => return self.retry_claim(claim, rounds, Some(revision), now),
             Verdict::Replay { token, .. } => {
                 match StoredResponse::decode(response, &claim.tuple, token) {
@@ -878,7 +871,7 @@ fn unb64(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::tests::{config, MemoryKv};
+    use crate::stores::testkit::{config, MemoryKv};
     use std::cell::RefCell;
 
     #[derive(Default)]
@@ -1442,7 +1435,7 @@ mod tests {
         let mut store = world.envoy(json);
         let ticket = world.claim_on(&mut store, 10, 0);
         let mut big = response();
-        big.body = crate::record::incompressible(2048);
+        big.body = crate::core::record::incompressible(2048);
         assert_eq!(
             finish(&mut world, &mut store, ticket, Outcome::Store(big), 1),
             FinishReply::StoredWithoutResponse { store_full: false }

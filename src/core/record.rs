@@ -3,8 +3,8 @@
 //! reader that meets a version it does not know refuses it rather than guess, so a filter upgrade
 //! in a running Envoy never misreads a record.
 
-use crate::config::Millis;
-use crate::identity::Digest32;
+use crate::core::identity::Digest32;
+use crate::core::Millis;
 
 pub const BUCKET_ENTRIES: usize = 16;
 const BUCKET_MAGIC: [u8; 2] = *b"IB";
@@ -81,7 +81,7 @@ pub struct Entry {
     pub deadline: Millis,
     /// Bytes of the stored response, for `Complete`.
     pub response_len: u32,
-    /// The organisation's tag ([`crate::identity::org_tag`]), whose share this record counts in.
+    /// The organisation's tag ([`crate::core::identity::org_tag`]), whose share this record counts in.
     pub org: u16,
 }
 

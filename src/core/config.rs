@@ -3,11 +3,13 @@
 //! Every field has a default, so `{}` is a complete configuration. Anything unknown or out of
 //! range is refused with an error that names the field, and the filter then refuses to load.
 
+use crate::core::Millis;
 use serde::Deserialize;
 use std::fmt;
 
-/// Milliseconds: the filter's only unit of time.
-pub type Millis = u64;
+/// The shared-data table accounts `capacity_bytes` in this many ledgers; each must hold any
+/// storable response.
+pub const LEDGER_SHARDS: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WhenFull {
@@ -357,13 +359,13 @@ impl Config {
                 format!("must be between 1 and {MAX_CAPACITY_RECORDS}"),
             ));
         }
-        let shard_bytes = raw.capacity_bytes / crate::table::LEDGER_SHARDS;
+        let shard_bytes = raw.capacity_bytes / LEDGER_SHARDS;
         if shard_bytes < raw.max_response_body_bytes.max(1) {
             return Err(invalid(
                 "capacity_bytes",
                 format!(
                     "must be at least {} x max_response_body_bytes, so any storable response fits",
-                    crate::table::LEDGER_SHARDS
+                    LEDGER_SHARDS
                 ),
             ));
         }

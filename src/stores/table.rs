@@ -12,17 +12,18 @@
 //! `Sweeping`) writes its response key, so that write needs no compare-and-swap of its own; the
 //! ledger and share counters are shared and do.
 
-use crate::config::{Config, Millis, WhenFull};
-use crate::decide::Room;
-use crate::decide::{self, Claim, Ending, Finish, Verdict};
-use crate::record::{
+use crate::core::config::{Config, WhenFull, LEDGER_SHARDS};
+use crate::core::lifecycle::Room;
+use crate::core::lifecycle::{self, Claim, Ending, Finish, Verdict};
+use crate::core::record::{
     Bucket, DecodeError, Entry, Ledger, Share, State, StoredResponse, BUCKET_ENTRIES,
 };
-use crate::store::{
-    Answer, ClaimReply, FinishReply, Kv, Outcome, Resumed, Store, StoreError, Ticket,
+use crate::core::store::{
+    Answer, ClaimReply, FinishReply, Outcome, Resumed, Store, StoreError, Ticket,
 };
+use crate::core::Millis;
+use crate::stores::Kv;
 
-pub const LEDGER_SHARDS: usize = 8;
 /// Organisations' tags map onto this many share counters: two organisations whose tags share a
 /// slot share one share (a collision can only over-count).
 const SHARE_SLOTS: u16 = 4096;
@@ -233,8 +234,8 @@ impl<K: Kv> Table<K> {
         let usable = self.usable(bucket);
         let (token, until) = (self.sweep_token, now + SWEEP_LEASE);
         let taken = self.update(bucket, |entries| {
-            let taken = decide::victim(entries, usable, now, &which)
-                .map(|slot| (slot, decide::take(entries, slot, token, until)));
+            let taken = lifecycle::victim(entries, usable, now, &which)
+                .map(|slot| (slot, lifecycle::take(entries, slot, token, until)));
             (taken, taken.is_some())
         })?;
         let Some((slot, record)) = taken else {
@@ -245,14 +246,14 @@ impl<K: Kv> Table<K> {
         Ok(Some(record))
     }
 
-    /// Gives back a record `decide::take` took out of `slot`, and ends the sweep that holds it.
+    /// Gives back a record `lifecycle::take` took out of `slot`, and ends the sweep that holds it.
     fn release_taken(&self, bucket: u64, slot: usize, record: &Entry) -> Result<(), StoreError> {
         let global = bucket * BUCKET_ENTRIES as u64 + slot as u64;
         self.give_back(global, record)?;
         if record.state == State::Complete {
             let token = self.sweep_token;
             self.update(bucket, |entries| {
-                ((), decide::end_sweep(entries, slot, token))
+                ((), lifecycle::end_sweep(entries, slot, token))
             })?;
         }
         Ok(())
@@ -278,7 +279,7 @@ impl<K: Kv> Table<K> {
         let bucket = self.bucket_of(&claim.tuple);
         let room = self.room(bucket);
         let verdict = self.update(bucket, |entries| {
-            let verdict = decide::claim(entries, claim, room, now);
+            let verdict = lifecycle::claim(entries, claim, room, now);
             (verdict, verdict.writes())
         })?;
         let global = |slot: usize| bucket * BUCKET_ENTRIES as u64 + slot as u64;
@@ -374,7 +375,7 @@ impl<K: Kv> Table<K> {
         let bucket = ticket.slot / BUCKET_ENTRIES as u64;
         let slot = (ticket.slot % BUCKET_ENTRIES as u64) as usize;
         self.update(bucket, |entries| {
-            let finish = decide::finish(entries, slot, ticket.claim.token, ending, now);
+            let finish = lifecycle::finish(entries, slot, ticket.claim.token, ending, now);
             (finish, finish == Finish::Done)
         })
     }
@@ -459,13 +460,13 @@ impl<K: Kv> Table<K> {
     /// Gives back what the expired records of one bucket held; returns how many.
     pub fn sweep(&self, bucket: u64, now: Millis) -> Result<usize, StoreError> {
         let bucket = bucket % self.buckets;
-        let expired: Vec<usize> = decide::reclaimable(&self.read_bucket(bucket)?, now).collect();
+        let expired: Vec<usize> = lifecycle::reclaimable(&self.read_bucket(bucket)?, now).collect();
         let (token, until) = (self.sweep_token, now + SWEEP_LEASE);
         let mut swept = 0;
         for slot in expired {
             let taken = self.update(bucket, |entries| {
-                let still_expired = decide::reclaimable(entries, now).any(|at| at == slot);
-                let taken = still_expired.then(|| decide::take(entries, slot, token, until));
+                let still_expired = lifecycle::reclaimable(entries, now).any(|at| at == slot);
+                let taken = still_expired.then(|| lifecycle::take(entries, slot, token, until));
                 (taken, taken.is_some())
             })?;
             if let Some(record) = taken {
@@ -566,63 +567,9 @@ fn read_u64(bytes: &[u8]) -> Option<u64> {
 }
 
 #[cfg(test)]
-pub mod tests {
+mod tests {
     use super::*;
-    use std::cell::{Cell, RefCell};
-    use std::collections::HashMap;
-
-    pub type Racer = Box<dyn FnOnce(&MemoryKv)>;
-
-    /// Shared data as Envoy implements it: a global CAS counter from 1, writes to absent keys
-    /// always succeed, no deletes.
-    #[derive(Default)]
-    pub struct MemoryKv {
-        map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
-        next_cas: Cell<u32>,
-        /// Runs once, between a read and the next write: a racing worker.
-        pub interleave: RefCell<Option<Racer>>,
-    }
-
-    impl MemoryKv {
-        pub fn bytes(&self) -> usize {
-            self.map
-                .borrow()
-                .iter()
-                .map(|(k, (v, _))| k.len() + v.len())
-                .sum()
-        }
-
-        pub fn keys(&self) -> usize {
-            self.map.borrow().len()
-        }
-    }
-
-    impl Kv for &MemoryKv {
-        fn get(&self, key: &str) -> Result<Option<(Vec<u8>, u32)>, StoreError> {
-            Ok(self.map.borrow().get(key).cloned())
-        }
-
-        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError> {
-            let racer = self.interleave.borrow_mut().take();
-            if let Some(racer) = racer {
-                racer(self);
-            }
-            let mut map = self.map.borrow_mut();
-            if let (Some((_, current)), Some(cas)) = (map.get(key), cas) {
-                if *current != cas {
-                    return Ok(false);
-                }
-            }
-            let next = self.next_cas.get().max(1);
-            self.next_cas.set(next.wrapping_add(1).max(1));
-            map.insert(key.to_string(), (value.to_vec(), next));
-            Ok(true)
-        }
-    }
-
-    pub fn config(json: &str) -> Config {
-        Config::parse(json.as_bytes()).unwrap()
-    }
+    use crate::stores::testkit::{config, MemoryKv};
 
     fn table<'a>(kv: &'a MemoryKv, json: &str) -> Table<&'a MemoryKv> {
         let mut table = Table::new(kv, &config(json));
@@ -644,7 +591,7 @@ pub mod tests {
         StoredResponse {
             status: 201,
             headers: vec![("set-cookie".into(), "a=1".into())],
-            body: crate::record::incompressible(body_len),
+            body: crate::core::record::incompressible(body_len),
         }
     }
 

@@ -1,0 +1,14 @@
+//! The pure core: what the filter decides, with time passed in and no proxy-wasm in sight.
+//! `cargo test` runs all of it on the host.
+
+pub mod config;
+pub mod counters;
+pub mod exchange;
+pub mod identity;
+pub mod lifecycle;
+pub mod problem;
+pub mod record;
+pub mod store;
+
+/// Milliseconds: the filter's only unit of time.
+pub type Millis = u64;
