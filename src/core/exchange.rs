@@ -35,18 +35,17 @@ pub enum Step {
     Done,
 }
 
-/// Response flags (Envoy's `response.flags` bits) meaning the upstream may have done the work
-/// although no complete response came back: timeouts, resets, terminations.
-const MAY_HAVE_RUN: u64 = 0x4 // upstream request timeout
-    | 0x8 // local reset
-    | 0x10 // upstream remote reset
-    | 0x40 // upstream connection termination
-    | 0x4000 // downstream connection termination
-    | 0x8000 // upstream retry limit exceeded
-    | 0x10000 // stream idle timeout
-    | 0x80000 // upstream max stream duration reached
-    | 0x400000 // duration timeout
-    | 0x800000; // upstream protocol error
+/// How the stream ended, as far as an owner with no complete response is concerned; the glue
+/// tells it from Envoy's response flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StreamEnd {
+    /// No flag saying why the response is missing or cut short.
+    #[default]
+    Unflagged,
+    /// A timeout, reset or termination: the upstream may have done the work although no
+    /// complete response came back.
+    Interrupted,
+}
 
 /// Hop-by-hop headers, and those Envoy sets itself on every answer, are not stored.
 const UNSTORED_HEADERS: [&str; 11] = [
@@ -129,6 +128,11 @@ impl Exchange {
         }
     }
 
+    /// Envoy's `x-request-id`, for log lines.
+    pub fn set_request_id(&mut self, id: String) {
+        self.request_id = id;
+    }
+
     pub fn request_id(&self) -> &str {
         &self.request_id
     }
@@ -168,9 +172,6 @@ impl Exchange {
         headers: &[(String, Vec<u8>)],
         end_of_stream: bool,
     ) -> Step {
-        if let Some((_, id)) = headers.iter().find(|(n, _)| n == "x-request-id") {
-            self.request_id = String::from_utf8_lossy(id).into_owned();
-        }
         let (path, query) = identity::split_path(path);
         if !self.config.covers(method) || !self.config.covers_path(path) {
             self.phase = Phase::Out;
@@ -444,8 +445,8 @@ impl Exchange {
         self.capture.complete = true;
     }
 
-    /// The stream ended (`on_log`). `flags` is Envoy's `response.flags` bit set.
-    pub fn on_end(&mut self, flags: u64) -> Step {
+    /// The stream ended (`on_log`).
+    pub fn on_end(&mut self, end: StreamEnd) -> Step {
         let Phase::Owner { ticket } = self.phase else {
             self.phase = Phase::Out;
             return Step::Done;
@@ -467,7 +468,7 @@ impl Exchange {
                     body: capture.body,
                 })
             }
-            None if flags & MAY_HAVE_RUN != 0 => Outcome::Hold,
+            None if end == StreamEnd::Interrupted => Outcome::Hold,
             // Envoy answered without the upstream: connection failure, no healthy host, no route.
             None if capture.local_reply => Outcome::Release,
             // No answer at all and no flag saying why: assume the work may have run.
@@ -641,7 +642,7 @@ mod tests {
             ]);
             exchange.on_response_headers(&response, true, false);
             exchange.on_response_body(body, true);
-            let step = exchange.on_end(0);
+            let step = exchange.on_end(StreamEnd::Unflagged);
             self.settle(exchange, step)
         }
     }
@@ -763,7 +764,7 @@ mod tests {
             ("content-length", b"0"),
         ];
         first.on_response_headers(&headers(&response), true, true);
-        let step = first.on_end(0);
+        let step = first.on_end(StreamEnd::Unflagged);
         run.settle(&mut first, step);
         assert!(first.take_headers_to_restore().is_empty());
         let mut again = run.exchange();
@@ -895,20 +896,20 @@ mod tests {
         // Upstream timeout: Envoy's own 504, flagged UT.
         let mut timed_out = run.forwarded();
         timed_out.on_response_headers(&[], false, false);
-        let step = timed_out.on_end(0x4);
+        let step = timed_out.on_end(StreamEnd::Interrupted);
         assert!(matches!(&step, Step::Finish(ticket, Outcome::Hold) if ticket.claim.token == 1));
         run.settle(&mut timed_out, step);
         let mut retry = run.exchange();
         let (status, code) = code_of(run.request(&mut retry, "POST", b"{}"));
         assert_eq!((status, code.as_str()), (409, "idempotency_in_progress"));
-        // Connection failure: Envoy's own 503, flagged UF, never reached the upstream.
+        // Connection failure: Envoy's own 503, flagged UF (not an interruption): never ran.
         let mut other = run.exchange();
         let step = other.on_request_headers("POST", b"/v2", &headers(&POST_HEADERS), true);
         let step = run.settle(&mut other, step);
         assert_eq!(step, Step::Forward);
         other.on_response_headers(&[], false, false);
         assert!(matches!(
-            other.on_end(0x20),
+            other.on_end(StreamEnd::Unflagged),
             Step::Finish(_, Outcome::Release)
         ));
     }
@@ -920,7 +921,7 @@ mod tests {
         first.on_response_headers(&headers(&[(":status", b"201")]), true, false);
         first.on_response_body(b"partial", false);
         assert!(matches!(
-            first.on_end(0x4000),
+            first.on_end(StreamEnd::Interrupted),
             Step::Finish(_, Outcome::Hold)
         ));
     }
@@ -930,7 +931,7 @@ mod tests {
         let mut run = Run::new(r#"{"lease": "0s"}"#);
         let mut first = run.forwarded();
         assert!(matches!(
-            first.on_end(0x4000),
+            first.on_end(StreamEnd::Interrupted),
             Step::Finish(_, Outcome::Release)
         ));
     }

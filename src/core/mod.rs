@@ -9,6 +9,7 @@ pub mod lifecycle;
 pub mod problem;
 pub mod record;
 pub mod store;
+pub mod worker;
 
 /// Milliseconds: the filter's only unit of time.
 pub type Millis = u64;

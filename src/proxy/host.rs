@@ -3,13 +3,16 @@
 
 use crate::core::config::EtcdConfig;
 use crate::core::counters::Counter;
+use crate::core::exchange::StreamEnd;
 use crate::core::problem::LocalReply;
 use crate::core::store::{CallId, CallResponse, StoreError};
+use crate::core::worker::Host;
 use crate::core::Millis;
 use crate::stores::{Caller, Kv};
-use log::warn;
+use log::{warn, Level};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
+use std::fmt::Arguments;
 use std::time::UNIX_EPOCH;
 
 /// Envoy's shared data (one map per `vm_id` per process, shared by every worker's VM).
@@ -132,30 +135,35 @@ pub fn property(path: Vec<&str>) -> Option<Vec<u8>> {
     hostcalls::get_property(path).ok().flatten()
 }
 
-/// Envoy's `response.flags` bit set (0 when absent).
-pub fn response_flags() -> u64 {
-    property(vec!["response", "flags"])
+/// Envoy's `response.flags` bits meaning the upstream may have done the work although no
+/// complete response came back: timeouts, resets, terminations.
+const INTERRUPTED: u64 = 0x4 // upstream request timeout
+    | 0x8 // local reset
+    | 0x10 // upstream remote reset
+    | 0x40 // upstream connection termination
+    | 0x4000 // downstream connection termination
+    | 0x8000 // upstream retry limit exceeded
+    | 0x10000 // stream idle timeout
+    | 0x80000 // upstream max stream duration reached
+    | 0x400000 // duration timeout
+    | 0x800000; // upstream protocol error
+
+/// How the stream ended, from Envoy's `response.flags` (none when absent).
+pub fn stream_end() -> StreamEnd {
+    let flags = property(vec!["response", "flags"])
         .and_then(|bytes| bytes.try_into().ok())
         .map(u64::from_le_bytes)
-        .unwrap_or(0)
+        .unwrap_or(0);
+    if flags & INTERRUPTED != 0 {
+        StreamEnd::Interrupted
+    } else {
+        StreamEnd::Unflagged
+    }
 }
 
 /// Whether the response in flight came from the upstream rather than from Envoy itself.
 pub fn response_via_upstream() -> bool {
     property(vec!["response", "code_details"]).as_deref() == Some(b"via_upstream")
-}
-
-pub fn send(reply: &LocalReply) {
-    let headers = reply
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_str()))
-        .collect();
-    if let Err(status) =
-        hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body))
-    {
-        warn!("send_http_response failed: {status:?}");
-    }
 }
 
 /// Adds to the response headers in flight each of `headers` whose name they lack.
@@ -174,37 +182,20 @@ pub fn add_missing_headers(headers: &[(String, String)]) {
     }
 }
 
-pub fn resume_request() {
-    if let Err(status) = hostcalls::resume_http_request() {
-        warn!("resume_http_request failed: {status:?}");
-    }
-}
-
-/// Makes the host act for another HTTP context of this VM (a waiting request).
-pub fn act_for(context_id: u32) -> bool {
-    match hostcalls::set_effective_context(context_id) {
-        Ok(()) => true,
-        Err(status) => {
-            warn!("set_effective_context({context_id}) failed: {status:?}");
-            false
-        }
-    }
-}
-
 pub fn set_tick_period(millis: u64) {
     if let Err(status) = hostcalls::set_tick_period(std::time::Duration::from_millis(millis)) {
         warn!("set_tick_period failed: {status:?}");
     }
 }
 
-/// The counters, defined once per VM.
-pub struct Metrics {
-    ids: Vec<Option<u32>>,
+/// The worker's [`Host`]: the hostcalls above, and the counters, defined once per VM.
+pub struct Proxy {
+    counters: Vec<Option<u32>>,
 }
 
-impl Metrics {
-    pub fn define() -> Metrics {
-        let ids = Counter::ALL
+impl Proxy {
+    pub fn define() -> Proxy {
+        let counters = Counter::ALL
             .iter()
             .map(
                 |counter| match hostcalls::define_metric(MetricType::Counter, counter.name()) {
@@ -216,22 +207,57 @@ impl Metrics {
                 },
             )
             .collect();
-        Metrics { ids }
+        Proxy { counters }
+    }
+}
+
+impl Host for Proxy {
+    fn now(&self) -> Millis {
+        now()
     }
 
-    pub fn increment(&self, counter: Counter) {
-        self.add(counter, 1);
+    fn act_for(&self, context: u32) -> bool {
+        match hostcalls::set_effective_context(context) {
+            Ok(()) => true,
+            Err(status) => {
+                warn!("set_effective_context({context}) failed: {status:?}");
+                false
+            }
+        }
     }
 
-    pub fn add(&self, counter: Counter, n: u64) {
+    fn reply(&self, reply: &LocalReply) {
+        let headers = reply
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        if let Err(status) =
+            hostcalls::send_http_response(u32::from(reply.status), headers, Some(&reply.body))
+        {
+            warn!("send_http_response failed: {status:?}");
+        }
+    }
+
+    fn resume(&self) {
+        if let Err(status) = hostcalls::resume_http_request() {
+            warn!("resume_http_request failed: {status:?}");
+        }
+    }
+
+    fn count(&self, counter: Counter, n: u64) {
         // Envoy refuses to add 0 to a counter.
         let Ok(n @ 1..) = i64::try_from(n) else {
             return;
         };
-        if let Some(Some(id)) = self.ids.get(counter.index()) {
+        if let Some(Some(id)) = self.counters.get(counter.index()) {
             if let Err(status) = hostcalls::increment_metric(*id, n) {
                 warn!("increment_metric({}) failed: {status:?}", counter.name());
             }
         }
+    }
+
+    fn log(&self, level: Level, line: Arguments) {
+        log::log!(level, "{line}");
     }
 }

@@ -1,0 +1,657 @@
+//! One worker's requests: the claim tokens it hands out, the duplicates waiting for an original,
+//! the requests waiting for a remote store's answer, and the store itself.
+//!
+//! The glue creates one [`Worker`] per VM, hands it each request's steps through
+//! [`Worker::drive`], the answers to its calls through [`Worker::on_call_response`] and the root
+//! context's ticks through [`Worker::tick`]; the worker acts on the proxy only through [`Host`].
+//! Its state sits in cells because a reply it sends can bring the host straight back into the
+//! glue (the reply's own response callbacks, the stream's end) before the send returns.
+
+use crate::core::config::Config;
+use crate::core::counters::Counter;
+use crate::core::exchange::{self, Exchange, Step};
+use crate::core::problem::LocalReply;
+use crate::core::store::{Answer, CallId, CallResponse, ClaimReply, Resumed, Store, StoreError};
+use crate::core::Millis;
+use log::Level;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fmt::Arguments;
+use std::rc::Rc;
+
+/// With a remote store, waiting requests look at what this Envoy holds on every tick and ask
+/// the store itself every this many ticks.
+pub const REMOTE_POLL_TICKS: u64 = 5;
+/// Store failures are logged at most this often per worker (the counters count every one).
+const FAILURE_LOG_MILLIS: Millis = 1_000;
+/// A store evicting or refusing is logged at most this often per worker.
+const PRESSURE_LOG_MILLIS: Millis = 60_000;
+
+/// What the worker asks of the proxy.
+pub trait Host {
+    fn now(&self) -> Millis;
+    /// Makes the host act for request `context` (not the callback's own); false if it is gone.
+    fn act_for(&self, context: u32) -> bool;
+    /// Answers the request acted for locally.
+    fn reply(&self, reply: &LocalReply);
+    /// Lets the paused request acted for go on.
+    fn resume(&self);
+    fn count(&self, counter: Counter, n: u64);
+    /// Formats `line` only if `level` is logged.
+    fn log(&self, level: Level, line: Arguments);
+}
+
+/// What a callback answers the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Pause,
+}
+
+struct Waiter {
+    context: u32,
+    exchange: Rc<RefCell<Exchange>>,
+}
+
+pub struct Worker<H: Host> {
+    host: H,
+    config: Rc<Config>,
+    store: RefCell<Box<dyn Store>>,
+    /// Unique to this VM in this Envoy process: the high bits of every claim token.
+    number: u64,
+    attempts: Cell<u64>,
+    /// Duplicates held for an original, polled on every tick.
+    waiting: RefCell<Vec<Waiter>>,
+    /// Requests whose claim waits for a remote store's answer, by call.
+    awaiting: RefCell<HashMap<CallId, Waiter>>,
+    ticks: Cell<u64>,
+    /// Waiting requests ask the store itself every this many ticks: every tick for shared
+    /// data, less often for a remote store, where each such poll is a call.
+    poll_every: u64,
+    failure_quiet_until: Cell<Millis>,
+    pressure_quiet_until: Cell<Millis>,
+}
+
+impl<H: Host> Worker<H> {
+    /// `number` is unique to this VM in the process (see [`crate::stores::table::Table::boot`]).
+    pub fn new(host: H, config: Rc<Config>, store: Box<dyn Store>, number: u64) -> Self {
+        let poll_every = if config.etcd.is_some() {
+            REMOTE_POLL_TICKS
+        } else {
+            1
+        };
+        Worker {
+            host,
+            config,
+            store: RefCell::new(store),
+            number,
+            attempts: Cell::new(0),
+            waiting: RefCell::new(Vec::new()),
+            awaiting: RefCell::new(HashMap::new()),
+            ticks: Cell::new(0),
+            poll_every,
+            failure_quiet_until: Cell::new(0),
+            pressure_quiet_until: Cell::new(0),
+        }
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// A new request's exchange, with a claim token no other attempt in the process has.
+    pub fn start(&self) -> Rc<RefCell<Exchange>> {
+        let attempt = self.attempts.get().wrapping_add(1);
+        self.attempts.set(attempt);
+        let token = (self.number << 40) | (attempt & ((1 << 40) - 1));
+        Rc::new(RefCell::new(Exchange::new(Rc::clone(&self.config), token)))
+    }
+
+    /// Carries out the steps of request `context`, from `first`, until one leaves it paused or
+    /// let go.
+    pub fn drive(&self, context: u32, exchange: &Rc<RefCell<Exchange>>, first: Step) -> Flow {
+        let mut step = first;
+        let flow = loop {
+            step = match step {
+                Step::Pass | Step::Forward | Step::Done => break Flow::Continue,
+                Step::Buffer => break Flow::Pause,
+                Step::Claim(claim) => {
+                    let now = self.host.now();
+                    let answer = self.store.borrow_mut().claim(&claim, now);
+                    match answer {
+                        Answer::Now(reply) => self.on_claim(exchange, reply, now),
+                        Answer::Later(call) => {
+                            self.await_call(call, context, exchange);
+                            break Flow::Pause;
+                        }
+                        Answer::Queued => break Flow::Pause,
+                    }
+                }
+                Step::Wait => {
+                    self.waiting.borrow_mut().push(Waiter {
+                        context,
+                        exchange: Rc::clone(exchange),
+                    });
+                    break Flow::Pause;
+                }
+                Step::Reply(reply) => {
+                    self.host.reply(&reply);
+                    break Flow::Pause;
+                }
+                Step::Finish(ticket, outcome) => {
+                    let now = self.host.now();
+                    let answer = self.store.borrow_mut().finish(ticket, outcome, now);
+                    if let Answer::Now(reply) = answer {
+                        if let Err(error) = &reply {
+                            let id = exchange.borrow().request_id().to_string();
+                            self.store_failed(&id, error);
+                        }
+                        exchange.borrow_mut().on_finish(reply);
+                    }
+                    break Flow::Continue;
+                }
+            }
+        };
+        let counts = exchange.borrow_mut().take_counts();
+        let id = exchange.borrow();
+        let id = id.request_id();
+        for counter in counts {
+            self.host.count(counter, 1);
+            self.host
+                .log(Level::Debug, format_args!("[{id}] {}", counter.name()));
+            match counter {
+                Counter::StoreFull => self.store_pressure(
+                    "no room for a new record or response could be made (every record of its \
+                     bucket in flight): raise capacity_records or capacity_bytes",
+                ),
+                Counter::QuotaExceeded => self.store_pressure(
+                    "an organisation holds its whole max_share, all of it in flight: its new keys \
+                     get 429",
+                ),
+                _ => {}
+            }
+        }
+        self.count_evictions();
+        flow
+    }
+
+    /// Request `context` ended: it waits for nothing any more.
+    pub fn leave(&self, context: u32) {
+        self.waiting
+            .borrow_mut()
+            .retain(|waiter| waiter.context != context);
+        self.awaiting
+            .borrow_mut()
+            .retain(|_, waiter| waiter.context != context);
+    }
+
+    /// A remote store's call was answered, in the callback of the context that made it.
+    pub fn on_call_response(&self, call: CallId, response: CallResponse) {
+        let now = self.host.now();
+        let resumed = self.store.borrow_mut().resume(call, response, now);
+        match resumed {
+            Some(Resumed::Claim(answer)) => self.claim_answered(call, answer, now),
+            Some(other) => self.ended(other),
+            None => {}
+        }
+    }
+
+    /// The root context's tick: polls the waiting requests and lets the store do its own work.
+    pub fn tick(&self) {
+        let ticks = self.ticks.get().wrapping_add(1);
+        self.ticks.set(ticks);
+        self.poll_waiting(ticks.is_multiple_of(self.poll_every));
+        let now = self.host.now();
+        let ended = self.store.borrow_mut().tick(now);
+        for resumed in ended {
+            self.ended(resumed);
+        }
+        self.count_evictions();
+    }
+
+    fn on_claim(
+        &self,
+        exchange: &Rc<RefCell<Exchange>>,
+        reply: Result<ClaimReply, StoreError>,
+        now: Millis,
+    ) -> Step {
+        if let Err(error) = &reply {
+            let id = exchange.borrow().request_id().to_string();
+            self.store_failed(&id, error);
+        }
+        let room = self.waiting.borrow().len() < self.config.max_waiting;
+        exchange.borrow_mut().on_claim(reply, room, now)
+    }
+
+    fn await_call(&self, call: CallId, context: u32, exchange: &Rc<RefCell<Exchange>>) {
+        let waiter = Waiter {
+            context,
+            exchange: Rc::clone(exchange),
+        };
+        self.awaiting.borrow_mut().insert(call, waiter);
+    }
+
+    /// Hands the answer to `call`'s claim to the request that waits for it, if it still does.
+    fn claim_answered(
+        &self,
+        call: CallId,
+        answer: Answer<Result<ClaimReply, StoreError>>,
+        now: Millis,
+    ) {
+        let Some(waiter) = self.awaiting.borrow_mut().remove(&call) else {
+            return;
+        };
+        let step = match answer {
+            Answer::Now(reply) => self.on_claim(&waiter.exchange, reply, now),
+            Answer::Later(next) => {
+                self.awaiting.borrow_mut().insert(next, waiter);
+                return;
+            }
+            Answer::Queued => return,
+        };
+        self.act(&waiter, step);
+    }
+
+    /// Work no request waits for ended: a finish sent from the root context, or the store's own.
+    fn ended(&self, resumed: Resumed) {
+        if let Resumed::Finish(Answer::Now(reply)) = resumed {
+            if let Err(error) = &reply {
+                self.store_failed("-", error);
+            }
+            self.host.count(exchange::finish_counter(&reply), 1);
+        }
+    }
+
+    /// Carries out `step` for a request other than the callback's own, resuming it if it may go on.
+    fn act(&self, waiter: &Waiter, step: Step) {
+        if self.host.act_for(waiter.context)
+            && self.drive(waiter.context, &waiter.exchange, step) == Flow::Continue
+        {
+            self.host.resume();
+        }
+    }
+
+    /// Asks again for every waiting request: the original may have finished or released. A
+    /// remote store is asked from the root context itself, so that its answer comes back here;
+    /// unless `far`, it answers only from what this Envoy holds.
+    fn poll_waiting(&self, far: bool) {
+        let waiting = std::mem::take(&mut *self.waiting.borrow_mut());
+        for waiter in waiting {
+            let now = self.host.now();
+            let step = {
+                let mut exchange = waiter.exchange.borrow_mut();
+                if exchange.wait_is_over(now) {
+                    exchange.give_up_waiting()
+                } else if let Some(claim) = exchange.pending_claim() {
+                    let answer = self.store.borrow_mut().poll(&claim, far, now);
+                    match answer {
+                        None | Some(Answer::Queued) => {
+                            drop(exchange);
+                            self.waiting.borrow_mut().push(waiter);
+                            continue;
+                        }
+                        Some(Answer::Now(reply)) => exchange.on_claim(reply, true, now),
+                        Some(Answer::Later(call)) => {
+                            drop(exchange);
+                            self.awaiting.borrow_mut().insert(call, waiter);
+                            continue;
+                        }
+                    }
+                } else {
+                    continue;
+                }
+            };
+            self.act(&waiter, step);
+        }
+    }
+
+    fn count_evictions(&self) {
+        let ages = self.store.borrow_mut().take_evictions();
+        let Some(youngest) = ages.iter().min() else {
+            return;
+        };
+        let seconds: u64 = ages.iter().map(|age| age / 1_000).sum();
+        self.host.count(Counter::Evicted, ages.len() as u64);
+        self.host.count(Counter::EvictedAgeSeconds, seconds);
+        let raise = match self.config.etcd {
+            Some(_) => "an organisation is past its share: raise etcd.max_share_bytes",
+            None => "raise capacity_records",
+        };
+        self.store_pressure(&format!(
+            "evicting records before their ttl, the youngest after {}s of {}s: {raise}",
+            youngest / 1_000,
+            self.config.ttl / 1_000
+        ));
+    }
+
+    /// The store evicting or refusing is logged at most once a minute, so that an operator
+    /// learns of it from the log and not from clients.
+    fn store_pressure(&self, what: &str) {
+        if self.quiet(&self.pressure_quiet_until, PRESSURE_LOG_MILLIS) {
+            self.host
+                .log(Level::Warn, format_args!("idempotency store: {what}"));
+        }
+    }
+
+    /// Store failures are logged at most once a second, so that an outage does not flood the log.
+    fn store_failed(&self, request_id: &str, error: &StoreError) {
+        let level = if self.quiet(&self.failure_quiet_until, FAILURE_LOG_MILLIS) {
+            Level::Warn
+        } else {
+            Level::Debug
+        };
+        self.host.log(level, format_args!("[{request_id}] {error}"));
+    }
+
+    /// Whether the quiet period in `until` is over; if so, it starts again for `millis`.
+    fn quiet(&self, until: &Cell<Millis>, millis: Millis) -> bool {
+        let now = self.host.now();
+        let over = now >= until.get();
+        if over {
+            until.set(now + millis);
+        }
+        over
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::exchange::StreamEnd;
+    use crate::core::lifecycle::Claim;
+    use crate::core::store::{FinishReply, Outcome, Ticket};
+    use crate::stores::table::Table;
+    use crate::stores::testkit::{config, MemoryKv};
+
+    /// The proxy as the worker sees it, recording what it is asked to do.
+    #[derive(Default)]
+    struct FakeHost {
+        now: Cell<Millis>,
+        /// The request the host acts for: the callback's own, or the last `act_for`'s.
+        acting: Cell<u32>,
+        gone: RefCell<Vec<u32>>,
+        replies: RefCell<Vec<(u32, u16, String)>>,
+        resumed: RefCell<Vec<u32>>,
+        counts: RefCell<Vec<(Counter, u64)>>,
+        logs: RefCell<Vec<(Level, String)>>,
+    }
+
+    impl Host for Rc<FakeHost> {
+        fn now(&self) -> Millis {
+            self.now.get()
+        }
+
+        fn act_for(&self, context: u32) -> bool {
+            self.acting.set(context);
+            !self.gone.borrow().contains(&context)
+        }
+
+        fn reply(&self, reply: &LocalReply) {
+            let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+            let code = body["code"].as_str().unwrap_or("").to_string();
+            let context = self.acting.get();
+            self.replies
+                .borrow_mut()
+                .push((context, reply.status, code));
+        }
+
+        fn resume(&self) {
+            self.resumed.borrow_mut().push(self.acting.get());
+        }
+
+        fn count(&self, counter: Counter, n: u64) {
+            self.counts.borrow_mut().push((counter, n));
+        }
+
+        fn log(&self, level: Level, line: Arguments) {
+            self.logs.borrow_mut().push((level, line.to_string()));
+        }
+    }
+
+    impl FakeHost {
+        fn count_of(&self, counter: Counter) -> u64 {
+            let counts = self.counts.borrow();
+            counts
+                .iter()
+                .filter(|(c, _)| *c == counter)
+                .map(|(_, n)| n)
+                .sum()
+        }
+
+        fn warnings(&self) -> usize {
+            let logs = self.logs.borrow();
+            logs.iter()
+                .filter(|(level, _)| *level == Level::Warn)
+                .count()
+        }
+    }
+
+    struct Run {
+        host: Rc<FakeHost>,
+        worker: Worker<Rc<FakeHost>>,
+        requests: Vec<Rc<RefCell<Exchange>>>,
+    }
+
+    impl Run {
+        fn new(json: &str, store: impl FnOnce(&Config) -> Box<dyn Store>) -> Self {
+            let host = Rc::new(FakeHost::default());
+            host.now.set(1_000_000);
+            let config = config(json);
+            let store = store(&config);
+            let worker = Worker::new(Rc::clone(&host), Rc::new(config), store, 1);
+            Run {
+                host,
+                worker,
+                requests: Vec::new(),
+            }
+        }
+
+        /// A worker over the shared-data table.
+        fn table(json: &str) -> Self {
+            Run::new(json, |config| {
+                let kv: &'static MemoryKv = Box::leak(Box::default());
+                let mut table = Table::new(kv, config);
+                table.boot().unwrap();
+                Box::new(table)
+            })
+        }
+
+        /// Request `context` (from 1, in order) arrives: a covered POST with `key`.
+        fn arrive(&mut self, key: &str) -> (u32, Flow) {
+            let exchange = self.worker.start();
+            self.requests.push(Rc::clone(&exchange));
+            let context = self.requests.len() as u32;
+            let headers = vec![
+                ("authorization".to_string(), b"Bearer org-a".to_vec()),
+                ("idempotency-key".to_string(), key.as_bytes().to_vec()),
+            ];
+            let step =
+                exchange
+                    .borrow_mut()
+                    .on_request_headers("POST", b"/v1/customers", &headers, true);
+            (context, self.callback(context, step))
+        }
+
+        /// A callback of request `context` hands `step` to the worker.
+        fn callback(&self, context: u32, step: Step) -> Flow {
+            self.host.acting.set(context);
+            let exchange = Rc::clone(&self.requests[context as usize - 1]);
+            self.worker.drive(context, &exchange, step)
+        }
+
+        /// The upstream answers request `context` with `status`, and its stream ends.
+        fn respond(&self, context: u32, status: &str) -> Flow {
+            let exchange = Rc::clone(&self.requests[context as usize - 1]);
+            let headers = vec![(":status".to_string(), status.as_bytes().to_vec())];
+            let step = {
+                let mut exchange = exchange.borrow_mut();
+                exchange.on_response_headers(&headers, true, false);
+                exchange.on_response_body(b"{}", true);
+                exchange.on_end(StreamEnd::Unflagged)
+            };
+            self.worker.leave(context);
+            self.callback(context, step)
+        }
+
+        fn tick_at(&self, now: Millis) {
+            self.host.now.set(now);
+            self.host.acting.set(0);
+            self.worker.tick();
+        }
+
+        fn replies(&self) -> Vec<(u32, u16, String)> {
+            self.host.replies.borrow().clone()
+        }
+    }
+
+    const DEFAULTS: &str = "{}";
+
+    #[test]
+    fn a_waiting_duplicate_is_replayed_on_the_tick_after_its_original_stores() {
+        let mut run = Run::table(DEFAULTS);
+        assert_eq!(
+            run.arrive("k"),
+            (1, Flow::Continue),
+            "the original goes upstream"
+        );
+        assert_eq!(run.arrive("k"), (2, Flow::Pause), "the duplicate waits");
+        run.tick_at(1_000_020);
+        assert_eq!(run.replies(), [], "nothing to replay yet");
+        assert_eq!(run.respond(1, "201"), Flow::Continue);
+        run.tick_at(1_000_040);
+        assert_eq!(run.replies(), [(2, 201, String::new())]);
+        assert_eq!(
+            *run.host.resumed.borrow(),
+            [] as [u32; 0],
+            "a replay is not resumed"
+        );
+        assert_eq!(run.host.count_of(Counter::Replayed), 1);
+    }
+
+    #[test]
+    fn a_released_original_lets_one_waiting_duplicate_take_over_and_go_upstream() {
+        let mut run = Run::table(DEFAULTS);
+        run.arrive("k");
+        run.arrive("k");
+        run.arrive("k");
+        run.respond(1, "503");
+        run.tick_at(1_000_020);
+        assert_eq!(
+            *run.host.resumed.borrow(),
+            [2],
+            "the first waiter claims and is resumed"
+        );
+        assert_eq!(run.replies(), [], "the second still waits");
+        run.respond(2, "201");
+        run.tick_at(1_000_040);
+        assert_eq!(run.replies(), [(3, 201, String::new())]);
+    }
+
+    #[test]
+    fn a_duplicate_waits_max_wait_and_no_longer() {
+        let mut run = Run::table(r#"{"max_wait": "1s"}"#);
+        run.arrive("k");
+        run.arrive("k");
+        run.tick_at(1_000_999);
+        assert_eq!(run.replies(), []);
+        run.tick_at(1_001_000);
+        assert_eq!(run.replies(), [(2, 409, "idempotency_in_progress".into())]);
+        run.tick_at(1_002_000);
+        assert_eq!(run.replies().len(), 1, "it left the waiting room");
+    }
+
+    #[test]
+    fn a_full_waiting_room_answers_at_once_and_a_request_that_ended_is_never_acted_for() {
+        let mut run = Run::table(r#"{"max_waiting": 1}"#);
+        run.arrive("k");
+        assert_eq!(run.arrive("k"), (2, Flow::Pause));
+        assert_eq!(run.arrive("k"), (3, Flow::Pause));
+        assert_eq!(run.replies(), [(3, 409, "idempotency_in_progress".into())]);
+        // The waiting client goes away; its context must not be touched again.
+        run.worker.leave(2);
+        run.respond(1, "201");
+        run.tick_at(1_000_020);
+        assert_eq!(run.replies().len(), 1);
+        assert!(run.host.resumed.borrow().is_empty());
+    }
+
+    /// A remote store: every claim is a call, answered `Claimed` when its response comes.
+    #[derive(Default)]
+    struct Remote {
+        calls: u32,
+    }
+
+    impl Store for Remote {
+        fn claim(&mut self, _: &Claim, _: Millis) -> Answer<Result<ClaimReply, StoreError>> {
+            self.calls += 1;
+            Answer::Later(self.calls)
+        }
+
+        fn poll(
+            &mut self,
+            _: &Claim,
+            _: bool,
+            _: Millis,
+        ) -> Option<Answer<Result<ClaimReply, StoreError>>> {
+            None
+        }
+
+        fn finish(
+            &mut self,
+            _: Ticket,
+            _: Outcome,
+            _: Millis,
+        ) -> Answer<Result<FinishReply, StoreError>> {
+            Answer::Queued
+        }
+
+        fn resume(&mut self, call: CallId, response: CallResponse, _: Millis) -> Option<Resumed> {
+            let reply = response.map(|(status, _)| match status {
+                200 => ClaimReply::Conflict,
+                _ => ClaimReply::Full,
+            });
+            (call <= self.calls).then_some(Resumed::Claim(Answer::Now(reply)))
+        }
+
+        fn tick(&mut self, _: Millis) -> Vec<Resumed> {
+            Vec::new()
+        }
+    }
+
+    #[test]
+    fn a_remote_store_s_answer_reaches_the_request_whose_call_it_is() {
+        let mut run = Run::new(DEFAULTS, |_| Box::<Remote>::default());
+        assert_eq!(run.arrive("a"), (1, Flow::Pause));
+        assert_eq!(run.arrive("b"), (2, Flow::Pause));
+        // Call 2 is answered first (in request 2's callback): a conflict for request 2 only.
+        run.host.acting.set(2);
+        run.worker.on_call_response(2, Ok((200, Vec::new())));
+        assert_eq!(run.replies(), [(2, 409, "idempotency_conflict".into())]);
+        // An answer to a call nobody waits for any more is dropped.
+        run.worker.leave(1);
+        run.worker.on_call_response(1, Ok((200, Vec::new())));
+        assert_eq!(run.replies().len(), 1);
+    }
+
+    #[test]
+    fn store_failures_are_logged_once_a_second_and_counted_every_time() {
+        let mut run = Run::new(DEFAULTS, |_| Box::<Remote>::default());
+        for n in 0..3 {
+            let (context, _) = run.arrive(&format!("k{n}"));
+            let error = Err(StoreError::Remote("down".into()));
+            run.host.acting.set(context);
+            run.worker.on_call_response(context, error);
+        }
+        assert_eq!(run.host.warnings(), 1, "{:?}", run.host.logs.borrow());
+        assert_eq!(run.host.count_of(Counter::StoreError), 3);
+        run.host.now.set(1_001_000);
+        let (context, _) = run.arrive("k3");
+        run.worker
+            .on_call_response(context, Err(StoreError::Remote("down".into())));
+        assert_eq!(
+            run.host.warnings(),
+            2,
+            "a second later, the next one is logged"
+        );
+    }
+}
