@@ -237,8 +237,8 @@ def test_compose_command_line_runs_the_demo_walkthrough(compose_demo):
 
 
 def filter_counters():
-    """The counter names src/metrics.rs defines (idempotency.<outcome>)."""
-    source = (ROOT / "src" / "metrics.rs").read_text()
+    """The counter names src/core/counters.rs defines (idempotency.<outcome>)."""
+    source = (ROOT / "src" / "core" / "counters.rs").read_text()
     names = sorted(set(re.findall(r'=> "(idempotency\.[a-z_]+)"', source)))
     assert len(names) >= 15, names
     return names

@@ -1,0 +1,114 @@
+//! Leases shared by time window, and each organisation's share of etcd counted by the same
+//! windows, both kept in this Envoy's shared data for every worker.
+//!
+//! A lease per kind and window, so that a record put during a window lives at least its span
+//! under the window's lease, and etcd drops it at most a window later; the share counts what an
+//! organisation wrote in each window, so that what has expired drops out without a sweep.
+
+use crate::core::config::{Config, EtcdConfig};
+use crate::core::record::Written;
+use crate::core::Millis;
+use crate::stores::{table, Kv};
+
+/// Organisations' tags map onto this many counters of written bytes (a collision can only
+/// over-count).
+const SHARE_SLOTS: u16 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseKind {
+    /// Claims in flight and held claims, and records past their organisation's share: about
+    /// `lease` long.
+    Claim,
+    /// Complete records: about `ttl` long.
+    Record,
+}
+
+impl LeaseKind {
+    fn name(self) -> &'static str {
+        match self {
+            LeaseKind::Claim => "claim",
+            LeaseKind::Record => "record",
+        }
+    }
+}
+
+pub struct Leases<K: Kv> {
+    shared: K,
+    prefix: String,
+    ttl: Millis,
+    claim_lease: Millis,
+    max_share_bytes: u64,
+}
+
+impl<K: Kv> Leases<K> {
+    pub fn new(shared: K, config: &Config, settings: &EtcdConfig) -> Self {
+        Leases {
+            shared,
+            prefix: format!("{}etcd/", config.key_prefix),
+            ttl: config.ttl,
+            claim_lease: config.claim_lease(),
+            max_share_bytes: settings.max_share_bytes as u64,
+        }
+    }
+
+    /// Width of a lease's window, and the lease's length: every record put during a window
+    /// lives at least `span` under that window's lease.
+    pub fn shape(&self, kind: LeaseKind) -> (Millis, Millis) {
+        let span = match kind {
+            LeaseKind::Claim => self.claim_lease,
+            LeaseKind::Record => self.ttl,
+        };
+        let width = (span / 8).max(1_000);
+        (width, span + width)
+    }
+
+    /// The lease of `kind` granted for the window of `now`, if one was.
+    pub fn current(&self, kind: LeaseKind, now: Millis) -> Option<i64> {
+        let (width, _) = self.shape(kind);
+        let key = format!("{}lease/{}", self.prefix, kind.name());
+        let (bytes, _) = self.shared.get(&key).ok()??;
+        let (window, id) = bytes.split_at_checked(8)?;
+        let window = u64::from_le_bytes(window.try_into().ok()?);
+        let id = i64::from_le_bytes(id.try_into().ok()?);
+        (window == now / width).then_some(id)
+    }
+
+    pub fn remember(&self, kind: LeaseKind, id: i64, now: Millis) {
+        let (width, _) = self.shape(kind);
+        let key = format!("{}lease/{}", self.prefix, kind.name());
+        let mut value = (now / width).to_le_bytes().to_vec();
+        value.extend_from_slice(&id.to_le_bytes());
+        if let Err(error) = self.shared.set(&key, &value, None) {
+            log::warn!("caching an etcd lease failed: {error}");
+        }
+    }
+
+    /// Whether a record of `bytes` for `org` may live its `ttl`: so if what the organisation
+    /// wrote through this Envoy that may still be in etcd leaves room for it, and it is then
+    /// counted. A failing shared data lets it live its `ttl`: the share gives way to the guarantee.
+    pub fn within_share(&self, org: u16, bytes: u64, now: Millis) -> bool {
+        let (width, length) = self.shape(LeaseKind::Record);
+        let window = now / width;
+        // A record's lease is its window's, or the next one's when its finish went out late; a
+        // lease ends `length` after its grant, within its window.
+        let oldest = (now.saturating_sub(length) / width).saturating_sub(2);
+        let key = format!("{}share/{}", self.prefix, org % SHARE_SLOTS);
+        let counted = table::count(
+            &self.shared,
+            &key,
+            Written::decode,
+            Written::encode,
+            |written| {
+                let mut written = written.unwrap_or_default();
+                (written.since(oldest) + bytes <= self.max_share_bytes).then(|| {
+                    written.add(window, bytes);
+                    written
+                })
+            },
+        );
+        counted.unwrap_or_else(|error| {
+            log::warn!("counting an organisation's share of etcd failed: {error}");
+            true
+        })
+    }
+}

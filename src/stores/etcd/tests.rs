@@ -1,0 +1,350 @@
+use super::fake::*;
+use super::*;
+
+#[test]
+fn a_claim_is_one_create_if_absent_transaction_under_a_shared_lease() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    world.claim_on(&mut a, 10, 0);
+    assert_eq!(world.etcd.leases, 1);
+    // Another Envoy, same request: the transaction fails and returns the claim in flight.
+    let second = Resumed::Claim(b.claim(&claim_of(1, 20), 5));
+    assert_eq!(
+        world.settle(&mut b, second, 5),
+        Resumed::Claim(Answer::Now(Ok(ClaimReply::InFlight { remaining: 59_995 })))
+    );
+    let third = Resumed::Claim(b.claim(&claim_of(2, 30), 6));
+    assert_eq!(
+        world.settle(&mut b, third, 6),
+        Resumed::Claim(Answer::Now(Ok(ClaimReply::Conflict)))
+    );
+}
+
+#[test]
+fn a_stored_record_replays_on_another_envoy_and_then_from_its_cache() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    let ticket = world.claim_on(&mut a, 10, 0);
+    assert_eq!(
+        finish(&mut world, &mut a, ticket, Outcome::Store(response()), 10),
+        FinishReply::Stored
+    );
+    world.assert_replays(&mut b, 20, 20);
+    let before = world.answered;
+    assert_eq!(
+        b.claim(&claim_of(1, 21), 30),
+        Answer::Now(Ok(ClaimReply::Replay(response())))
+    );
+    assert_eq!(world.answered, before, "served from the local cache");
+    assert_eq!(
+        a.claim(&claim_of(1, 22), 30),
+        Answer::Now(Ok(ClaimReply::Replay(response())))
+    );
+}
+
+#[test]
+fn past_its_share_an_organisation_s_records_live_a_lease_and_count_as_evicted() {
+    let mut world = World::new();
+    let json = r#"{"ttl": "1h", "lease": "10s",
+        "etcd": {"cluster": "etcd", "max_value_bytes": 1024, "max_share_bytes": 1024}}"#;
+    let mut envoy = world.envoy(json);
+    // Stores a response for organisation `org` under tuple `n`; when its record expires.
+    let mut store = |world: &mut World, org: u16, n: u8, now: Millis| {
+        let claim = Claim {
+            tuple: [n; 32],
+            org,
+            ..claim_of(1, u64::from(n))
+        };
+        let first = Resumed::Claim(envoy.claim(&claim, now));
+        let ticket = claimed(world.settle(&mut envoy, first, now));
+        let reply = finish(world, &mut envoy, ticket, Outcome::Store(response()), now);
+        assert_eq!(reply, FinishReply::Stored);
+        let key = envoy.key(&claim.tuple);
+        let (entry, _) = Entry::decode_remote(&world.etcd.keys[&key].0).unwrap();
+        (entry.deadline - now, envoy.take_evictions())
+    };
+    let (hour, lease) = (3_600_000, 10_000);
+    let lives: Vec<Millis> = (1..=8).map(|n| store(&mut world, 1, n, 0).0).collect();
+    let kept = lives.iter().filter(|life| **life == hour).count();
+    assert!(
+        (3..8).contains(&kept),
+        "1 KiB holds a few records: {lives:?}"
+    );
+    assert!(lives[kept..].iter().all(|life| *life == lease), "{lives:?}");
+    assert_eq!(store(&mut world, 1, 9, 0), (lease, vec![lease]));
+    assert_eq!(
+        store(&mut world, 2, 10, 0),
+        (hour, vec![]),
+        "another organisation"
+    );
+    // Once the first records' leases have surely ended, the share has room again.
+    let later = hour + 4 * hour / 8;
+    assert_eq!(store(&mut world, 1, 11, later), (hour, vec![]));
+}
+
+#[test]
+fn a_waiting_request_reads_the_record_and_claims_only_once_it_is_gone() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    let ticket = world.claim_on(&mut a, 10, 0);
+    let sent = world.calls.sent.borrow().len();
+    assert_eq!(b.poll(&claim_of(1, 20), false, 5), None);
+    assert_eq!(
+        world.calls.sent.borrow().len(),
+        sent,
+        "a near poll makes no call"
+    );
+    let look = Resumed::Claim(b.poll(&claim_of(1, 20), true, 5).unwrap());
+    assert_eq!(world.calls.sent.borrow()[sent].0, "/v3/kv/range");
+    assert_eq!(
+        world.settle(&mut b, look, 5),
+        Resumed::Claim(Answer::Now(Ok(ClaimReply::InFlight { remaining: 59_995 })))
+    );
+    assert_eq!(
+        finish(&mut world, &mut a, ticket, Outcome::Store(response()), 10),
+        FinishReply::Stored
+    );
+    // A duplicate on the original's Envoy finds the record there, without a call.
+    let sent = world.calls.sent.borrow().len();
+    assert_eq!(
+        a.poll(&claim_of(1, 11), false, 11),
+        Some(Answer::Now(Ok(ClaimReply::Replay(response()))))
+    );
+    assert_eq!(world.calls.sent.borrow().len(), sent);
+    let look = Resumed::Claim(b.poll(&claim_of(1, 20), true, 12).unwrap());
+    assert_eq!(
+        world.settle(&mut b, look, 12),
+        Resumed::Claim(Answer::Now(Ok(ClaimReply::Replay(response()))))
+    );
+}
+
+#[test]
+fn a_waiting_request_claims_a_released_record() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    let ticket = world.claim_on(&mut a, 10, 0);
+    assert_eq!(
+        finish(&mut world, &mut a, ticket, Outcome::Release, 1),
+        FinishReply::Released
+    );
+    let sent = world.calls.sent.borrow().len();
+    let look = Resumed::Claim(b.poll(&claim_of(1, 20), true, 2).unwrap());
+    let ticket = claimed(world.settle(&mut b, look, 2));
+    assert_eq!(ticket.claim.token, 20);
+    let paths: Vec<String> = world.calls.sent.borrow()[sent..]
+        .iter()
+        .map(|(path, _)| path.clone())
+        .collect();
+    // B's first claim needs a lease of its own: leases are cached per Envoy.
+    assert_eq!(paths, ["/v3/kv/range", "/v3/lease/grant", "/v3/kv/txn"]);
+}
+
+#[test]
+fn a_finish_etcd_did_not_take_is_sent_again_while_the_claim_lasts() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    let ticket = world.claim_on(&mut a, 10, 0);
+    assert_eq!(
+        a.finish(ticket, Outcome::Store(response()), 10),
+        Answer::Queued
+    );
+    assert_eq!(a.tick(10), vec![]);
+    let sent = world.calls.sent.borrow().len();
+    let unavailable = Ok((503, b"etcdserver: leader changed".to_vec()));
+    assert!(matches!(
+        a.resume(sent as CallId, unavailable, 20),
+        Some(Resumed::Finish(Answer::Now(Err(StoreError::Remote(_)))))
+    ));
+    assert_eq!(a.tick(500), vec![]);
+    assert_eq!(world.calls.sent.borrow().len(), sent, "not before a second");
+    assert_eq!(a.tick(1_020), vec![]);
+    let again = world.calls.sent.borrow().len();
+    assert_eq!(again, sent + 1, "sent again");
+    let resumed = world.settle(
+        &mut a,
+        Resumed::Finish(Answer::Later(again as CallId)),
+        1_030,
+    );
+    assert_eq!(
+        resumed,
+        Resumed::Finish(Answer::Now(Ok(FinishReply::Stored)))
+    );
+    world.assert_replays(&mut b, 20, 1_040);
+}
+
+#[test]
+fn a_finish_that_keeps_failing_is_given_up_a_lease_after_the_response() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let ticket = world.claim_on(&mut a, 10, 0);
+    a.finish(ticket, Outcome::Store(response()), 10);
+    let (mut sends, mut reported) = (0, 0);
+    for now in (10..70_000).step_by(20) {
+        a.tick(now);
+        let sent = world.calls.sent.borrow().len() as CallId;
+        match a.resume(sent, Err(StoreError::Remote("timeout".into())), now) {
+            Some(Resumed::Finish(Answer::Now(Err(_)))) => {
+                (sends, reported) = (sends + 1, reported + 1)
+            }
+            Some(Resumed::Finish(Answer::Queued)) => sends += 1,
+            None => {}
+            other => panic!("{other:?}"),
+        }
+    }
+    // Every second while the claim's lease (60 s) runs from the response, then no more;
+    // the first failure and giving up are reported, the rest are quiet.
+    assert_eq!(sends, 60);
+    assert_eq!(reported, 2);
+    assert_eq!(a.retries.bytes, 0);
+}
+
+#[test]
+fn a_claim_whose_answer_was_lost_is_revoked_once_it_has_landed() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    world.claim_sent(&mut a, 10, 0);
+    // etcd applied it; A never heard back and answered its client 503.
+    let lost = world.answer_last(&mut a, false, 500);
+    assert!(matches!(lost, Some(Resumed::Claim(Answer::Now(Err(_))))));
+    assert_eq!(world.etcd.keys.len(), 1, "the claim landed");
+    let sent = world.calls.sent.borrow().len();
+    assert_eq!(a.tick(1_000), vec![]);
+    assert_eq!(world.calls.sent.borrow().len(), sent, "not before a second");
+    a.tick(1_500);
+    assert_eq!(world.last_path(), "/v3/kv/txn");
+    assert_eq!(
+        world.answer_last(&mut a, true, 1_510),
+        Some(Resumed::Nothing)
+    );
+    assert!(world.etcd.keys.is_empty(), "revoked");
+    assert_eq!(a.retries.revokes, 0);
+    // The retry, on any Envoy, runs the work instead of waiting for the lease.
+    world.claim_on(&mut b, 20, 1_520);
+}
+
+#[test]
+fn a_lost_claim_that_lands_late_is_revoked_when_it_does() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    world.claim_sent(&mut a, 10, 0);
+    let late = world.calls.sent.borrow().last().cloned().unwrap();
+    let call = world.calls.sent.borrow().len() as CallId;
+    a.resume(call, Err(StoreError::Remote("no answer".into())), 500);
+    a.tick(1_500);
+    // Not there yet: looked for again a second later, then at doubling intervals.
+    assert_eq!(
+        world.answer_last(&mut a, true, 1_510),
+        Some(Resumed::Nothing)
+    );
+    world.etcd.answer(&late.0, &late.1);
+    assert_eq!(world.etcd.keys.len(), 1, "the lost claim landed late");
+    let sent = world.calls.sent.borrow().len();
+    a.tick(2_000);
+    assert_eq!(world.calls.sent.borrow().len(), sent);
+    a.tick(2_510);
+    assert_eq!(
+        world.answer_last(&mut a, true, 2_520),
+        Some(Resumed::Nothing)
+    );
+    assert!(world.etcd.keys.is_empty());
+}
+
+#[test]
+fn revoking_leaves_another_claim_alone_and_a_refused_claim_is_not_revoked() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    world.claim_sent(&mut a, 10, 0);
+    let call = world.calls.sent.borrow().len() as CallId;
+    a.resume(call, Err(StoreError::Remote("no answer".into())), 500);
+    world.claim_on(&mut b, 20, 600);
+    a.tick(1_500);
+    assert_eq!(
+        world.answer_last(&mut a, true, 1_510),
+        Some(Resumed::Nothing)
+    );
+    assert_eq!(world.etcd.keys.len(), 1, "B's claim stays");
+    assert_eq!(a.retries.revokes, 0, "done: the key is someone else's");
+
+    // A claim etcd refused (4xx) was not applied: nothing to revoke.
+    world.claim_sent(&mut a, 11, 2_000);
+    let call = world.calls.sent.borrow().len() as CallId;
+    let nospace = br#"{"error":"etcdserver: mvcc: database space exceeded","code":8}"#.to_vec();
+    a.resume(call, Ok((429, nospace)), 2_010);
+    let sent = world.calls.sent.borrow().len();
+    a.tick(10_000);
+    assert_eq!(world.calls.sent.borrow().len(), sent);
+}
+
+#[test]
+fn a_released_claim_is_deleted_only_if_still_ours() {
+    let mut world = World::new();
+    let mut store = world.envoy(JSON);
+    let ticket = world.claim_on(&mut store, 10, 0);
+    // Past the lease, another request takes the record over.
+    let later = Resumed::Claim(store.claim(&claim_of(1, 11), 60_001));
+    claimed(world.settle(&mut store, later, 60_001));
+    assert_eq!(
+        finish(&mut world, &mut store, ticket, Outcome::Release, 60_002),
+        FinishReply::Lost
+    );
+    assert_eq!(world.etcd.keys.len(), 1, "the newer claim is untouched");
+}
+
+#[test]
+fn a_release_lets_the_retry_claim_again() {
+    let mut world = World::new();
+    let mut store = world.envoy(JSON);
+    let ticket = world.claim_on(&mut store, 10, 0);
+    assert_eq!(
+        finish(&mut world, &mut store, ticket, Outcome::Release, 1),
+        FinishReply::Released
+    );
+    let retry = Resumed::Claim(store.claim(&claim_of(1, 11), 2));
+    claimed(world.settle(&mut store, retry, 2));
+}
+
+#[test]
+fn a_value_over_the_limit_keeps_the_record_without_its_response() {
+    let mut world = World::new();
+    let json = r#"{"etcd": {"cluster": "etcd", "max_value_bytes": 1024}}"#;
+    let mut store = world.envoy(json);
+    let ticket = world.claim_on(&mut store, 10, 0);
+    let mut big = response();
+    big.body = crate::core::record::incompressible(2048);
+    assert_eq!(
+        finish(&mut world, &mut store, ticket, Outcome::Store(big), 1),
+        FinishReply::StoredWithoutResponse { store_full: false }
+    );
+    let retry = Resumed::Claim(store.claim(&claim_of(1, 11), 2));
+    assert_eq!(
+        world.settle(&mut store, retry, 2),
+        Resumed::Claim(Answer::Now(Ok(ClaimReply::NotStored)))
+    );
+}
+
+#[test]
+fn etcd_errors_and_silence_fail_the_operation() {
+    let mut store = World::new().envoy(JSON);
+    let Answer::Later(call) = store.claim(&claim_of(1, 10), 0) else {
+        panic!("expected a call");
+    };
+    let nospace = br#"{"error":"etcdserver: mvcc: database space exceeded","code":8}"#.to_vec();
+    match store.resume(call, Ok((429, nospace)), 1) {
+        Some(Resumed::Claim(Answer::Now(Err(StoreError::Remote(what))))) => {
+            assert!(what.contains("429"), "{what}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.resume(call, Ok((200, b"{}".to_vec())), 1),
+        None,
+        "answered once"
+    );
+}
