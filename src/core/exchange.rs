@@ -7,10 +7,10 @@
 use crate::core::config::{Config, WhenFull};
 use crate::core::counters::Counter;
 use crate::core::identity::{self, Digest32, InvalidKey};
-use crate::core::lifecycle::Claim;
+use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
 use crate::core::problem::{self, whole_seconds, LocalReply, Problem};
 use crate::core::record::StoredResponse;
-use crate::core::store::{ClaimReply, FinishReply, Outcome, StoreError, Ticket};
+use crate::core::store::{ClaimReply, StoreError, Ticket};
 use crate::core::Millis;
 use std::rc::Rc;
 
@@ -30,7 +30,7 @@ pub enum Step {
     /// Answer locally; nothing reaches the upstream.
     Reply(LocalReply),
     /// Record how the owner's attempt ended, and hand the answer to [`Exchange::on_finish`].
-    Finish(Ticket, Outcome),
+    Finish(Ticket, Ending<StoredResponse>),
     /// Nothing more to do.
     Done,
 }
@@ -311,7 +311,7 @@ impl Exchange {
             }
         };
         match reply {
-            ClaimReply::Claimed(ticket) => {
+            Verdict::Claimed(ticket) => {
                 self.count(Counter::Claimed);
                 if waiting_since.is_some() {
                     self.count(Counter::TakenOver);
@@ -319,29 +319,29 @@ impl Exchange {
                 self.phase = Phase::Owner { ticket };
                 Step::Forward
             }
-            ClaimReply::Replay(response) => {
+            Verdict::Replay(response) => {
                 let reply = problem::replay(response);
                 if reply.body.is_empty() {
                     self.restore = reply.headers.clone();
                 }
                 self.answer(Counter::Replayed, reply)
             }
-            ClaimReply::Conflict => self.answer(
+            Verdict::Blocked(Block::Conflict) => self.answer(
                 Counter::Conflict,
                 Problem::Conflict.reply(
                     "this Idempotency-Key was used with a different request body or query string",
                     None,
                 ),
             ),
-            ClaimReply::InFlight { .. } if waiting_since.is_some() => {
+            Verdict::Blocked(Block::InFlight { .. }) if waiting_since.is_some() => {
                 self.keep_waiting(claim, waiting_since, now)
             }
-            ClaimReply::InFlight { .. } if room_to_wait && self.config.max_wait > 0 => {
+            Verdict::Blocked(Block::InFlight { .. }) if room_to_wait && self.config.max_wait > 0 => {
                 self.count(Counter::Waited);
                 self.keep_waiting(claim, Some(now), now)
             }
-            ClaimReply::InFlight { .. } => self.give_up_waiting(),
-            ClaimReply::Held { remaining } => self.answer(
+            Verdict::Blocked(Block::InFlight { .. }) => self.give_up_waiting(),
+            Verdict::Blocked(Block::Held { remaining }) => self.answer(
                 Counter::InProgress,
                 Problem::InProgress.reply(
                     "an earlier request with this Idempotency-Key ended without a known outcome; \
@@ -349,18 +349,18 @@ impl Exchange {
                     Some(whole_seconds(remaining)),
                 ),
             ),
-            ClaimReply::NotStored => self.answer(
+            Verdict::Blocked(Block::NotStored) => self.answer(
                 Counter::ResponseNotStored,
                 Problem::ResponseNotStored.reply(
                     "the request with this Idempotency-Key ran, but its response was too large to store",
                     None,
                 ),
             ),
-            ClaimReply::Full => {
+            Verdict::Blocked(Block::Full) => {
                 self.count(Counter::StoreFull);
                 self.when_full(Problem::StoreFull, "no room for another record right now")
             }
-            ClaimReply::QuotaExceeded => self.answer(
+            Verdict::Blocked(Block::QuotaExceeded) => self.answer(
                 Counter::QuotaExceeded,
                 Problem::QuotaExceeded.reply(
                     "this organisation holds its whole share of the idempotency store, \
@@ -454,35 +454,35 @@ impl Exchange {
         self.phase = Phase::Out;
         let capture = std::mem::take(&mut self.capture);
         let outcome = match capture.status {
-            Some(status) if !self.config.stores_status(status) => Outcome::Release,
-            Some(_) if !capture.complete => Outcome::Hold,
-            Some(_) if capture.unstorable => Outcome::TooLarge,
+            Some(status) if !self.config.stores_status(status) => Ending::Released,
+            Some(_) if !capture.complete => Ending::Held,
+            Some(_) if capture.unstorable => Ending::Unstored { no_room: false },
             Some(status) => {
                 let mut headers = capture.headers;
                 if capture.declared_empty && capture.body.is_empty() {
                     headers.push(("content-length".to_string(), "0".to_string()));
                 }
-                Outcome::Store(StoredResponse {
+                Ending::Stored(StoredResponse {
                     status,
                     headers,
                     body: capture.body,
                 })
             }
-            None if end == StreamEnd::Interrupted => Outcome::Hold,
+            None if end == StreamEnd::Interrupted => Ending::Held,
             // Envoy answered without the upstream: connection failure, no healthy host, no route.
-            None if capture.local_reply => Outcome::Release,
+            None if capture.local_reply => Ending::Released,
             // No answer at all and no flag saying why: assume the work may have run.
-            None => Outcome::Hold,
+            None => Ending::Held,
         };
         let outcome = match outcome {
-            Outcome::Hold if self.config.lease == 0 => Outcome::Release,
+            Ending::Held if self.config.lease == 0 => Ending::Released,
             outcome => outcome,
         };
         Step::Finish(ticket, outcome)
     }
 
     /// The store's answer to the finish.
-    pub fn on_finish(&mut self, reply: Result<FinishReply, StoreError>) {
+    pub fn on_finish(&mut self, reply: Result<Finished, StoreError>) {
         self.count(finish_counter(&reply));
     }
 
@@ -535,14 +535,16 @@ impl Exchange {
 }
 
 /// The counter for how a finish went (also for finishes whose request is gone).
-pub fn finish_counter(reply: &Result<FinishReply, StoreError>) -> Counter {
+pub fn finish_counter(reply: &Result<Finished, StoreError>) -> Counter {
     match reply {
-        Ok(FinishReply::Stored) => Counter::Stored,
-        Ok(FinishReply::StoredWithoutResponse { store_full: true }) => Counter::StoreFull,
-        Ok(FinishReply::StoredWithoutResponse { store_full: false }) => Counter::ResponseTooLarge,
-        Ok(FinishReply::Released) => Counter::Released,
-        Ok(FinishReply::Held) => Counter::Held,
-        Ok(FinishReply::Lost) => Counter::LeaseExpired,
+        Ok(Finished::Recorded(ending)) => match ending {
+            Ending::Stored(()) => Counter::Stored,
+            Ending::Unstored { no_room: true } => Counter::StoreFull,
+            Ending::Unstored { no_room: false } => Counter::ResponseTooLarge,
+            Ending::Released => Counter::Released,
+            Ending::Held => Counter::Held,
+        },
+        Ok(Finished::Lost) => Counter::LeaseExpired,
         Err(_) => Counter::StoreError,
     }
 }
@@ -897,7 +899,7 @@ mod tests {
         let mut timed_out = run.forwarded();
         timed_out.on_response_headers(&[], false, false);
         let step = timed_out.on_end(StreamEnd::Interrupted);
-        assert!(matches!(&step, Step::Finish(ticket, Outcome::Hold) if ticket.claim.token == 1));
+        assert!(matches!(&step, Step::Finish(ticket, Ending::Held) if ticket.claim.token == 1));
         run.settle(&mut timed_out, step);
         let mut retry = run.exchange();
         let (status, code) = code_of(run.request(&mut retry, "POST", b"{}"));
@@ -910,7 +912,7 @@ mod tests {
         other.on_response_headers(&[], false, false);
         assert!(matches!(
             other.on_end(StreamEnd::Unflagged),
-            Step::Finish(_, Outcome::Release)
+            Step::Finish(_, Ending::Released)
         ));
     }
 
@@ -922,7 +924,7 @@ mod tests {
         first.on_response_body(b"partial", false);
         assert!(matches!(
             first.on_end(StreamEnd::Interrupted),
-            Step::Finish(_, Outcome::Hold)
+            Step::Finish(_, Ending::Held)
         ));
     }
 
@@ -932,7 +934,7 @@ mod tests {
         let mut first = run.forwarded();
         assert!(matches!(
             first.on_end(StreamEnd::Interrupted),
-            Step::Finish(_, Outcome::Release)
+            Step::Finish(_, Ending::Released)
         ));
     }
 

@@ -18,27 +18,49 @@ pub struct Claim {
     pub org: u16,
 }
 
+/// What a claim finds, wherever it is decided. `T` is what taking the record gives and `R` what
+/// a replay carries: an entry of a bucket and where its response lies (here), a ticket and the
+/// response itself (a store's answer, [`crate::core::store::ClaimReply`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// This request owns the record now and goes upstream. `displaced` is the record that held
-    /// the entry before (expired, or evicted to make room), whose share and bytes must be given
-    /// back.
-    Claimed {
-        slot: usize,
-        displaced: Option<Displaced>,
-    },
-    /// A complete record with the same fingerprint: replay the response at `slot`.
-    Replay { slot: usize, token: u64, len: u32 },
+pub enum Verdict<T, R> {
+    /// This request owns the record now and goes upstream.
+    Claimed(T),
+    /// A complete record with the same fingerprint: its response is replayed.
+    Replay(R),
+    /// Neither: what stops this request from running or replaying now.
+    Blocked(Block),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Block {
     /// Same tuple, different fingerprint.
     Conflict,
     /// Same request, still running; the lease ends in `remaining`.
     InFlight { remaining: Millis },
     /// Same request, ended without a known outcome; held for `remaining`.
     Held { remaining: Millis },
-    /// The work ran, but its response was too large to keep.
+    /// The work ran, but its response is not kept.
     NotStored,
     /// No entry free for this tuple.
     Full,
+    /// The organisation holds its share of the store, and none of its records could make way.
+    QuotaExceeded,
+}
+
+/// The entry a claim took in a bucket, and the record that held it before (expired, or evicted
+/// to make room), whose share and bytes must be given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    pub slot: usize,
+    pub displaced: Option<Displaced>,
+}
+
+/// A complete record's entry in a bucket: its response lies under `token`, `len` bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Found {
+    pub slot: usize,
+    pub token: u64,
+    pub len: u32,
 }
 
 /// A record that gave up its entry.
@@ -49,10 +71,46 @@ pub struct Displaced {
     pub evicted: bool,
 }
 
-impl Verdict {
+impl<T, R> Verdict<T, R> {
     /// Whether the verdict changed the bucket (and so must be written back).
     pub fn writes(&self) -> bool {
-        matches!(self, Verdict::Claimed { .. })
+        matches!(self, Verdict::Claimed(_))
+    }
+}
+
+/// How an owner's attempt ended, and so what its record becomes. `R` is the response where it is
+/// carried: the response itself (the exchange to a store), its length (a bucket's entry), or
+/// nothing (a store's answer, [`Finished`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending<R> {
+    /// The response is kept for `ttl`, and replayed to duplicates.
+    Stored(R),
+    /// The work ran but its response is not kept: too large, or (`no_room`) no room for it.
+    Unstored { no_room: bool },
+    /// The outcome is known not to need keeping (not stored, or never reached the upstream).
+    Released,
+    /// The outcome is unknown: the claim is held until its lease ends.
+    Held,
+}
+
+/// How a finish went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// The record now says this.
+    Recorded(Ending<()>),
+    /// The entry is no longer this claim's (its lease ended and another request took it).
+    Lost,
+}
+
+impl<R> Ending<R> {
+    /// The ending without what it carries, as recorded.
+    pub fn recorded(&self) -> Finished {
+        Finished::Recorded(match self {
+            Ending::Stored(_) => Ending::Stored(()),
+            Ending::Unstored { no_room } => Ending::Unstored { no_room: *no_room },
+            Ending::Released => Ending::Released,
+            Ending::Held => Ending::Held,
+        })
     }
 }
 
@@ -66,7 +124,7 @@ pub struct Room {
 
 /// Looks the claim up in a bucket and, where nothing live matches, takes an entry: an empty one,
 /// else an expired one, else (if `evict`) the bucket's completed record nearest its expiry.
-pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Verdict {
+pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Verdict<Taken, Found> {
     if let Some((slot, entry)) = bucket
         .entries
         .iter()
@@ -74,18 +132,18 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Ver
         .find(|(_, e)| e.is_live(now) && e.tuple == claim.tuple)
     {
         if entry.fingerprint != claim.fingerprint {
-            return Verdict::Conflict;
+            return Verdict::Blocked(Block::Conflict);
         }
         let remaining = entry.deadline - now;
         return match entry.state {
-            State::InFlight => Verdict::InFlight { remaining },
-            State::Held => Verdict::Held { remaining },
-            State::Complete => Verdict::Replay {
+            State::InFlight => Verdict::Blocked(Block::InFlight { remaining }),
+            State::Held => Verdict::Blocked(Block::Held { remaining }),
+            State::Complete => Verdict::Replay(Found {
                 slot,
                 token: entry.token,
                 len: entry.response_len,
-            },
-            State::Unstored | State::Empty | State::Sweeping => Verdict::NotStored,
+            }),
+            State::Unstored | State::Empty | State::Sweeping => Verdict::Blocked(Block::NotStored),
         };
     }
     let usable = room.usable.min(BUCKET_ENTRIES);
@@ -101,7 +159,7 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Ver
                 .flatten()
         });
     let Some(slot) = free else {
-        return Verdict::Full;
+        return Verdict::Blocked(Block::Full);
     };
     let previous = bucket.entries[slot];
     bucket.entries[slot] = Entry {
@@ -117,7 +175,7 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Ver
         entry: previous,
         evicted: previous.is_live(now),
     });
-    Verdict::Claimed { slot, displaced }
+    Verdict::Claimed(Taken { slot, displaced })
 }
 
 /// The completed record nearest its expiry among the first `usable` entries that `which`
@@ -138,48 +196,36 @@ pub fn victim(
         .map(|(slot, _)| slot)
 }
 
-/// How an attempt ended, as the owner reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ending {
-    /// The response is stored under the claim's token, `len` bytes; kept for `ttl`.
-    Stored { len: u32, ttl: Millis },
-    /// The work ran but its response is not kept; later duplicates learn that.
-    Unstored { ttl: Millis },
-    /// The outcome is known not to need keeping (not stored, or never reached the upstream).
-    Released,
-    /// The outcome is unknown: keep the claim until its lease ends.
-    Held,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Finish {
-    Done,
-    /// The entry is no longer this claim's (its lease ended and another request took it).
-    Lost,
-}
-
-/// Applies an ending to the entry at `slot`, if it is still this claim's.
-pub fn finish(bucket: &mut Bucket, slot: usize, token: u64, ending: Ending, now: Millis) -> Finish {
+/// Applies an ending to the entry at `slot`, if it is still this claim's; a record kept lives
+/// `ttl`.
+pub fn finish(
+    bucket: &mut Bucket,
+    slot: usize,
+    token: u64,
+    ending: Ending<u32>,
+    ttl: Millis,
+    now: Millis,
+) -> Finished {
     let Some(entry) = bucket.entries.get_mut(slot) else {
-        return Finish::Lost;
+        return Finished::Lost;
     };
     if entry.state != State::InFlight || entry.token != token || entry.deadline <= now {
-        return Finish::Lost;
+        return Finished::Lost;
     }
     match ending {
-        Ending::Stored { len, ttl } => {
+        Ending::Stored(len) => {
             entry.state = State::Complete;
             entry.deadline = now.saturating_add(ttl);
             entry.response_len = len;
         }
-        Ending::Unstored { ttl } => {
+        Ending::Unstored { .. } => {
             entry.state = State::Unstored;
             entry.deadline = now.saturating_add(ttl);
         }
         Ending::Released => *entry = Entry::EMPTY,
         Ending::Held => entry.state = State::Held,
     }
-    Finish::Done
+    ending.recorded()
 }
 
 /// Expired entries the sweeper gives back: records past their deadline (their share, and a
@@ -245,7 +291,12 @@ mod tests {
     }
 
     /// A claim in a store that does not evict.
-    fn claim_in(bucket: &mut Bucket, request: &Claim, usable: usize, now: Millis) -> Verdict {
+    fn claim_in(
+        bucket: &mut Bucket,
+        request: &Claim,
+        usable: usize,
+        now: Millis,
+    ) -> Verdict<Taken, Found> {
         let room = Room {
             usable,
             evict: false,
@@ -253,9 +304,9 @@ mod tests {
         claim(bucket, request, room, now)
     }
 
-    fn claimed_slot(verdict: Verdict) -> usize {
+    fn claimed_slot(verdict: Verdict<Taken, Found>) -> usize {
         match verdict {
-            Verdict::Claimed { slot, .. } => slot,
+            Verdict::Claimed(Taken { slot, .. }) => slot,
             other => panic!("expected a claim, got {other:?}"),
         }
     }
@@ -272,9 +323,9 @@ mod tests {
         assert_eq!(bucket.entries[slot].state, State::InFlight);
         assert_eq!(
             claim_in(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 1500),
-            Verdict::InFlight {
+            Verdict::Blocked(Block::InFlight {
                 remaining: LEASE - 500
-            }
+            })
         );
     }
 
@@ -284,14 +335,17 @@ mod tests {
         let slot = claimed_slot(claim_in(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
         assert_eq!(
             claim_in(&mut bucket, &request(1, 2, 11), BUCKET_ENTRIES, 1),
-            Verdict::Conflict
+            Verdict::Blocked(Block::Conflict)
         );
-        let stored = Ending::Stored { len: 5, ttl: TTL };
-        assert_eq!(finish(&mut bucket, slot, 10, stored, 2), Finish::Done);
+        let stored = Ending::Stored(5);
+        assert_eq!(
+            finish(&mut bucket, slot, 10, stored, TTL, 2),
+            Finished::Recorded(Ending::Stored(()))
+        );
         let before = bucket.clone();
         assert_eq!(
             claim_in(&mut bucket, &request(1, 2, 12), BUCKET_ENTRIES, 3),
-            Verdict::Conflict
+            Verdict::Blocked(Block::Conflict)
         );
         assert_eq!(bucket, before, "a conflict leaves the record untouched");
     }
@@ -300,13 +354,7 @@ mod tests {
     fn a_complete_record_replays_until_its_ttl() {
         let mut bucket = Bucket::empty();
         let slot = claimed_slot(claim_in(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
-        finish(
-            &mut bucket,
-            slot,
-            10,
-            Ending::Stored { len: 99, ttl: TTL },
-            100,
-        );
+        finish(&mut bucket, slot, 10, Ending::Stored(99), TTL, 100);
         assert_eq!(
             claim_in(
                 &mut bucket,
@@ -314,16 +362,16 @@ mod tests {
                 BUCKET_ENTRIES,
                 100 + TTL - 1
             ),
-            Verdict::Replay {
+            Verdict::Replay(Found {
                 slot,
                 token: 10,
                 len: 99
-            }
+            })
         );
         assert!(
             matches!(
                 claim_in(&mut bucket, &request(1, 1, 12), BUCKET_ENTRIES, 100 + TTL),
-                Verdict::Claimed { .. }
+                Verdict::Claimed(_)
             ),
             "past the TTL the work runs again"
         );
@@ -339,19 +387,13 @@ mod tests {
                 BUCKET_ENTRIES,
                 0,
             ));
-            finish(
-                &mut bucket,
-                slot,
-                u64::from(n),
-                Ending::Stored { len: 99, ttl: 10 },
-                0,
-            );
+            finish(&mut bucket, slot, u64::from(n), Ending::Stored(99), 10, 0);
         }
         let verdict = claim_in(&mut bucket, &request(200, 0, 99), BUCKET_ENTRIES, 10);
-        let Verdict::Claimed {
+        let Verdict::Claimed(Taken {
             displaced: Some(displaced),
             ..
-        } = verdict
+        }) = verdict
         else {
             panic!("expected a claim over an expired record, got {verdict:?}");
         };
@@ -364,12 +406,12 @@ mod tests {
         let mut bucket = Bucket::empty();
         let slot = claimed_slot(claim_in(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
         assert_eq!(
-            finish(&mut bucket, slot, 10, Ending::Released, 5),
-            Finish::Done
+            finish(&mut bucket, slot, 10, Ending::Released, TTL, 5),
+            Finished::Recorded(Ending::Released)
         );
         assert!(matches!(
             claim_in(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 6),
-            Verdict::Claimed { .. }
+            Verdict::Claimed(_)
         ));
     }
 
@@ -377,16 +419,16 @@ mod tests {
     fn a_held_claim_answers_in_progress_until_its_lease_ends() {
         let mut bucket = Bucket::empty();
         let slot = claimed_slot(claim_in(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
-        finish(&mut bucket, slot, 10, Ending::Held, 1000);
+        finish(&mut bucket, slot, 10, Ending::Held, TTL, 1000);
         assert_eq!(
             claim_in(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 1000),
-            Verdict::Held {
+            Verdict::Blocked(Block::Held {
                 remaining: LEASE - 1000
-            }
+            })
         );
         assert!(matches!(
             claim_in(&mut bucket, &request(1, 1, 12), BUCKET_ENTRIES, LEASE),
-            Verdict::Claimed { .. }
+            Verdict::Claimed(_)
         ));
     }
 
@@ -396,7 +438,7 @@ mod tests {
         claimed_slot(claim_in(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
         assert!(matches!(
             claim_in(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, LEASE),
-            Verdict::Claimed { .. }
+            Verdict::Claimed(_)
         ));
     }
 
@@ -410,10 +452,10 @@ mod tests {
             BUCKET_ENTRIES,
             LEASE + 1,
         ));
-        let stored = Ending::Stored { len: 1, ttl: TTL };
+        let stored = Ending::Stored(1);
         assert_eq!(
-            finish(&mut bucket, slot, 10, stored, LEASE + 2),
-            Finish::Lost
+            finish(&mut bucket, slot, 10, stored, TTL, LEASE + 2),
+            Finished::Lost
         );
         assert_eq!(bucket.entries[taken].token, 11);
         assert_eq!(bucket.entries[taken].state, State::InFlight);
@@ -423,14 +465,15 @@ mod tests {
     fn an_unstored_record_is_kept_for_the_ttl_without_its_response() {
         let mut bucket = Bucket::empty();
         let slot = claimed_slot(claim_in(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
-        finish(&mut bucket, slot, 10, Ending::Unstored { ttl: TTL }, 10);
+        let unstored = Ending::Unstored { no_room: false };
+        finish(&mut bucket, slot, 10, unstored, TTL, 10);
         assert_eq!(
             claim_in(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 20),
-            Verdict::NotStored
+            Verdict::Blocked(Block::NotStored)
         );
         assert_eq!(
             claim_in(&mut bucket, &request(1, 2, 11), BUCKET_ENTRIES, 20),
-            Verdict::Conflict
+            Verdict::Blocked(Block::Conflict)
         );
     }
 
@@ -447,15 +490,15 @@ mod tests {
         }
         assert_eq!(
             claim_in(&mut bucket, &request(200, 0, 99), BUCKET_ENTRIES, 1),
-            Verdict::Full
+            Verdict::Blocked(Block::Full)
         );
         assert!(matches!(
             claim_in(&mut bucket, &request(3, 0, 99), BUCKET_ENTRIES, 1),
-            Verdict::InFlight { .. }
+            Verdict::Blocked(Block::InFlight { .. })
         ));
         assert!(matches!(
             claim_in(&mut bucket, &request(200, 0, 99), BUCKET_ENTRIES, LEASE),
-            Verdict::Claimed { .. }
+            Verdict::Claimed(_)
         ));
     }
 
@@ -467,7 +510,7 @@ mod tests {
         }
         assert_eq!(
             claim_in(&mut bucket, &request(9, 0, 9), 4, 1),
-            Verdict::Full
+            Verdict::Blocked(Block::Full)
         );
     }
 
@@ -475,13 +518,7 @@ mod tests {
     fn expired_complete_entries_are_reclaimable() {
         let mut bucket = Bucket::empty();
         let slot = claimed_slot(claim_in(&mut bucket, &request(1, 1, 10), BUCKET_ENTRIES, 0));
-        finish(
-            &mut bucket,
-            slot,
-            10,
-            Ending::Stored { len: 7, ttl: 100 },
-            0,
-        );
+        finish(&mut bucket, slot, 10, Ending::Stored(7), 100, 0);
         assert_eq!(reclaimable(&bucket, 99).count(), 0);
         assert_eq!(reclaimable(&bucket, 100).collect::<Vec<_>>(), [slot]);
     }

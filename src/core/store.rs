@@ -4,7 +4,7 @@
 //! remote store (etcd through `dispatch_http_call`) answers in a callback. The exchange is written
 //! against [`Answer`], so either kind drives it without change.
 
-use crate::core::lifecycle::Claim;
+use crate::core::lifecycle::{Claim, Ending, Finished, Verdict};
 use crate::core::record::StoredResponse;
 use crate::core::Millis;
 use std::fmt;
@@ -26,9 +26,17 @@ pub enum Answer<T> {
 /// Proof of ownership of a claimed record, handed back when the attempt ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ticket {
-    /// Where the claim lives: an entry of the table, or the revision of a remote key.
-    pub slot: u64,
+    pub handle: Handle,
     pub claim: Claim,
+}
+
+/// Where a claim lives, in the store that made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handle {
+    /// An entry of the shared-data table.
+    Entry(u64),
+    /// The revision etcd gave the claim's key.
+    Revision(u64),
 }
 
 /// A remote store's call answered: its HTTP status and body.
@@ -38,51 +46,13 @@ pub type CallResponse = Result<(u16, Vec<u8>), StoreError>;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Resumed {
     Claim(Answer<Result<ClaimReply, StoreError>>),
-    Finish(Answer<Result<FinishReply, StoreError>>),
+    Finish(Answer<Result<Finished, StoreError>>),
     /// Work of the store's own, which no request waits for, went on or ended.
     Nothing,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum ClaimReply {
-    Claimed(Ticket),
-    Replay(StoredResponse),
-    Conflict,
-    InFlight {
-        remaining: Millis,
-    },
-    Held {
-        remaining: Millis,
-    },
-    NotStored,
-    Full,
-    /// The organisation holds its share of the store, and none of its records could make way.
-    QuotaExceeded,
-}
-
-/// How the owner's attempt ended, with what the store needs to record it.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
-    /// Keep this response for the TTL.
-    Store(StoredResponse),
-    /// The work ran; its response is too large to keep.
-    TooLarge,
-    Release,
-    Hold,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum FinishReply {
-    Stored,
-    /// The record is kept for the TTL without its response (too large, or no bytes left).
-    StoredWithoutResponse {
-        store_full: bool,
-    },
-    Released,
-    Held,
-    /// The claim's lease had ended and the record is no longer ours: nothing was written.
-    Lost,
-}
+/// A store's answer to a claim: the ticket to the record, or the response to replay.
+pub type ClaimReply = Verdict<Ticket, StoredResponse>;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum StoreError {
@@ -124,9 +94,9 @@ pub trait Store {
     fn finish(
         &mut self,
         ticket: Ticket,
-        outcome: Outcome,
+        ending: Ending<StoredResponse>,
         now: Millis,
-    ) -> Answer<Result<FinishReply, StoreError>>;
+    ) -> Answer<Result<Finished, StoreError>>;
 
     /// A call made for an operation was answered; `None` if the call is not this store's.
     fn resume(&mut self, _call: CallId, _response: CallResponse, _now: Millis) -> Option<Resumed> {

@@ -358,8 +358,9 @@ impl<H: Host> Worker<H> {
 mod tests {
     use super::*;
     use crate::core::exchange::StreamEnd;
-    use crate::core::lifecycle::Claim;
-    use crate::core::store::{FinishReply, Outcome, Ticket};
+    use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
+    use crate::core::record::StoredResponse;
+    use crate::core::store::Ticket;
     use crate::stores::table::Table;
     use crate::stores::testkit::{config, MemoryKv};
 
@@ -599,16 +600,16 @@ mod tests {
         fn finish(
             &mut self,
             _: Ticket,
-            _: Outcome,
+            _: Ending<StoredResponse>,
             _: Millis,
-        ) -> Answer<Result<FinishReply, StoreError>> {
+        ) -> Answer<Result<Finished, StoreError>> {
             Answer::Queued
         }
 
         fn resume(&mut self, call: CallId, response: CallResponse, _: Millis) -> Option<Resumed> {
             let reply = response.map(|(status, _)| match status {
-                200 => ClaimReply::Conflict,
-                _ => ClaimReply::Full,
+                200 => Verdict::Blocked(Block::Conflict),
+                _ => Verdict::Blocked(Block::Full),
             });
             (call <= self.calls).then_some(Resumed::Claim(Answer::Now(reply)))
         }

@@ -14,13 +14,11 @@
 
 use crate::core::config::{Config, WhenFull, LEDGER_SHARDS};
 use crate::core::lifecycle::Room;
-use crate::core::lifecycle::{self, Claim, Ending, Finish, Verdict};
+use crate::core::lifecycle::{self, Block, Claim, Ending, Finished, Taken, Verdict};
 use crate::core::record::{
     Bucket, DecodeError, Entry, Ledger, Share, State, StoredResponse, BUCKET_ENTRIES,
 };
-use crate::core::store::{
-    Answer, ClaimReply, FinishReply, Outcome, Resumed, Store, StoreError, Ticket,
-};
+use crate::core::store::{Answer, ClaimReply, Handle, Resumed, Store, StoreError, Ticket};
 use crate::core::Millis;
 use crate::stores::Kv;
 
@@ -44,6 +42,13 @@ const SWEEP_LEASE: Millis = 5_000;
 /// Buckets an organisation at its share looks through, from the new key's own, for one of its
 /// completed records to make way.
 const SHARE_PROBES: u64 = 8;
+
+/// A claim this table made, at entry `slot` of the whole table (a [`Handle::Entry`]).
+#[derive(Debug, Clone, Copy)]
+struct Owner {
+    slot: u64,
+    claim: Claim,
+}
 
 pub struct Table<K: Kv> {
     kv: K,
@@ -284,44 +289,43 @@ impl<K: Kv> Table<K> {
         })?;
         let global = |slot: usize| bucket * BUCKET_ENTRIES as u64 + slot as u64;
         Ok(Some(match verdict {
-            Verdict::Claimed { slot, displaced } => {
-                let ticket = Ticket {
+            Verdict::Claimed(Taken { slot, displaced }) => {
+                let owner = Owner {
                     slot: global(slot),
                     claim: *claim,
                 };
                 if let Some(displaced) = displaced {
-                    self.give_back(ticket.slot, &displaced.entry)?;
+                    self.give_back(owner.slot, &displaced.entry)?;
                     if displaced.evicted {
                         self.note_eviction(&displaced.entry, now);
                     }
                 }
-                if self.take_share(ticket, now)? {
-                    ClaimReply::Claimed(ticket)
+                if self.take_share(owner, now)? {
+                    Verdict::Claimed(Ticket {
+                        handle: Handle::Entry(owner.slot),
+                        claim: *claim,
+                    })
                 } else {
-                    ClaimReply::QuotaExceeded
+                    Verdict::Blocked(Block::QuotaExceeded)
                 }
             }
-            Verdict::Replay { slot, token, .. } => {
-                match self.read_response(global(slot), &claim.tuple, token)? {
-                    Some(response) => ClaimReply::Replay(response),
+            Verdict::Replay(found) => {
+                match self.read_response(global(found.slot), &claim.tuple, found.token)? {
+                    Some(response) => Verdict::Replay(response),
                     // The entry moved on between the two reads: decide again.
                     None => return Ok(None),
                 }
             }
-            Verdict::Conflict => ClaimReply::Conflict,
-            Verdict::InFlight { remaining } => ClaimReply::InFlight { remaining },
-            Verdict::Held { remaining } => ClaimReply::Held { remaining },
-            Verdict::NotStored => ClaimReply::NotStored,
-            Verdict::Full => ClaimReply::Full,
+            Verdict::Blocked(block) => Verdict::Blocked(block),
         }))
     }
 
     /// Counts a new claim in its organisation's share. At its share, one of the organisation's
     /// own completed records makes way (the one nearest expiry in the first of `SHARE_PROBES`
     /// buckets that holds any); with none, the claim is undone and refused (false).
-    fn take_share(&mut self, ticket: Ticket, now: Millis) -> Result<bool, StoreError> {
-        let org = ticket.claim.org;
-        let home = ticket.slot / BUCKET_ENTRIES as u64;
+    fn take_share(&mut self, owner: Owner, now: Millis) -> Result<bool, StoreError> {
+        let org = owner.claim.org;
+        let home = owner.slot / BUCKET_ENTRIES as u64;
         let mut probe = 0;
         while !self.share(org, 1, 0)? {
             let own = |e: &Entry| e.org == org;
@@ -338,22 +342,22 @@ impl<K: Kv> Table<K> {
                 probe += 1;
             };
             if !made_way {
-                self.end(ticket, Ending::Released, now)?;
+                self.end(owner, Ending::Released, self.ttl, now)?;
                 return Ok(false);
             }
         }
         Ok(true)
     }
 
-    /// Makes room for `len` response bytes of `ticket`'s record: in the store's bytes (where a
+    /// Makes room for `len` response bytes of `owner`'s record: in the store's bytes (where a
     /// full store evicts, the bucket's completed record nearest expiry makes way) and in its
     /// organisation's share (its own record makes way). False when there is none to be made.
-    fn make_room(&mut self, ticket: Ticket, len: u32, now: Millis) -> Result<bool, StoreError> {
-        let (org, len) = (ticket.claim.org, i64::from(len));
-        let bucket = ticket.slot / BUCKET_ENTRIES as u64;
+    fn make_room(&mut self, owner: Owner, len: u32, now: Millis) -> Result<bool, StoreError> {
+        let (org, len) = (owner.claim.org, i64::from(len));
+        let bucket = owner.slot / BUCKET_ENTRIES as u64;
         let complete = |e: &Entry| e.state == State::Complete;
         for _ in 0..=BUCKET_ENTRIES {
-            let evicted = if !self.account(ticket.slot, len)? {
+            let evicted = if !self.account(owner.slot, len)? {
                 if !self.evict {
                     return Ok(false);
                 }
@@ -361,7 +365,7 @@ impl<K: Kv> Table<K> {
             } else if self.share(org, 0, len)? {
                 return Ok(true);
             } else {
-                self.account(ticket.slot, -len)?;
+                self.account(owner.slot, -len)?;
                 self.evict_in(bucket, now, |e| complete(e) && e.org == org)?
             };
             if evicted.is_none() {
@@ -371,12 +375,18 @@ impl<K: Kv> Table<K> {
         Ok(false)
     }
 
-    fn end(&self, ticket: Ticket, ending: Ending, now: Millis) -> Result<Finish, StoreError> {
-        let bucket = ticket.slot / BUCKET_ENTRIES as u64;
-        let slot = (ticket.slot % BUCKET_ENTRIES as u64) as usize;
+    fn end(
+        &self,
+        owner: Owner,
+        ending: Ending<u32>,
+        ttl: Millis,
+        now: Millis,
+    ) -> Result<Finished, StoreError> {
+        let bucket = owner.slot / BUCKET_ENTRIES as u64;
+        let slot = (owner.slot % BUCKET_ENTRIES as u64) as usize;
         self.update(bucket, |entries| {
-            let finish = lifecycle::finish(entries, slot, ticket.claim.token, ending, now);
-            (finish, finish == Finish::Done)
+            let finished = lifecycle::finish(entries, slot, owner.claim.token, ending, ttl, now);
+            (finished, finished != Finished::Lost)
         })
     }
 
@@ -393,12 +403,12 @@ impl<K: Kv> Table<K> {
             return Ok(None);
         };
         if entry.fingerprint != claim.fingerprint {
-            return Ok(Some(ClaimReply::Conflict));
+            return Ok(Some(Verdict::Blocked(Block::Conflict)));
         }
         let global = bucket * BUCKET_ENTRIES as u64 + slot as u64;
         Ok(self
             .read_response(global, &claim.tuple, entry.token)?
-            .map(ClaimReply::Replay))
+            .map(Verdict::Replay))
     }
 
     /// Keeps a copy of a complete record (from a remote store) until `expires`; best effort.
@@ -409,52 +419,60 @@ impl<K: Kv> Table<K> {
         expires: Millis,
         now: Millis,
     ) -> Result<(), StoreError> {
-        if let Answer::Now(Ok(ClaimReply::Claimed(ticket))) = self.claim(claim, now) {
-            self.store_response(ticket, response, expires.saturating_sub(now), now)?;
+        if let Answer::Now(Ok(Verdict::Claimed(ticket))) = self.claim(claim, now) {
+            let owner = Owner {
+                slot: self.entry_of(&ticket)?,
+                claim: ticket.claim,
+            };
+            self.store_response(owner, response, expires.saturating_sub(now), now)?;
         }
         Ok(())
     }
 
     fn store_response(
         &mut self,
-        ticket: Ticket,
+        owner: Owner,
         response: &StoredResponse,
         ttl: Millis,
         now: Millis,
-    ) -> Result<FinishReply, StoreError> {
-        let bucket = ticket.slot / BUCKET_ENTRIES as u64;
-        let slot = (ticket.slot % BUCKET_ENTRIES as u64) as usize;
+    ) -> Result<Finished, StoreError> {
+        let bucket = owner.slot / BUCKET_ENTRIES as u64;
+        let slot = (owner.slot % BUCKET_ENTRIES as u64) as usize;
         let entry = self.read_bucket(bucket)?.entries[slot];
-        let token = ticket.claim.token;
+        let token = owner.claim.token;
         if entry.token != token || entry.deadline <= now {
-            return Ok(FinishReply::Lost);
+            return Ok(Finished::Lost);
         }
-        let unstored = Ending::Unstored { ttl };
-        let without_response = |table: &Self, store_full| match table.end(ticket, unstored, now)? {
-            Finish::Done => Ok(FinishReply::StoredWithoutResponse { store_full }),
-            Finish::Lost => Ok(FinishReply::Lost),
-        };
+        let unstored =
+            |table: &Self, no_room| table.end(owner, Ending::Unstored { no_room }, ttl, now);
         if entry.deadline - now < COMPLETION_MARGIN {
-            return without_response(self, false);
+            return unstored(self, false);
         }
         let bytes = response.encode(&entry.tuple, token, self.compress);
         let Ok(len) = u32::try_from(bytes.len()) else {
-            return without_response(self, false);
+            return unstored(self, false);
         };
-        if !self.make_room(ticket, len, now)? {
-            return without_response(self, true);
+        if !self.make_room(owner, len, now)? {
+            return unstored(self, true);
         }
-        self.kv.set(&self.key("r", ticket.slot), &bytes, None)?;
-        let stored = Ending::Stored { len, ttl };
-        Ok(match self.end(ticket, stored, now)? {
-            Finish::Done => FinishReply::Stored,
-            Finish::Lost => {
-                // The entry is another claim's now: its completion overwrites these bytes.
-                self.account(ticket.slot, -i64::from(len))?;
-                self.share(ticket.claim.org, 0, -i64::from(len))?;
-                FinishReply::Lost
-            }
-        })
+        self.kv.set(&self.key("r", owner.slot), &bytes, None)?;
+        let finished = self.end(owner, Ending::Stored(len), ttl, now)?;
+        if finished == Finished::Lost {
+            // The entry is another claim's now: its completion overwrites these bytes.
+            self.account(owner.slot, -i64::from(len))?;
+            self.share(owner.claim.org, 0, -i64::from(len))?;
+        }
+        Ok(finished)
+    }
+
+    /// The entry a ticket of this table names.
+    fn entry_of(&self, ticket: &Ticket) -> Result<u64, StoreError> {
+        match ticket.handle {
+            Handle::Entry(slot) if slot < self.capacity => Ok(slot),
+            other => Err(StoreError::Host(format!(
+                "not a ticket of this table: {other:?}"
+            ))),
+        }
     }
 
     /// Gives back what the expired records of one bucket held; returns how many.
@@ -493,29 +511,28 @@ impl<K: Kv> Store for Table<K> {
     fn finish(
         &mut self,
         ticket: Ticket,
-        outcome: Outcome,
+        ending: Ending<StoredResponse>,
         now: Millis,
-    ) -> Answer<Result<FinishReply, StoreError>> {
-        let ended = |table: &Self, ending, reply| {
-            table.end(ticket, ending, now).map(|finish| match finish {
-                Finish::Done => reply,
-                Finish::Lost => FinishReply::Lost,
-            })
+    ) -> Answer<Result<Finished, StoreError>> {
+        let owner = match self.entry_of(&ticket) {
+            Ok(slot) => Owner {
+                slot,
+                claim: ticket.claim,
+            },
+            Err(error) => return Answer::Now(Err(error)),
         };
-        Answer::Now(match outcome {
-            Outcome::Store(response) => self.store_response(ticket, &response, self.ttl, now),
-            Outcome::TooLarge => ended(
-                self,
-                Ending::Unstored { ttl: self.ttl },
-                FinishReply::StoredWithoutResponse { store_full: false },
-            ),
-            Outcome::Release => match ended(self, Ending::Released, FinishReply::Released) {
-                Ok(FinishReply::Released) => self
-                    .share(ticket.claim.org, -1, 0)
-                    .map(|_| FinishReply::Released),
+        Answer::Now(match ending {
+            Ending::Stored(response) => self.store_response(owner, &response, self.ttl, now),
+            Ending::Unstored { no_room } => {
+                self.end(owner, Ending::Unstored { no_room }, self.ttl, now)
+            }
+            Ending::Released => match self.end(owner, Ending::Released, self.ttl, now) {
+                Ok(Finished::Recorded(ended)) => self
+                    .share(owner.claim.org, -1, 0)
+                    .map(|_| Finished::Recorded(ended)),
                 other => other,
             },
-            Outcome::Hold => ended(self, Ending::Held, FinishReply::Held),
+            Ending::Held => self.end(owner, Ending::Held, self.ttl, now),
         })
     }
 
@@ -605,10 +622,10 @@ mod tests {
     fn finish_now(
         table: &mut Table<&MemoryKv>,
         ticket: Ticket,
-        outcome: Outcome,
+        ending: Ending<StoredResponse>,
         now: Millis,
-    ) -> FinishReply {
-        match table.finish(ticket, outcome, now) {
+    ) -> Finished {
+        match table.finish(ticket, ending, now) {
             Answer::Now(Ok(reply)) => reply,
             other => panic!("finish: {other:?}"),
         }
@@ -616,7 +633,7 @@ mod tests {
 
     fn ticket(reply: ClaimReply) -> Ticket {
         match reply {
-            ClaimReply::Claimed(ticket) => ticket,
+            Verdict::Claimed(ticket) => ticket,
             other => panic!("expected a claim, got {other:?}"),
         }
     }
@@ -626,11 +643,11 @@ mod tests {
         let kv = MemoryKv::default();
         let mut table = table(&kv, "{}");
         let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
-        let reply = finish_now(&mut table, owner, Outcome::Store(response(300)), 5);
-        assert_eq!(reply, FinishReply::Stored);
+        let reply = finish_now(&mut table, owner, Ending::Stored(response(300)), 5);
+        assert_eq!(reply, Finished::Recorded(Ending::Stored(())));
         assert_eq!(
             claim_now(&mut table, &request(1, 1, 11), 6),
-            ClaimReply::Replay(response(300))
+            Verdict::Replay(response(300))
         );
     }
 
@@ -642,11 +659,11 @@ mod tests {
         *kv.interleave.borrow_mut() = Some(Box::new(|kv: &MemoryKv| {
             let mut other = Table::new(kv, &config("{}"));
             let reply = claim_now(&mut other, &request(1, 1, 20), 0);
-            assert!(matches!(reply, ClaimReply::Claimed(_)));
+            assert!(matches!(reply, Verdict::Claimed(_)));
         }));
         assert_eq!(
             claim_now(&mut table, &request(1, 1, 10), 0),
-            ClaimReply::InFlight { remaining: 60_000 }
+            Verdict::Blocked(Block::InFlight { remaining: 60_000 })
         );
     }
 
@@ -656,16 +673,16 @@ mod tests {
         let mut table = table(&kv, "{}");
         let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
         assert_eq!(
-            finish_now(&mut table, owner, Outcome::Release, 1),
-            FinishReply::Released
+            finish_now(&mut table, owner, Ending::Released, 1),
+            Finished::Recorded(Ending::Released)
         );
         assert!(matches!(
             claim_now(&mut table, &request(1, 1, 11), 2),
-            ClaimReply::Claimed(_)
+            Verdict::Claimed(_)
         ));
         assert!(matches!(
             claim_now(&mut table, &request(1, 1, 12), 2),
-            ClaimReply::InFlight { .. }
+            Verdict::Blocked(Block::InFlight { .. })
         ));
     }
 
@@ -676,12 +693,12 @@ mod tests {
         let mut table = table(&kv, json);
         let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
         assert_eq!(
-            finish_now(&mut table, owner, Outcome::Store(response(2000)), 1),
-            FinishReply::StoredWithoutResponse { store_full: true }
+            finish_now(&mut table, owner, Ending::Stored(response(2000)), 1),
+            Finished::Recorded(Ending::Unstored { no_room: true })
         );
         assert_eq!(
             claim_now(&mut table, &request(1, 1, 11), 2),
-            ClaimReply::NotStored
+            Verdict::Blocked(Block::NotStored)
         );
     }
 
@@ -691,14 +708,14 @@ mod tests {
         let json = r#"{"capacity_records": 16, "ttl": "1s"}"#;
         let mut table = table(&kv, json);
         let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
-        finish_now(&mut table, owner, Outcome::Store(response(50_000)), 0);
+        finish_now(&mut table, owner, Ending::Stored(response(50_000)), 0);
         let full = kv.bytes();
         assert_eq!(table.sweep(0, 999).unwrap(), 0);
         assert_eq!(table.sweep(0, 1000).unwrap(), 1);
         assert!(kv.bytes() < full - 50_000, "{} vs {full}", kv.bytes());
         assert!(matches!(
             claim_now(&mut table, &request(1, 1, 11), 1001),
-            ClaimReply::Claimed(_)
+            Verdict::Claimed(_)
         ));
     }
 
@@ -715,13 +732,13 @@ mod tests {
             claim.tuple[8] = (n % 251) as u8;
             let now = n * 10;
             match claim_now(&mut table, &claim, now) {
-                ClaimReply::Claimed(owner) => {
-                    let reply = finish_now(&mut table, owner, Outcome::Store(response(2_000)), now);
-                    if reply == FinishReply::Stored {
+                Verdict::Claimed(owner) => {
+                    let reply = finish_now(&mut table, owner, Ending::Stored(response(2_000)), now);
+                    if reply == Finished::Recorded(Ending::Stored(())) {
                         stored += 1;
                     }
                 }
-                ClaimReply::Full => full += 1,
+                Verdict::Blocked(Block::Full) => full += 1,
                 other => panic!("{other:?}"),
             }
             if n % 8 == 0 {
@@ -760,7 +777,7 @@ mod tests {
         }
         assert_eq!(
             claim_now(&mut table, &request(9, 1, 99), 0),
-            ClaimReply::Full
+            Verdict::Blocked(Block::Full)
         );
     }
 
@@ -774,8 +791,8 @@ mod tests {
 
     fn store(table: &mut Table<&MemoryKv>, claim: &Claim, now: Millis) {
         let owner = ticket(claim_now(table, claim, now));
-        let reply = finish_now(table, owner, Outcome::Store(response(100)), now);
-        assert_eq!(reply, FinishReply::Stored);
+        let reply = finish_now(table, owner, Ending::Stored(response(100)), now);
+        assert_eq!(reply, Finished::Recorded(Ending::Stored(())));
     }
 
     /// The bytes ledger shard `shard` counts.
@@ -813,16 +830,16 @@ mod tests {
         );
         assert!(matches!(
             claim_now(&mut table, &of_org(1, 1, 101), 20_001),
-            ClaimReply::Claimed(_)
+            Verdict::Claimed(_)
         ));
         assert_eq!(table.take_evictions(), [18_001], "tuple 2 made way for it");
         assert!(matches!(
             claim_now(&mut table, &of_org(1, 0, 102), 20_002),
-            ClaimReply::InFlight { .. }
+            Verdict::Blocked(Block::InFlight { .. })
         ));
         assert_eq!(
-            finish_now(&mut table, in_flight, Outcome::Store(response(1)), 20_003),
-            FinishReply::Stored,
+            finish_now(&mut table, in_flight, Ending::Stored(response(1)), 20_003),
+            Finished::Recorded(Ending::Stored(())),
             "the claim in flight kept its entry"
         );
     }
@@ -836,7 +853,7 @@ mod tests {
         }
         assert_eq!(
             claim_now(&mut evicting, &of_org(1, 99, 99), 1),
-            ClaimReply::Full
+            Verdict::Blocked(Block::Full)
         );
         let kv = MemoryKv::default();
         let json = r#"{"capacity_records": 16, "max_share": 1, "when_full": "reject"}"#;
@@ -846,7 +863,7 @@ mod tests {
         }
         assert_eq!(
             claim_now(&mut rejecting, &of_org(1, 99, 99), 1),
-            ClaimReply::Full
+            Verdict::Blocked(Block::Full)
         );
         assert!(rejecting.take_evictions().is_empty());
     }
@@ -868,13 +885,13 @@ mod tests {
         assert!(
             matches!(
                 claim_now(&mut table, &of_org(1, 0, 99), 100),
-                ClaimReply::Claimed(_)
+                Verdict::Claimed(_)
             ),
             "the evicted record is gone: its retry runs again"
         );
         assert!(matches!(
             claim_now(&mut table, &of_org(2, 200, 201), 101),
-            ClaimReply::Replay(_)
+            Verdict::Replay(_)
         ));
         // With its share all in flight, it is refused, and the refused claim leaves nothing.
         for n in 11..13u8 {
@@ -883,14 +900,14 @@ mod tests {
         for token in [14, 15] {
             assert_eq!(
                 claim_now(&mut table, &of_org(1, 14, token), 103),
-                ClaimReply::QuotaExceeded
+                Verdict::Blocked(Block::QuotaExceeded)
             );
         }
         assert_eq!(held(&kv, 1).records, 4);
         // Another organisation still claims.
         assert!(matches!(
             claim_now(&mut table, &of_org(3, 30, 30), 105),
-            ClaimReply::Claimed(_)
+            Verdict::Claimed(_)
         ));
     }
 
@@ -904,7 +921,7 @@ mod tests {
         }
         assert!(matches!(
             claim_now(&mut table, &of_org(1, 100, 100), 1),
-            ClaimReply::Claimed(_)
+            Verdict::Claimed(_)
         ));
         assert_eq!(table.take_evictions().len(), 1);
         assert_eq!(held(&kv, 1).records, 8);
@@ -916,7 +933,7 @@ mod tests {
         let json = r#"{"capacity_records": 16, "ttl": "1s", "max_share": 1}"#;
         let mut table = table(&kv, json);
         let released = ticket(claim_now(&mut table, &of_org(1, 1, 1), 0));
-        finish_now(&mut table, released, Outcome::Release, 1);
+        finish_now(&mut table, released, Ending::Released, 1);
         assert_eq!(held(&kv, 1), Share::default());
         store(&mut table, &of_org(1, 2, 2), 0);
         let one = ledger(&kv, 0);
@@ -948,20 +965,29 @@ mod tests {
         let mut table = table(&kv, json);
         let big = |table: &mut Table<&MemoryKv>, org, n: u8, now| {
             let owner = ticket(claim_now(table, &of_org(org, n, u64::from(n)), now));
-            finish_now(table, owner, Outcome::Store(response(2900)), now)
+            finish_now(table, owner, Ending::Stored(response(2900)), now)
         };
-        assert_eq!(big(&mut table, 1, 1, 0), FinishReply::Stored);
-        assert_eq!(big(&mut table, 2, 2, 1), FinishReply::Stored);
+        assert_eq!(
+            big(&mut table, 1, 1, 0),
+            Finished::Recorded(Ending::Stored(()))
+        );
+        assert_eq!(
+            big(&mut table, 2, 2, 1),
+            Finished::Recorded(Ending::Stored(()))
+        );
         // Organisation 1's second response does not fit its share: its first makes way.
-        assert_eq!(big(&mut table, 1, 3, 2), FinishReply::Stored);
+        assert_eq!(
+            big(&mut table, 1, 3, 2),
+            Finished::Recorded(Ending::Stored(()))
+        );
         assert_eq!(table.take_evictions().len(), 1);
         assert!(matches!(
             claim_now(&mut table, &of_org(2, 2, 9), 3),
-            ClaimReply::Replay(_)
+            Verdict::Replay(_)
         ));
         assert!(matches!(
             claim_now(&mut table, &of_org(1, 1, 10), 3),
-            ClaimReply::Claimed(_)
+            Verdict::Claimed(_)
         ));
     }
 
@@ -974,14 +1000,20 @@ mod tests {
         // The bucket's ledger shard holds 2000 bytes: one 1000-byte response fits, not two.
         let big = |table: &mut Table<&MemoryKv>, n: u8, now| {
             let owner = ticket(claim_now(table, &of_org(1, n, u64::from(n)), now));
-            finish_now(table, owner, Outcome::Store(response(1000)), now)
+            finish_now(table, owner, Ending::Stored(response(1000)), now)
         };
-        assert_eq!(big(&mut table, 1, 0), FinishReply::Stored);
-        assert_eq!(big(&mut table, 2, 1), FinishReply::Stored);
+        assert_eq!(
+            big(&mut table, 1, 0),
+            Finished::Recorded(Ending::Stored(()))
+        );
+        assert_eq!(
+            big(&mut table, 2, 1),
+            Finished::Recorded(Ending::Stored(()))
+        );
         assert_eq!(table.take_evictions().len(), 1);
         assert!(matches!(
             claim_now(&mut table, &of_org(1, 2, 9), 2),
-            ClaimReply::Replay(_)
+            Verdict::Replay(_)
         ));
     }
 

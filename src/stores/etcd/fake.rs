@@ -126,7 +126,7 @@ impl World {
         let retry = Resumed::Claim(store.claim(&claim_of(1, token), now));
         assert_eq!(
             self.settle(store, retry, now),
-            Resumed::Claim(Answer::Now(Ok(ClaimReply::Replay(response()))))
+            Resumed::Claim(Answer::Now(Ok(Verdict::Replay(response()))))
         );
     }
 
@@ -204,7 +204,7 @@ pub fn claim_of(fingerprint: u8, token: u64) -> Claim {
 
 pub fn claimed(resumed: Resumed) -> Ticket {
     match resumed {
-        Resumed::Claim(Answer::Now(Ok(ClaimReply::Claimed(ticket)))) => ticket,
+        Resumed::Claim(Answer::Now(Ok(Verdict::Claimed(ticket)))) => ticket,
         other => panic!("expected a claim, got {other:?}"),
     }
 }
@@ -221,10 +221,10 @@ pub fn finish(
     world: &mut World,
     store: &mut Envoy,
     ticket: Ticket,
-    outcome: Outcome,
+    ending: Ending<StoredResponse>,
     now: Millis,
-) -> FinishReply {
-    assert_eq!(store.finish(ticket, outcome, now), Answer::Queued);
+) -> Finished {
+    assert_eq!(store.finish(ticket, ending, now), Answer::Queued);
     let mut ended = store.tick(now);
     assert_eq!(ended.len(), 0, "finishes go out as calls: {ended:?}");
     let call = world.calls.sent.borrow().len() as CallId;

@@ -34,11 +34,10 @@ mod tests;
 mod wire;
 
 use crate::core::config::{Config, EtcdConfig};
-use crate::core::lifecycle::{self, Claim, Room, Verdict};
+use crate::core::lifecycle::{self, Claim, Ending, Finished, Room, Verdict};
 use crate::core::record::{Bucket, Entry, State, StoredResponse};
 use crate::core::store::{
-    Answer, CallId, CallResponse, ClaimReply, FinishReply, Outcome, Resumed, Store, StoreError,
-    Ticket,
+    Answer, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError, Ticket,
 };
 use crate::core::Millis;
 use crate::stores::table::Table;
@@ -71,11 +70,14 @@ enum Op {
         takeover: Option<u64>,
     },
     Finish {
-        ticket: Ticket,
+        claim: Claim,
+        /// The claim's revision: the record changes only if it still has it.
+        revision: u64,
         /// The record's new value, `None` to delete it.
         value: Option<Vec<u8>>,
         lease: LeaseKind,
-        reply: FinishReply,
+        /// What the record says once etcd has it.
+        recorded: Finished,
         /// A stored response, kept to cache locally once etcd has it.
         response: Option<(StoredResponse, Millis)>,
         /// A lease after the response: a retry after that has run the work again anyway.
@@ -289,9 +291,14 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 };
                 (body, sent)
             }
-            Op::Finish { ticket, value, .. } => {
-                let key = self.key(&ticket.claim.tuple);
-                let body = wire::finish(&key, ticket.slot, value.as_deref(), lease);
+            Op::Finish {
+                claim,
+                revision,
+                value,
+                ..
+            } => {
+                let key = self.key(&claim.tuple);
+                let body = wire::finish(&key, *revision, value.as_deref(), lease);
                 (body, Sent::Finish)
             }
             Op::Revoke { claim, value, .. } => {
@@ -321,16 +328,16 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             evict: false,
         };
         let reply = match lifecycle::claim(&mut bucket, &claim, room, now) {
-            Verdict::Claimed { .. } => return self.retry_claim(claim, rounds, Some(revision), now),
-            Verdict::Replay { token, .. } => {
-                match StoredResponse::decode(response, &claim.tuple, token) {
+            Verdict::Claimed(_) => return self.retry_claim(claim, rounds, Some(revision), now),
+            Verdict::Replay(found) => {
+                match StoredResponse::decode(response, &claim.tuple, found.token) {
                     Ok(response) => {
                         if let Err(error) =
                             self.cache.remember(&claim, &response, entry.deadline, now)
                         {
                             log::warn!("caching a record locally failed: {error}");
                         }
-                        ClaimReply::Replay(response)
+                        Verdict::Replay(response)
                     }
                     Err(error) => {
                         let error = StoreError::Unreadable(format!("etcd response: {error:?}"));
@@ -338,11 +345,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     }
                 }
             }
-            Verdict::Conflict => ClaimReply::Conflict,
-            Verdict::InFlight { remaining } => ClaimReply::InFlight { remaining },
-            Verdict::Held { remaining } => ClaimReply::Held { remaining },
-            Verdict::NotStored => ClaimReply::NotStored,
-            Verdict::Full => ClaimReply::Full,
+            Verdict::Blocked(block) => Verdict::Blocked(block),
         };
         Resumed::Claim(Answer::Now(Ok(reply)))
     }
@@ -384,9 +387,9 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             (Sent::Create | Sent::Takeover, Op::Claim { claim, rounds, .. }) => {
                 if wire::succeeded(&answer) {
                     match wire::revision_of(&answer) {
-                        Some(slot) => {
-                            Resumed::Claim(Answer::Now(Ok(ClaimReply::Claimed(Ticket {
-                                slot,
+                        Some(revision) => {
+                            Resumed::Claim(Answer::Now(Ok(Verdict::Claimed(Ticket {
+                                handle: Handle::Revision(revision),
                                 claim,
                             }))))
                         }
@@ -399,22 +402,21 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             (
                 Sent::Finish,
                 Op::Finish {
-                    ticket,
-                    reply,
+                    claim,
+                    recorded,
                     response,
                     ..
                 },
             ) => {
                 if !wire::succeeded(&answer) {
-                    return Resumed::Finish(Answer::Now(Ok(FinishReply::Lost)));
+                    return Resumed::Finish(Answer::Now(Ok(Finished::Lost)));
                 }
                 if let Some((response, expires)) = response {
-                    if let Err(error) = self.cache.remember(&ticket.claim, &response, expires, now)
-                    {
+                    if let Err(error) = self.cache.remember(&claim, &response, expires, now) {
                         log::warn!("caching a record locally failed: {error}");
                     }
                 }
-                Resumed::Finish(Answer::Now(Ok(reply)))
+                Resumed::Finish(Answer::Now(Ok(recorded)))
             }
             (Sent::Revoke, op) => {
                 if wire::succeeded(&answer) {
@@ -436,72 +438,69 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         }
     }
 
-    fn finish_op(&mut self, ticket: Ticket, outcome: Outcome, now: Millis) -> Op {
+    fn finish_op(
+        &mut self,
+        claim: Claim,
+        revision: u64,
+        ending: Ending<StoredResponse>,
+        now: Millis,
+    ) -> Op {
         let entry = |state, deadline, response_len| Entry {
             state,
-            tuple: ticket.claim.tuple,
-            fingerprint: ticket.claim.fingerprint,
-            token: ticket.claim.token,
+            tuple: claim.tuple,
+            fingerprint: claim.fingerprint,
+            token: claim.token,
             deadline,
             response_len,
-            org: ticket.claim.org,
+            org: claim.org,
         };
-        let give_up = now + ticket.claim.lease;
-        let op = |value, lease, reply, response| Op::Finish {
-            ticket,
+        let recorded = ending.recorded();
+        let give_up = now + claim.lease;
+        let op = |value, lease, response| Op::Finish {
+            claim,
+            revision,
             value,
             lease,
-            reply,
+            recorded,
             response,
             give_up,
             retried: false,
         };
-        match outcome {
-            Outcome::Store(response) => {
-                let bytes = response.encode(&ticket.claim.tuple, ticket.claim.token, self.compress);
+        match ending {
+            Ending::Stored(response) => {
+                let bytes = response.encode(&claim.tuple, claim.token, self.compress);
                 // The gateway carries values base64-encoded: 4 bytes for every 3.
                 if bytes.len().div_ceil(3) * 4 > self.settings.max_value_bytes {
-                    return self.finish_op(ticket, Outcome::TooLarge, now);
+                    let unstored = Ending::Unstored { no_room: false };
+                    return self.finish_op(claim, revision, unstored, now);
                 }
                 let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
                 let written = entry(State::Complete, 0, len)
                     .encode_remote(Some(&bytes))
                     .len();
-                let (lease, expires) = self.record_lease(&ticket, written, now);
+                let (lease, expires) = self.record_lease(&claim, written, now);
                 let value = entry(State::Complete, expires, len).encode_remote(Some(&bytes));
-                op(
-                    Some(value),
-                    lease,
-                    FinishReply::Stored,
-                    Some((response, expires)),
-                )
+                op(Some(value), lease, Some((response, expires)))
             }
-            Outcome::TooLarge => {
+            Ending::Unstored { .. } => {
                 let written = entry(State::Unstored, 0, 0).encode_remote(None).len();
-                let (lease, expires) = self.record_lease(&ticket, written, now);
+                let (lease, expires) = self.record_lease(&claim, written, now);
                 let value = entry(State::Unstored, expires, 0).encode_remote(None);
-                let reply = FinishReply::StoredWithoutResponse { store_full: false };
-                op(Some(value), lease, reply, None)
+                op(Some(value), lease, None)
             }
-            Outcome::Release => op(None, LeaseKind::Claim, FinishReply::Released, None),
-            Outcome::Hold => {
+            Ending::Released => op(None, LeaseKind::Claim, None),
+            Ending::Held => {
                 let value = entry(State::Held, now + self.claim_lease, 0).encode_remote(None);
-                op(Some(value), LeaseKind::Claim, FinishReply::Held, None)
+                op(Some(value), LeaseKind::Claim, None)
             }
         }
     }
 
     /// The lease a record whose value is `written` bytes long goes under, and when it expires:
     /// its `ttl` within its organisation's share, else `lease` (an eviction at that age).
-    fn record_lease(
-        &mut self,
-        ticket: &Ticket,
-        written: usize,
-        now: Millis,
-    ) -> (LeaseKind, Millis) {
-        let bytes =
-            (self.settings.key_prefix.len() + 2 * ticket.claim.tuple.len() + written) as u64;
-        if self.leases.within_share(ticket.claim.org, bytes, now) {
+    fn record_lease(&mut self, claim: &Claim, written: usize, now: Millis) -> (LeaseKind, Millis) {
+        let bytes = (self.settings.key_prefix.len() + 2 * claim.tuple.len() + written) as u64;
+        if self.leases.within_share(claim.org, bytes, now) {
             (LeaseKind::Record, now + self.ttl)
         } else {
             self.evictions.push(self.claim_lease);
@@ -540,10 +539,14 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
     fn finish(
         &mut self,
         ticket: Ticket,
-        outcome: Outcome,
+        ending: Ending<StoredResponse>,
         now: Millis,
-    ) -> Answer<Result<FinishReply, StoreError>> {
-        let op = self.finish_op(ticket, outcome, now);
+    ) -> Answer<Result<Finished, StoreError>> {
+        let Handle::Revision(revision) = ticket.handle else {
+            let error = format!("not a ticket of etcd: {:?}", ticket.handle);
+            return Answer::Now(Err(StoreError::Host(error)));
+        };
+        let op = self.finish_op(ticket.claim, revision, ending, now);
         self.queued.push(op);
         Answer::Queued
     }
@@ -566,13 +569,15 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             Err(error) => {
                 // A value etcd refuses as too large: keep the record without its response.
                 if let Op::Finish {
-                    ticket,
+                    claim,
+                    revision,
                     response: Some(_),
                     ..
                 } = &pending.op
                 {
                     if error.to_string().contains("too large") {
-                        let op = self.finish_op(*ticket, Outcome::TooLarge, now);
+                        let unstored = Ending::Unstored { no_room: false };
+                        let op = self.finish_op(*claim, *revision, unstored, now);
                         return Some(self.advance(op, now));
                     }
                 }

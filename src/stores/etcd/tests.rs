@@ -1,5 +1,6 @@
 use super::fake::*;
 use super::*;
+use crate::core::lifecycle::Block;
 
 #[test]
 fn a_claim_is_one_create_if_absent_transaction_under_a_shared_lease() {
@@ -12,12 +13,14 @@ fn a_claim_is_one_create_if_absent_transaction_under_a_shared_lease() {
     let second = Resumed::Claim(b.claim(&claim_of(1, 20), 5));
     assert_eq!(
         world.settle(&mut b, second, 5),
-        Resumed::Claim(Answer::Now(Ok(ClaimReply::InFlight { remaining: 59_995 })))
+        Resumed::Claim(Answer::Now(Ok(Verdict::Blocked(Block::InFlight {
+            remaining: 59_995
+        }))))
     );
     let third = Resumed::Claim(b.claim(&claim_of(2, 30), 6));
     assert_eq!(
         world.settle(&mut b, third, 6),
-        Resumed::Claim(Answer::Now(Ok(ClaimReply::Conflict)))
+        Resumed::Claim(Answer::Now(Ok(Verdict::Blocked(Block::Conflict))))
     );
 }
 
@@ -28,19 +31,19 @@ fn a_stored_record_replays_on_another_envoy_and_then_from_its_cache() {
     let mut b = world.envoy(JSON);
     let ticket = world.claim_on(&mut a, 10, 0);
     assert_eq!(
-        finish(&mut world, &mut a, ticket, Outcome::Store(response()), 10),
-        FinishReply::Stored
+        finish(&mut world, &mut a, ticket, Ending::Stored(response()), 10),
+        Finished::Recorded(Ending::Stored(()))
     );
     world.assert_replays(&mut b, 20, 20);
     let before = world.answered;
     assert_eq!(
         b.claim(&claim_of(1, 21), 30),
-        Answer::Now(Ok(ClaimReply::Replay(response())))
+        Answer::Now(Ok(Verdict::Replay(response())))
     );
     assert_eq!(world.answered, before, "served from the local cache");
     assert_eq!(
         a.claim(&claim_of(1, 22), 30),
-        Answer::Now(Ok(ClaimReply::Replay(response())))
+        Answer::Now(Ok(Verdict::Replay(response())))
     );
 }
 
@@ -59,8 +62,8 @@ fn past_its_share_an_organisation_s_records_live_a_lease_and_count_as_evicted() 
         };
         let first = Resumed::Claim(envoy.claim(&claim, now));
         let ticket = claimed(world.settle(&mut envoy, first, now));
-        let reply = finish(world, &mut envoy, ticket, Outcome::Store(response()), now);
-        assert_eq!(reply, FinishReply::Stored);
+        let reply = finish(world, &mut envoy, ticket, Ending::Stored(response()), now);
+        assert_eq!(reply, Finished::Recorded(Ending::Stored(())));
         let key = envoy.key(&claim.tuple);
         let (entry, _) = Entry::decode_remote(&world.etcd.keys[&key].0).unwrap();
         (entry.deadline - now, envoy.take_evictions())
@@ -101,23 +104,25 @@ fn a_waiting_request_reads_the_record_and_claims_only_once_it_is_gone() {
     assert_eq!(world.calls.sent.borrow()[sent].0, "/v3/kv/range");
     assert_eq!(
         world.settle(&mut b, look, 5),
-        Resumed::Claim(Answer::Now(Ok(ClaimReply::InFlight { remaining: 59_995 })))
+        Resumed::Claim(Answer::Now(Ok(Verdict::Blocked(Block::InFlight {
+            remaining: 59_995
+        }))))
     );
     assert_eq!(
-        finish(&mut world, &mut a, ticket, Outcome::Store(response()), 10),
-        FinishReply::Stored
+        finish(&mut world, &mut a, ticket, Ending::Stored(response()), 10),
+        Finished::Recorded(Ending::Stored(()))
     );
     // A duplicate on the original's Envoy finds the record there, without a call.
     let sent = world.calls.sent.borrow().len();
     assert_eq!(
         a.poll(&claim_of(1, 11), false, 11),
-        Some(Answer::Now(Ok(ClaimReply::Replay(response()))))
+        Some(Answer::Now(Ok(Verdict::Replay(response()))))
     );
     assert_eq!(world.calls.sent.borrow().len(), sent);
     let look = Resumed::Claim(b.poll(&claim_of(1, 20), true, 12).unwrap());
     assert_eq!(
         world.settle(&mut b, look, 12),
-        Resumed::Claim(Answer::Now(Ok(ClaimReply::Replay(response()))))
+        Resumed::Claim(Answer::Now(Ok(Verdict::Replay(response()))))
     );
 }
 
@@ -128,8 +133,8 @@ fn a_waiting_request_claims_a_released_record() {
     let mut b = world.envoy(JSON);
     let ticket = world.claim_on(&mut a, 10, 0);
     assert_eq!(
-        finish(&mut world, &mut a, ticket, Outcome::Release, 1),
-        FinishReply::Released
+        finish(&mut world, &mut a, ticket, Ending::Released, 1),
+        Finished::Recorded(Ending::Released)
     );
     let sent = world.calls.sent.borrow().len();
     let look = Resumed::Claim(b.poll(&claim_of(1, 20), true, 2).unwrap());
@@ -150,7 +155,7 @@ fn a_finish_etcd_did_not_take_is_sent_again_while_the_claim_lasts() {
     let mut b = world.envoy(JSON);
     let ticket = world.claim_on(&mut a, 10, 0);
     assert_eq!(
-        a.finish(ticket, Outcome::Store(response()), 10),
+        a.finish(ticket, Ending::Stored(response()), 10),
         Answer::Queued
     );
     assert_eq!(a.tick(10), vec![]);
@@ -172,7 +177,7 @@ fn a_finish_etcd_did_not_take_is_sent_again_while_the_claim_lasts() {
     );
     assert_eq!(
         resumed,
-        Resumed::Finish(Answer::Now(Ok(FinishReply::Stored)))
+        Resumed::Finish(Answer::Now(Ok(Finished::Recorded(Ending::Stored(())))))
     );
     world.assert_replays(&mut b, 20, 1_040);
 }
@@ -182,7 +187,7 @@ fn a_finish_that_keeps_failing_is_given_up_a_lease_after_the_response() {
     let mut world = World::new();
     let mut a = world.envoy(JSON);
     let ticket = world.claim_on(&mut a, 10, 0);
-    a.finish(ticket, Outcome::Store(response()), 10);
+    a.finish(ticket, Ending::Stored(response()), 10);
     let (mut sends, mut reported) = (0, 0);
     for now in (10..70_000).step_by(20) {
         a.tick(now);
@@ -291,8 +296,8 @@ fn a_released_claim_is_deleted_only_if_still_ours() {
     let later = Resumed::Claim(store.claim(&claim_of(1, 11), 60_001));
     claimed(world.settle(&mut store, later, 60_001));
     assert_eq!(
-        finish(&mut world, &mut store, ticket, Outcome::Release, 60_002),
-        FinishReply::Lost
+        finish(&mut world, &mut store, ticket, Ending::Released, 60_002),
+        Finished::Lost
     );
     assert_eq!(world.etcd.keys.len(), 1, "the newer claim is untouched");
 }
@@ -303,8 +308,8 @@ fn a_release_lets_the_retry_claim_again() {
     let mut store = world.envoy(JSON);
     let ticket = world.claim_on(&mut store, 10, 0);
     assert_eq!(
-        finish(&mut world, &mut store, ticket, Outcome::Release, 1),
-        FinishReply::Released
+        finish(&mut world, &mut store, ticket, Ending::Released, 1),
+        Finished::Recorded(Ending::Released)
     );
     let retry = Resumed::Claim(store.claim(&claim_of(1, 11), 2));
     claimed(world.settle(&mut store, retry, 2));
@@ -319,13 +324,13 @@ fn a_value_over_the_limit_keeps_the_record_without_its_response() {
     let mut big = response();
     big.body = crate::core::record::incompressible(2048);
     assert_eq!(
-        finish(&mut world, &mut store, ticket, Outcome::Store(big), 1),
-        FinishReply::StoredWithoutResponse { store_full: false }
+        finish(&mut world, &mut store, ticket, Ending::Stored(big), 1),
+        Finished::Recorded(Ending::Unstored { no_room: false })
     );
     let retry = Resumed::Claim(store.claim(&claim_of(1, 11), 2));
     assert_eq!(
         world.settle(&mut store, retry, 2),
-        Resumed::Claim(Answer::Now(Ok(ClaimReply::NotStored)))
+        Resumed::Claim(Answer::Now(Ok(Verdict::Blocked(Block::NotStored))))
     );
 }
 
