@@ -50,8 +50,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
-sys.path.insert(0, str(ROOT / "tests"))
-from etcd_support import ETCD_BIN, Etcd, EtcdError  # noqa: E402 - the tests' etcd, started the same way
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+from support.etcd import ETCD_BIN, Etcd, EtcdError  # noqa: E402 - the tests' etcd, started the same way
 ENVOY = Path(os.environ.get("ENVOY", ROOT / ".venv" / "bin" / "envoy"))
 FILTER_WASM = Path(os.environ.get(
     "FILTER_WASM", ROOT / "target" / "wasm32-wasip1" / "release" / "idempotency_filter.wasm"))

@@ -12,7 +12,8 @@ import uuid
 
 import pytest
 
-from shipped import ENVOY_DIR, ShippedEnvoy, load, localise, plugin_configuration
+from support.client import call
+from support.shipped import ENVOY_DIR, load, localise, plugin_configuration, ShippedEnvoy
 
 CONFIG = ENVOY_DIR / "envoy-jwt.yaml"
 TOKENS = json.loads((ENVOY_DIR / "jwt-test-tokens.json").read_text())["tokens"]
@@ -28,13 +29,12 @@ def envoy(run_dir, upstream):
     instance.stop()
 
 
-def call(envoy, key, token=None, forged_org=None, body=BODY, path="/v1/customers"):
-    headers = [("content-type", "application/json"), ("idempotency-key", key)]
-    if token is not None:
-        headers.append(("authorization", f"Bearer {TOKENS[token]}"))
-    if forged_org is not None:
-        headers.append(("x-org-id", forged_org))
-    return envoy.request("POST", path, headers, body)
+def post_as(envoy, key, token=None, forged_org=None):
+    """A covered POST with the test token ``token`` (None: no Authorization), and an ``x-org-id``
+    the client forges, if given; the upstream answers 200."""
+    auth = None if token is None else f"Bearer {TOKENS[token]}"
+    forged = [] if forged_org is None else [("x-org-id", forged_org)]
+    return call(envoy, key, body=BODY, auth=auth, headers=[("x-test-status", "200"), *forged])
 
 
 def test_the_example_scopes_records_by_the_header_jwt_authn_writes():
@@ -48,12 +48,12 @@ def test_the_example_scopes_records_by_the_header_jwt_authn_writes():
 
 def test_a_forged_scope_header_never_reaches_another_organisations_records(envoy, upstream):
     key = f"identity-{uuid.uuid4()}"
-    original = call(envoy, key, token="org_a")
+    original = post_as(envoy, key, token="org_a")
     assert original.status == 200 and original.header("idempotent-replayed") is None, original
 
     # org_b's client claims to be org_a, with org_a's key and the same body: had the header
     # been trusted, this would be org_a's record and a replay of org_a's response.
-    forged = call(envoy, key, token="org_b", forged_org="org_a")
+    forged = post_as(envoy, key, token="org_b", forged_org="org_a")
     assert forged.status == 200, forged
     assert forged.header("idempotent-replayed") is None, "org_b was served org_a's record"
     assert forged.header("x-upstream-execution") != original.header("x-upstream-execution")
@@ -64,7 +64,7 @@ def test_a_forged_scope_header_never_reaches_another_organisations_records(envoy
     assert [[v for n, v in e.headers if n == "x-org-id"] for e in executions] == [["org_a"], ["org_b"]]
 
     # org_b's own retry is served from org_b's record, not org_a's.
-    retry = call(envoy, key, token="org_b", forged_org="org_a")
+    retry = post_as(envoy, key, token="org_b", forged_org="org_a")
     assert retry.header("idempotent-replayed") == "true", retry
     assert retry.header("x-upstream-execution") == forged.header("x-upstream-execution")
     assert upstream.count(key=key) == 2
@@ -73,8 +73,8 @@ def test_a_forged_scope_header_never_reaches_another_organisations_records(envoy
 def test_the_organisation_not_the_credential_owns_the_records(envoy, upstream):
     """Two users of org_a (two different tokens) share org_a's keys."""
     key = f"identity-{uuid.uuid4()}"
-    first = call(envoy, key, token="org_a")
-    second = call(envoy, key, token="org_a_second_user")
+    first = post_as(envoy, key, token="org_a")
+    second = post_as(envoy, key, token="org_a_second_user")
     assert second.header("idempotent-replayed") == "true", second
     assert second.body == first.body
     assert upstream.count(key=key) == 1
@@ -83,11 +83,11 @@ def test_the_organisation_not_the_credential_owns_the_records(envoy, upstream):
 @pytest.mark.parametrize("case", ["no token", "only a forged header", "tampered claim"])
 def test_a_request_without_a_valid_token_is_refused_before_the_filter(envoy, upstream, case):
     key = f"identity-{uuid.uuid4()}"
-    call(envoy, key, token="org_a")  # org_a's record exists
+    post_as(envoy, key, token="org_a")  # org_a's record exists
     if case == "no token":
-        resp = call(envoy, key)
+        resp = post_as(envoy, key)
     elif case == "only a forged header":
-        resp = call(envoy, key, forged_org="org_a")
+        resp = post_as(envoy, key, forged_org="org_a")
     else:
         # org_b's token with its claim rewritten to org_a: the signature no longer matches.
         header, payload, signature = TOKENS["org_b"].split(".")
@@ -131,8 +131,8 @@ def test_a_valid_token_without_the_claim_cannot_borrow_a_forged_header(envoy, up
     filter in front makes the example independent of that, and of rules that let a request
     through without a token."""
     key = f"identity-{uuid.uuid4()}"
-    original = call(envoy, key, token="org_a")
-    borrowed = call(envoy, key, token="no_org", forged_org="org_a")
+    original = post_as(envoy, key, token="org_a")
+    borrowed = post_as(envoy, key, token="no_org", forged_org="org_a")
     assert borrowed.status == 200, borrowed
     assert borrowed.header("idempotent-replayed") is None, "a forged header selected org_a's record"
     assert borrowed.header("x-upstream-execution") != original.header("x-upstream-execution")

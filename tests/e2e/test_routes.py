@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from shipped import ENVOY_DIR, ShippedEnvoy, load, localise, plugin_configuration
+from support.shipped import ENVOY_DIR, load, localise, plugin_configuration, ShippedEnvoy
 
 CONFIG = ENVOY_DIR / "envoy-routes.yaml"
 

@@ -1,35 +1,20 @@
-"""Shared helpers for the contract tests: requests shaped like the seed document's, and
-assertions for originals, verbatim replays and problem answers."""
+"""What the tests check: originals, verbatim replays, problem answers, and counters.
 
-import json
-import threading
+    assert_original(resp, status=201)       an answer from the upstream, not a replay
+    assert_replay_of(replay, original)      the same answer byte for byte, marked replayed
+    assert_problem(resp, status, code)      an RFC 9457 problem document with this code
+    assert_retry_after(resp) -> seconds     a Retry-After of whole seconds
+    wait_for(predicate, timeout)            poll until true (counters move after the answer)
+    stat_deltas / assert_stat_deltas        how counters moved since a snapshot
+"""
+
 import time
-import uuid
 
-from harness import Response
-
-ORG_A = "Bearer ic_live_org_a"
-ORG_B = "Bearer ic_live_org_b"
-CUSTOMER = json.dumps({"externalId": "crm-7741", "fullName": "Jane Doe", "email": "jane@example.com"}).encode()
+from support.client import Response
 
 # Headers a replay may legitimately not repeat byte for byte: set per hop or per answer by Envoy.
 NOT_REPLAYED = {"date", "x-envoy-upstream-service-time", "idempotent-replayed",
                 "connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "te", "trailer"}
-
-
-def call(envoy, key, body=CUSTOMER, path="/v1/customers", method="POST", auth=ORG_A, headers=(),
-         key_header="idempotency-key", http2=False):
-    """A covered request as the seed document shows it; the upstream answers 201 unless
-    headers say otherwise. key=None sends no Idempotency-Key, auth=None no Authorization;
-    http2=True sends it over HTTP/2."""
-    hdrs = [("content-type", "application/json"), ("x-test-status", "201")]
-    if auth is not None:
-        hdrs.append(("authorization", auth))
-    if key is not None:
-        hdrs.append((key_header, key))
-    names = {name for name, _ in headers}
-    hdrs = [(n, v) for n, v in hdrs if n not in names] + list(headers)
-    return envoy.request(method, path, hdrs, body, http2=http2)
 
 
 def comparable_headers(resp):
@@ -38,13 +23,6 @@ def comparable_headers(resp):
         if name not in NOT_REPLAYED:
             out.setdefault(name, []).append(value)
     return out
-
-
-def timed(fn):
-    """(fn(), seconds it took)."""
-    started = time.monotonic()
-    result = fn()
-    return result, time.monotonic() - started
 
 
 def assert_original(resp, status=201):
@@ -104,22 +82,3 @@ def assert_stat_deltas(envoy, before, expected, timeout=3.0):
     """Each named stat moved by exactly the given amount since ``before`` (a dict of stats)."""
     wait_for(lambda: stat_deltas(envoy, before, expected) == expected, timeout)
     assert stat_deltas(envoy, before, expected) == expected
-
-
-def unique_path(prefix="/v1/probe"):
-    return f"{prefix}/{uuid.uuid4().hex}"
-
-
-def in_background(fn):
-    """Run fn() in a thread; join() the thread, then read box["result"] (or box["error"])."""
-    box = {}
-
-    def run():
-        try:
-            box["result"] = fn()
-        except Exception as exc:  # noqa: BLE001 - handed to the test
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, box

@@ -6,10 +6,9 @@ import time
 
 import pytest
 
-from contract import (CUSTOMER, ORG_A, assert_original, assert_problem, assert_replay_of,
-                      assert_retry_after, call, in_background, wait_for)
-from harness import burst
-from upstream import binary_body
+from support.checks import assert_original, assert_problem, assert_replay_of, assert_retry_after, wait_for
+from support.client import CUSTOMER, ORG_A, burst, call, in_background
+from support.upstream import binary_body
 
 
 # -- first call and replay ----------------------------------------------------------------

@@ -5,8 +5,8 @@ executed."""
 
 import pytest
 
-from contract import (CUSTOMER, ORG_A, assert_original, assert_problem, assert_replay_of, call,
-                      stat_deltas, unique_path, wait_for)
+from support.checks import assert_original, assert_problem, assert_replay_of, stat_deltas, wait_for
+from support.client import CUSTOMER, ORG_A, call, unique_path
 
 
 # -- the key ----------------------------------------------------------------------------------

@@ -22,8 +22,9 @@ import uuid
 
 import pytest
 
-from harness import ROOT, Envoy
-from upstream import Upstream
+from support.envoy import Envoy
+from support.processes import ROOT
+from support.upstream import Upstream
 
 RUN_DIR = ROOT / ".run" / "pytest"
 

@@ -15,9 +15,8 @@
         .client_port, .log_path
         .range_prefix(prefix) -> [(key bytes, value bytes)]   what etcd holds, read directly
     EtcdEnvoy(workdir, plugin_config, upstream_port, etcd)
-                                      harness.Envoy plus a STATIC cluster ``etcd`` (HTTP/1.1) on the
+                                      support.envoy.Envoy plus a STATIC cluster ``etcd`` (HTTP/1.1) on the
                                       etcd's client port; the wasm filter block is the harness's own
-    start_all(envoys)                 start Envoys in parallel (each start waits until it is ready)
     LogWindow(sources)                log offsets now; .save(out_dir) writes what each log got since
     private_run_dir()                 .run/etcd-tests/<pid>: this test process's own directory, so
                                       that test runs going on at the same time never share files
@@ -26,39 +25,23 @@ Nothing here uses a system etcd service: every etcd is started by the tests and 
 """
 
 import base64
-import ctypes
 import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import ROOT, Envoy, LogFile
+from support.envoy import Envoy
+from support.processes import ROOT, LogFile, die_with_parent, free_port
 
 ETCD_BIN = os.environ.get("ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
 ETCD_READY_TIMEOUT_S = 20
-
-
-def _die_with_parent():
-    """Child pre-exec: ask the kernel to kill etcd if the test process dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class EtcdError(RuntimeError):
@@ -159,7 +142,7 @@ class Etcd(LogFile):
         log = open(self.log_path, "ab")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
         finally:
             log.close()
         deadline = time.monotonic() + ETCD_READY_TIMEOUT_S
@@ -271,37 +254,6 @@ class EtcdEnvoy(Envoy):
             },
         })
         return config
-
-
-def start_all(envoys):
-    """Start every Envoy at once (each takes a second or two to load the module); raise the first
-    failure after stopping them all. Each is spawned from a thread that lives as long as its
-    process: Envoy is sent SIGTERM when the thread that spawned it ends."""
-    errors = []
-    started = []
-
-    def run(envoy, done):
-        try:
-            envoy.start()
-            proc = envoy.proc
-        except Exception as exc:  # noqa: BLE001 - raised below
-            errors.append(exc)
-            return
-        finally:
-            done.set()
-        proc.wait()
-
-    for envoy in envoys:
-        done = threading.Event()
-        threading.Thread(target=run, args=(envoy, done), daemon=True, name=f"envoy-{envoy.number}").start()
-        started.append(done)
-    for done in started:
-        done.wait()
-    if errors:
-        for envoy in envoys:
-            envoy.stop()
-        raise errors[0]
-    return envoys
 
 
 class LogWindow:

@@ -7,8 +7,9 @@ import urllib.request
 
 import pytest
 
-from harness import Envoy, burst, request
-from upstream import binary_body
+from support.client import burst, request
+from support.envoy import Envoy
+from support.upstream import binary_body
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,11 @@ Control endpoints, answered on the upstream's own port and never counted:
     POST /__upstream/reset                              forget all executions
     GET  /__upstream/ping                               200 "pong"
 
-Run standalone: ``python3 tests/upstream.py --port 8080``.
+    x-test-status-sequence: 503,201
+                                (ScriptedUpstream) the n-th execution of a key answers the n-th
+                                status, the last one repeating
+
+Run standalone: ``python3 tests/e2e/support/upstream.py --port 8080``.
 """
 
 import argparse
@@ -32,8 +36,10 @@ import json
 import random
 import socket
 import struct
+import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
@@ -279,6 +285,60 @@ def main():
             time.sleep(3600)
     except KeyboardInterrupt:
         up.stop()
+
+
+# -- a test upstream with per-key scripted statuses ------------------------------------------------
+
+class _ScriptedHandler(_Handler):
+    def _handle(self):
+        sequence = self.headers.get("x-test-status-sequence")
+        if sequence and not self.path.startswith("/__upstream/"):
+            statuses = [s.strip() for s in sequence.split(",") if s.strip()]
+            key = self.headers.get("idempotency-key")
+            n = self.upstream.next_script_index(key)
+            del self.headers["x-test-status"]
+            self.headers["x-test-status"] = statuses[min(n, len(statuses) - 1)]
+        super()._handle()
+
+
+def _quiet_when_the_peer_left(handle_error):
+    """Envoy closing a connection the upstream still writes to (the tests cause it on purpose) is
+    not worth a traceback."""
+
+    def handle(request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            handle_error(request, client_address)
+
+    return handle
+
+
+class ScriptedUpstream(Upstream):
+    """The counting test upstream; with ``x-test-status-sequence: 503,201`` the first execution of
+    a key answers 503 and every later one 201."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._script_lock = threading.Lock()
+        self._script_seen = Counter()
+
+    def next_script_index(self, key):
+        with self._script_lock:
+            n = self._script_seen[key]
+            self._script_seen[key] += 1
+            return n
+
+    def start(self):
+        from http.server import ThreadingHTTPServer
+
+        handler = type("ScriptedBoundHandler", (_ScriptedHandler,), {"upstream": self})
+        server = ThreadingHTTPServer((self.host, self.requested_port), handler)
+        server.daemon_threads = True
+        server.request_queue_size = 128
+        server.handle_error = _quiet_when_the_peer_left(server.handle_error)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name=f"scripted:{self.port}", daemon=True)
+        self._thread.start()
+        return self
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ import time
 
 import pytest
 
-from contract import ORG_A, ORG_B, assert_original, assert_problem, assert_replay_of, call, wait_for
-from upstream import binary_body
+from support.checks import assert_original, assert_problem, assert_replay_of, wait_for
+from support.client import ORG_A, ORG_B, call
+from support.upstream import binary_body
 
 
 # -- conflicts -------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ import uuid
 
 import pytest
 
-from contract import assert_original, assert_problem, assert_replay_of, call, stat_deltas, wait_for
-from harness import Envoy, EnvoyError
+from support.checks import assert_original, assert_problem, assert_replay_of, stat_deltas, wait_for
+from support.client import call
+from support.envoy import Envoy, EnvoyError
 
 
 # -- bounds: store capacity and configuration ------------------------------------------------------

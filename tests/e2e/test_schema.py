@@ -15,8 +15,8 @@ import sys
 import pytest
 from jsonschema import Draft202012Validator
 
-from harness import ROOT
-from shipped import ENVOY_DIR, load, wasm_filters
+from support.processes import ROOT
+from support.shipped import ENVOY_DIR, load, wasm_filters
 
 SCHEMA = json.loads((ROOT / "config.schema.json").read_text())
 VALIDATOR = Draft202012Validator(SCHEMA)

@@ -29,8 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness import ROOT, WASM_PATH
-from shipped import ENVOY_DIR, ShippedEnvoy, free_port, load, localise
+from support.envoy import WASM_PATH, envoy_config
+from support.processes import ROOT, free_port
+from support.shipped import ENVOY_DIR, load, localise, ShippedEnvoy
 
 COMPOSE_FILE = ENVOY_DIR / "docker-compose.yaml"
 DEMO_CONFIG = ENVOY_DIR / "envoy.yaml"
@@ -456,7 +457,6 @@ def test_istio_manifests_say_what_replaces_the_placeholders():
 def test_envoyfilter_wasm_filter_runs_in_envoy_as_istios_agent_hands_it_over(tmp_path, upstream):
     """The EnvoyFilter's filter config, with the OCI source replaced by the local module as Istio's
     agent does, in front of the test upstream with the LISTENER patch's buffer limit."""
-    from harness import envoy_config
     _, wasm = envoy_filter_wasm()
     wasm = json.loads(json.dumps(wasm))
     wasm["config"]["vm_config"]["code"] = {"local": {"filename": str(WASM_PATH)}}

@@ -16,17 +16,16 @@ import uuid
 
 import pytest
 
-from etcd_support import Etcd, EtcdEnvoy, EtcdError, LogWindow, make_certs, private_run_dir, start_all
-from faults_support import run_load
-from harness import Response, burst
-from shipped import ENVOY_DIR, ShippedEnvoy, load, localise, wasm_filters
-from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
-                      assert_stat_deltas, in_background, stat_deltas, timed, wait_for)
-from upstream import binary_body
+from support.checks import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
+                            assert_stat_deltas, stat_deltas, wait_for)
+from support.client import CUSTOMER, ORG_A, burst, call, in_background, Response, timed
+from support.etcd import Etcd, EtcdEnvoy, EtcdError, LogWindow, make_certs, private_run_dir
+from support.load import run_load
+from support.processes import start_all
+from support.shipped import ENVOY_DIR, load, localise, ShippedEnvoy, wasm_filters
+from support.upstream import binary_body
 
-ORG = "Bearer ic_live_org_fleet"
-CUSTOMER = json.dumps({"externalId": "crm-4410", "fullName": "Grace Hopper", "email": "grace@example.com"}).encode()
-OTHER = json.dumps({"externalId": "crm-4410", "fullName": "Grace B. Hopper", "email": "grace@example.com"}).encode()
+OTHER = json.dumps({"externalId": "crm-7741", "fullName": "Jane B. Doe", "email": "jane@example.com"}).encode()
 ETCD_TIMEOUT_S = 0.5
 ETCD_PREFIX = "idempotency/"
 
@@ -131,15 +130,6 @@ def key():
 
 
 # -- requests and checks ----------------------------------------------------------------------
-
-def call(envoy, key, body=CUSTOMER, headers=(), path="/v1/customers", timeout=10):
-    """A covered POST as the seed document shows it; the upstream answers 201 unless told."""
-    hdrs = [("content-type", "application/json"), ("x-test-status", "201"), ("authorization", ORG),
-            ("idempotency-key", key)]
-    names = {name for name, _ in headers}
-    hdrs = [(n, v) for n, v in hdrs if n not in names] + list(headers)
-    return envoy.request("POST", path, hdrs, body, timeout=timeout)
-
 
 def etcd_requests(envoy):
     return envoy.counter("cluster.etcd.upstream_rq_total")
@@ -279,7 +269,7 @@ def test_retry_on_the_other_envoy_replays_and_then_comes_from_its_local_copy(pai
     for name, value in records:
         assert re.fullmatch(rb"idempotency/[0-9a-f]{64}", name), name
         assert key.encode() not in name + value
-        assert ORG.encode() not in value
+        assert ORG_A.encode() not in value
 
 
 def test_a_burst_split_across_both_envoys_executes_once(pair, upstream, key):

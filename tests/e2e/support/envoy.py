@@ -10,158 +10,30 @@ The pieces tests use (through the fixtures in conftest.py):
         .counter(name) -> int         one stat, 0 when absent
         .log_path                     Envoy's log file
 
-    request(port, method, path, headers, body, http2=False) -> Response
-                                  (http.client, or HTTP/2 with prior knowledge through h2)
-    burst(n, fn) -> [result or exception]                  run fn(i) in n threads at once
+    worker_connections(envoy)         accepted connections per Envoy worker thread
 """
 
 import atexit
-import ctypes
 import http.client
 import itertools
 import json
 import os
-import signal
-import socket
+import re
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-import h2.config
-import h2.connection
-import h2.events
+from support.client import request
+from support.processes import ROOT, LogFile, die_with_parent
 
-ROOT = Path(__file__).resolve().parent.parent
 ENVOY_BIN = os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy"))
 WASM_PATH = os.environ.get("IDEMPOTENCY_WASM", str(ROOT / "target" / "wasm32-wasip1" / "release" / "idempotency_filter.wasm"))
 READY_TIMEOUT_S = 30
 
 _instance_numbers = itertools.count(1)
 _live = set()  # every Envoy started and not yet stopped, killed at exit whatever happens
-
-
-# -- HTTP client ------------------------------------------------------------------------
-
-@dataclass
-class Response:
-    status: int
-    reason: str
-    headers: list  # [(lower-case name, value)] in wire order, repeats kept
-    body: bytes
-
-    def header(self, name):
-        """The first value of a header, or None."""
-        name = name.lower()
-        return next((v for k, v in self.headers if k == name), None)
-
-    def header_all(self, name):
-        name = name.lower()
-        return [v for k, v in self.headers if k == name]
-
-    def json(self):
-        return json.loads(self.body)
-
-    def __repr__(self):
-        body = self.body if len(self.body) <= 300 else self.body[:300] + b"..."
-        return f"Response({self.status} {self.reason}, headers={self.headers}, body={body!r})"
-
-
-def request(port, method, path, headers=None, body=None, timeout=30, host="127.0.0.1", http2=False):
-    """One request on a fresh connection. ``headers`` is a dict or a list of (name, value)
-    pairs (repeat a name to send it twice); values may be bytes to send raw octets. ``body``
-    is bytes (sent with Content-Length) or a list of bytes chunks (sent chunked). ``http2``:
-    HTTP/2 with prior knowledge, header values sent exactly as given (HTTP/1.1 parsers trim
-    the whitespace around them; HTTP/2 does not)."""
-    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
-    if isinstance(body, str):
-        body = body.encode()
-    if http2:
-        return _request_h2(host, port, method, path, pairs, b"".join(body) if isinstance(body, list) else body,
-                           timeout)
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in pairs:
-            conn.putheader(name, value)
-        if isinstance(body, list):
-            conn.putheader("transfer-encoding", "chunked")
-            conn.endheaders()
-            for chunk in body:
-                conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            conn.send(b"0\r\n\r\n")
-        else:
-            if body is not None or method in ("POST", "PUT", "PATCH"):
-                conn.putheader("content-length", str(len(body or b"")))
-            conn.endheaders(body or None)
-        resp = conn.getresponse()
-        data = resp.read()
-        return Response(resp.status, resp.reason, [(k.lower(), v) for k, v in resp.getheaders()], data)
-    finally:
-        conn.close()
-
-
-def _request_h2(host, port, method, path, pairs, body, timeout):
-    # Sent as given: h2 would otherwise strip the whitespace around values, or refuse them.
-    config = h2.config.H2Configuration(client_side=True, header_encoding=None,
-                                       validate_outbound_headers=False, normalize_outbound_headers=False)
-    conn = h2.connection.H2Connection(config)
-    raw = lambda text: text if isinstance(text, bytes) else text.encode()  # noqa: E731
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        conn.initiate_connection()
-        request_headers = [(b":method", raw(method)), (b":path", raw(path)), (b":scheme", b"http"),
-                           (b":authority", raw(f"{host}:{port}"))]
-        request_headers += [(raw(n).lower(), raw(v)) for n, v in pairs]
-        stream = conn.get_next_available_stream_id()
-        conn.send_headers(stream, request_headers, end_stream=not body)
-        if body:
-            conn.send_data(stream, body, end_stream=True)
-        sock.sendall(conn.data_to_send())
-        status, headers, data = None, [], b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("HTTP/2 connection closed before the response ended")
-            for event in conn.receive_data(chunk):
-                if isinstance(event, h2.events.ResponseReceived):
-                    for name, value in event.headers:
-                        name, value = name.decode(), value.decode("latin-1")
-                        if name == ":status":
-                            status = int(value)
-                        else:
-                            headers.append((name, value))
-                elif isinstance(event, h2.events.DataReceived):
-                    data += event.data
-                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
-                elif isinstance(event, h2.events.StreamReset):
-                    raise ConnectionError(f"HTTP/2 stream reset: {event.error_code!r}")
-                elif isinstance(event, h2.events.StreamEnded):
-                    return Response(status, http.client.responses.get(status, ""), headers, data)
-            sock.sendall(conn.data_to_send())
-
-
-def burst(n, fn):
-    """Call fn(i) for i in range(n) from n threads released together; returns the results
-    in order (an exception raised by fn is returned in its place)."""
-    barrier = threading.Barrier(n)
-    results = [None] * n
-
-    def run(i):
-        try:
-            barrier.wait()
-            results[i] = fn(i)
-        except Exception as exc:  # noqa: BLE001 - handed back to the test
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 # -- Envoy configuration ----------------------------------------------------------------
@@ -249,37 +121,8 @@ def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s"):
 
 # -- Envoy process ----------------------------------------------------------------------
 
-def _die_with_parent():
-    """Child pre-exec: ask the kernel to kill Envoy if the test process dies."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class EnvoyError(RuntimeError):
     pass
-
-
-class LogFile:
-    """What a process the tests started wrote to its log (``self.log_path``)."""
-
-    def log_size(self):
-        try:
-            return self.log_path.stat().st_size
-        except FileNotFoundError:
-            return 0
-
-    def log_text(self, start=0):
-        try:
-            with open(self.log_path, "rb") as f:
-                f.seek(start)
-                return f.read().decode(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, lines=40, start=0):
-        return "\n".join(self.log_text(start).splitlines()[-lines:])
 
 
 class Envoy(LogFile):
@@ -329,16 +172,20 @@ class Envoy(LogFile):
         log = open(self.log_path, "wb")
         try:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=_die_with_parent)
+                                         preexec_fn=die_with_parent)
         finally:
             log.close()
-        _live.add(self)
+        self._track()
         try:
             self._wait_ready(admin_file)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _track(self):
+        """Killed at exit if still running, whatever happens."""
+        _live.add(self)
 
     def stop(self):
         proc, self.proc = self.proc, None
@@ -413,6 +260,16 @@ class Envoy(LogFile):
 
     def counter(self, name):
         return self.stats().get(name, 0)
+
+
+def worker_connections(envoy):
+    """{worker: downstream connections accepted} from the listener's per-worker stats."""
+    out = {}
+    for name, value in envoy.stats().items():
+        m = re.match(r"listener\.127\.0\.0\.1_\d+\.(worker_\d+)\.downstream_cx_total$", name)
+        if m:
+            out[m.group(1)] = value
+    return out
 
 
 @atexit.register

@@ -7,17 +7,12 @@ import time
 
 import pytest
 
-from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
-                      assert_stat_deltas, in_background, stat_deltas, timed, wait_for)
-from faults_support import (
-    ScriptedUpstream,
-    call,
-    free_port,
-    send_and_vanish,
-    tolerant_request,
-    worker_connections,
-)
-from harness import burst
+from support.checks import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
+                            assert_stat_deltas, stat_deltas, wait_for)
+from support.client import burst, call, in_background, send_and_vanish, timed, tolerant_request
+from support.envoy import worker_connections
+from support.processes import free_port
+from support.upstream import ScriptedUpstream
 
 LEASE_S = 2.0
 LEASED = {"lease": "2s"}  # with route_timeout="1s": endings with an unknown outcome come fast

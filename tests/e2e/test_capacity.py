@@ -13,18 +13,12 @@ import uuid
 
 import pytest
 
-from contract import (assert_original, assert_problem, assert_replay_of, assert_retry_after, assert_stat_deltas,
-                      in_background, stat_deltas, wait_for)
-from faults_support import (
-    FastUpstream,
-    RssSampler,
-    call,
-    request_headers,
-    rss_kib,
-    run_load,
-    worker_connections,
-)
-from upstream import binary_body
+from support.checks import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
+                            assert_stat_deltas, stat_deltas, wait_for)
+from support.client import ORG_A, call, call_headers, in_background
+from support.envoy import worker_connections
+from support.load import FastUpstream, rss_kib, RssSampler, run_load
+from support.upstream import binary_body
 
 LOAD_REQUESTS = int(os.environ.get("IDEMPOTENCY_LOAD_REQUESTS", "200000"))
 WARMUP_REQUESTS = 1000
@@ -173,7 +167,7 @@ def test_an_organisation_whose_whole_share_is_in_flight_gets_429_and_no_one_else
     assert assert_retry_after(refused) >= 1
     assert upstream.count(key=extra) == 0
     other = f"other-{uuid.uuid4()}"
-    other_org = request_headers(other, auth="Bearer ic_live_org_other")
+    other_org = call_headers(other, auth="Bearer ic_live_org_other")
     assert_original(envoy.request("POST", "/v1/customers", other_org, b"{}"))
     for thread, box in running:
         thread.join()
@@ -277,12 +271,12 @@ def test_envoy_memory_stays_bounded_under_far_more_distinct_keys_than_capacity(
     prefix = f"load-{uuid.uuid4().hex[:8]}"
     pid = envoy.proc.pid
 
-    warmup = run_load(envoy.port, 0, WARMUP_REQUESTS, prefix, LOAD_CONNECTIONS)
+    warmup = run_load(envoy.port, 0, WARMUP_REQUESTS, prefix, LOAD_CONNECTIONS, auth=ORG_A)
     assert warmup["statuses"] == {201: WARMUP_REQUESTS}, warmup
     before = envoy.stats()
     rss_start = rss_kib(pid)
     with RssSampler(pid) as sampler:
-        load = run_load(envoy.port, WARMUP_REQUESTS, LOAD_REQUESTS, prefix, LOAD_CONNECTIONS)
+        load = run_load(envoy.port, WARMUP_REQUESTS, LOAD_REQUESTS, prefix, LOAD_CONNECTIONS, auth=ORG_A)
     rss_end = rss_kib(pid)
 
     bound_kib = (config["capacity_records"] * BYTES_PER_RECORD + config["capacity_bytes"] + RSS_SLACK_BYTES) // 1024

@@ -6,19 +6,18 @@ and a wasm ``filename`` is pointed at the built module. Everything else (filters
 per-route config, plugin configuration) is the file's own.
 
     config = localise(load(ROOT / "envoy" / "envoy.yaml"), upstream.port)
-    envoy = ShippedEnvoy(workdir, config).start()     # same API as harness.Envoy
+    envoy = ShippedEnvoy(workdir, config).start()     # same API as support.envoy.Envoy
 """
 
 import copy
 import json
-import socket
 import subprocess
 from pathlib import Path
 
 import yaml
 
-import harness
-from harness import ENVOY_BIN, ROOT, WASM_PATH, Envoy
+from support.envoy import ENVOY_BIN, WASM_PATH, Envoy
+from support.processes import ROOT, die_with_parent
 
 ENVOY_DIR = ROOT / "envoy"
 
@@ -70,15 +69,8 @@ def localise(config, upstream_port, wasm_path=WASM_PATH):
     return config
 
 
-def free_port():
-    """A loopback port free right now (for processes that cannot be given port 0)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ShippedEnvoy(Envoy):
-    """harness.Envoy running a whole bootstrap of our choosing.
+    """support.envoy.Envoy running a whole bootstrap of our choosing.
 
     ``args`` replaces the default ``-c <bootstrap> --concurrency 2 --log-level info
     --component-log-level wasm:debug`` (for running a command line as another tool, e.g.
@@ -123,8 +115,8 @@ class ShippedEnvoy(Envoy):
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL,
-                                         preexec_fn=harness._die_with_parent)
-        harness._live.add(self)
+                                         preexec_fn=die_with_parent)
+        self._track()
         try:
             self._wait_ready(admin_file)
         except BaseException:

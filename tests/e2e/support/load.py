@@ -1,17 +1,6 @@
-"""What the fault and capacity tests need beyond the harness and the test upstream.
-
-    ScriptedUpstream()              the test upstream, plus ``x-test-status-sequence: 503,201``:
-                                    the n-th execution of an Idempotency-Key answers the n-th status
-                                    (the last one repeats)
-    free_port()                     a loopback port nothing listens on (yet)
-    rss_kib(pid)                    a process's resident memory (VmRSS), in KiB
-    send_and_vanish(...)            send a whole request, then close the socket before the answer
-    tolerant_request(...)           a request whose answer may be cut short (upstream reset)
-    worker_connections(envoy)       accepted connections per Envoy worker thread
-    call                            a request as the seed document shows it (checks: contract.py)
-
-Load (used by test_capacity.py), each in its own process so that the test process, the load and
-the upstream do not share one interpreter lock:
+"""Load and what it costs, each in its own process so that the test process, the load and the
+upstream do not share one interpreter lock (this file runs as a script too, on the standard
+library alone):
 
     FastUpstream()                  a minimal asyncio HTTP/1.1 upstream that answers 201 with the
                                     request body echoed, counts its executions, and answers
@@ -19,16 +8,16 @@ the upstream do not share one interpreter lock:
     run_load(port, first, count, ...)
                                     ``count`` POSTs with distinct keys ``<prefix>-<first + i>`` over
                                     keep-alive connections; returns statuses and problem codes
+    rss_kib(pid), RssSampler(pid)   a process's resident memory (VmRSS) in KiB, now and at peak
 
-Run ``python tests/faults_support.py upstream`` or ``... load PORT FIRST COUNT`` by hand to try them.
+Run ``python tests/e2e/support/load.py upstream`` or ``... load PORT FIRST COUNT`` by hand to
+try them.
 """
 
 import asyncio
 import http.client
 import json
 import os
-import re
-import socket
 import subprocess
 import sys
 import threading
@@ -36,139 +25,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from harness import Response
-from upstream import Upstream, _Handler
 
-ORG = "Bearer ic_live_org_faults"
-BODY = json.dumps({"externalId": "crm-9001", "fullName": "Ada Lovelace", "email": "ada@example.com"}).encode()
-
-
-# -- requests and what to check ---------------------------------------------------------------
-
-def request_headers(key, auth=ORG, extra=()):
-    hdrs = [("content-type", "application/json"), ("x-test-status", "201"), ("authorization", auth)]
-    if key is not None:
-        hdrs.append(("idempotency-key", key))
-    names = {name for name, _ in extra}
-    return [(n, v) for n, v in hdrs if n not in names] + list(extra)
-
-
-def call(envoy, key, headers=(), body=BODY, path="/v1/customers", method="POST", timeout=30):
-    """A covered request (the upstream answers 201 unless headers say otherwise)."""
-    return envoy.request(method, path, request_headers(key, extra=headers), body, timeout=timeout)
-
-
-def worker_connections(envoy):
-    """{worker: downstream connections accepted} from the listener's per-worker stats."""
-    out = {}
-    for name, value in envoy.stats().items():
-        m = re.match(r"listener\.127\.0\.0\.1_\d+\.(worker_\d+)\.downstream_cx_total$", name)
-        if m:
-            out[m.group(1)] = value
-    return out
-
-
-# -- connections that end badly -----------------------------------------------------------------
-
-def _raw_request(method, path, headers, body):
-    lines = [f"{method} {path} HTTP/1.1", "host: 127.0.0.1"]
-    lines += [f"{n}: {v}" for n, v in headers]
-    lines.append(f"content-length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-def send_and_vanish(port, key, headers=(), body=BODY, path="/v1/customers", linger_s=0.3):
-    """Send a whole covered request, wait ``linger_s`` (the upstream is working on it), then close
-    the connection without reading the answer: a client gone mid-flight."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-    try:
-        sock.sendall(_raw_request("POST", path, request_headers(key, extra=headers), body))
-        time.sleep(linger_s)
-    finally:
-        sock.close()
-
-
-def tolerant_request(port, key, headers=(), body=BODY, path="/v1/customers", timeout=30):
-    """Like call(), but an answer cut short is returned as (Response with the partial body,
-    complete=False) instead of raising."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.putrequest("POST", path, skip_accept_encoding=True)
-        for name, value in request_headers(key, extra=headers):
-            conn.putheader(name, value)
-        conn.putheader("content-length", str(len(body)))
-        conn.endheaders(body)
-        resp = conn.getresponse()
-        hdrs = [(k.lower(), v) for k, v in resp.getheaders()]
-        try:
-            data, complete = resp.read(), True
-        except http.client.IncompleteRead as cut:
-            data, complete = cut.partial, False
-        except (ConnectionError, OSError):
-            data, complete = b"", False
-        return Response(resp.status, resp.reason, hdrs, data), complete
-    finally:
-        conn.close()
-
-
-# -- a test upstream with per-key scripted statuses ------------------------------------------------
-
-class _ScriptedHandler(_Handler):
-    def _handle(self):
-        sequence = self.headers.get("x-test-status-sequence")
-        if sequence and not self.path.startswith("/__upstream/"):
-            statuses = [s.strip() for s in sequence.split(",") if s.strip()]
-            key = self.headers.get("idempotency-key")
-            n = self.upstream.next_script_index(key)
-            del self.headers["x-test-status"]
-            self.headers["x-test-status"] = statuses[min(n, len(statuses) - 1)]
-        super()._handle()
-
-
-def _quiet_when_the_peer_left(handle_error):
-    """Envoy closing a connection the upstream still writes to (the tests cause it on purpose) is
-    not worth a traceback."""
-
-    def handle(request, client_address):
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            handle_error(request, client_address)
-
-    return handle
-
-
-class ScriptedUpstream(Upstream):
-    """The counting test upstream; with ``x-test-status-sequence: 503,201`` the first execution of
-    a key answers 503 and every later one 201."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._script_lock = threading.Lock()
-        self._script_seen = Counter()
-
-    def next_script_index(self, key):
-        with self._script_lock:
-            n = self._script_seen[key]
-            self._script_seen[key] += 1
-            return n
-
-    def start(self):
-        from http.server import ThreadingHTTPServer
-
-        handler = type("ScriptedBoundHandler", (_ScriptedHandler,), {"upstream": self})
-        server = ThreadingHTTPServer((self.host, self.requested_port), handler)
-        server.daemon_threads = True
-        server.request_queue_size = 128
-        server.handle_error = _quiet_when_the_peer_left(server.handle_error)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name=f"scripted:{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# The organisation of a load run by hand.
+ORG = "Bearer ic_live_org_load"
 
 
 # -- memory ---------------------------------------------------------------------------------------
@@ -342,7 +201,7 @@ async def _load(port, first, count, prefix, concurrency, path, auth):
             "seconds": round(time.monotonic() - started, 3), "requests": count}
 
 
-def run_load(port, first, count, prefix, concurrency=64, path="/v1/load", auth=ORG, timeout=600):
+def run_load(port, first, count, prefix, concurrency=64, path="/v1/load", *, auth, timeout=600):
     """``count`` covered POSTs, each with its own key, from a separate process; returns
     {"statuses": {"201": n, ...}, "codes": {problem code: n}, "seconds": s, "requests": count}."""
     out = subprocess.run([sys.executable, __file__, "load", str(port), str(first), str(count), prefix,
