@@ -6,7 +6,7 @@
 #   make lint         rustfmt, and clippy (host and wasm target) with warnings as errors
 #   make validate     envoy --mode validate on every shipped Envoy config
 #   make image        the OCI image Istio pulls (plugin.wasm), as a layout and archive in target/oci/
-#   make integration  pytest tests/ against a real Envoy
+#   make integration  pytest tests/e2e against a real Envoy
 #   make test         all of the above, in order (what CI runs)
 #   make run          demo: upstream on :8080, Envoy on :10000, admin on :9901
 #   make run-etcd     the demo as a fleet: etcd on :2379, Envoys on :10000 and :10001
@@ -87,7 +87,7 @@ image: wasm
 	python3 tools/oci_image.py $(WASM) target/oci
 
 integration: $(VENV_STAMP) $(STAMPS)/etcd wasm
-	$(PYTHON) -m pytest tests/ -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
 test: setup lint unit wasm validate integration
 
@@ -102,7 +102,7 @@ run-etcd: setup wasm
 
 clean:
 	cargo clean
-	rm -rf $(VENV) $(RUN_DIR) .pytest_cache tests/__pycache__ bench/.target bench/.work
+	rm -rf $(VENV) $(RUN_DIR) .pytest_cache tests/e2e/__pycache__ tests/e2e/support/__pycache__ bench/.target bench/.work
 
 # Benchmarks (bench/README.md): the filter, alone and with the etcd store, against plain Envoy,
 # an empty wasm filter and direct_response, on this machine. Installs wrk and etcd if missing;

@@ -1,7 +1,7 @@
 //! config.schema.json against the real parser (`Config::parse`): every field the parser knows is
 //! in the schema and nothing else; every example parses; every default is the parser's default;
 //! every integer bound is the parser's bound; and the shared cases in tests/data/config_cases.json
-//! are judged by the parser as the schema judges them (tests/test_schema.py checks the schema).
+//! are judged by the parser as the schema judges them (tests/e2e/test_configuration.py checks the schema).
 
 // A test crate: its helpers fail loudly too, like the #[test] functions clippy already allows.
 #![allow(clippy::panic)]

@@ -5,7 +5,7 @@
     python3 tools/config_reference.py --check  # exit 1 if it is out of date
 
 The schema is the single source: tests/config_schema.rs holds it to the filter's parser
-(fields, examples, defaults, bounds) and tests/test_schema.py holds this page to the schema.
+(fields, examples, defaults, bounds) and tests/e2e/test_configuration.py holds this page to the schema.
 """
 
 import json

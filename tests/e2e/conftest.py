@@ -1,6 +1,6 @@
 """Fixtures: a counting upstream and real Envoys with the filter in front of it.
 
-    upstream                        module-scoped tests.upstream.Upstream (loopback, free port)
+    upstream                        module-scoped support.upstream.Upstream (loopback, free port)
     upstream_factory(port=0)        start another Upstream (stopped after the test)
     envoy_with(config=None, route_timeout="5s", upstream=None, upstream_port=None, fresh=False)
                                     an Envoy running the filter with this plugin config (dict).

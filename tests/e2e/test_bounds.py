@@ -1,62 +1,308 @@
-"""CONTRACT.md "Bounds and bad input" (the store's capacity, bad configuration) and the stats
-that count every outcome. A full store's policies, shares and memory are test_capacity.py's."""
+"""The README's "Bounds and memory", in a real Envoy with two workers: a store with no room left
+under each policy, eviction and fair shares, one organisation's flood of distinct keys, and
+Envoy's resident memory under far more distinct keys than the store holds.
 
+The memory test sends IDEMPOTENCY_LOAD_REQUESTS requests (default 200000) per regime; set it lower
+for a quick run. Its figures are printed (run pytest with -s to see them)."""
+
+import os
+import threading
+import time
+import urllib.request
 import uuid
 
 import pytest
 
-from support.checks import assert_original, assert_problem, assert_replay_of, stat_deltas, wait_for
-from support.client import call
-from support.envoy import Envoy, EnvoyError
+from support.checks import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
+                            assert_stat_deltas, stat_deltas, wait_for)
+from support.client import ORG_A, call, call_headers, in_background
+from support.envoy import worker_connections
+from support.load import FastUpstream, rss_kib, RssSampler, run_load
+
+LOAD_REQUESTS = int(os.environ.get("IDEMPOTENCY_LOAD_REQUESTS", "200000"))
+WARMUP_REQUESTS = 1000
+LOAD_CONNECTIONS = 64
+# The store's own bound, per the contract's sizing: about 200 bytes of bookkeeping per record plus
+# the response bytes. Envoy's footprint is not otherwise fixed to the byte (allocator caches,
+# buffers at peak concurrency): this much more is allowed.
+BYTES_PER_RECORD = 200
+RSS_SLACK_BYTES = 8 << 20
 
 
-# -- bounds: store capacity and configuration ------------------------------------------------------
+# -- a store with no room left ----------------------------------------------------------------------
 
-def _fill(envoy, n, prefix):
-    keys = [f"{prefix}-{uuid.uuid4()}" for _ in range(n)]
-    return keys, [call(envoy, k) for k in keys]
-
-
-def test_store_never_holds_more_records_than_capacity_records(envoy_with, upstream):
-    envoy = envoy_with({"capacity_records": 4, "max_share": 1, "when_full": "reject"})
-    keys, answers = _fill(envoy, 12, "cap")
-    stored = [k for k, a in zip(keys, answers) if a.status == 201]
-    assert 1 <= len(stored) <= 4, f"{len(stored)} records stored with capacity_records 4"
+# 16 records: a single bucket, so keys cannot spread; one organisation may fill it.
+ONE_BUCKET = {"capacity_records": 16, "ttl": "1h", "max_share": 1}
 
 
-@pytest.mark.parametrize("config,field", [
-    ({"ttl": "soon"}, "ttl"),
-    ({"tll": "1s"}, "tll"),
-    ({"when_full": "drop"}, "when_full"),
-    ({"max_wait": -1}, "max_wait"),
-])
-def test_bad_configuration_is_refused_at_load_naming_the_field(run_dir, upstream, config, field):
-    envoy = Envoy(run_dir, config, upstream.port)
-    try:
-        with pytest.raises(EnvoyError):
-            envoy.start()
-    finally:
-        envoy.stop()
-    lines = [line for line in envoy.log_text().splitlines()
-             if "[wasm]" in line and ("[error]" in line or "[critical]" in line)]
-    assert any(f"`{field}`" in line or f'"{field}"' in line or f" {field}" in line for line in lines), \
-        "no error line names the field:\n" + "\n".join(lines)
+def fill(envoy, upstream, n=16):
+    keys = [f"fill-{uuid.uuid4()}" for _ in range(n)]
+    answers = [call(envoy, k) for k in keys]
+    for k, answer in zip(keys, answers):
+        assert_original(answer)
+        assert upstream.count(key=k) == 1
+    return keys, answers
 
 
-# -- stats --------------------------------------------------------------------------------------
-
-def test_stats_count_each_outcome(envoy, upstream, key):
-    names = ["idempotency.claimed", "idempotency.stored", "idempotency.replayed",
-             "idempotency.conflict", "idempotency.key_invalid"]
+def test_full_store_under_reject_answers_the_17th_key_503_store_full(envoy_with, upstream):
+    envoy = envoy_with({**ONE_BUCKET, "when_full": "reject"}, fresh=True)
     before = envoy.stats()
-    original = call(envoy, key)
-    assert_original(original)
-    assert_replay_of(call(envoy, key), original)
-    assert_replay_of(call(envoy, key), original)
-    assert_problem(call(envoy, key, body=b"{}"), 409, "idempotency_conflict")
-    assert_problem(call(envoy, None, headers=[("idempotency-key", "")]), 400, "idempotency_key_invalid")
-    assert upstream.count(key=key) == 1
-    expected = {"idempotency.claimed": 1, "idempotency.stored": 1, "idempotency.replayed": 2,
-                "idempotency.conflict": 1, "idempotency.key_invalid": 1}
-    wait_for(lambda: stat_deltas(envoy, before, names) == expected)
-    assert stat_deltas(envoy, before, names) == expected
+    keys, answers = fill(envoy, upstream)
+    extra = f"extra-{uuid.uuid4()}"
+
+    for _ in range(2):
+        refused = call(envoy, extra)
+        assert_problem(refused, 503, "idempotency_store_full")
+        assert 1 <= assert_retry_after(refused) <= 60, f"{refused!r}"
+    assert upstream.count(key=extra) == 0
+    # What is stored is still served while the store is full.
+    assert_replay_of(call(envoy, keys[0]), answers[0])
+    assert_replay_of(call(envoy, keys[-1]), answers[-1])
+    assert upstream.count(key=keys[0]) == 1 and upstream.count(key=keys[-1]) == 1
+    assert_stat_deltas(envoy, before, {
+        "idempotency.claimed": 16, "idempotency.stored": 16, "idempotency.store_full": 2,
+        "idempotency.rejected": 2, "idempotency.bypassed": 0, "idempotency.replayed": 2})
+
+
+def test_full_store_under_pass_forwards_the_17th_key_without_idempotency(envoy_with, upstream):
+    envoy = envoy_with({**ONE_BUCKET, "when_full": "pass"}, fresh=True)
+    before = envoy.stats()
+    keys, answers = fill(envoy, upstream)
+    extra = f"extra-{uuid.uuid4()}"
+
+    passed = call(envoy, extra)
+
+    assert_original(passed)
+    assert upstream.count(key=extra) == 1
+    # Not recorded: its retry runs the work again (the policy trades the guarantee for availability).
+    assert_original(call(envoy, extra))
+    assert upstream.count(key=extra) == 2
+    assert_replay_of(call(envoy, keys[0]), answers[0])
+    assert upstream.count(key=keys[0]) == 1
+    assert_stat_deltas(envoy, before, {
+        "idempotency.claimed": 16, "idempotency.stored": 16, "idempotency.store_full": 2,
+        "idempotency.bypassed": 2, "idempotency.rejected": 0, "idempotency.replayed": 1})
+
+
+def test_full_store_takes_new_keys_again_once_its_records_expire(envoy_with, upstream):
+    envoy = envoy_with({**ONE_BUCKET, "ttl": "1s", "when_full": "reject"}, fresh=True)
+    before = envoy.stats()
+    fill(envoy, upstream)
+    extra = f"extra-{uuid.uuid4()}"
+    assert_problem(call(envoy, extra), 503, "idempotency_store_full")
+
+    time.sleep(1.2)
+    later = call(envoy, extra)
+
+    assert_original(later)
+    assert_replay_of(call(envoy, extra), later)
+    assert upstream.count(key=extra) == 1
+    assert_stat_deltas(envoy, before, {
+        "idempotency.claimed": 17, "idempotency.stored": 17, "idempotency.store_full": 1,
+        "idempotency.replayed": 1})
+
+
+def test_a_full_store_evicts_its_oldest_completed_record_and_never_a_claim_in_flight(envoy_with, upstream):
+    envoy = envoy_with(ONE_BUCKET, fresh=True)  # when_full: evict, the default
+    before = envoy.stats()
+    slow = f"slow-{uuid.uuid4()}"
+    in_flight, box = in_background(lambda: call(envoy, slow, headers=[("x-test-delay-ms", "1500")]))
+    assert wait_for(lambda: upstream.count(key=slow) == 1), "the slow original never reached the upstream"
+    keys, answers = fill(envoy, upstream, n=15)
+
+    newcomer = f"new-{uuid.uuid4()}"
+    first = call(envoy, newcomer)
+    assert_original(first)
+    # The oldest completed record made way: its retry runs again (and evicts the next oldest).
+    assert_original(call(envoy, keys[0]))
+    assert upstream.count(key=keys[0]) == 2
+    # The claim in flight kept its entry: its answer is stored and replays.
+    in_flight.join()
+    assert_original(box["result"])
+    assert_replay_of(call(envoy, slow), box["result"])
+    assert upstream.count(key=slow) == 1
+    for k, answer in ((newcomer, first), (keys[-1], answers[-1])):
+        assert_replay_of(call(envoy, k), answer)
+        assert upstream.count(key=k) == 1
+    assert_stat_deltas(envoy, before, {
+        "idempotency.evicted": 2, "idempotency.store_full": 0, "idempotency.rejected": 0,
+        "idempotency.claimed": 18, "idempotency.stored": 18})
+
+
+def test_an_organisation_whose_whole_share_is_in_flight_gets_429_and_no_one_else_does(envoy_with, upstream):
+    envoy = envoy_with({**ONE_BUCKET, "max_share": 0.25}, fresh=True)  # a share of 4 records
+    before = envoy.stats()
+    slow = [("x-test-delay-ms", "1500")]
+    keys = [f"busy-{uuid.uuid4()}" for _ in range(4)]
+    running = [in_background(lambda k=k: call(envoy, k, headers=slow)) for k in keys]
+    assert wait_for(lambda: all(upstream.count(key=k) == 1 for k in keys))
+
+    extra = f"busy-{uuid.uuid4()}"
+    refused = call(envoy, extra)
+    assert_problem(refused, 429, "idempotency_quota_exceeded")
+    assert assert_retry_after(refused) >= 1
+    assert upstream.count(key=extra) == 0
+    other = f"other-{uuid.uuid4()}"
+    other_org = call_headers(other, auth="Bearer ic_live_org_other")
+    assert_original(envoy.request("POST", "/v1/customers", other_org, b"{}"))
+    for thread, box in running:
+        thread.join()
+        assert_original(box["result"])
+    # Its records complete: the next key makes way with the oldest of them.
+    assert_original(call(envoy, extra))
+    assert_stat_deltas(envoy, before, {"idempotency.quota_exceeded": 1, "idempotency.evicted": 1,
+                                       "idempotency.claimed": 6})
+
+
+FLOOD_REQUESTS = 100_000
+STEADY_KEYS = 300  # well inside its share of a store that holds 10 000
+FLOOD_STORE = {"capacity_records": 10_000, "capacity_bytes": 4 << 20, "max_response_body_bytes": 64 << 10}
+
+
+def test_one_organisation_flooding_distinct_keys_never_locks_another_out(envoy_with, fast_upstream):
+    # The defaults (evict, max_share 0.1) on a store the flood overfills ten times.
+    envoy = envoy_with(FLOOD_STORE, upstream_port=fast_upstream.port, fresh=True)
+    quiet_logs(envoy)
+    before = envoy.stats()
+    rss_start = rss_kib(envoy.proc.pid)
+    flood = {}
+    done = threading.Event()
+
+    def flooding():
+        try:
+            flood.update(run_load(envoy.port, 0, FLOOD_REQUESTS, f"flood-{uuid.uuid4().hex[:8]}", 32,
+                                  auth="Bearer ic_live_org_flood"))
+        finally:
+            done.set()
+
+    with RssSampler(envoy.proc.pid) as sampler:
+        thread = threading.Thread(target=flooding, daemon=True)
+        thread.start()
+        # The organisation that keeps working: first POSTs and their replays for as long as the
+        # flood lasts, then replays of its earlier keys.
+        other = []
+        while not done.is_set() or not other:
+            if len(other) < STEADY_KEYS:
+                k = f"steady-{uuid.uuid4()}"
+                first = call(envoy, k, body=b'{"steady": true}', path="/v1/load")
+            else:
+                k, first = other[len(other) % STEADY_KEYS][0], other[len(other) % STEADY_KEYS][1]
+            other.append((k, first, call(envoy, k, body=b'{"steady": true}', path="/v1/load")))
+        thread.join()
+    growth = max(sampler.peak, rss_kib(envoy.proc.pid)) - rss_start
+
+    deltas = stat_deltas(envoy, before, ["idempotency.evicted", "idempotency.store_full",
+                                         "idempotency.rejected", "idempotency.quota_exceeded"])
+    print(f"\nflood of {FLOOD_REQUESTS} keys in {flood['seconds']}s: statuses {flood['statuses']} codes "
+          f"{flood['codes']}; the other organisation: {len(other)} first POSTs and replays; VmRSS growth "
+          f"{growth} KiB; {deltas}")
+    for _, first, replay in other:
+        assert first.status == 201 and first.header("idempotent-replayed") is None, f"{first!r}"
+        assert replay.status == 201 and replay.header("idempotent-replayed") == "true", f"{replay!r}"
+        assert replay.body == first.body
+    # The flood was held to its share: its own records made way for its new keys, and a key that
+    # found none of them in its bucket was refused 429, never 503.
+    assert set(flood["statuses"]) <= {201, 429}, flood
+    assert flood["codes"].get("idempotency_quota_exceeded", 0) == flood["statuses"].get(429, 0), flood
+    assert deltas["idempotency.store_full"] == 0 and deltas["idempotency.rejected"] == 0, deltas
+    assert deltas["idempotency.evicted"] > FLOOD_REQUESTS // 2, deltas
+    assert len([w for w, n in worker_connections(envoy).items() if n > 0]) == 2, "one worker took it all"
+    bound_kib = (FLOOD_STORE["capacity_records"] * BYTES_PER_RECORD + FLOOD_STORE["capacity_bytes"]
+                 + RSS_SLACK_BYTES) // 1024
+    assert growth < bound_kib, f"VmRSS grew {growth} KiB (bound {bound_kib} KiB)"
+
+
+# -- memory under far more keys than capacity --------------------------------------------------------
+
+LOAD_STORE = {"capacity_records": 10_000, "capacity_bytes": 2 << 20, "max_response_body_bytes": 16 << 10,
+              "max_share": 1}
+REGIMES = {
+    # Records expire within a second: the store turns over many times, responses are rewritten.
+    "churning_store_under_reject": {**LOAD_STORE, "ttl": "1s", "when_full": "reject"},
+    # Records live for an hour: the store fills to capacity and stays full.
+    "full_store_under_pass": {**LOAD_STORE, "ttl": "1h", "when_full": "pass"},
+}
+
+
+@pytest.fixture
+def fast_upstream():
+    up = FastUpstream().start()
+    yield up
+    up.stop()
+
+
+def quiet_logs(envoy):
+    """Envoy at a production log level for wasm: per-request debug lines are not what is measured."""
+    req = urllib.request.Request(f"http://127.0.0.1:{envoy.admin_port}/logging?wasm=warning", method="POST")
+    with urllib.request.urlopen(req, timeout=5) as resp:
+        assert resp.status == 200
+
+
+@pytest.mark.parametrize("regime", sorted(REGIMES))
+def test_envoy_memory_stays_bounded_under_far_more_distinct_keys_than_capacity(
+        envoy_with, fast_upstream, regime):
+    config = REGIMES[regime]
+    envoy = envoy_with(config, upstream_port=fast_upstream.port, fresh=True)
+    quiet_logs(envoy)
+    prefix = f"load-{uuid.uuid4().hex[:8]}"
+    pid = envoy.proc.pid
+
+    warmup = run_load(envoy.port, 0, WARMUP_REQUESTS, prefix, LOAD_CONNECTIONS, auth=ORG_A)
+    assert warmup["statuses"] == {201: WARMUP_REQUESTS}, warmup
+    before = envoy.stats()
+    rss_start = rss_kib(pid)
+    with RssSampler(pid) as sampler:
+        load = run_load(envoy.port, WARMUP_REQUESTS, LOAD_REQUESTS, prefix, LOAD_CONNECTIONS, auth=ORG_A)
+    rss_end = rss_kib(pid)
+
+    bound_kib = (config["capacity_records"] * BYTES_PER_RECORD + config["capacity_bytes"] + RSS_SLACK_BYTES) // 1024
+    growth, peak_growth = rss_end - rss_start, sampler.peak - rss_start
+    print(f"\n[{regime}] {LOAD_REQUESTS} distinct keys in {load['seconds']}s "
+          f"({LOAD_REQUESTS / load['seconds']:.0f}/s) over {LOAD_CONNECTIONS} connections; "
+          f"statuses {load['statuses']} codes {load['codes']}; Envoy VmRSS after {WARMUP_REQUESTS} warm-up "
+          f"requests {rss_start} KiB, at the end {rss_end} KiB, peak {sampler.peak} KiB: growth {growth} KiB "
+          f"(peak {peak_growth} KiB), bound {bound_kib} KiB")
+
+    # What the clients saw and what the upstream did.
+    statuses = load["statuses"]
+    stored = statuses.get(201, 0)
+    executions = fast_upstream.executions()
+    if config["when_full"] == "reject":
+        assert set(statuses) <= {201, 503}, load
+        assert load["codes"].get("idempotency_store_full", 0) == statuses.get(503, 0), load
+        assert executions == WARMUP_REQUESTS + stored, "a refused request reached the upstream"
+        assert stored > LOAD_REQUESTS // 2, f"most keys should find room as records expire: {load}"
+    else:
+        assert statuses == {201: LOAD_REQUESTS}, load
+        assert executions == WARMUP_REQUESTS + LOAD_REQUESTS
+    deltas = {name: envoy.stats().get(name, 0) - before.get(name, 0)
+              for name in ["idempotency.claimed", "idempotency.stored", "idempotency.store_full",
+                           "idempotency.rejected", "idempotency.bypassed", "idempotency.store_error"]}
+    assert deltas["idempotency.store_error"] == 0, deltas
+    assert deltas["idempotency.store_full"] > 0, f"the store never filled: {deltas}"
+    assert deltas["idempotency.claimed"] + deltas["idempotency.store_full"] == LOAD_REQUESTS, deltas
+    if config["when_full"] == "pass":  # the store filled to exactly its capacity, and stayed there
+        assert WARMUP_REQUESTS + deltas["idempotency.claimed"] == config["capacity_records"], deltas
+        assert deltas["idempotency.bypassed"] == deltas["idempotency.store_full"], deltas
+    else:
+        assert deltas["idempotency.rejected"] == deltas["idempotency.store_full"], deltas
+
+    # Memory: the growth from warm-up to the end stays within the store's bound.
+    assert growth < bound_kib, f"VmRSS grew {growth} KiB (bound {bound_kib} KiB)"
+    assert peak_growth < bound_kib, f"VmRSS peaked {peak_growth} KiB above the start (bound {bound_kib} KiB)"
+
+    # New keys are still served at the end, under the configured policy.
+    if config["when_full"] == "reject":
+        time.sleep(1.2)  # every record of the load has expired: its room is free again
+        for i in range(20):
+            key = f"{prefix}-after-{i}"
+            fresh = call(envoy, key)
+            assert_original(fresh)
+            assert_replay_of(call(envoy, key), fresh)
+    else:
+        kept = call(envoy, f"{prefix}-0", body=b'{"n":0}', path="/v1/load")  # a warm-up record: kept
+        assert kept.status == 201 and kept.header("idempotent-replayed") == "true", f"{kept!r}"
+        for i in range(20):
+            assert_original(call(envoy, f"{prefix}-after-{i}"))
+    executions_after = fast_upstream.executions()
+    assert executions_after == executions + 20, "each new key ran exactly once"

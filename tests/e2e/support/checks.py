@@ -8,9 +8,11 @@
     stat_deltas / assert_stat_deltas        how counters moved since a snapshot
 """
 
+import re
 import time
 
 from support.client import Response
+from support.processes import ROOT
 
 # Headers a replay may legitimately not repeat byte for byte: set per hop or per answer by Envoy.
 NOT_REPLAYED = {"date", "x-envoy-upstream-service-time", "idempotent-replayed",
@@ -82,3 +84,11 @@ def assert_stat_deltas(envoy, before, expected, timeout=3.0):
     """Each named stat moved by exactly the given amount since ``before`` (a dict of stats)."""
     wait_for(lambda: stat_deltas(envoy, before, expected) == expected, timeout)
     assert stat_deltas(envoy, before, expected) == expected
+
+
+def filter_counters():
+    """The counter names src/core/counters.rs defines (idempotency.<outcome>)."""
+    source = (ROOT / "src" / "core" / "counters.rs").read_text()
+    names = sorted(set(re.findall(r'=> "(idempotency\.[a-z_]+)"', source)))
+    assert len(names) >= 15, names
+    return names

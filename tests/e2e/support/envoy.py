@@ -158,34 +158,26 @@ class Envoy(LogFile):
         config_path = self.workdir / "envoy.json"
         config = self.bootstrap()
         config_path.write_text(json.dumps(config, indent=2))
+        self._launch([ENVOY_BIN, "-c", str(config_path), "--concurrency", "2",
+                      "--log-level", "info", "--component-log-level", "wasm:debug"])
+        return self
+
+    def _launch(self, cmd, cwd=None):
+        """Runs Envoy's command line ``cmd`` with this instance's own base id, admin address file
+        and no drain time, and waits until it is ready."""
         admin_file = self.workdir / "admin-address"
         admin_file.unlink(missing_ok=True)
-        cmd = [
-            ENVOY_BIN, "-c", str(config_path),
-            "--concurrency", "2",
-            "--base-id", str(self.base_id),
-            "--admin-address-path", str(admin_file),
-            "--log-level", "info",
-            "--component-log-level", "wasm:debug",
-            "--drain-time-s", "0",
-        ]
-        log = open(self.log_path, "wb")
-        try:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         preexec_fn=die_with_parent)
-        finally:
-            log.close()
-        self._track()
+        cmd = [*cmd, "--base-id", str(self.base_id), "--admin-address-path", str(admin_file),
+               "--drain-time-s", "0"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        _live.add(self)
         try:
             self._wait_ready(admin_file)
         except BaseException:
             self.stop()
             raise
-        return self
-
-    def _track(self):
-        """Killed at exit if still running, whatever happens."""
-        _live.add(self)
 
     def stop(self):
         proc, self.proc = self.proc, None

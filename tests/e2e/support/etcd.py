@@ -20,6 +20,12 @@
     LogWindow(sources)                log offsets now; .save(out_dir) writes what each log got since
     private_run_dir()                 .run/etcd-tests/<pid>: this test process's own directory, so
                                       that test runs going on at the same time never share files
+    fleet_config(**extra)             a plugin configuration on the etcd store
+    Started(run_dir, sources)         what a fixture's scope starts (etcds, pairs of Envoys, Envoys
+                                      from a shipped config), stopped and cleaned at its end
+    settled_stats(envoy)              stats once earlier finishes have landed
+    etcd_requests(envoy), settled_etcd_requests(envoy)
+                                      the calls an Envoy made to etcd (once they stop moving)
 
 Nothing here uses a system etcd service: every etcd is started by the tests and stopped by them.
 """
@@ -35,10 +41,12 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+import uuid
 from pathlib import Path
 
 from support.envoy import Envoy
-from support.processes import ROOT, LogFile, die_with_parent, free_port
+from support.processes import ROOT, LogFile, die_with_parent, free_port, start_all
+from support.shipped import ShippedEnvoy
 
 ETCD_BIN = os.environ.get("ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
 ETCD_READY_TIMEOUT_S = 20
@@ -287,3 +295,83 @@ def private_run_dir():
     shutil.rmtree(mine, ignore_errors=True)
     mine.mkdir()
     return mine
+
+
+# -- a fleet on it --------------------------------------------------------------------------
+
+def fleet_config(**extra):
+    """A plugin configuration on the etcd store (cluster ``etcd``, 500 ms calls), plus ``extra``."""
+    etcd = {"cluster": "etcd", "timeout": "500ms", **extra.pop("etcd", {})}
+    return {"etcd": etcd, **extra}
+
+
+class Started:
+    """What a fixture's scope starts: kept for the logs of a failed test, and at the scope's end
+    its Envoys stopped and its etcds' data removed."""
+
+    def __init__(self, run_dir, sources):
+        self.run_dir = run_dir
+        self.sources = sources
+        self.envoys, self.etcds = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for envoy in self.envoys:
+            envoy.stop()
+        for etcd in self.etcds:
+            etcd.remove_data()
+
+    def etcd(self, name, **kwargs):
+        etcd = Etcd(self.run_dir / f"etcd-{name}", name=name, **kwargs)
+        self.sources.append(etcd)
+        self.etcds.append(etcd)
+        return etcd.start()
+
+    def pair(self, upstream, etcd, config):
+        return self._envoys([EtcdEnvoy(self.run_dir, config, upstream.port, etcd) for _ in range(2)])
+
+    def shipped(self, config, count=2):
+        """Envoys started from a shipped config."""
+        return self._envoys([ShippedEnvoy(self.run_dir / f"shipped-{uuid.uuid4().hex[:8]}", config)
+                             for _ in range(count)])
+
+    def _envoys(self, envoys):
+        self.sources.extend(envoys)
+        self.envoys.extend(envoys)
+        return start_all(envoys)
+
+
+def etcd_requests(envoy):
+    return envoy.counter("cluster.etcd.upstream_rq_total")
+
+
+def settled_etcd_requests(envoy, quiet_s=0.3):
+    """The etcd cluster's request count once it has stopped moving (finishes run on ticks)."""
+    last = etcd_requests(envoy)
+    while True:
+        time.sleep(quiet_s)
+        now = etcd_requests(envoy)
+        if now == last:
+            return now
+        last = now
+
+
+def settled_stats(envoy, quiet_s=0.3, limit_s=10.0):
+    """Stats once the finishes of earlier requests (run on later ticks) have landed: neither the
+    filter's counters nor the calls to etcd moved for ``quiet_s``."""
+    def sample():
+        stats = envoy.stats()
+        return stats, ({k: v for k, v in stats.items() if k.startswith("idempotency.")},
+                       stats.get("cluster.etcd.upstream_rq_total", 0))
+
+    deadline = time.monotonic() + limit_s
+    stats, moving = sample()
+    while time.monotonic() < deadline:
+        time.sleep(quiet_s)
+        stats, now = sample()
+        if now == moving:
+            break
+        moving = now
+    return stats

@@ -11,13 +11,12 @@ per-route config, plugin configuration) is the file's own.
 
 import copy
 import json
-import subprocess
 from pathlib import Path
 
 import yaml
 
 from support.envoy import ENVOY_BIN, WASM_PATH, Envoy
-from support.processes import ROOT, die_with_parent
+from support.processes import ROOT
 
 ENVOY_DIR = ROOT / "envoy"
 
@@ -27,20 +26,20 @@ def load(path):
         return yaml.safe_load(f)
 
 
-def _walk(node):
+def walk(node):
     """Every dict in a parsed document, depth first."""
     if isinstance(node, dict):
         yield node
         for value in node.values():
-            yield from _walk(value)
+            yield from walk(value)
     elif isinstance(node, list):
         for value in node:
-            yield from _walk(value)
+            yield from walk(value)
 
 
 def wasm_filters(config):
     """The typed_config of every envoy.filters.http.wasm filter in a bootstrap."""
-    return [node["typed_config"] for node in _walk(config)
+    return [node["typed_config"] for node in walk(config)
             if node.get("name") == "envoy.filters.http.wasm" and "typed_config" in node]
 
 
@@ -59,11 +58,11 @@ def localise(config, upstream_port, wasm_path=WASM_PATH):
     for listener in resources["listeners"]:
         listener["address"]["socket_address"]["port_value"] = 0
     for cluster in resources.get("clusters", []):
-        for endpoint in _walk(cluster.get("load_assignment", {})):
+        for endpoint in walk(cluster.get("load_assignment", {})):
             if "socket_address" in endpoint:
                 endpoint["socket_address"]["port_value"] = upstream_port
     if wasm_path is not None:
-        for node in _walk(config):
+        for node in walk(config):
             if str(node.get("filename", "")).endswith(".wasm"):
                 node["filename"] = str(wasm_path)
     return config
@@ -108,21 +107,23 @@ class ShippedEnvoy(Envoy):
             config_path.write_text(yaml.safe_dump(self.bootstrap(), sort_keys=False))
         else:
             config_path.write_text(json.dumps(self.bootstrap(), indent=2))
-        admin_file = self.workdir / "admin-address"
-        admin_file.unlink(missing_ok=True)
-        cmd += ["--base-id", str(self.base_id), "--admin-address-path", str(admin_file),
-                "--drain-time-s", "0"]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=self.cwd, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL,
-                                         preexec_fn=die_with_parent)
-        self._track()
-        try:
-            self._wait_ready(admin_file)
-        except BaseException:
-            self.stop()
-            raise
+        self._launch(cmd, cwd=self.cwd)
         return self
 
     def admin_address(self):
         return (self.workdir / "admin-address").read_text().strip()
+
+
+# -- the compose file --------------------------------------------------------------------------
+
+COMPOSE_FILE = ENVOY_DIR / "docker-compose.yaml"
+DEMO_CONFIG = ENVOY_DIR / "envoy.yaml"
+WASM_RELATIVE = "target/wasm32-wasip1/release/idempotency_filter.wasm"
+
+
+def compose():
+    return load(COMPOSE_FILE)
+
+
+def option(command, flag):
+    return command[command.index(flag) + 1]

@@ -1,45 +1,43 @@
-"""The ways users deploy the filter, checked as far as this machine allows.
+"""The README's "Deploying": the ways users deploy the filter, checked as far as this machine
+allows.
 
 - docker compose (envoy/docker-compose.yaml): no Docker engine runs here, so the file is checked
-  for what it mounts and runs, handed to `docker compose config` when a compose client is
-  installed, and its Envoy command line is run for real against the same envoy/envoy.yaml, laid
-  out as in the container, with the demo upstream, through the README's curl walkthrough.
+  for what it mounts and runs, and handed to `docker compose config` when a compose client is
+  installed (test_walkthrough.py runs its command line).
 - The OCI image Istio pulls (`make image`, tools/oci_image.py): a valid OCI image layout whose
   single layer holds plugin.wasm, byte for byte the built module, read back the way Istio's
   puller reads it.
 - Istio (envoy/istio/*.yaml): manifests parsed and their key fields checked; the Envoy filter
   the EnvoyFilter installs is run in the real Envoy as Istio's agent hands it over (the OCI
   module replaced by the local file).
+- Scope from a verified identity (envoy/envoy-jwt.yaml): the shipped example removes any
+  client-sent x-org-id, lets jwt_authn write the token's org_id claim into it, and scopes
+  records by it ("scope_header": "x-org-id"). The tests run that file as shipped (ports and the
+  module path aside) and show that a forged scope header never reaches another organisation's
+  records. The tokens are the test-only ones in envoy/jwt-test-tokens.json.
 """
 
+import base64
 import gzip
 import hashlib
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tarfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
+from support.client import call
 from support.envoy import WASM_PATH, envoy_config
-from support.processes import ROOT, free_port
-from support.shipped import ENVOY_DIR, load, localise, ShippedEnvoy
-
-COMPOSE_FILE = ENVOY_DIR / "docker-compose.yaml"
-DEMO_CONFIG = ENVOY_DIR / "envoy.yaml"
-WASM_RELATIVE = "target/wasm32-wasip1/release/idempotency_filter.wasm"
-
-
-def compose():
-    return load(COMPOSE_FILE)
+from support.processes import ROOT
+from support.shipped import (COMPOSE_FILE, DEMO_CONFIG, ENVOY_DIR, WASM_RELATIVE, compose, load, localise,
+                             option, plugin_configuration, walk, ShippedEnvoy)
 
 
 def mounts(service):
@@ -52,10 +50,6 @@ def mounts(service):
         assert volume.get("bind", {}).get("create_host_path") is False, volume
         out[volume["target"]] = (COMPOSE_FILE.parent / volume["source"]).resolve()
     return out
-
-
-def option(command, flag):
-    return command[command.index(flag) + 1]
 
 
 # -- docker compose -------------------------------------------------------------------------
@@ -77,7 +71,7 @@ def test_compose_mounts_the_shipped_config_and_the_built_module_where_the_config
 
     # envoy.yaml names the module relative to Envoy's working directory: the container has the
     # built module at that same relative path, mounted from where `make wasm` writes it.
-    (filename,) = [n["filename"] for n in _dicts(load(DEMO_CONFIG)) if "filename" in n]
+    (filename,) = [n["filename"] for n in walk(load(DEMO_CONFIG)) if "filename" in n]
     assert filename == WASM_RELATIVE
     assert envoy_mounts[f"{workdir}/{filename}"] == (ROOT / WASM_RELATIVE).resolve()
     makefile = (ROOT / "Makefile").read_text()
@@ -92,7 +86,7 @@ def test_compose_shares_the_upstream_network_namespace_so_the_config_needs_no_se
 
     config = load(DEMO_CONFIG)
     (cluster,) = config["static_resources"]["clusters"]
-    (endpoint,) = [n["socket_address"] for n in _dicts(cluster) if "socket_address" in n]
+    (endpoint,) = [n["socket_address"] for n in walk(cluster) if "socket_address" in n]
     command = upstream["command"]
     assert (option(command, "--host"), int(option(command, "--port"))) == \
         (endpoint["address"], endpoint["port_value"])
@@ -141,125 +135,6 @@ def test_compose_file_is_accepted_by_the_compose_client(tmp_path):
     assert out.returncode == 0, out.stderr
     rendered = yaml.safe_load(out.stdout)
     assert rendered["services"]["envoy"]["image"] == "registry.example/envoy:test"
-
-
-@pytest.fixture
-def compose_demo(tmp_path):
-    """The compose services run here as the containers would run them: the demo upstream with
-    its compose command, Envoy with its compose command line in a working directory laid out
-    like the container's (envoy/envoy.yaml + the module at its relative path). Only ports
-    change: the upstream's to a free one, Envoy's listener and admin to kernel-picked ones."""
-    services = compose()["services"]
-    upstream_port = free_port()
-    up_cmd = [sys.executable if arg == "python3" else arg for arg in services["upstream"]["command"]]
-    up_cmd[up_cmd.index("-u") + 1] = str(ENVOY_DIR / "demo_upstream.py")
-    up_cmd[up_cmd.index("--port") + 1] = str(upstream_port)
-    up_log = tmp_path / "upstream.log"
-    with open(up_log, "wb") as log:
-        upstream = subprocess.Popen(up_cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        _wait_for_port(upstream_port, upstream)
-        envoy_service = services["envoy"]
-        srv = tmp_path / "srv"
-        module = srv / WASM_RELATIVE
-        module.parent.mkdir(parents=True)
-        module.symlink_to(WASM_PATH)
-        command = envoy_service["command"]
-        envoy = ShippedEnvoy(tmp_path, localise(load(DEMO_CONFIG), upstream_port, wasm_path=None),
-                             args=command[1:], cwd=srv, config_name=option(command, "-c"),
-                             expect_upstream=False).start()
-        try:
-            yield envoy, up_log
-        finally:
-            envoy.stop()
-    finally:
-        upstream.terminate()
-        upstream.wait(timeout=5)
-
-
-def _wait_for_port(port, proc, timeout=10):
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, "the demo upstream exited"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"nothing listening on {port}")
-
-
-def test_compose_command_line_runs_the_demo_walkthrough(compose_demo):
-    """The README's curl walkthrough, against the compose command line and envoy.yaml."""
-    envoy, up_log = compose_demo
-    # The compose-only admin override took effect (inside a container it must not be loopback).
-    assert envoy.admin_address().startswith("0.0.0.0:")
-
-    key = f"demo-{uuid.uuid4()}"
-    auth = {"authorization": "Bearer ic_live_demo", "idempotency-key": key,
-            "content-type": "application/json"}
-    create = json.dumps({"externalId": f"crm-{key}", "fullName": "Jane Doe",
-                         "email": "jane@example.com"}).encode()
-    first = envoy.request("POST", "/v1/customers", auth, create)
-    assert first.status == 201, first
-    replay = envoy.request("POST", "/v1/customers", auth, create)
-    assert replay.status == 201 and replay.header("idempotent-replayed") == "true", replay
-    assert replay.body == first.body
-
-    conflict = envoy.request("POST", "/v1/customers", auth,
-                             json.dumps({"externalId": f"crm-{key}", "fullName": "Janet Doe"}).encode())
-    assert conflict.status == 409, conflict
-    assert conflict.header("content-type") == "application/problem+json"
-    assert conflict.json()["code"] == "idempotency_conflict"
-
-    customer = first.json()["id"]
-    patch = envoy.request("PATCH", f"/v1/customers/{customer}", auth, b'{"email":"jane@doe.example"}')
-    assert patch.status == 200 and patch.header("idempotent-replayed") is None, patch
-
-    executed = [line for line in up_log.read_text().splitlines() if "EXECUTED" in line and key in line]
-    assert len(executed) == 2, executed  # the POST once (not its replay, not the conflict), the PATCH
-
-    # The counters under the names the docs give, in /stats and in Prometheus' exposition.
-    stats = envoy.stats()
-    assert stats["wasmcustom.idempotency.replayed"] == 1
-    assert stats["wasmcustom.idempotency.conflict"] == 1
-    status, text = envoy.admin_get("/stats/prometheus")
-    assert status == 200
-    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    assert samples["idempotency_replayed{}"] == "1"
-    assert samples["idempotency_conflict{}"] == "1"
-    assert samples["idempotency_claimed{}"] == "2"
-    # Every counter the filter defines, under the Prometheus name docs/deploying.md gives it.
-    for name in filter_counters():
-        prometheus = name.replace(".", "_")
-        assert f"{prometheus}{{}}" in samples, prometheus
-        assert f"# TYPE {prometheus} counter" in text
-
-
-def filter_counters():
-    """The counter names src/core/counters.rs defines (idempotency.<outcome>)."""
-    source = (ROOT / "src" / "core" / "counters.rs").read_text()
-    names = sorted(set(re.findall(r'=> "(idempotency\.[a-z_]+)"', source)))
-    assert len(names) >= 15, names
-    return names
-
-
-def test_the_deploying_guide_lists_every_counter_under_both_names():
-    guide = (ROOT / "docs" / "deploying.md").read_text()
-    for name in filter_counters():
-        row = f"| `wasmcustom.{name}` | `{name.replace('.', '_')}` |"
-        assert row in guide, f"docs/deploying.md has no row for {name}"
-
-
-def _dicts(node):
-    if isinstance(node, dict):
-        yield node
-        for value in node.values():
-            yield from _dicts(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _dicts(value)
 
 
 # -- the OCI image (make image) ---------------------------------------------------------------
@@ -482,3 +357,120 @@ def test_envoyfilter_wasm_filter_runs_in_envoy_as_istios_agent_hands_it_over(tmp
         assert upstream.count(key=key, path="/healthz") == 2
     finally:
         envoy.stop()
+
+
+# -- scope from a verified identity: envoy/envoy-jwt.yaml -------------------------------------------
+
+JWT_CONFIG = ENVOY_DIR / "envoy-jwt.yaml"
+TOKENS = json.loads((ENVOY_DIR / "jwt-test-tokens.json").read_text())["tokens"]
+BODY = json.dumps({"externalId": "crm-1", "fullName": "Jane Doe"}).encode()
+
+
+@pytest.fixture(scope="module")
+def jwt_envoy(run_dir, upstream):
+    # The readiness probe has no token: jwt_authn answers it 401, which is an answer.
+    instance = ShippedEnvoy(run_dir / "identity", localise(load(JWT_CONFIG), upstream.port),
+                            upstream.port, expect_upstream=False).start()
+    yield instance
+    instance.stop()
+
+
+def post_as(envoy, key, token=None, forged_org=None):
+    """A covered POST with the test token ``token`` (None: no Authorization), and an ``x-org-id``
+    the client forges, if given; the upstream answers 200."""
+    auth = None if token is None else f"Bearer {TOKENS[token]}"
+    forged = [] if forged_org is None else [("x-org-id", forged_org)]
+    return call(envoy, key, body=BODY, auth=auth, headers=[("x-test-status", "200"), *forged])
+
+
+def test_the_example_scopes_records_by_the_header_jwt_authn_writes():
+    config = load(JWT_CONFIG)
+    assert plugin_configuration(config)["scope_header"] == "x-org-id"
+    names = [f["name"] for f in config["static_resources"]["listeners"][0]["filter_chains"][0]
+             ["filters"][0]["typed_config"]["http_filters"]]
+    assert names == ["envoy.filters.http.header_mutation", "envoy.filters.http.jwt_authn",
+                     "envoy.filters.http.wasm", "envoy.filters.http.router"]
+
+
+def test_a_forged_scope_header_never_reaches_another_organisations_records(jwt_envoy, upstream):
+    key = f"identity-{uuid.uuid4()}"
+    original = post_as(jwt_envoy, key, token="org_a")
+    assert original.status == 200 and original.header("idempotent-replayed") is None, original
+
+    # org_b's client claims to be org_a, with org_a's key and the same body: had the header
+    # been trusted, this would be org_a's record and a replay of org_a's response.
+    forged = post_as(jwt_envoy, key, token="org_b", forged_org="org_a")
+    assert forged.status == 200, forged
+    assert forged.header("idempotent-replayed") is None, "org_b was served org_a's record"
+    assert forged.header("x-upstream-execution") != original.header("x-upstream-execution")
+    assert upstream.count(key=key) == 2
+
+    # What reached the upstream (and the filter) was the verified claim, once, each time.
+    executions = upstream.executions(key=key)
+    assert [[v for n, v in e.headers if n == "x-org-id"] for e in executions] == [["org_a"], ["org_b"]]
+
+    # org_b's own retry is served from org_b's record, not org_a's.
+    retry = post_as(jwt_envoy, key, token="org_b", forged_org="org_a")
+    assert retry.header("idempotent-replayed") == "true", retry
+    assert retry.header("x-upstream-execution") == forged.header("x-upstream-execution")
+    assert upstream.count(key=key) == 2
+
+
+def test_the_organisation_not_the_credential_owns_the_records(jwt_envoy, upstream):
+    """Two users of org_a (two different tokens) share org_a's keys."""
+    key = f"identity-{uuid.uuid4()}"
+    first = post_as(jwt_envoy, key, token="org_a")
+    second = post_as(jwt_envoy, key, token="org_a_second_user")
+    assert second.header("idempotent-replayed") == "true", second
+    assert second.body == first.body
+    assert upstream.count(key=key) == 1
+
+
+@pytest.mark.parametrize("case", ["no token", "only a forged header", "tampered claim"])
+def test_a_request_without_a_valid_token_is_refused_before_the_filter(jwt_envoy, upstream, case):
+    key = f"identity-{uuid.uuid4()}"
+    post_as(jwt_envoy, key, token="org_a")  # org_a's record exists
+    if case == "no token":
+        resp = post_as(jwt_envoy, key)
+    elif case == "only a forged header":
+        resp = post_as(jwt_envoy, key, forged_org="org_a")
+    else:
+        # org_b's token with its claim rewritten to org_a: the signature no longer matches.
+        header, payload, signature = TOKENS["org_b"].split(".")
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        claims["org_id"] = "org_a"
+        payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+        resp = jwt_envoy.request("POST", "/v1/customers", [
+            ("content-type", "application/json"), ("idempotency-key", key),
+            ("authorization", f"Bearer {header}.{payload}.{signature}")], BODY)
+    assert resp.status == 401, resp
+    assert resp.header("idempotent-replayed") is None
+    assert upstream.count(key=key) == 1  # only org_a's original
+
+
+def test_the_test_tokens_match_the_inlined_test_jwks():
+    config = load(JWT_CONFIG)
+    (provider,) = [n for n in walk(config) if "local_jwks" in n]
+    keys = json.loads(provider["local_jwks"]["inline_string"])["keys"]
+    for token in TOKENS.values():
+        header, claims = (json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4)))
+                          for part in token.split(".")[:2])
+        assert header["kid"] in {k["kid"] for k in keys}
+        assert claims["iss"] == provider["issuer"] and claims["aud"] in provider["audiences"]
+        assert claims["exp"] >= 4102444800  # 2100: the committed tokens do not expire under CI
+
+
+def test_a_valid_token_without_the_claim_cannot_borrow_a_forged_header(jwt_envoy, upstream):
+    """A token without the claim leaves no scope header at all (the request passes without
+    idempotency, counted as bypassed): a client's own x-org-id never stands in for the claim.
+    Envoy 1.40's jwt_authn drops a client's copy of a claim header itself; the header_mutation
+    filter in front makes the example independent of that, and of rules that let a request
+    through without a token."""
+    key = f"identity-{uuid.uuid4()}"
+    original = post_as(jwt_envoy, key, token="org_a")
+    borrowed = post_as(jwt_envoy, key, token="no_org", forged_org="org_a")
+    assert borrowed.status == 200, borrowed
+    assert borrowed.header("idempotent-replayed") is None, "a forged header selected org_a's record"
+    assert borrowed.header("x-upstream-execution") != original.header("x-upstream-execution")
+    executions = upstream.executions(key=key)
+    assert [[v for n, v in e.headers if n == "x-org-id"] for e in executions] == [["org_a"], []]

@@ -1,5 +1,7 @@
-"""CONTRACT.md "Matching": a record belongs to (scope, method, path, key), and "the same request"
-also means the same fingerprint (query string and body bytes)."""
+"""The README's "What is guaranteed", for matching: a record belongs to (organisation, method,
+path, key), one key is one record over either protocol, and "the same request" also means the
+same fingerprint (query string and body bytes). Exactly one execution and verbatim replay are
+test_outcomes.py's."""
 
 import json
 import threading
@@ -98,53 +100,3 @@ def test_one_key_is_one_record_over_http1_and_http2_whatever_the_whitespace(envo
     assert_replay_of(call(envoy, key), original)
     assert_replay_of(call(envoy, f" {key}\t", auth=f" {ORG_A}", http2=True), original)
     assert upstream.total == executed + 1
-
-
-# The configurable parts of request selection and matching, on one shared instance.
-CUSTOM = {"scope_header": "x-org-id", "key_header": "x-request-key", "methods": ["POST", "PUT"],
-          "unstored_statuses": ["5xx", 409]}
-
-
-def test_configured_scope_header_alone_decides_the_scope(envoy_with, upstream, key):
-    envoy = envoy_with(CUSTOM)
-    org = lambda name: [("x-org-id", name)]  # noqa: E731
-    first = call(envoy, key, key_header="x-request-key", auth=ORG_A, headers=org("org-1"))
-    assert_original(first)
-    assert_original(call(envoy, key, key_header="x-request-key", auth=ORG_A, headers=org("org-2")))
-    # Same organization, another Authorization value: the same scope.
-    assert_replay_of(call(envoy, key, key_header="x-request-key", auth=ORG_B, headers=org("org-1")), first)
-    assert upstream.count(key=None, header=("x-request-key", key)) == 2
-    # No scope header: passes untouched.
-    for _ in range(2):
-        assert_original(call(envoy, key, key_header="x-request-key", path="/v1/no-scope"))
-    assert upstream.count(path="/v1/no-scope", header=("x-request-key", key)) == 2
-
-
-def test_configured_methods_and_key_header_select_the_requests(envoy_with, upstream, key):
-    envoy = envoy_with(CUSTOM)
-    scoped = [("x-org-id", "org-1")]
-    put = call(envoy, key, method="PUT", key_header="x-request-key", headers=scoped)
-    assert_original(put)
-    assert_replay_of(call(envoy, key, method="PUT", key_header="x-request-key", headers=scoped), put)
-    assert upstream.count(method="PUT", header=("x-request-key", key)) == 1
-    for _ in range(2):  # PATCH is no longer covered
-        assert_original(call(envoy, key, method="PATCH", key_header="x-request-key", headers=scoped))
-    assert upstream.count(method="PATCH", header=("x-request-key", key)) == 2
-    for _ in range(2):  # Idempotency-Key is not the configured header: no key, passes untouched
-        assert_original(call(envoy, key, method="POST", key_header="idempotency-key", headers=scoped))
-    assert upstream.count(method="POST", key=key) == 2
-
-
-def test_configured_unstored_statuses_decide_what_is_stored(envoy_with, upstream, key):
-    envoy = envoy_with(CUSTOM)
-    for status, stored in [(409, False), (500, False), (429, True)]:
-        k = f"{key}-{status}"
-        hdrs = [("x-org-id", "org-1"), ("x-test-status", str(status))]
-        first = call(envoy, k, key_header="x-request-key", headers=hdrs)
-        assert_original(first, status)
-        again = call(envoy, k, key_header="x-request-key", headers=hdrs)
-        if stored:
-            assert_replay_of(again, first)
-        else:
-            assert_original(again, status)
-        assert upstream.count(header=("x-request-key", k)) == (1 if stored else 2), status

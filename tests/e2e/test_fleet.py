@@ -1,4 +1,4 @@
-"""The cluster-wide store on etcd, in real Envoys: two Envoy processes (two workers each) share one
+"""The README's "A fleet of Envoys: the etcd store", in real Envoys: two Envoy processes (two workers each) share one
 etcd, so a retry that lands on the other Envoy of a fleet still replays, waits or conflicts.
 
 Every Envoy here runs the filter with {"etcd": {"cluster": "etcd", "timeout": "500ms", ...}} and a
@@ -19,10 +19,10 @@ import pytest
 from support.checks import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
                             assert_stat_deltas, stat_deltas, wait_for)
 from support.client import CUSTOMER, ORG_A, burst, call, in_background, Response, timed
-from support.etcd import Etcd, EtcdEnvoy, EtcdError, LogWindow, make_certs, private_run_dir
+from support.etcd import (EtcdError, LogWindow, Started, etcd_requests, fleet_config, make_certs,
+                          private_run_dir, settled_etcd_requests, settled_stats)
 from support.load import run_load
-from support.processes import start_all
-from support.shipped import ENVOY_DIR, load, localise, ShippedEnvoy, wasm_filters
+from support.shipped import ENVOY_DIR, load, localise, wasm_filters
 from support.upstream import binary_body
 
 OTHER = json.dumps({"externalId": "crm-7741", "fullName": "Jane B. Doe", "email": "jane@example.com"}).encode()
@@ -34,48 +34,6 @@ _sources = []  # every Envoy and etcd this module started, for the logs of a fai
 
 # -- fixtures ---------------------------------------------------------------------------------
 
-def _config(**extra):
-    etcd = {"cluster": "etcd", "timeout": "500ms", **extra.pop("etcd", {})}
-    return {"etcd": etcd, **extra}
-
-
-class _Started:
-    """What a fixture's scope starts: kept for the logs of a failed test, and at the scope's end
-    its Envoys stopped and its etcds' data removed."""
-
-    def __init__(self, run_dir):
-        self.run_dir = run_dir
-        self.envoys, self.etcds = [], []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for envoy in self.envoys:
-            envoy.stop()
-        for etcd in self.etcds:
-            etcd.remove_data()
-
-    def etcd(self, name, **kwargs):
-        etcd = Etcd(self.run_dir / f"etcd-{name}", name=name, **kwargs)
-        _sources.append(etcd)
-        self.etcds.append(etcd)
-        return etcd.start()
-
-    def pair(self, upstream, etcd, config):
-        return self._envoys([EtcdEnvoy(self.run_dir, config, upstream.port, etcd) for _ in range(2)])
-
-    def shipped(self, config, count=2):
-        """Envoys started from a shipped config (see ``_shipped_etcd_config``)."""
-        return self._envoys([ShippedEnvoy(self.run_dir / f"shipped-{uuid.uuid4().hex[:8]}", config)
-                             for _ in range(count)])
-
-    def _envoys(self, envoys):
-        _sources.extend(envoys)
-        self.envoys.extend(envoys)
-        return start_all(envoys)
-
-
 @pytest.fixture(scope="module")
 def run_dir():
     """This module's own directory (not the shared .run/pytest: other runs may be going on)."""
@@ -84,14 +42,14 @@ def run_dir():
 
 @pytest.fixture(scope="module")
 def module_started(run_dir):
-    with _Started(run_dir) as started:
+    with Started(run_dir, _sources) as started:
         yield started
 
 
 @pytest.fixture
 def started(run_dir):
     """Envoys and etcds of one test's own."""
-    with _Started(run_dir) as started:
+    with Started(run_dir, _sources) as started:
         yield started
 
 
@@ -103,13 +61,13 @@ def etcd(module_started):
 @pytest.fixture(scope="module")
 def pair(module_started, upstream, etcd):
     """Envoys A and B, defaults (when_full "reject")."""
-    return module_started.pair(upstream, etcd, _config())
+    return module_started.pair(upstream, etcd, fleet_config())
 
 
 @pytest.fixture(scope="module")
 def pass_pair(module_started, upstream, etcd):
     """Envoys C and D on the same etcd, with when_full "pass"."""
-    return module_started.pair(upstream, etcd, _config(when_full="pass"))
+    return module_started.pair(upstream, etcd, fleet_config(when_full="pass"))
 
 
 @pytest.fixture(autouse=True)
@@ -127,42 +85,6 @@ def _keep_logs_of_failures(request, run_dir):
 @pytest.fixture
 def key():
     return f"fleet-{uuid.uuid4()}"
-
-
-# -- requests and checks ----------------------------------------------------------------------
-
-def etcd_requests(envoy):
-    return envoy.counter("cluster.etcd.upstream_rq_total")
-
-
-def settled_etcd_requests(envoy, quiet_s=0.3):
-    """The etcd cluster's request count once it has stopped moving (finishes run on ticks)."""
-    last = etcd_requests(envoy)
-    while True:
-        time.sleep(quiet_s)
-        now = etcd_requests(envoy)
-        if now == last:
-            return now
-        last = now
-
-
-def settled_stats(envoy, quiet_s=0.3, limit_s=10.0):
-    """Stats once the finishes of earlier requests (run on later ticks) have landed: neither the
-    filter's counters nor the calls to etcd moved for ``quiet_s``."""
-    def sample():
-        stats = envoy.stats()
-        return stats, ({k: v for k, v in stats.items() if k.startswith("idempotency.")},
-                       stats.get("cluster.etcd.upstream_rq_total", 0))
-
-    deadline = time.monotonic() + limit_s
-    stats, moving = sample()
-    while time.monotonic() < deadline:
-        time.sleep(quiet_s)
-        stats, now = sample()
-        if now == moving:
-            break
-        moving = now
-    return stats
 
 
 # -- one store for both Envoys ------------------------------------------------------------------
@@ -523,7 +445,7 @@ def _send_too_large(envoy, key, size):
 
 
 def test_a_response_over_max_value_bytes_is_kept_without_its_body(started, upstream, etcd, key):
-    a, b = started.pair(upstream, etcd, _config(etcd={"max_value_bytes": 4096}))
+    a, b = started.pair(upstream, etcd, fleet_config(etcd={"max_value_bytes": 4096}))
     big, _ = _send_too_large(a, key, 16 * 1024)
     for envoy in (b, a):
         assert_problem(call(envoy, key, headers=big), 409, "idempotency_response_not_stored")
@@ -532,7 +454,7 @@ def test_a_response_over_max_value_bytes_is_kept_without_its_body(started, upstr
 
 def test_a_response_etcd_refuses_as_too_large_is_kept_without_its_body(started, upstream, key):
     strict = started.etcd("strict", max_request_bytes=65536)
-    a, b = started.pair(upstream, strict, _config(etcd={"max_value_bytes": 1000000}))
+    a, b = started.pair(upstream, strict, fleet_config(etcd={"max_value_bytes": 1000000}))
     big, before = _send_too_large(a, key, 100 * 1024)
     # A handful of calls (lease grants, the claim, the refused put, the put without the body),
     # and then no more: no retry loop.
@@ -551,7 +473,7 @@ def test_an_etcd_out_of_space_applies_the_policy_until_an_operator_frees_it(star
     """NOSPACE: etcd refuses writes once its database reaches --quota-backend-bytes. The README's
     remedy (delete, compact, defragment, disarm the alarm) brings service back."""
     small = started.etcd("small", quota_backend_bytes=256 * 1024)
-    a, b = started.pair(upstream, small, _config())
+    a, b = started.pair(upstream, small, fleet_config())
     before_full = call(a, key + "-before")
     assert_original(before_full)
 
@@ -603,7 +525,7 @@ def test_an_organisation_flooding_etcd_holds_its_share_and_leaves_another_workin
     within the lease replay, and what it holds in etcd falls back to a share per Envoy, while
     another organisation's records keep their ``ttl``."""
     prefix, share = f"flood-{uuid.uuid4().hex[:8]}/", 16_384
-    config = _config(lease="3s", etcd={"key_prefix": prefix, "max_share_bytes": share, "max_value_bytes": 4096})
+    config = fleet_config(lease="3s", etcd={"key_prefix": prefix, "max_share_bytes": share, "max_value_bytes": 4096})
     a, b = started.pair(upstream, etcd, config)
     before = [settled_stats(envoy) for envoy in (a, b)]
 
