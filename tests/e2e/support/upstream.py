@@ -80,98 +80,18 @@ class Execution:
         }
 
 
-class Upstream:
-    """Owns the server thread and the execution log. Use as ``Upstream().start()``."""
-
-    def __init__(self, host="127.0.0.1", port=0, quiet=True):
-        self.host = host
-        self.requested_port = port
-        self.quiet = quiet
-        self._lock = threading.Lock()
-        self._executions = []
-        self._seq = 0
-        self._server = None
-        self._thread = None
-
-    # -- lifecycle -------------------------------------------------------------------
-    def start(self):
-        handler = type("BoundHandler", (_Handler,), {"upstream": self})
-        server = ThreadingHTTPServer((self.host, self.requested_port), handler)
-        server.daemon_threads = True
-        server.request_queue_size = 128
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name=f"upstream:{self.port}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self):
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    @property
-    def port(self):
-        return self._server.server_address[1]
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    # -- execution log ---------------------------------------------------------------
-    def _record(self, method, target, headers, body):
-        parts = urlsplit(target)
-        with self._lock:
-            self._seq += 1
-            ex = Execution(
-                seq=self._seq,
-                method=method,
-                path=parts.path,
-                query=parts.query,
-                key=next((v for k, v in headers if k == "idempotency-key"), None),
-                headers=headers,
-                body=body,
-                at=time.monotonic(),
-            )
-            self._executions.append(ex)
-        if not self.quiet:
-            print(f"upstream EXECUTED #{ex.seq} {method} {target} key={ex.key}", flush=True)
-        return ex
-
-    def executions(self, method=None, path=None, key=None, header=None):
-        """Executions matching every given filter; ``header=(name, value)``."""
-        with self._lock:
-            found = list(self._executions)
-        if method is not None:
-            found = [e for e in found if e.method == method]
-        if path is not None:
-            found = [e for e in found if e.path == path]
-        if key is not None:
-            found = [e for e in found if e.key == key]
-        if header is not None:
-            found = [e for e in found if e.header(header[0]) == header[1]]
-        return found
-
-    def count(self, method=None, path=None, key=None, header=None):
-        return len(self.executions(method, path, key, header))
-
-    @property
-    def total(self):
-        with self._lock:
-            return len(self._executions)
-
-    def reset(self):
-        with self._lock:
-            self._executions.clear()
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    # Envoy opens many connections at once under load: the default backlog of 5 (set when the
+    # server is built, so it must be a class attribute) would refuse some of them.
+    request_queue_size = 128
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "test-upstream/1"
     disable_nagle_algorithm = True  # headers and body go out as separate writes
-    upstream: Upstream = None  # set on the bound subclass
+    upstream = None  # the Upstream, set on the bound subclass
 
     def log_message(self, fmt, *args):
         pass
@@ -273,21 +193,93 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(payload)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="counting test upstream")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8080)
-    args = parser.parse_args()
-    up = Upstream(args.host, args.port, quiet=False).start()
-    print(f"test upstream on http://{args.host}:{up.port}", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        up.stop()
+class Upstream:
+    """Owns the server thread and the execution log. Use as ``Upstream().start()``."""
 
+    handler = _Handler
 
-# -- a test upstream with per-key scripted statuses ------------------------------------------------
+    def __init__(self, host="127.0.0.1", port=0, quiet=True):
+        self.host = host
+        self.requested_port = port
+        self.quiet = quiet
+        self._lock = threading.Lock()
+        self._executions = []
+        self._seq = 0
+        self._server = None
+        self._thread = None
+
+    # -- lifecycle -------------------------------------------------------------------
+    def start(self):
+        handler = type("BoundHandler", (self.handler,), {"upstream": self})
+        server = _Server((self.host, self.requested_port), handler)
+        server.handle_error = _quiet_when_the_peer_left(server.handle_error)
+        self._server = server
+        self._thread = threading.Thread(target=server.serve_forever, name=f"upstream:{self.port}", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self):
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    @property
+    def port(self):
+        return self._server.server_address[1]
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    # -- execution log ---------------------------------------------------------------
+    def _record(self, method, target, headers, body):
+        parts = urlsplit(target)
+        with self._lock:
+            self._seq += 1
+            ex = Execution(
+                seq=self._seq,
+                method=method,
+                path=parts.path,
+                query=parts.query,
+                key=next((v for k, v in headers if k == "idempotency-key"), None),
+                headers=headers,
+                body=body,
+                at=time.monotonic(),
+            )
+            self._executions.append(ex)
+        if not self.quiet:
+            print(f"upstream EXECUTED #{ex.seq} {method} {target} key={ex.key}", flush=True)
+        return ex
+
+    def executions(self, method=None, path=None, key=None, header=None):
+        """Executions matching every given filter; ``header=(name, value)``."""
+        with self._lock:
+            found = list(self._executions)
+        if method is not None:
+            found = [e for e in found if e.method == method]
+        if path is not None:
+            found = [e for e in found if e.path == path]
+        if key is not None:
+            found = [e for e in found if e.key == key]
+        if header is not None:
+            found = [e for e in found if e.header(header[0]) == header[1]]
+        return found
+
+    def count(self, method=None, path=None, key=None, header=None):
+        return len(self.executions(method, path, key, header))
+
+    @property
+    def total(self):
+        with self._lock:
+            return len(self._executions)
+
+    def reset(self):
+        with self._lock:
+            self._executions.clear()
+
 
 class _ScriptedHandler(_Handler):
     def _handle(self):
@@ -316,6 +308,8 @@ class ScriptedUpstream(Upstream):
     """The counting test upstream; with ``x-test-status-sequence: 503,201`` the first execution of
     a key answers 503 and every later one 201."""
 
+    handler = _ScriptedHandler
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._script_lock = threading.Lock()
@@ -327,18 +321,23 @@ class ScriptedUpstream(Upstream):
             self._script_seen[key] += 1
             return n
 
-    def start(self):
-        from http.server import ThreadingHTTPServer
 
-        handler = type("ScriptedBoundHandler", (_ScriptedHandler,), {"upstream": self})
-        server = ThreadingHTTPServer((self.host, self.requested_port), handler)
-        server.daemon_threads = True
-        server.request_queue_size = 128
-        server.handle_error = _quiet_when_the_peer_left(server.handle_error)
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, name=f"scripted:{self.port}", daemon=True)
-        self._thread.start()
-        return self
+
+def main():
+    parser = argparse.ArgumentParser(description="counting test upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8080)
+    args = parser.parse_args()
+    up = Upstream(args.host, args.port, quiet=False).start()
+    print(f"test upstream on http://{args.host}:{up.port}", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        up.stop()
+
+
+# -- a test upstream with per-key scripted statuses ------------------------------------------------
 
 
 if __name__ == "__main__":
