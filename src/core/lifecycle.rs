@@ -20,7 +20,7 @@ pub struct Claim {
 
 /// What a claim finds, wherever it is decided. `T` is what taking the record gives and `R` what
 /// a replay carries: an entry of a bucket and where its response lies (here), a ticket and the
-/// response itself (a store's answer, [`crate::core::store::ClaimReply`]).
+/// response itself (a store's answer, `ClaimReply` at the store boundary).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict<T, R> {
     /// This request owns the record now and goes upstream.

@@ -16,6 +16,7 @@ use std::fmt::Arguments;
 use std::time::UNIX_EPOCH;
 
 /// Envoy's shared data (one map per `vm_id` per process, shared by every worker's VM).
+#[derive(Clone, Copy)]
 pub struct SharedData;
 
 impl Kv for SharedData {
@@ -97,16 +98,6 @@ pub fn log_level() -> Option<proxy_wasm::types::LogLevel> {
     hostcalls::get_log_level().ok()
 }
 
-pub fn plugin_configuration() -> Vec<u8> {
-    match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
-        Ok(bytes) => bytes.unwrap_or_default(),
-        Err(status) => {
-            warn!("reading the plugin configuration failed: {status:?}");
-            Vec::new()
-        }
-    }
-}
-
 pub fn request_header(name: &str) -> Option<Vec<u8>> {
     hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).unwrap_or_default()
 }
@@ -121,17 +112,18 @@ pub fn headers(map: MapType) -> Vec<(String, Vec<u8>)> {
     }
 }
 
+/// Up to `size` bytes of a buffer: a body, or the plugin configuration.
 pub fn body(buffer: BufferType, size: usize) -> Vec<u8> {
     match hostcalls::get_buffer(buffer, 0, size) {
         Ok(bytes) => bytes.unwrap_or_default(),
         Err(status) => {
-            warn!("reading a body failed: {status:?}");
+            warn!("reading {buffer:?} failed: {status:?}");
             Vec::new()
         }
     }
 }
 
-pub fn property(path: Vec<&str>) -> Option<Vec<u8>> {
+fn property(path: Vec<&str>) -> Option<Vec<u8>> {
     hostcalls::get_property(path).ok().flatten()
 }
 
@@ -195,18 +187,12 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn define() -> Proxy {
-        let counters = Counter::ALL
-            .iter()
-            .map(
-                |counter| match hostcalls::define_metric(MetricType::Counter, counter.name()) {
-                    Ok(id) => Some(id),
-                    Err(status) => {
-                        warn!("define_metric({}) failed: {status:?}", counter.name());
-                        None
-                    }
-                },
-            )
-            .collect();
+        let define = |counter: &Counter| {
+            hostcalls::define_metric(MetricType::Counter, counter.name())
+                .map_err(|status| warn!("define_metric({}) failed: {status:?}", counter.name()))
+                .ok()
+        };
+        let counters = Counter::ALL.iter().map(define).collect();
         Proxy { counters }
     }
 }

@@ -5,10 +5,8 @@ mod host;
 
 use crate::core::config::Config;
 use crate::core::exchange::{Exchange, Step};
-use crate::core::store::Store;
 use crate::core::worker::{Flow, Worker};
-use crate::stores::etcd::Etcd;
-use crate::stores::table::Table;
+use crate::stores;
 use host::{EtcdCalls, Proxy, SharedData};
 use log::{error, info};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -31,11 +29,16 @@ pub struct Root {
     worker: Option<Rc<Worker<Proxy>>>,
 }
 
+/// A call's answer comes to whichever context made it: the root (finishes, polls) or a request.
+fn call_answered(worker: &Option<Rc<Worker<Proxy>>>, call: u32, headers: usize, body: usize) {
+    if let Some(worker) = worker {
+        worker.on_call_response(call, host::call_response(headers, body));
+    }
+}
+
 impl Context for Root {
     fn on_http_call_response(&mut self, call: u32, headers: usize, body: usize, _trailers: usize) {
-        if let Some(worker) = &self.worker {
-            worker.on_call_response(call, host::call_response(headers, body));
-        }
+        call_answered(&self.worker, call, headers, body);
     }
 }
 
@@ -45,33 +48,20 @@ impl RootContext for Root {
         if let Some(level) = host::log_level() {
             proxy_wasm::set_log_level(level);
         }
-        let config = match Config::parse(&host::plugin_configuration()) {
+        let config = match Config::parse(&host::body(BufferType::PluginConfiguration, usize::MAX)) {
             Ok(config) => config,
             Err(problem) => {
                 error!("idempotency filter refused its configuration: {problem}");
                 return false;
             }
         };
-        // With etcd, the table is the local cache of complete records.
-        let mut table = match config.etcd {
-            Some(_) => Table::cache(SharedData, &config),
-            None => Table::new(SharedData, &config),
-        };
-        let number = match table.boot() {
-            Ok(number) => number,
+        let calls = |settings| EtcdCalls { settings };
+        let (store, number) = match stores::open(&config, SharedData, calls) {
+            Ok(opened) => opened,
             Err(problem) => {
                 error!("idempotency filter cannot use shared data: {problem}");
                 return false;
             }
-        };
-        let store: Box<dyn Store> = match config.etcd.clone() {
-            Some(settings) => {
-                let calls = EtcdCalls {
-                    settings: settings.clone(),
-                };
-                Box::new(Etcd::new(calls, SharedData, table, &config, settings))
-            }
-            None => Box::new(table),
         };
         let worker = Worker::new(Proxy::define(), Rc::new(config), store, number);
         self.worker = Some(Rc::new(worker));
@@ -126,9 +116,7 @@ impl Filter {
 
 impl Context for Filter {
     fn on_http_call_response(&mut self, call: u32, headers: usize, body: usize, _trailers: usize) {
-        if let Some(worker) = &self.worker {
-            worker.on_call_response(call, host::call_response(headers, body));
-        }
+        call_answered(&self.worker, call, headers, body);
     }
 }
 

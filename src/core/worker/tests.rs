@@ -1,0 +1,299 @@
+use super::*;
+use crate::core::exchange::StreamEnd;
+use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
+use crate::core::record::StoredResponse;
+use crate::core::store::Ticket;
+use crate::stores::table::Table;
+use crate::stores::testkit::{config, MemoryKv};
+
+/// The proxy as the worker sees it, recording what it is asked to do.
+#[derive(Default)]
+struct FakeHost {
+    now: Cell<Millis>,
+    /// The request the host acts for: the callback's own, or the last `act_for`'s.
+    acting: Cell<u32>,
+    gone: RefCell<Vec<u32>>,
+    replies: RefCell<Vec<(u32, u16, String)>>,
+    resumed: RefCell<Vec<u32>>,
+    counts: RefCell<Vec<(Counter, u64)>>,
+    logs: RefCell<Vec<(Level, String)>>,
+}
+
+impl Host for Rc<FakeHost> {
+    fn now(&self) -> Millis {
+        self.now.get()
+    }
+
+    fn act_for(&self, context: u32) -> bool {
+        self.acting.set(context);
+        !self.gone.borrow().contains(&context)
+    }
+
+    fn reply(&self, reply: &LocalReply) {
+        let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+        let code = body["code"].as_str().unwrap_or("").to_string();
+        let context = self.acting.get();
+        self.replies
+            .borrow_mut()
+            .push((context, reply.status, code));
+    }
+
+    fn resume(&self) {
+        self.resumed.borrow_mut().push(self.acting.get());
+    }
+
+    fn count(&self, counter: Counter, n: u64) {
+        self.counts.borrow_mut().push((counter, n));
+    }
+
+    fn log(&self, level: Level, line: Arguments) {
+        self.logs.borrow_mut().push((level, line.to_string()));
+    }
+}
+
+impl FakeHost {
+    fn count_of(&self, counter: Counter) -> u64 {
+        let counts = self.counts.borrow();
+        counts
+            .iter()
+            .filter(|(c, _)| *c == counter)
+            .map(|(_, n)| n)
+            .sum()
+    }
+
+    fn warnings(&self) -> usize {
+        let logs = self.logs.borrow();
+        logs.iter()
+            .filter(|(level, _)| *level == Level::Warn)
+            .count()
+    }
+}
+
+struct Run {
+    host: Rc<FakeHost>,
+    worker: Worker<Rc<FakeHost>>,
+    requests: Vec<Rc<RefCell<Exchange>>>,
+}
+
+impl Run {
+    fn new(json: &str, store: impl FnOnce(&Config) -> Box<dyn Store>) -> Self {
+        let host = Rc::new(FakeHost::default());
+        host.now.set(1_000_000);
+        let config = config(json);
+        let store = store(&config);
+        let worker = Worker::new(Rc::clone(&host), Rc::new(config), store, 1);
+        Run {
+            host,
+            worker,
+            requests: Vec::new(),
+        }
+    }
+
+    /// A worker over the shared-data table.
+    fn table(json: &str) -> Self {
+        Run::new(json, |config| {
+            let kv: &'static MemoryKv = Box::leak(Box::default());
+            let mut table = Table::new(kv, config);
+            table.boot().unwrap();
+            Box::new(table)
+        })
+    }
+
+    /// Request `context` (from 1, in order) arrives: a covered POST with `key`.
+    fn arrive(&mut self, key: &str) -> (u32, Flow) {
+        let exchange = self.worker.start();
+        self.requests.push(Rc::clone(&exchange));
+        let context = self.requests.len() as u32;
+        let headers = vec![
+            ("authorization".to_string(), b"Bearer org-a".to_vec()),
+            ("idempotency-key".to_string(), key.as_bytes().to_vec()),
+        ];
+        let step =
+            exchange
+                .borrow_mut()
+                .on_request_headers("POST", b"/v1/customers", &headers, true);
+        (context, self.callback(context, step))
+    }
+
+    /// A callback of request `context` hands `step` to the worker.
+    fn callback(&self, context: u32, step: Step) -> Flow {
+        self.host.acting.set(context);
+        let exchange = Rc::clone(&self.requests[context as usize - 1]);
+        self.worker.drive(context, &exchange, step)
+    }
+
+    /// The upstream answers request `context` with `status`, and its stream ends.
+    fn respond(&self, context: u32, status: &str) -> Flow {
+        let exchange = Rc::clone(&self.requests[context as usize - 1]);
+        let headers = vec![(":status".to_string(), status.as_bytes().to_vec())];
+        let step = {
+            let mut exchange = exchange.borrow_mut();
+            exchange.on_response_headers(&headers, true, false);
+            exchange.on_response_body(b"{}", true);
+            exchange.on_end(StreamEnd::Unflagged)
+        };
+        self.worker.leave(context);
+        self.callback(context, step)
+    }
+
+    fn tick_at(&self, now: Millis) {
+        self.host.now.set(now);
+        self.host.acting.set(0);
+        self.worker.tick();
+    }
+
+    fn replies(&self) -> Vec<(u32, u16, String)> {
+        self.host.replies.borrow().clone()
+    }
+}
+
+const DEFAULTS: &str = "{}";
+
+#[test]
+fn a_waiting_duplicate_is_replayed_on_the_tick_after_its_original_stores() {
+    let mut run = Run::table(DEFAULTS);
+    assert_eq!(
+        run.arrive("k"),
+        (1, Flow::Continue),
+        "the original goes upstream"
+    );
+    assert_eq!(run.arrive("k"), (2, Flow::Pause), "the duplicate waits");
+    run.tick_at(1_000_020);
+    assert_eq!(run.replies(), [], "nothing to replay yet");
+    assert_eq!(run.respond(1, "201"), Flow::Continue);
+    run.tick_at(1_000_040);
+    assert_eq!(run.replies(), [(2, 201, String::new())]);
+    assert_eq!(
+        *run.host.resumed.borrow(),
+        [] as [u32; 0],
+        "a replay is not resumed"
+    );
+    assert_eq!(run.host.count_of(Counter::Replayed), 1);
+}
+
+#[test]
+fn a_released_original_lets_one_waiting_duplicate_take_over_and_go_upstream() {
+    let mut run = Run::table(DEFAULTS);
+    run.arrive("k");
+    run.arrive("k");
+    run.arrive("k");
+    run.respond(1, "503");
+    run.tick_at(1_000_020);
+    assert_eq!(
+        *run.host.resumed.borrow(),
+        [2],
+        "the first waiter claims and is resumed"
+    );
+    assert_eq!(run.replies(), [], "the second still waits");
+    run.respond(2, "201");
+    run.tick_at(1_000_040);
+    assert_eq!(run.replies(), [(3, 201, String::new())]);
+}
+
+#[test]
+fn a_duplicate_waits_max_wait_and_no_longer() {
+    let mut run = Run::table(r#"{"max_wait": "1s"}"#);
+    run.arrive("k");
+    run.arrive("k");
+    run.tick_at(1_000_999);
+    assert_eq!(run.replies(), []);
+    run.tick_at(1_001_000);
+    assert_eq!(run.replies(), [(2, 409, "idempotency_in_progress".into())]);
+    run.tick_at(1_002_000);
+    assert_eq!(run.replies().len(), 1, "it left the waiting room");
+}
+
+#[test]
+fn a_full_waiting_room_answers_at_once_and_a_request_that_ended_is_never_acted_for() {
+    let mut run = Run::table(r#"{"max_waiting": 1}"#);
+    run.arrive("k");
+    assert_eq!(run.arrive("k"), (2, Flow::Pause));
+    assert_eq!(run.arrive("k"), (3, Flow::Pause));
+    assert_eq!(run.replies(), [(3, 409, "idempotency_in_progress".into())]);
+    // The waiting client goes away; its context must not be touched again.
+    run.worker.leave(2);
+    run.respond(1, "201");
+    run.tick_at(1_000_020);
+    assert_eq!(run.replies().len(), 1);
+    assert!(run.host.resumed.borrow().is_empty());
+}
+
+/// A remote store: every claim is a call, answered `Claimed` when its response comes.
+#[derive(Default)]
+struct Remote {
+    calls: u32,
+}
+
+impl Store for Remote {
+    fn claim(&mut self, _: &Claim, _: Millis) -> Answer<Result<ClaimReply, StoreError>> {
+        self.calls += 1;
+        Answer::Later(self.calls)
+    }
+
+    fn poll(
+        &mut self,
+        _: &Claim,
+        _: bool,
+        _: Millis,
+    ) -> Option<Answer<Result<ClaimReply, StoreError>>> {
+        None
+    }
+
+    fn finish(
+        &mut self,
+        _: Ticket,
+        _: Ending<StoredResponse>,
+        _: Millis,
+    ) -> Answer<Result<Finished, StoreError>> {
+        Answer::Queued
+    }
+
+    fn resume(&mut self, call: CallId, response: CallResponse, _: Millis) -> Option<Resumed> {
+        let reply = response.map(|(status, _)| match status {
+            200 => Verdict::Blocked(Block::Conflict),
+            _ => Verdict::Blocked(Block::Full),
+        });
+        (call <= self.calls).then_some(Resumed::Claim(Answer::Now(reply)))
+    }
+
+    fn tick(&mut self, _: Millis) -> Vec<Resumed> {
+        Vec::new()
+    }
+}
+
+#[test]
+fn a_remote_store_s_answer_reaches_the_request_whose_call_it_is() {
+    let mut run = Run::new(DEFAULTS, |_| Box::<Remote>::default());
+    assert_eq!(run.arrive("a"), (1, Flow::Pause));
+    assert_eq!(run.arrive("b"), (2, Flow::Pause));
+    // Call 2 is answered first (in request 2's callback): a conflict for request 2 only.
+    run.host.acting.set(2);
+    run.worker.on_call_response(2, Ok((200, Vec::new())));
+    assert_eq!(run.replies(), [(2, 409, "idempotency_conflict".into())]);
+    // An answer to a call nobody waits for any more is dropped.
+    run.worker.leave(1);
+    run.worker.on_call_response(1, Ok((200, Vec::new())));
+    assert_eq!(run.replies().len(), 1);
+}
+
+#[test]
+fn store_failures_are_logged_once_a_second_and_counted_every_time() {
+    let mut run = Run::new(DEFAULTS, |_| Box::<Remote>::default());
+    for n in 0..3 {
+        let (context, _) = run.arrive(&format!("k{n}"));
+        let error = Err(StoreError::Remote("down".into()));
+        run.host.acting.set(context);
+        run.worker.on_call_response(context, error);
+    }
+    assert_eq!(run.host.warnings(), 1, "{:?}", run.host.logs.borrow());
+    assert_eq!(run.host.count_of(Counter::StoreError), 3);
+    run.host.now.set(1_001_000);
+    let (context, _) = run.arrive("k3");
+    run.worker
+        .on_call_response(context, Err(StoreError::Remote("down".into())));
+    assert_eq!(
+        run.host.warnings(),
+        2,
+        "a second later, the next one is logged"
+    );
+}

@@ -1,0 +1,440 @@
+use super::*;
+use crate::stores::testkit::{config, MemoryKv};
+
+fn table<'a>(kv: &'a MemoryKv, json: &str) -> Table<&'a MemoryKv> {
+    let mut table = Table::new(kv, &config(json));
+    table.boot().unwrap();
+    table
+}
+
+fn request(tuple: u8, fingerprint: u8, token: u64) -> Claim {
+    Claim {
+        tuple: [tuple; 32],
+        fingerprint: [fingerprint; 32],
+        token,
+        lease: 60_000,
+        org: 1,
+    }
+}
+
+fn response(body_len: usize) -> StoredResponse {
+    StoredResponse {
+        status: 201,
+        headers: vec![("set-cookie".into(), "a=1".into())],
+        body: crate::core::record::incompressible(body_len),
+    }
+}
+
+fn claim_now(table: &mut Table<&MemoryKv>, claim: &Claim, now: Millis) -> ClaimReply {
+    match table.claim(claim, now) {
+        Answer::Now(Ok(reply)) => reply,
+        other => panic!("claim: {other:?}"),
+    }
+}
+
+fn finish_now(
+    table: &mut Table<&MemoryKv>,
+    ticket: Ticket,
+    ending: Ending<StoredResponse>,
+    now: Millis,
+) -> Finished {
+    match table.finish(ticket, ending, now) {
+        Answer::Now(Ok(reply)) => reply,
+        other => panic!("finish: {other:?}"),
+    }
+}
+
+fn ticket(reply: ClaimReply) -> Ticket {
+    match reply {
+        Verdict::Claimed(ticket) => ticket,
+        other => panic!("expected a claim, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_stored_response_replays_byte_for_byte() {
+    let kv = MemoryKv::default();
+    let mut table = table(&kv, "{}");
+    let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
+    let reply = finish_now(&mut table, owner, Ending::Stored(response(300)), 5);
+    assert_eq!(reply, Finished::Recorded(Ending::Stored(())));
+    assert_eq!(
+        claim_now(&mut table, &request(1, 1, 11), 6),
+        Verdict::Replay(response(300))
+    );
+}
+
+#[test]
+fn two_workers_racing_on_an_absent_bucket_get_one_claim() {
+    let kv = MemoryKv::default();
+    let mut table = table(&kv, "{}");
+    // Worker B claims the same tuple between worker A's read and A's first write.
+    *kv.interleave.borrow_mut() = Some(Box::new(|kv: &MemoryKv| {
+        let mut other = Table::new(kv, &config("{}"));
+        let reply = claim_now(&mut other, &request(1, 1, 20), 0);
+        assert!(matches!(reply, Verdict::Claimed(_)));
+    }));
+    assert_eq!(
+        claim_now(&mut table, &request(1, 1, 10), 0),
+        Verdict::Blocked(Block::InFlight { remaining: 60_000 })
+    );
+}
+
+#[test]
+fn a_released_claim_is_taken_by_exactly_one_waiter() {
+    let kv = MemoryKv::default();
+    let mut table = table(&kv, "{}");
+    let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
+    assert_eq!(
+        finish_now(&mut table, owner, Ending::Released, 1),
+        Finished::Recorded(Ending::Released)
+    );
+    assert!(matches!(
+        claim_now(&mut table, &request(1, 1, 11), 2),
+        Verdict::Claimed(_)
+    ));
+    assert!(matches!(
+        claim_now(&mut table, &request(1, 1, 12), 2),
+        Verdict::Blocked(Block::InFlight { .. })
+    ));
+}
+
+#[test]
+fn a_response_that_does_not_fit_keeps_the_record_without_it() {
+    let kv = MemoryKv::default();
+    let json = r#"{"capacity_bytes": 8000, "max_response_body_bytes": 1000}"#;
+    let mut table = table(&kv, json);
+    let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
+    assert_eq!(
+        finish_now(&mut table, owner, Ending::Stored(response(2000)), 1),
+        Finished::Recorded(Ending::Unstored { no_room: true })
+    );
+    assert_eq!(
+        claim_now(&mut table, &request(1, 1, 11), 2),
+        Verdict::Blocked(Block::NotStored)
+    );
+}
+
+#[test]
+fn expired_records_give_their_bytes_back_to_the_sweeper() {
+    let kv = MemoryKv::default();
+    let json = r#"{"capacity_records": 16, "ttl": "1s"}"#;
+    let mut table = table(&kv, json);
+    let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
+    finish_now(&mut table, owner, Ending::Stored(response(50_000)), 0);
+    let full = kv.bytes();
+    assert_eq!(table.sweep(0, 999).unwrap(), 0);
+    assert_eq!(table.sweep(0, 1000).unwrap(), 1);
+    assert!(kv.bytes() < full - 50_000, "{} vs {full}", kv.bytes());
+    assert!(matches!(
+        claim_now(&mut table, &request(1, 1, 11), 1001),
+        Verdict::Claimed(_)
+    ));
+}
+
+#[test]
+fn memory_stays_bounded_by_the_capacity_whatever_the_number_of_keys() {
+    let kv = MemoryKv::default();
+    let json = r#"{"capacity_records": 64, "capacity_bytes": 80000, "max_response_body_bytes": 10000, "ttl": "300ms"}"#;
+    let mut table = table(&kv, json);
+    let mut stored = 0;
+    let mut full = 0;
+    for n in 0..5_000u64 {
+        let mut claim = request(0, 1, n + 1);
+        claim.tuple[..8].copy_from_slice(&n.to_le_bytes());
+        claim.tuple[8] = (n % 251) as u8;
+        let now = n * 10;
+        match claim_now(&mut table, &claim, now) {
+            Verdict::Claimed(owner) => {
+                let reply = finish_now(&mut table, owner, Ending::Stored(response(2_000)), now);
+                if reply == Finished::Recorded(Ending::Stored(())) {
+                    stored += 1;
+                }
+            }
+            Verdict::Blocked(Block::Full) => full += 1,
+            other => panic!("{other:?}"),
+        }
+        if n % 8 == 0 {
+            table.sweep(n / 8, now).unwrap();
+        }
+    }
+    assert!(stored > 3_000, "stored {stored}, full {full}");
+    assert!(
+        kv.keys() <= 1 + 4 + 64 + LEDGER_SHARDS,
+        "{} keys",
+        kv.keys()
+    );
+    assert!(kv.bytes() <= 80_000 + 64 * 200, "{} bytes", kv.bytes());
+}
+
+#[test]
+fn an_unknown_record_version_is_refused_not_overwritten() {
+    let kv = MemoryKv::default();
+    let mut table = table(&kv, r#"{"capacity_records": 16}"#);
+    let mut bytes = Bucket::empty().encode();
+    bytes[2] = 9;
+    (&kv).set("idempotency/t2/b/0", &bytes, None).unwrap();
+    assert!(matches!(
+        table.claim(&request(1, 1, 10), 0),
+        Answer::Now(Err(StoreError::Unreadable(_)))
+    ));
+    assert_eq!((&kv).get("idempotency/t2/b/0").unwrap().unwrap().0, bytes);
+}
+
+#[test]
+fn capacity_is_exact_when_not_a_multiple_of_the_bucket_size() {
+    let kv = MemoryKv::default();
+    let mut table = table(&kv, r#"{"capacity_records": 4, "max_share": 1}"#);
+    for n in 0..4 {
+        ticket(claim_now(&mut table, &request(n, 1, u64::from(n) + 1), 0));
+    }
+    assert_eq!(
+        claim_now(&mut table, &request(9, 1, 99), 0),
+        Verdict::Blocked(Block::Full)
+    );
+}
+
+/// A claim of organisation `org` for tuple `n`, all in bucket 0 of a one-bucket table.
+fn of_org(org: u16, n: u8, token: u64) -> Claim {
+    Claim {
+        org,
+        ..request(n, 1, token)
+    }
+}
+
+fn store(table: &mut Table<&MemoryKv>, claim: &Claim, now: Millis) {
+    let owner = ticket(claim_now(table, claim, now));
+    let reply = finish_now(table, owner, Ending::Stored(response(100)), now);
+    assert_eq!(reply, Finished::Recorded(Ending::Stored(())));
+}
+
+/// The bytes ledger shard `shard` counts.
+fn ledger(kv: &MemoryKv, shard: u64) -> u64 {
+    (&kv)
+        .get(&format!("idempotency/t2/l/{shard}"))
+        .unwrap()
+        .map_or(0, |(bytes, _)| Ledger::decode(&bytes).unwrap().total)
+}
+
+/// What the share counters say organisation `org` holds.
+fn held(kv: &MemoryKv, org: u16) -> Share {
+    (&kv)
+        .get(&format!("idempotency/t2/s/{}", org % SHARE_SLOTS))
+        .unwrap()
+        .map(|(bytes, _)| Share::decode(&bytes).unwrap())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_full_bucket_evicts_the_completed_record_nearest_expiry_never_a_claim_in_flight() {
+    let kv = MemoryKv::default();
+    let mut table = table(&kv, r#"{"capacity_records": 16, "max_share": 1}"#);
+    let in_flight = ticket(claim_now(&mut table, &of_org(1, 0, 100), 0));
+    for n in 1..16u8 {
+        store(&mut table, &of_org(1, n, u64::from(n)), u64::from(n) * 1000);
+    }
+    let bytes = kv.bytes();
+    // Tuple 1, stored first, makes way; its retry then runs again.
+    ticket(claim_now(&mut table, &of_org(1, 99, 99), 20_000));
+    assert_eq!(table.take_evictions(), [19_000]);
+    assert!(
+        kv.bytes() < bytes,
+        "the evicted response's bytes were given back"
+    );
+    assert!(matches!(
+        claim_now(&mut table, &of_org(1, 1, 101), 20_001),
+        Verdict::Claimed(_)
+    ));
+    assert_eq!(table.take_evictions(), [18_001], "tuple 2 made way for it");
+    assert!(matches!(
+        claim_now(&mut table, &of_org(1, 0, 102), 20_002),
+        Verdict::Blocked(Block::InFlight { .. })
+    ));
+    assert_eq!(
+        finish_now(&mut table, in_flight, Ending::Stored(response(1)), 20_003),
+        Finished::Recorded(Ending::Stored(())),
+        "the claim in flight kept its entry"
+    );
+}
+
+#[test]
+fn a_bucket_of_claims_in_flight_is_full_and_reject_never_evicts() {
+    let kv = MemoryKv::default();
+    let mut evicting = table(&kv, r#"{"capacity_records": 16, "max_share": 1}"#);
+    for n in 0..16u8 {
+        ticket(claim_now(&mut evicting, &of_org(1, n, u64::from(n) + 1), 0));
+    }
+    assert_eq!(
+        claim_now(&mut evicting, &of_org(1, 99, 99), 1),
+        Verdict::Blocked(Block::Full)
+    );
+    let kv = MemoryKv::default();
+    let json = r#"{"capacity_records": 16, "max_share": 1, "when_full": "reject"}"#;
+    let mut rejecting = table(&kv, json);
+    for n in 0..16u8 {
+        store(&mut rejecting, &of_org(1, n, u64::from(n) + 1), 0);
+    }
+    assert_eq!(
+        claim_now(&mut rejecting, &of_org(1, 99, 99), 1),
+        Verdict::Blocked(Block::Full)
+    );
+    assert!(rejecting.take_evictions().is_empty());
+}
+
+#[test]
+fn an_organisation_at_its_share_makes_way_with_its_own_records_and_no_one_elses() {
+    let kv = MemoryKv::default();
+    // 16 records, a quarter each: four.
+    let mut table = table(&kv, r#"{"capacity_records": 16, "max_share": 0.25}"#);
+    store(&mut table, &of_org(2, 200, 200), 0);
+    for n in 0..4u8 {
+        store(&mut table, &of_org(1, n, u64::from(n) + 1), u64::from(n));
+    }
+    assert_eq!(held(&kv, 1).records, 4);
+    // A fifth key evicts the organisation's oldest record, not the other's.
+    ticket(claim_now(&mut table, &of_org(1, 10, 10), 100));
+    assert_eq!(table.take_evictions(), [100]);
+    assert_eq!(held(&kv, 1).records, 4);
+    assert!(
+        matches!(
+            claim_now(&mut table, &of_org(1, 0, 99), 100),
+            Verdict::Claimed(_)
+        ),
+        "the evicted record is gone: its retry runs again"
+    );
+    assert!(matches!(
+        claim_now(&mut table, &of_org(2, 200, 201), 101),
+        Verdict::Replay(_)
+    ));
+    // With its share all in flight, it is refused, and the refused claim leaves nothing.
+    for n in 11..13u8 {
+        ticket(claim_now(&mut table, &of_org(1, n, u64::from(n)), 102));
+    }
+    for token in [14, 15] {
+        assert_eq!(
+            claim_now(&mut table, &of_org(1, 14, token), 103),
+            Verdict::Blocked(Block::QuotaExceeded)
+        );
+    }
+    assert_eq!(held(&kv, 1).records, 4);
+    // Another organisation still claims.
+    assert!(matches!(
+        claim_now(&mut table, &of_org(3, 30, 30), 105),
+        Verdict::Claimed(_)
+    ));
+}
+
+#[test]
+fn an_organisation_at_its_share_finds_its_own_record_in_the_next_buckets() {
+    let kv = MemoryKv::default();
+    // Two buckets (tuples of even bytes hash to the first, odd to the second); a share of 8.
+    let mut table = table(&kv, r#"{"capacity_records": 32, "max_share": 0.25}"#);
+    for n in 0..8u8 {
+        store(&mut table, &of_org(1, 2 * n + 1, u64::from(n) + 1), 0);
+    }
+    assert!(matches!(
+        claim_now(&mut table, &of_org(1, 100, 100), 1),
+        Verdict::Claimed(_)
+    ));
+    assert_eq!(table.take_evictions().len(), 1);
+    assert_eq!(held(&kv, 1).records, 8);
+}
+
+#[test]
+fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() {
+    let kv = MemoryKv::default();
+    let json = r#"{"capacity_records": 16, "ttl": "1s", "max_share": 1}"#;
+    let mut table = table(&kv, json);
+    let released = ticket(claim_now(&mut table, &of_org(1, 1, 1), 0));
+    finish_now(&mut table, released, Ending::Released, 1);
+    assert_eq!(held(&kv, 1), Share::default());
+    store(&mut table, &of_org(1, 2, 2), 0);
+    let one = ledger(&kv, 0);
+    assert!(one > 100, "{one}");
+    assert_eq!(
+        held(&kv, 1),
+        Share {
+            records: 1,
+            bytes: one
+        }
+    );
+    store(&mut table, &of_org(2, 3, 3), 0);
+    assert_eq!(ledger(&kv, 0), 2 * one);
+    // A claim whose owner vanished and the stored records expire, and are swept.
+    ticket(claim_now(&mut table, &of_org(1, 4, 4), 0));
+    assert_eq!(held(&kv, 1).records, 2);
+    assert_eq!(table.sweep(0, 60_000).unwrap(), 3);
+    assert_eq!(held(&kv, 1), Share::default());
+    assert_eq!(held(&kv, 2), Share::default());
+    assert_eq!(ledger(&kv, 0), 0);
+}
+
+#[test]
+fn an_organisation_past_its_byte_share_makes_way_with_its_own_responses() {
+    let kv = MemoryKv::default();
+    // The organisations' share: a tenth of 48 000 bytes. Bucket 0's shard: 6 000.
+    let json = r#"{"capacity_records": 16, "max_share": 0.1, "capacity_bytes": 48000,
+                   "max_response_body_bytes": 3000}"#;
+    let mut table = table(&kv, json);
+    let big = |table: &mut Table<&MemoryKv>, org, n: u8, now| {
+        let owner = ticket(claim_now(table, &of_org(org, n, u64::from(n)), now));
+        finish_now(table, owner, Ending::Stored(response(2900)), now)
+    };
+    assert_eq!(
+        big(&mut table, 1, 1, 0),
+        Finished::Recorded(Ending::Stored(()))
+    );
+    assert_eq!(
+        big(&mut table, 2, 2, 1),
+        Finished::Recorded(Ending::Stored(()))
+    );
+    // Organisation 1's second response does not fit its share: its first makes way.
+    assert_eq!(
+        big(&mut table, 1, 3, 2),
+        Finished::Recorded(Ending::Stored(()))
+    );
+    assert_eq!(table.take_evictions().len(), 1);
+    assert!(matches!(
+        claim_now(&mut table, &of_org(2, 2, 9), 3),
+        Verdict::Replay(_)
+    ));
+    assert!(matches!(
+        claim_now(&mut table, &of_org(1, 1, 10), 3),
+        Verdict::Claimed(_)
+    ));
+}
+
+#[test]
+fn a_response_that_finds_the_bytes_full_evicts_in_its_bucket() {
+    let kv = MemoryKv::default();
+    let json = r#"{"capacity_records": 16, "max_share": 1, "capacity_bytes": 16000,
+                   "max_response_body_bytes": 1000}"#;
+    let mut table = table(&kv, json);
+    // The bucket's ledger shard holds 2000 bytes: one 1000-byte response fits, not two.
+    let big = |table: &mut Table<&MemoryKv>, n: u8, now| {
+        let owner = ticket(claim_now(table, &of_org(1, n, u64::from(n)), now));
+        finish_now(table, owner, Ending::Stored(response(1000)), now)
+    };
+    assert_eq!(
+        big(&mut table, 1, 0),
+        Finished::Recorded(Ending::Stored(()))
+    );
+    assert_eq!(
+        big(&mut table, 2, 1),
+        Finished::Recorded(Ending::Stored(()))
+    );
+    assert_eq!(table.take_evictions().len(), 1);
+    assert!(matches!(
+        claim_now(&mut table, &of_org(1, 2, 9), 2),
+        Verdict::Replay(_)
+    ));
+}
+
+#[test]
+fn boot_numbers_vms_uniquely() {
+    let kv = MemoryKv::default();
+    let mut a = Table::new(&kv, &config("{}"));
+    let mut b = Table::new(&kv, &config("{}"));
+    assert_eq!(a.boot(), Ok(1));
+    assert_eq!(b.boot(), Ok(2));
+}
