@@ -22,7 +22,7 @@ from support.load import FastUpstream, rss_kib, RssSampler, run_load
 LOAD_REQUESTS = int(os.environ.get("IDEMPOTENCY_LOAD_REQUESTS", "200000"))
 WARMUP_REQUESTS = 1000
 LOAD_CONNECTIONS = 64
-# The store's own bound, per the contract's sizing: about 200 bytes of bookkeeping per record plus
+# The store's own bound, per the README's Bounds and memory: about 200 bytes of bookkeeping per record plus
 # the response bytes. Envoy's footprint is not otherwise fixed to the byte (allocator caches,
 # buffers at peak concurrency): this much more is allowed.
 BYTES_PER_RECORD = 200

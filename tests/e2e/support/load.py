@@ -224,7 +224,7 @@ def _main(argv):
         auth = argv[7] if len(argv) > 7 else ORG
         print(json.dumps(asyncio.run(_load(port, first, count, prefix, concurrency, path, auth))))
     else:
-        sys.exit("usage: faults_support.py upstream | load PORT FIRST COUNT [PREFIX CONCURRENCY PATH AUTH]")
+        sys.exit("usage: load.py upstream | load PORT FIRST COUNT [PREFIX CONCURRENCY PATH AUTH]")
 
 
 if __name__ == "__main__":
