@@ -15,6 +15,8 @@
 //!   (release), so an owner whose lease ran out never writes over a newer claim. A finish etcd
 //!   did not take is sent again every second for up to `lease` after the response: the client
 //!   has its answer, and without the record a retry after the lease would run the work again.
+//!   A finish sent again reads the key back when its compare fails, so an earlier attempt that
+//!   landed without its answer counts as done, not as a lost claim.
 //! - Expiry: leases shared by time bucket, one for claims in flight and one for records, so a
 //!   crashed Envoy's claim frees itself and etcd drops records after their TTL.
 //! - Shares: what each organisation's records written through this Envoy hold in etcd is counted
@@ -403,12 +405,22 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 Sent::Finish,
                 Op::Finish {
                     claim,
+                    value,
                     recorded,
                     response,
+                    retried,
                     ..
                 },
             ) => {
-                if !wire::succeeded(&answer) {
+                // A finish sent again after an answer that never came may find that its earlier
+                // attempt landed: its own value in place, or, for a release, the key gone.
+                let landed = |found: Option<(Vec<u8>, u64)>| match (&value, found) {
+                    (Some(value), Some((found, _))) => found == *value,
+                    (None, None) => retried,
+                    _ => false,
+                };
+                if !wire::succeeded(&answer) && !landed(wire::first_kv(&wire::failed_read(&answer)))
+                {
                     return Resumed::Finish(Answer::Now(Ok(Finished::Lost)));
                 }
                 if let Some((response, expires)) = response {

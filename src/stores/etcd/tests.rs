@@ -183,6 +183,34 @@ fn a_finish_etcd_did_not_take_is_sent_again_while_the_claim_lasts() {
 }
 
 #[test]
+fn a_finish_sent_again_after_its_answer_was_lost_finds_its_own_write_and_is_done() {
+    for (ending, recorded) in [
+        (Ending::Stored(response()), Ending::Stored(())),
+        (Ending::Released, Ending::Released),
+    ] {
+        let mut world = World::new();
+        let mut a = world.envoy(JSON);
+        let ticket = world.claim_on(&mut a, 10, 0);
+        assert_eq!(a.finish(ticket, ending, 10), Answer::Queued);
+        assert_eq!(a.tick(10), vec![]);
+        // etcd applies the finish, but its answer never reaches the Envoy.
+        let lost = world.answer_last(&mut a, false, 20);
+        assert!(
+            matches!(lost, Some(Resumed::Finish(Answer::Now(Err(_))))),
+            "{lost:?}"
+        );
+        assert_eq!(a.tick(1_020), vec![]);
+        let again = world.calls.sent.borrow().len() as CallId;
+        let resumed = world.settle(&mut a, Resumed::Finish(Answer::Later(again)), 1_030);
+        assert_eq!(
+            resumed,
+            Resumed::Finish(Answer::Now(Ok(Finished::Recorded(recorded)))),
+            "not a lost claim"
+        );
+    }
+}
+
+#[test]
 fn a_finish_that_keeps_failing_is_given_up_a_lease_after_the_response() {
     let mut world = World::new();
     let mut a = world.envoy(JSON);

@@ -42,14 +42,19 @@ pub fn claim(key: &str, value: &[u8], lease: Option<i64>, takeover: Option<u64>)
     })
 }
 
-/// Puts `value` at `key` (deletes the key for `None`) if its `mod_revision` is still `revision`.
+/// Puts `value` at `key` (deletes the key for `None`) if its `mod_revision` is still `revision`,
+/// else reads the key back.
 pub fn finish(key: &str, revision: u64, value: Option<&[u8]>, lease: Option<i64>) -> Value {
     let compare = json!({"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision.to_string()});
     let success = match value {
         Some(value) => put(key, value, lease),
         None => json!({"request_delete_range": {"key": key}}),
     };
-    json!({"compare": [compare], "success": [success]})
+    json!({
+        "compare": [compare],
+        "success": [success],
+        "failure": [{"request_range": {"key": key}}],
+    })
 }
 
 /// Deletes `key` if it holds exactly `value`, else reads whether it exists.

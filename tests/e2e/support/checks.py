@@ -83,7 +83,8 @@ def stat_deltas(envoy, before, names):
 def assert_stat_deltas(envoy, before, expected, timeout=3.0):
     """Each named stat moved by exactly the given amount since ``before`` (a dict of stats)."""
     wait_for(lambda: stat_deltas(envoy, before, expected) == expected, timeout)
-    assert stat_deltas(envoy, before, expected) == expected
+    moved = stat_deltas(envoy, before, expected)
+    assert moved == expected, f"counters moved by {moved}, expected {expected}"
 
 
 def filter_counters():
