@@ -7,7 +7,7 @@ pub enum Counter {
     Replayed,
     Stored,
     Conflict,
-    /// `409 idempotency_in_progress` answered.
+    /// `idempotency_in_progress` answered.
     InProgress,
     /// A duplicate started waiting for the original.
     Waited,

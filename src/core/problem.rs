@@ -52,7 +52,12 @@ impl Problem {
 
     /// The problem document, with `Retry-After` in whole seconds where given.
     pub fn reply(self, detail: &str, retry_after_secs: Option<u64>) -> LocalReply {
-        let (status, code, title) = self.parts();
+        self.reply_as(self.parts().0, detail, retry_after_secs)
+    }
+
+    /// The problem document under `status` instead of the problem's own (a configured one).
+    pub fn reply_as(self, status: u16, detail: &str, retry_after_secs: Option<u64>) -> LocalReply {
+        let (_, code, title) = self.parts();
         let body = serde_json::json!({
             "type": format!("urn:idempotency:{code}"),
             "title": title,

@@ -24,8 +24,8 @@ import uuid
 import pytest
 from jsonschema import Draft202012Validator
 
-from support.checks import assert_original, assert_replay_of
-from support.client import ORG_A, ORG_B, call
+from support.checks import assert_original, assert_problem, assert_replay_of, assert_retry_after, wait_for
+from support.client import ORG_A, ORG_B, call, in_background
 from support.envoy import Envoy, EnvoyError
 from support.processes import ROOT
 from support.shipped import ENVOY_DIR, load, localise, plugin_configuration, ShippedEnvoy, wasm_filters
@@ -221,6 +221,20 @@ def test_configured_unstored_statuses_decide_what_is_stored(envoy_with, upstream
         else:
             assert_original(again, status)
         assert upstream.count(header=("x-request-key", k)) == (1 if stored else 2), status
+
+
+def test_configured_statuses_answer_in_progress_409_and_conflict_422(envoy_with, upstream, key):
+    """For clients written to the IETF draft (and Stripe's 409 for a request in progress)."""
+    envoy = envoy_with({"in_progress_status": 409, "conflict_status": 422, "max_wait": "0s"})
+    thread, box = in_background(lambda: call(envoy, key, headers=[("x-test-delay-ms", "800")]))
+    assert wait_for(lambda: upstream.count(key=key) == 1), "the original never reached the upstream"
+    in_progress = call(envoy, key)
+    assert_problem(in_progress, 409, "idempotency_in_progress")
+    assert_retry_after(in_progress)
+    assert_problem(call(envoy, key, body=b'{"other": 1}'), 422, "idempotency_conflict")
+    thread.join()
+    assert_original(box["result"])
+    assert upstream.count(key=key) == 1
 
 
 # -- per-route control: envoy/envoy-routes.yaml ------------------------------------------------

@@ -274,7 +274,7 @@ def test_burst_of_30_identical_requests_runs_once_and_every_client_gets_the_orig
 
 # -- waiting is bounded --------------------------------------------------------------------------
 
-def test_duplicates_waiting_past_max_wait_get_409_in_progress_with_retry_after(envoy_with, upstream, key):
+def test_duplicates_waiting_past_max_wait_get_503_in_progress_with_retry_after(envoy_with, upstream, key):
     envoy = envoy_with({"max_wait": "300ms"})
     before = envoy.stats()
     thread, box = in_background(lambda: call(envoy, key, headers=slow(2000)))
@@ -283,7 +283,7 @@ def test_duplicates_waiting_past_max_wait_get_409_in_progress_with_retry_after(e
     duplicates = burst(3, lambda i: timed(lambda: call(envoy, key)))
 
     for resp, took in duplicates:
-        assert_problem(resp, 409, "idempotency_in_progress")
+        assert_problem(resp, 503, "idempotency_in_progress")
         assert 1 <= assert_retry_after(resp) <= 60, f"{resp!r}"
         assert 0.25 <= took < 1.5, f"answered after {took:.2f}s with max_wait 300ms"
     assert upstream.count(key=key) == 1
@@ -296,7 +296,7 @@ def test_duplicates_waiting_past_max_wait_get_409_in_progress_with_retry_after(e
         "idempotency.stored": 1, "idempotency.replayed": 1})
 
 
-def test_duplicates_beyond_max_waiting_get_409_in_progress_at_once(envoy_with, upstream, key):
+def test_duplicates_beyond_max_waiting_get_503_in_progress_at_once(envoy_with, upstream, key):
     envoy = envoy_with({"max_waiting": 1})  # one waiting request per worker
     before = envoy.stats()
     thread, box = in_background(lambda: call(envoy, key, headers=slow(2500)))
@@ -304,11 +304,11 @@ def test_duplicates_beyond_max_waiting_get_409_in_progress_at_once(envoy_with, u
 
     duplicates = burst(8, lambda i: timed(lambda: call(envoy, key)))
 
-    turned_away = [(r, t) for r, t in duplicates if r.status == 409]
-    waited = [r for r, _ in duplicates if r.status != 409]
+    turned_away = [(r, t) for r, t in duplicates if r.status == 503]
+    waited = [r for r, _ in duplicates if r.status != 503]
     assert 1 <= len(waited) <= 2, f"{len(waited)} waited with max_waiting 1 on 2 workers: {duplicates!r}"
     for resp, took in turned_away:
-        assert_problem(resp, 409, "idempotency_in_progress")
+        assert_problem(resp, 503, "idempotency_in_progress")
         assert_retry_after(resp)
         assert took < 1.2, f"turned away only after {took:.2f}s: not at once"
     original = answer_of(thread, box)
@@ -325,7 +325,7 @@ def test_duplicates_beyond_max_waiting_get_409_in_progress_at_once(envoy_with, u
 
 def assert_held_until_the_lease_ends(envoy, upstream, key, before):
     """After an ending with an unknown outcome: no second execution within the lease (a retry gets
-    409 in_progress with the lease's remainder in Retry-After); a client that honours Retry-After
+    503 in_progress with the lease's remainder in Retry-After); a client that honours Retry-After
     gets the work run on its next try; that answer is then the record."""
     assert wait_for(lambda: stat_deltas(envoy, before, ["idempotency.held"])["idempotency.held"] == 1), \
         f"the claim was not held: {stat_deltas(envoy, before, ['idempotency.held', 'idempotency.released'])}"
@@ -333,7 +333,7 @@ def assert_held_until_the_lease_ends(envoy, upstream, key, before):
     first_at = upstream.executions(key=key)[0].at
 
     retry = call(envoy, key)
-    assert_problem(retry, 409, "idempotency_in_progress")
+    assert_problem(retry, 503, "idempotency_in_progress")
     seconds = assert_retry_after(retry)
     remainder = first_at + LEASE_S - time.monotonic()
     assert 1 <= seconds <= LEASE_S and seconds >= remainder - 0.1, \
@@ -380,7 +380,7 @@ def test_upstream_past_the_route_timeout_holds_the_claim_until_the_lease_ends(en
     assert_held_until_the_lease_ends(envoy, upstream, key, before)
 
 
-def test_duplicates_waiting_on_an_original_that_ends_held_get_409_with_the_lease_remainder(
+def test_duplicates_waiting_on_an_original_that_ends_held_get_503_with_the_lease_remainder(
         envoy_with, upstream, key):
     envoy = envoy_with({"lease": "4s"}, route_timeout="1s")
     before = envoy.stats()
@@ -392,7 +392,7 @@ def test_duplicates_waiting_on_an_original_that_ends_held_get_409_with_the_lease
 
     assert answer_of(thread, box).status == 504
     for resp, took in duplicates:
-        assert_problem(resp, 409, "idempotency_in_progress")
+        assert_problem(resp, 503, "idempotency_in_progress")
         # Answered when the original timed out (1s), not after max_wait (10s); told to come back
         # when the lease (4s from the claim) ends, about 3s later.
         assert took < 2.5, f"answered after {took:.2f}s"

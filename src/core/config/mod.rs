@@ -52,6 +52,11 @@ pub struct Config {
     pub lease: Millis,
     pub max_wait: Millis,
     pub max_waiting: usize,
+    /// The status of `idempotency_in_progress`: 503 for clients that retry 5xx answers (the
+    /// seed's loop), 409 for clients written to the IETF draft or Stripe.
+    pub in_progress_status: u16,
+    /// The status of `idempotency_conflict`: 409 (the seed's), or 422 (the IETF draft's).
+    pub conflict_status: u16,
     pub max_request_body_bytes: usize,
     pub max_response_body_bytes: usize,
     pub unstored_statuses: Vec<StatusRule>,
@@ -201,6 +206,8 @@ struct Raw {
     lease: String,
     max_wait: String,
     max_waiting: usize,
+    in_progress_status: u16,
+    conflict_status: u16,
     max_request_body_bytes: usize,
     max_response_body_bytes: usize,
     unstored_statuses: Vec<RawStatus>,
@@ -241,6 +248,10 @@ impl Raw {
                 "lease" => raw.lease = field("lease", value)?,
                 "max_wait" => raw.max_wait = field("max_wait", value)?,
                 "max_waiting" => raw.max_waiting = field("max_waiting", value)?,
+                "in_progress_status" => {
+                    raw.in_progress_status = field("in_progress_status", value)?
+                }
+                "conflict_status" => raw.conflict_status = field("conflict_status", value)?,
                 "max_request_body_bytes" => {
                     raw.max_request_body_bytes = field("max_request_body_bytes", value)?
                 }
@@ -277,6 +288,8 @@ impl Default for Raw {
             lease: "60s".into(),
             max_wait: "10s".into(),
             max_waiting: 1000,
+            in_progress_status: 503,
+            conflict_status: 409,
             max_request_body_bytes: 1 << 20,
             max_response_body_bytes: 1 << 20,
             unstored_statuses: vec![
@@ -392,6 +405,18 @@ impl Config {
                 "must not be empty: shared data is shared by every plugin of the VM",
             ));
         }
+        if ![409, 503].contains(&raw.in_progress_status) {
+            return Err(invalid(
+                "in_progress_status",
+                "must be 503 (clients that retry 5xx answers) or 409 (IETF draft, Stripe)",
+            ));
+        }
+        if ![409, 422].contains(&raw.conflict_status) {
+            return Err(invalid(
+                "conflict_status",
+                "must be 409 (the seed document's) or 422 (the IETF draft's)",
+            ));
+        }
         for (field, prefixes) in [
             ("include_paths", &raw.include_paths),
             ("exclude_paths", &raw.exclude_paths),
@@ -412,6 +437,8 @@ impl Config {
             lease,
             max_wait,
             max_waiting: raw.max_waiting,
+            in_progress_status: raw.in_progress_status,
+            conflict_status: raw.conflict_status,
             max_request_body_bytes: raw.max_request_body_bytes,
             max_response_body_bytes: raw.max_response_body_bytes,
             unstored_statuses,

@@ -18,6 +18,10 @@ fn empty_document_gives_the_contract_defaults() {
     assert_eq!(config.lease, 60_000);
     assert_eq!(config.when_full, WhenFull::Evict);
     assert_eq!(config.max_share, 0.1);
+    assert_eq!(
+        (config.in_progress_status, config.conflict_status),
+        (503, 409)
+    );
     for status in [500, 503, 599, 408, 425, 429] {
         assert!(!config.stores_status(status), "{status}");
     }
@@ -42,6 +46,11 @@ fn unknown_fields_are_refused_by_name() {
 #[test]
 fn bad_values_name_their_field() {
     assert_eq!(field_of(r#"{"ttl":"soon"}"#), "ttl");
+    assert_eq!(
+        field_of(r#"{"in_progress_status":500}"#),
+        "in_progress_status"
+    );
+    assert_eq!(field_of(r#"{"conflict_status":400}"#), "conflict_status");
     assert_eq!(field_of(r#"{"ttl":"0s"}"#), "ttl");
     assert_eq!(field_of(r#"{"lease":"5 s"}"#), "lease");
     assert_eq!(field_of(r#"{"methods":[]}"#), "methods");

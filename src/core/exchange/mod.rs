@@ -328,7 +328,8 @@ impl Exchange {
             }
             Verdict::Blocked(Block::Conflict) => self.answer(
                 Counter::Conflict,
-                Problem::Conflict.reply(
+                Problem::Conflict.reply_as(
+                    self.config.conflict_status,
                     "this Idempotency-Key was used with a different request body or query string",
                     None,
                 ),
@@ -343,7 +344,8 @@ impl Exchange {
             Verdict::Blocked(Block::InFlight { .. }) => self.give_up_waiting(),
             Verdict::Blocked(Block::Held { remaining }) => self.answer(
                 Counter::InProgress,
-                Problem::InProgress.reply(
+                Problem::InProgress.reply_as(
+                    self.config.in_progress_status,
                     "an earlier request with this Idempotency-Key ended without a known outcome; \
                      retry after its lease ends",
                     Some(whole_seconds(remaining)),
@@ -507,7 +509,8 @@ impl Exchange {
         }
         self.answer(
             Counter::InProgress,
-            Problem::InProgress.reply(
+            Problem::InProgress.reply_as(
+                self.config.in_progress_status,
                 "a request with this Idempotency-Key is still being processed",
                 Some(1),
             ),

@@ -293,7 +293,7 @@ fn waiting_ends_with_in_progress_after_max_wait() {
     run.now += 100;
     assert!(duplicate.wait_is_over(run.now));
     let reply = reply_of(duplicate.give_up_waiting());
-    assert_eq!(reply.status, 409);
+    assert_eq!(reply.status, 503, "a status the seed's loop retries");
     assert!(reply.headers.iter().any(|(n, _)| n == "retry-after"));
 }
 
@@ -307,7 +307,7 @@ fn a_store_failure_while_waiting_never_sends_the_duplicate_upstream() {
     assert_eq!(duplicate.on_claim(failed(), true, run.now + 50), Step::Wait);
     assert!(duplicate.is_waiting());
     let step = duplicate.on_claim(failed(), true, run.now + 100);
-    assert_eq!(code_of(step), (409, "idempotency_in_progress".into()));
+    assert_eq!(code_of(step), (503, "idempotency_in_progress".into()));
     assert_eq!(
         duplicate.take_counts(),
         [
@@ -332,7 +332,7 @@ fn without_room_to_wait_a_duplicate_is_answered_in_progress_at_once() {
         panic!("shared data answers now");
     };
     let step = duplicate.on_claim(reply, false, run.now);
-    assert_eq!(code_of(step), (409, "idempotency_in_progress".into()));
+    assert_eq!(code_of(step), (503, "idempotency_in_progress".into()));
 }
 
 #[test]
@@ -346,7 +346,7 @@ fn unknown_endings_hold_the_claim_and_known_local_replies_release_it() {
     run.settle(&mut timed_out, step);
     let mut retry = run.exchange();
     let (status, code) = code_of(run.request(&mut retry, "POST", b"{}"));
-    assert_eq!((status, code.as_str()), (409, "idempotency_in_progress"));
+    assert_eq!((status, code.as_str()), (503, "idempotency_in_progress"));
     // Connection failure: Envoy's own 503, flagged UF (not an interruption): never ran.
     let mut other = run.exchange();
     let step = other.on_request_headers("POST", b"/v2", &headers(&POST_HEADERS), true);
@@ -429,4 +429,20 @@ fn a_full_store_rejects_or_passes_as_configured() {
             assert!(!exchange.is_owner());
         }
     }
+}
+
+#[test]
+fn the_in_progress_and_conflict_statuses_are_the_configured_ones() {
+    let mut run = Run::new(r#"{"in_progress_status": 409, "conflict_status": 422}"#);
+    let _original = run.forwarded();
+    let mut duplicate = run.exchange();
+    let step = run.request(&mut duplicate, "POST", b"{}");
+    assert_eq!(step, Step::Wait);
+    assert_eq!(
+        code_of(duplicate.give_up_waiting()),
+        (409, "idempotency_in_progress".into())
+    );
+    let mut other = run.exchange();
+    let step = run.request(&mut other, "POST", b"{\"other\": 1}");
+    assert_eq!(code_of(step), (422, "idempotency_conflict".into()));
 }

@@ -198,7 +198,7 @@ fn a_duplicate_waits_max_wait_and_no_longer() {
     run.tick_at(1_000_999);
     assert_eq!(run.replies(), []);
     run.tick_at(1_001_000);
-    assert_eq!(run.replies(), [(2, 409, "idempotency_in_progress".into())]);
+    assert_eq!(run.replies(), [(2, 503, "idempotency_in_progress".into())]);
     run.tick_at(1_002_000);
     assert_eq!(run.replies().len(), 1, "it left the waiting room");
 }
@@ -209,7 +209,7 @@ fn a_full_waiting_room_answers_at_once_and_a_request_that_ended_is_never_acted_f
     run.arrive("k");
     assert_eq!(run.arrive("k"), (2, Flow::Pause));
     assert_eq!(run.arrive("k"), (3, Flow::Pause));
-    assert_eq!(run.replies(), [(3, 409, "idempotency_in_progress".into())]);
+    assert_eq!(run.replies(), [(3, 503, "idempotency_in_progress".into())]);
     // The waiting client goes away; its context must not be touched again.
     run.worker.leave(2);
     run.respond(1, "201");
