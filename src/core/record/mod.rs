@@ -25,6 +25,8 @@ const COMPRESS_FROM: usize = 256;
 const HEADER_LEN: usize = 4;
 const ENTRY_LEN: usize = 1 + 32 + 32 + 8 + 8 + 4;
 const BUCKET_ENTRY_LEN: usize = ENTRY_LEN + 2;
+/// A remote record's length before its stored response.
+pub const REMOTE_ENTRY_LEN: usize = HEADER_LEN + ENTRY_LEN;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -119,7 +121,7 @@ impl Entry {
 
     /// One record as a remote store keeps it: the entry, then its stored response if any.
     pub fn encode_remote(&self, response: Option<&[u8]>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + ENTRY_LEN + response.map_or(0, <[u8]>::len));
+        let mut out = Vec::with_capacity(REMOTE_ENTRY_LEN + response.map_or(0, <[u8]>::len));
         out.extend_from_slice(&REMOTE_MAGIC);
         out.push(VERSION);
         out.push(0);

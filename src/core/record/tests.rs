@@ -27,6 +27,10 @@ fn buckets_round_trip() {
 fn remote_records_round_trip_with_and_without_a_response() {
     let entry = sample_entry();
     assert_eq!(
+        entry.encode_remote(Some(b"abc")).len(),
+        REMOTE_ENTRY_LEN + 3
+    );
+    assert_eq!(
         Entry::decode_remote(&entry.encode_remote(Some(b"abc"))),
         Ok((entry, b"abc".as_slice()))
     );

@@ -37,7 +37,7 @@ mod wire;
 
 use crate::core::config::{Config, EtcdConfig};
 use crate::core::lifecycle::{self, Claim, Ending, Finished, Room, Verdict};
-use crate::core::record::{Bucket, Entry, State, StoredResponse};
+use crate::core::record::{Bucket, Entry, State, StoredResponse, REMOTE_ENTRY_LEN};
 use crate::core::store::{
     Answer, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError, Ticket,
 };
@@ -487,16 +487,13 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     return self.finish_op(claim, revision, unstored, now);
                 }
                 let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                let written = entry(State::Complete, 0, len)
-                    .encode_remote(Some(&bytes))
-                    .len();
+                let written = REMOTE_ENTRY_LEN + bytes.len();
                 let (lease, expires) = self.record_lease(&claim, written, now);
                 let value = entry(State::Complete, expires, len).encode_remote(Some(&bytes));
                 op(Some(value), lease, Some((response, expires)))
             }
             Ending::Unstored { .. } => {
-                let written = entry(State::Unstored, 0, 0).encode_remote(None).len();
-                let (lease, expires) = self.record_lease(&claim, written, now);
+                let (lease, expires) = self.record_lease(&claim, REMOTE_ENTRY_LEN, now);
                 let value = entry(State::Unstored, expires, 0).encode_remote(None);
                 op(Some(value), lease, None)
             }
