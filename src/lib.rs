@@ -21,5 +21,5 @@ pub use crate::core::config::{Config, ConfigError};
 #[cfg(target_arch = "wasm32")]
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
-    proxy_wasm::set_root_context(|_| Box::new(proxy::Root::default()));
+    proxy_wasm::set_root_context(|context| Box::new(proxy::Root::new(context)));
 }}

@@ -39,10 +39,14 @@ pub enum Counter {
     EvictedAgeSeconds,
     /// `429 idempotency_quota_exceeded` answered.
     QuotaExceeded,
+    /// A claimed request went upstream from the root context (`outlive_client`).
+    SentFromRoot,
+    /// Such a request's answer came after its client had left: stored all the same.
+    OutlivedClient,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 22] = [
+    pub const ALL: [Counter; 24] = [
         Counter::Claimed,
         Counter::Replayed,
         Counter::Stored,
@@ -65,6 +69,8 @@ impl Counter {
         Counter::Evicted,
         Counter::EvictedAgeSeconds,
         Counter::QuotaExceeded,
+        Counter::SentFromRoot,
+        Counter::OutlivedClient,
     ];
 
     pub fn name(self) -> &'static str {
@@ -91,6 +97,8 @@ impl Counter {
             Counter::Evicted => "idempotency.evicted",
             Counter::EvictedAgeSeconds => "idempotency.evicted_age_seconds",
             Counter::QuotaExceeded => "idempotency.quota_exceeded",
+            Counter::SentFromRoot => "idempotency.sent_from_root",
+            Counter::OutlivedClient => "idempotency.outlived_client",
         }
     }
 

@@ -1,9 +1,9 @@
 //! The host, through `proxy_wasm::hostcalls` only: every call's error is handled here, so the
 //! rest of the glue never meets a host `Status` (the SDK's trait helpers would panic on one).
 
-use crate::core::config::EtcdConfig;
+use crate::core::config::{ConfigError, EtcdConfig, OutliveClient};
 use crate::core::counters::Counter;
-use crate::core::exchange::StreamEnd;
+use crate::core::exchange::{Answered, Outgoing, StreamEnd};
 use crate::core::problem::LocalReply;
 use crate::core::store::{CallId, CallResponse, StoreError};
 use crate::core::worker::Host;
@@ -58,6 +58,46 @@ impl Caller for EtcdCalls {
         hostcalls::dispatch_http_call(&settings.cluster, headers, Some(body), vec![], timeout)
             .map_err(|status| host_error("dispatch_http_call", status))
     }
+}
+
+/// The answer to a request sent from the root context, read in the callback that delivers it.
+pub fn upstream_answer(headers: usize, body_size: usize) -> Answered {
+    if headers == 0 {
+        return Answered::Nothing;
+    }
+    Answered::Response {
+        headers: self::headers(MapType::HttpCallResponseHeaders),
+        body: body(BufferType::HttpCallResponseBody, body_size),
+    }
+}
+
+/// Where the request in flight goes if it is sent from the root context: the route's cluster
+/// and timeout, unless the route's metadata (`filter_metadata.idempotency`) keeps it on the
+/// router or gives a timeout that cannot be used.
+pub fn route_from_root(outlive: &OutliveClient) -> Result<Option<(String, Millis)>, ConfigError> {
+    let metadata = |key| {
+        property(vec![
+            "xds",
+            "route_metadata",
+            "filter_metadata",
+            "idempotency",
+            key,
+        ])
+    };
+    let marked = metadata("outlive_client").map(|value| matches!(value.as_slice(), [1] | b"true"));
+    if !outlive.covers_route(marked) {
+        return Ok(None);
+    }
+    let Some(cluster) = property(vec!["xds", "cluster_name"]) else {
+        return Ok(None);
+    };
+    let timeout = metadata("timeout");
+    let timeout =
+        outlive.timeout_for(timeout.as_deref().map(String::from_utf8_lossy).as_deref())?;
+    Ok(Some((
+        String::from_utf8_lossy(&cluster).into_owned(),
+        timeout,
+    )))
 }
 
 /// The answer to a call, read in the callback that delivers it.
@@ -183,17 +223,25 @@ pub fn set_tick_period(millis: u64) {
 /// The worker's [`Host`]: the hostcalls above, and the counters, defined once per VM.
 pub struct Proxy {
     counters: Vec<Option<u32>>,
+    root: u32,
+    /// The shared queue that wakes the root context (with `outlive_client` only).
+    wake_queue: Option<u32>,
 }
 
 impl Proxy {
-    pub fn define() -> Proxy {
+    /// `root` is the root context's id; `wake_queue`, a queue it consumes.
+    pub fn define(root: u32, wake_queue: Option<u32>) -> Proxy {
         let define = |counter: &Counter| {
             hostcalls::define_metric(MetricType::Counter, counter.name())
                 .map_err(|status| warn!("define_metric({}) failed: {status:?}", counter.name()))
                 .ok()
         };
         let counters = Counter::ALL.iter().map(define).collect();
-        Proxy { counters }
+        Proxy {
+            counters,
+            root,
+            wake_queue,
+        }
     }
 }
 
@@ -246,4 +294,43 @@ impl Host for Proxy {
     fn log(&self, level: Level, line: Arguments) {
         log::log!(level, "{line}");
     }
+
+    fn act_as_root(&self) {
+        self.act_for(self.root);
+    }
+
+    /// A message on the root context's own queue: Envoy calls it back on this worker's next turn
+    /// (a tick could be 20 ms away).
+    fn wake(&self) {
+        let Some(queue) = self.wake_queue else {
+            return;
+        };
+        if let Err(status) = hostcalls::enqueue_shared_queue(queue, Some(b"wake")) {
+            warn!("enqueue_shared_queue failed: {status:?}");
+        }
+    }
+
+    fn send(&self, request: &Outgoing) -> Result<CallId, StoreError> {
+        let headers = request
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_str()))
+            .collect();
+        let body = Some(request.body.as_slice()).filter(|body| !body.is_empty());
+        let timeout = std::time::Duration::from_millis(request.timeout);
+        hostcalls::dispatch_http_call(&request.cluster, headers, body, vec![], timeout)
+            .map_err(|status| host_error("dispatch_http_call", status))
+    }
+}
+
+/// Registers the queue that wakes this VM's root context: one name per VM in the process.
+pub fn wake_queue(name: &str) -> Option<u32> {
+    hostcalls::register_shared_queue(name)
+        .map_err(|status| warn!("register_shared_queue failed: {status:?}"))
+        .ok()
+}
+
+/// Empties a queue that only wakes: its messages say nothing.
+pub fn drain(queue: u32) {
+    while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue) {}
 }

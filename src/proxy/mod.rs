@@ -24,15 +24,29 @@ fn action(flow: Flow) -> Action {
     }
 }
 
-#[derive(Default)]
 pub struct Root {
+    context: u32,
     worker: Option<Rc<Worker<Proxy>>>,
 }
 
-/// A call's answer comes to whichever context made it: the root (finishes, polls) or a request.
+impl Root {
+    pub fn new(context: u32) -> Root {
+        Root {
+            context,
+            worker: None,
+        }
+    }
+}
+
+/// A call's answer comes to whichever context made it: the root (requests sent from it,
+/// finishes, polls) or a request.
 fn call_answered(worker: &Option<Rc<Worker<Proxy>>>, call: u32, headers: usize, body: usize) {
-    if let Some(worker) = worker {
-        worker.on_call_response(call, host::call_response(headers, body));
+    match worker {
+        Some(worker) if worker.sent_from_root(call) => {
+            worker.on_upstream_answer(call, host::upstream_answer(headers, body));
+        }
+        Some(worker) => worker.on_call_response(call, host::call_response(headers, body)),
+        None => {}
     }
 }
 
@@ -63,11 +77,30 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let worker = Worker::new(Proxy::define(), Rc::new(config), store, number);
+        let wake_queue = match config.outlive_client {
+            Some(_) => {
+                let Some(queue) = host::wake_queue(&format!("{}wake/{number}", config.key_prefix))
+                else {
+                    error!("idempotency filter cannot register its queue for outlive_client");
+                    return false;
+                };
+                Some(queue)
+            }
+            None => None,
+        };
+        let proxy = Proxy::define(self.context, wake_queue);
+        let worker = Worker::new(proxy, Rc::new(config), store, number);
         self.worker = Some(Rc::new(worker));
         host::set_tick_period(TICK_MILLIS);
         info!("idempotency filter configured (vm {number})");
         true
+    }
+
+    fn on_queue_ready(&mut self, queue: u32) {
+        host::drain(queue);
+        if let Some(worker) = &self.worker {
+            worker.on_wake();
+        }
     }
 
     fn on_tick(&mut self) {
@@ -135,7 +168,17 @@ impl HttpContext for Filter {
         let value = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
         let path = value(":path").cloned().unwrap_or_default();
         let request_id = value("x-request-id").map(|id| String::from_utf8_lossy(id).into_owned());
+        let route = match &worker.config().outlive_client {
+            Some(outlive) => host::route_from_root(outlive).unwrap_or_else(|error| {
+                worker.route_refused(&error);
+                None
+            }),
+            None => None,
+        };
         self.hand(|exchange| {
+            if let Some((cluster, timeout)) = route {
+                exchange.send_from_root(cluster, timeout);
+            }
             exchange.set_request_id(request_id.unwrap_or_default());
             exchange.on_request_headers(&method, &path, &headers, end_of_stream)
         })

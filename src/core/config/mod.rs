@@ -74,6 +74,107 @@ pub struct Config {
     pub exclude_paths: Vec<String>,
     /// A cluster-wide store; without it records live in this Envoy's shared data.
     pub etcd: Option<EtcdConfig>,
+    /// Covered requests go upstream from the worker's root context, so that the work outlives
+    /// a client that gives up; without it they go through the router.
+    pub outlive_client: Option<OutliveClient>,
+}
+
+/// Which routes send their covered requests upstream from the root context, and for how long.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutliveClient {
+    /// Every route, unless its metadata says `outlive_client: false`; or only the routes whose
+    /// metadata says `outlive_client: true`.
+    pub every_route: bool,
+    /// The attempt's timeout, unless the route's metadata gives its own.
+    pub timeout: Millis,
+    /// A timeout must end before this, so that the claim outlasts the attempt and its finish.
+    pub max_timeout: Millis,
+}
+
+impl OutliveClient {
+    /// Whether a route whose metadata says `marked` (if anything) sends from the root context.
+    pub fn covers_route(&self, marked: Option<bool>) -> bool {
+        marked.unwrap_or(self.every_route)
+    }
+
+    /// The timeout for a route whose metadata gives `route_timeout`, if any; `Err` names why
+    /// that one cannot be used.
+    pub fn timeout_for(&self, route_timeout: Option<&str>) -> Result<Millis, ConfigError> {
+        let field = "route metadata idempotency.timeout";
+        let Some(text) = route_timeout else {
+            return Ok(self.timeout);
+        };
+        match duration(field, text)? {
+            0 => Err(invalid(field, "must be longer than 0s")),
+            timeout if timeout >= self.max_timeout => Err(invalid(
+                field,
+                format!(
+                    "must be shorter than {}ms (the lease, less the store's finish)",
+                    self.max_timeout
+                ),
+            )),
+            timeout => Ok(timeout),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlive {
+    #[serde(default = "default_outlive_routes")]
+    routes: String,
+    #[serde(default = "default_outlive_timeout")]
+    timeout: String,
+}
+
+fn default_outlive_routes() -> String {
+    "all".into()
+}
+
+/// Envoy's own default route timeout.
+fn default_outlive_timeout() -> String {
+    "15s".into()
+}
+
+impl RawOutlive {
+    /// `lease` is the claim's; `finish` how long the store may take to record the ending.
+    fn validate(self, lease: Millis, finish: Millis) -> Result<OutliveClient, ConfigError> {
+        let every_route = match self.routes.as_str() {
+            "all" => true,
+            "marked" => false,
+            other => {
+                return Err(invalid(
+                    "outlive_client.routes",
+                    format!("`{other}`: expected `all` or `marked`"),
+                ))
+            }
+        };
+        if lease == 0 {
+            return Err(invalid(
+                "lease",
+                "must be longer than 0s with outlive_client: the claim must outlast the attempt",
+            ));
+        }
+        let timeout = duration("outlive_client.timeout", &self.timeout)?;
+        if timeout == 0 {
+            return Err(invalid("outlive_client.timeout", "must be longer than 0s"));
+        }
+        let max_timeout = lease.saturating_sub(finish);
+        if timeout >= max_timeout {
+            return Err(invalid(
+                "outlive_client.timeout",
+                format!(
+                    "must be shorter than lease ({lease}ms) less the store's finish ({finish}ms): \
+                     a claim that ends before its attempt lets a retry run the work again"
+                ),
+            ));
+        }
+        Ok(OutliveClient {
+            every_route,
+            timeout,
+            max_timeout,
+        })
+    }
 }
 
 /// etcd's v3 JSON gateway, reached through an Envoy cluster.
@@ -220,6 +321,7 @@ struct Raw {
     include_paths: Vec<String>,
     exclude_paths: Vec<String>,
     etcd: Option<RawEtcd>,
+    outlive_client: Option<RawOutlive>,
 }
 
 /// Reads one field, naming it in the error (serde alone names the position, not the field).
@@ -270,6 +372,7 @@ impl Raw {
                 "include_paths" => raw.include_paths = field("include_paths", value)?,
                 "exclude_paths" => raw.exclude_paths = field("exclude_paths", value)?,
                 "etcd" => raw.etcd = field("etcd", value)?,
+                "outlive_client" => raw.outlive_client = field("outlive_client", value)?,
                 _ => return Err(invalid(&name, "unknown field")),
             }
         }
@@ -307,6 +410,7 @@ impl Default for Raw {
             include_paths: Vec::new(),
             exclude_paths: Vec::new(),
             etcd: None,
+            outlive_client: None,
         }
     }
 }
@@ -428,6 +532,12 @@ impl Config {
                 ));
             }
         }
+        let etcd = raw.etcd.map(RawEtcd::validate).transpose()?;
+        let finish = etcd.as_ref().map_or(0, |etcd| etcd.timeout);
+        let outlive_client = raw
+            .outlive_client
+            .map(|raw| raw.validate(lease, finish))
+            .transpose()?;
         Ok(Config {
             methods,
             key_header,
@@ -450,7 +560,8 @@ impl Config {
             key_prefix: raw.key_prefix,
             include_paths: raw.include_paths,
             exclude_paths: raw.exclude_paths,
-            etcd: raw.etcd.map(RawEtcd::validate).transpose()?,
+            etcd,
+            outlive_client,
         })
     }
 

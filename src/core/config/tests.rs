@@ -141,3 +141,47 @@ fn methods_and_headers_are_normalised() {
     assert!(!config.covers("PATCH"));
     assert_eq!(config.key_header, "x-idem-key");
 }
+
+#[test]
+fn outlive_client_needs_a_timeout_that_ends_before_the_claim() {
+    assert!(Config::parse(b"{}").unwrap().outlive_client.is_none());
+    let outlive = Config::parse(br#"{"outlive_client": {}}"#)
+        .unwrap()
+        .outlive_client
+        .unwrap();
+    assert_eq!((outlive.every_route, outlive.timeout), (true, 15_000));
+    assert!(outlive.covers_route(None) && !outlive.covers_route(Some(false)));
+    let marked = r#"{"outlive_client": {"routes": "marked", "timeout": "30s"}}"#;
+    let marked = Config::parse(marked.as_bytes())
+        .unwrap()
+        .outlive_client
+        .unwrap();
+    assert!(!marked.covers_route(None) && marked.covers_route(Some(true)));
+    assert_eq!(marked.timeout_for(Some("5s")), Ok(5_000));
+    assert!(marked.timeout_for(Some("60s")).is_err());
+    assert!(marked.timeout_for(Some("soon")).is_err());
+
+    for (json, field) in [
+        (
+            r#"{"outlive_client": {"routes": "some"}}"#,
+            "outlive_client.routes",
+        ),
+        (
+            r#"{"outlive_client": {"timeout": "0s"}}"#,
+            "outlive_client.timeout",
+        ),
+        (
+            r#"{"outlive_client": {"timeout": "60s"}}"#,
+            "outlive_client.timeout",
+        ),
+        (r#"{"outlive_client": {}, "lease": "0s"}"#, "lease"),
+        (r#"{"outlive_client": {"retries": 2}}"#, "outlive_client"),
+        // With etcd the finish is one more call: the claim must outlast it too.
+        (
+            r#"{"outlive_client": {"timeout": "59500ms"}, "etcd": {"cluster": "etcd"}}"#,
+            "outlive_client.timeout",
+        ),
+    ] {
+        assert_eq!(field_of(json), field, "{json}");
+    }
+}

@@ -25,6 +25,9 @@ pub enum Step {
     Claim(Claim),
     /// Send the request upstream as the record's owner.
     Forward,
+    /// Send the request upstream as the record's owner, from the root context, so that the
+    /// attempt outlives its client; hand the answer to [`Exchange::on_upstream_answer`].
+    SendFromRoot(Outgoing),
     /// Hold the request; ask the store again (with the same claim) on the next poll.
     Wait,
     /// Answer locally; nothing reaches the upstream.
@@ -46,6 +49,43 @@ pub enum StreamEnd {
     /// complete response came back.
     Interrupted,
 }
+
+/// A covered request as the root context sends it: to the route's cluster, with the client's
+/// headers (less the hop-by-hop ones) and body, under the attempt's timeout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub timeout: Millis,
+}
+
+/// What came back for a request sent from the root context.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// A response: the upstream's, or Envoy's own when the attempt failed in its router.
+    Response {
+        headers: Vec<(String, Vec<u8>)>,
+        body: Vec<u8>,
+    },
+    /// The call ended with no response (reset, or a response over Envoy's buffer).
+    Nothing,
+    /// The host refused to send it: it never left.
+    NotSent,
+}
+
+/// Request headers the root context does not pass on: hop-by-hop ones, and the length Envoy
+/// sets for the body itself.
+const UNSENT_HEADERS: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+];
 
 /// Hop-by-hop headers, and those Envoy sets itself on every answer, are not stored.
 const UNSTORED_HEADERS: [&str; 11] = [
@@ -81,6 +121,9 @@ enum Phase {
     },
     /// Forwarded as the owner of `ticket`; the response is being captured.
     Owner { ticket: Ticket },
+    /// Sent from the root context as the owner of `ticket`; its answer ends the claim, whether
+    /// or not the client is still there.
+    SentFromRoot { ticket: Ticket },
     /// Finished with idempotency (passed, answered locally, or ended).
     Out,
 }
@@ -101,6 +144,92 @@ struct Capture {
     declared_empty: bool,
 }
 
+impl Capture {
+    fn headers(&mut self, headers: &[(String, Vec<u8>)], via_upstream: bool, end_of_stream: bool) {
+        if !via_upstream {
+            self.local_reply = true;
+            return;
+        }
+        for (name, value) in headers {
+            if name == ":status" {
+                self.status = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
+            } else if name == "content-length" {
+                self.declared_empty = value.as_slice() == b"0";
+            } else if !UNSTORED_HEADERS.contains(&name.as_str()) {
+                match String::from_utf8(value.clone()) {
+                    Ok(value) => self.headers.push((name.clone(), value)),
+                    // Local replies carry text headers only: such a response cannot be replayed.
+                    Err(_) => self.unstorable = true,
+                }
+            }
+        }
+        self.complete = end_of_stream;
+    }
+
+    /// One more chunk, unless the body would pass `max` (then none of it is kept).
+    fn body(&mut self, chunk: &[u8], max: usize) {
+        if self.body.len() + chunk.len() > max {
+            self.unstorable = true;
+            self.body = Vec::new();
+        } else {
+            self.body.extend_from_slice(chunk);
+        }
+    }
+}
+
+/// The client's headers as the root context sends them on; `None` if one is not text (the
+/// host takes text only), and the request then goes through the router.
+fn sendable(headers: &[(String, Vec<u8>)]) -> Option<Vec<(String, String)>> {
+    let pseudo = |name: &str| {
+        name.starts_with(':') && ![":method", ":path", ":authority", ":scheme"].contains(&name)
+    };
+    headers
+        .iter()
+        .filter(|(name, _)| !UNSENT_HEADERS.contains(&name.as_str()) && !pseudo(name))
+        .map(|(name, value)| Some((name.clone(), String::from_utf8(value.clone()).ok()?)))
+        .collect()
+}
+
+/// Whether a response to a call is Envoy's own: its router answers a failed attempt itself
+/// (no host, connection failure, timeout, reset) without the header it adds to every upstream
+/// response.
+fn is_envoy_reply(headers: &[(String, Vec<u8>)]) -> bool {
+    !headers
+        .iter()
+        .any(|(name, _)| name == "x-envoy-upstream-service-time")
+}
+
+/// Whether Envoy's own answer says the request never reached an upstream (so the work did not
+/// run): no healthy host, or no connection made. Anything else (a timeout, a reset after the
+/// request went out) may have left the work done.
+fn never_reached_upstream(body: &[u8]) -> bool {
+    let body = String::from_utf8_lossy(body);
+    body.starts_with("no healthy upstream")
+        || body.ends_with("reset reason: connection failure")
+        || body.contains("reset reason: remote connection failure")
+        || body.contains("reset reason: local connection failure")
+        || body.starts_with("cluster not found")
+}
+
+/// An answer as a local reply: its status, the headers Envoy does not set itself, its body.
+fn as_reply(headers: &[(String, Vec<u8>)], body: Vec<u8>) -> LocalReply {
+    let status = headers
+        .iter()
+        .find(|(name, _)| name == ":status")
+        .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse().ok())
+        .unwrap_or(502);
+    let headers = headers
+        .iter()
+        .filter(|(name, _)| !UNSTORED_HEADERS.contains(&name.as_str()))
+        .map(|(name, value)| (name.clone(), String::from_utf8_lossy(value).into_owned()))
+        .collect();
+    LocalReply {
+        status,
+        headers,
+        body,
+    }
+}
+
 pub struct Exchange {
     config: Rc<Config>,
     phase: Phase,
@@ -112,6 +241,12 @@ pub struct Exchange {
     /// The headers of an empty-bodied replay, which Envoy's local-reply path drops
     /// (`content-type`): put back when the reply's own headers pass the filter.
     restore: Vec<(String, String)>,
+    /// Where the request goes if it is sent from the root context, once the glue says so.
+    route: Option<(String, Millis)>,
+    /// The request to send from the root context, gathered as it arrives.
+    outgoing: Option<Outgoing>,
+    /// The answer for the client of a request sent from the root context, if it is still there.
+    client_reply: Option<LocalReply>,
 }
 
 impl Exchange {
@@ -125,7 +260,16 @@ impl Exchange {
             token,
             request_id: String::new(),
             restore: Vec::new(),
+            route: None,
+            outgoing: None,
+            client_reply: None,
         }
+    }
+
+    /// Sends the request, if its claim is won, from the root context to `cluster` (the route's)
+    /// with `timeout`, instead of through the router. Must come before the request headers.
+    pub fn send_from_root(&mut self, cluster: String, timeout: Millis) {
+        self.route = Some((cluster, timeout));
     }
 
     /// Envoy's `x-request-id`, for log lines.
@@ -209,6 +353,14 @@ impl Exchange {
             return Step::Pass;
         };
         let tuple = identity::tuple_of(&scope, method, path, key);
+        if let Some((cluster, timeout)) = self.route.take() {
+            self.outgoing = sendable(headers).map(|headers| Outgoing {
+                cluster,
+                headers,
+                body: Vec::new(),
+                timeout,
+            });
+        }
         self.phase = Phase::Buffering {
             tuple,
             org: identity::org_tag(&scope),
@@ -252,13 +404,17 @@ impl Exchange {
             }
             return Step::Buffer;
         }
+        let body = read();
         let claim = Claim {
             tuple: *tuple,
-            fingerprint: identity::fingerprint_of(query, &read()),
+            fingerprint: identity::fingerprint_of(query, &body),
             token: self.token,
             lease: self.config.claim_lease(),
             org: *org,
         };
+        if let Some(outgoing) = &mut self.outgoing {
+            outgoing.body = body;
+        }
         self.phase = Phase::Claiming {
             claim,
             waiting_since: None,
@@ -316,8 +472,17 @@ impl Exchange {
                 if waiting_since.is_some() {
                     self.count(Counter::TakenOver);
                 }
-                self.phase = Phase::Owner { ticket };
-                Step::Forward
+                match self.outgoing.take() {
+                    Some(outgoing) => {
+                        self.count(Counter::SentFromRoot);
+                        self.phase = Phase::SentFromRoot { ticket };
+                        Step::SendFromRoot(outgoing)
+                    }
+                    None => {
+                        self.phase = Phase::Owner { ticket };
+                        Step::Forward
+                    }
+                }
             }
             Verdict::Replay(response) => {
                 let reply = problem::replay(response);
@@ -393,27 +558,9 @@ impl Exchange {
         via_upstream: bool,
         end_of_stream: bool,
     ) {
-        if !matches!(self.phase, Phase::Owner { .. }) {
-            return;
+        if matches!(self.phase, Phase::Owner { .. }) {
+            self.capture.headers(headers, via_upstream, end_of_stream);
         }
-        if !via_upstream {
-            self.capture.local_reply = true;
-            return;
-        }
-        for (name, value) in headers {
-            if name == ":status" {
-                self.capture.status = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
-            } else if name == "content-length" {
-                self.capture.declared_empty = value.as_slice() == b"0";
-            } else if !UNSTORED_HEADERS.contains(&name.as_str()) {
-                match String::from_utf8(value.clone()) {
-                    Ok(value) => self.capture.headers.push((name.clone(), value)),
-                    // Local replies carry text headers only: such a response cannot be replayed.
-                    Err(_) => self.capture.unstorable = true,
-                }
-            }
-        }
-        self.capture.complete = end_of_stream;
     }
 
     /// The headers a replay sent without a body must carry, once, when its response headers
@@ -432,12 +579,8 @@ impl Exchange {
     /// One chunk of the response body, as it streams to the client.
     pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) {
         if self.wants_response_body() {
-            if self.capture.body.len() + chunk.len() > self.config.max_response_body_bytes {
-                self.capture.unstorable = true;
-                self.capture.body = Vec::new();
-            } else {
-                self.capture.body.extend_from_slice(chunk);
-            }
+            self.capture
+                .body(chunk, self.config.max_response_body_bytes);
         }
         self.capture.complete |= end_of_stream;
     }
@@ -447,13 +590,72 @@ impl Exchange {
         self.capture.complete = true;
     }
 
-    /// The stream ended (`on_log`).
+    /// The stream ended (`on_log`). A request sent from the root context stays the owner: its
+    /// answer, not its client, ends the claim.
     pub fn on_end(&mut self, end: StreamEnd) -> Step {
         let Phase::Owner { ticket } = self.phase else {
-            self.phase = Phase::Out;
+            if !matches!(self.phase, Phase::SentFromRoot { .. }) {
+                self.phase = Phase::Out;
+            }
             return Step::Done;
         };
         self.phase = Phase::Out;
+        Step::Finish(ticket, self.ending(end))
+    }
+
+    /// The answer to the request sent from the root context: how its claim ends, and (for
+    /// [`Exchange::take_client_reply`]) what its client gets if it is still there — the
+    /// upstream's answer as it came, the same as any replay of it but for `Idempotent-Replayed`.
+    pub fn on_upstream_answer(&mut self, answer: Answered) -> Step {
+        let Phase::SentFromRoot { ticket } = self.phase else {
+            return Step::Done;
+        };
+        self.phase = Phase::Out;
+        let (end, reply) = match answer {
+            Answered::Response { headers, body } => {
+                let via_upstream = !is_envoy_reply(&headers);
+                self.capture.headers(&headers, via_upstream, false);
+                self.capture
+                    .body(&body, self.config.max_response_body_bytes);
+                self.capture.complete = true;
+                let end = match via_upstream || never_reached_upstream(&body) {
+                    true => StreamEnd::Unflagged,
+                    false => StreamEnd::Interrupted,
+                };
+                (end, as_reply(&headers, body))
+            }
+            Answered::Nothing => {
+                let reply = Problem::InProgress.reply_as(
+                    self.config.in_progress_status,
+                    "this request ended without a known outcome; retry after its lease ends",
+                    Some(whole_seconds(self.config.lease)),
+                );
+                (StreamEnd::Interrupted, reply)
+            }
+            Answered::NotSent => {
+                // As good as Envoy's own answer for a request that never left.
+                self.capture.local_reply = true;
+                let reply = Problem::StoreUnavailable.reply(
+                    "the request could not be sent upstream; it did not run",
+                    Some(1),
+                );
+                (StreamEnd::Unflagged, reply)
+            }
+        };
+        if reply.body.is_empty() {
+            self.restore = reply.headers.clone();
+        }
+        self.client_reply = Some(reply);
+        Step::Finish(ticket, self.ending(end))
+    }
+
+    /// The answer for the client of a request sent from the root context, once it came.
+    pub fn take_client_reply(&mut self) -> Option<LocalReply> {
+        self.client_reply.take()
+    }
+
+    /// How the owner's attempt ended, from the response captured and how the stream ended.
+    fn ending(&mut self, end: StreamEnd) -> Ending<StoredResponse> {
         let capture = std::mem::take(&mut self.capture);
         let outcome = match capture.status {
             Some(status) if !self.config.stores_status(status) => Ending::Released,
@@ -476,11 +678,10 @@ impl Exchange {
             // No answer at all and no flag saying why: assume the work may have run.
             None => Ending::Held,
         };
-        let outcome = match outcome {
+        match outcome {
             Ending::Held if self.config.lease == 0 => Ending::Released,
             outcome => outcome,
-        };
-        Step::Finish(ticket, outcome)
+        }
     }
 
     /// The store's answer to the finish.

@@ -2,14 +2,15 @@
 //! the requests waiting for a remote store's answer, and the store itself.
 //!
 //! The glue creates one [`Worker`] per VM, hands it each request's steps through
-//! [`Worker::drive`], the answers to its calls through [`Worker::on_call_response`] and the root
-//! context's ticks through [`Worker::tick`]; the worker acts on the proxy only through [`Host`].
+//! [`Worker::drive`], the answers to its calls through [`Worker::on_call_response`] (or
+//! [`Worker::on_upstream_answer`]), the root context's ticks through [`Worker::tick`] and its
+//! wake-ups through [`Worker::on_wake`]; the worker acts on the proxy only through [`Host`].
 //! Its state sits in cells because a reply it sends can bring the host straight back into the
 //! glue (the reply's own response callbacks, the stream's end) before the send returns.
 
-use crate::core::config::Config;
+use crate::core::config::{Config, ConfigError};
 use crate::core::counters::Counter;
-use crate::core::exchange::{self, Exchange, Step};
+use crate::core::exchange::{self, Answered, Exchange, Outgoing, Step};
 use crate::core::problem::LocalReply;
 use crate::core::store::{Answer, CallId, CallResponse, ClaimReply, Resumed, Store, StoreError};
 use crate::core::Millis;
@@ -32,6 +33,9 @@ pub trait Host {
     fn now(&self) -> Millis;
     /// Makes the host act for request `context` (not the callback's own); false if it is gone.
     fn act_for(&self, context: u32) -> bool;
+    /// Makes the host act for the root context again, in one of its callbacks: a call made for
+    /// a request would end with that request.
+    fn act_as_root(&self);
     /// Answers the request acted for locally.
     fn reply(&self, reply: &LocalReply);
     /// Lets the paused request acted for go on.
@@ -39,6 +43,11 @@ pub trait Host {
     fn count(&self, counter: Counter, n: u64);
     /// Formats `line` only if `level` is logged.
     fn log(&self, level: Level, line: Arguments);
+    /// Asks for [`Worker::on_wake`] from the root context, soon.
+    fn wake(&self);
+    /// Sends a request upstream from the root context (the only caller); the answer comes to
+    /// [`Worker::on_upstream_answer`] under the returned id.
+    fn send(&self, request: &Outgoing) -> Result<CallId, StoreError>;
 }
 
 /// What a callback answers the host.
@@ -64,12 +73,18 @@ pub struct Worker<H: Host> {
     waiting: RefCell<Vec<Waiter>>,
     /// Requests whose claim waits for a remote store's answer, by call.
     awaiting: RefCell<HashMap<CallId, Waiter>>,
+    /// Requests to send upstream from the root context when it wakes.
+    outgoing: RefCell<Vec<(Waiter, Outgoing)>>,
+    /// Requests sent upstream from the root context, by call, whether or not their client is
+    /// still there.
+    sent: RefCell<HashMap<CallId, Waiter>>,
     ticks: Cell<u64>,
     /// Waiting requests ask the store itself every this many ticks: every tick for shared
     /// data, less often for a remote store, where each such poll is a call.
     poll_every: u64,
     failure_quiet_until: Cell<Millis>,
     pressure_quiet_until: Cell<Millis>,
+    route_quiet_until: Cell<Millis>,
 }
 
 impl<H: Host> Worker<H> {
@@ -88,10 +103,13 @@ impl<H: Host> Worker<H> {
             attempts: Cell::new(0),
             waiting: RefCell::new(Vec::new()),
             awaiting: RefCell::new(HashMap::new()),
+            outgoing: RefCell::new(Vec::new()),
+            sent: RefCell::new(HashMap::new()),
             ticks: Cell::new(0),
             poll_every,
             failure_quiet_until: Cell::new(0),
             pressure_quiet_until: Cell::new(0),
+            route_quiet_until: Cell::new(0),
         }
     }
 
@@ -136,6 +154,19 @@ impl<H: Host> Worker<H> {
                 }
                 Step::Reply(reply) => {
                     self.host.reply(&reply);
+                    break Flow::Pause;
+                }
+                Step::SendFromRoot(request) => {
+                    let waiter = Waiter {
+                        context,
+                        exchange: Rc::clone(exchange),
+                    };
+                    let mut outgoing = self.outgoing.borrow_mut();
+                    outgoing.push((waiter, request));
+                    // One wake-up sends all that waits.
+                    if outgoing.len() == 1 {
+                        self.host.wake();
+                    }
                     break Flow::Pause;
                 }
                 Step::Finish(ticket, outcome) => {
@@ -193,6 +224,54 @@ impl<H: Host> Worker<H> {
             Some(Resumed::Claim(answer)) => self.claim_answered(call, answer, now),
             Some(other) => self.ended(other),
             None => {}
+        }
+    }
+
+    /// The root context woke: sends the requests that wait to go upstream from it.
+    pub fn on_wake(&self) {
+        let outgoing = std::mem::take(&mut *self.outgoing.borrow_mut());
+        let mut unsent = Vec::new();
+        for (waiter, request) in outgoing {
+            match self.host.send(&request) {
+                Ok(call) => {
+                    self.sent.borrow_mut().insert(call, waiter);
+                }
+                Err(error) => {
+                    self.store_failed(waiter.exchange.borrow().request_id(), &error);
+                    unsent.push(waiter);
+                }
+            }
+        }
+        for waiter in unsent {
+            self.answered(&waiter, Answered::NotSent);
+        }
+    }
+
+    /// Whether `call` is a request sent upstream from the root context.
+    pub fn sent_from_root(&self, call: CallId) -> bool {
+        self.sent.borrow().contains_key(&call)
+    }
+
+    /// The answer to a request sent from the root context: it ends the claim, and goes to the
+    /// client if it is still there.
+    pub fn on_upstream_answer(&self, call: CallId, answer: Answered) {
+        let waiter = self.sent.borrow_mut().remove(&call);
+        if let Some(waiter) = waiter {
+            self.answered(&waiter, answer);
+        }
+    }
+
+    fn answered(&self, waiter: &Waiter, answer: Answered) {
+        let step = waiter.exchange.borrow_mut().on_upstream_answer(answer);
+        self.drive(waiter.context, &waiter.exchange, step);
+        let reply = waiter.exchange.borrow_mut().take_client_reply();
+        if let Some(reply) = reply {
+            if self.host.act_for(waiter.context) {
+                self.host.reply(&reply);
+                self.host.act_as_root();
+            } else {
+                self.host.count(Counter::OutlivedClient, 1);
+            }
         }
     }
 
@@ -302,6 +381,7 @@ impl<H: Host> Worker<H> {
                 }
             };
             self.act(&waiter, step);
+            self.host.act_as_root();
         }
     }
 
@@ -322,6 +402,19 @@ impl<H: Host> Worker<H> {
             youngest / 1_000,
             self.config.ttl / 1_000
         ));
+    }
+
+    /// A route whose metadata the filter cannot follow is logged at most once a minute; its
+    /// requests go through the router meanwhile.
+    pub fn route_refused(&self, error: &ConfigError) {
+        if self.quiet(&self.route_quiet_until, PRESSURE_LOG_MILLIS) {
+            self.host.log(
+                Level::Warn,
+                format_args!(
+                    "idempotency filter: {error}; the route's requests go through the router"
+                ),
+            );
+        }
     }
 
     /// The store evicting or refusing is logged at most once a minute, so that an operator

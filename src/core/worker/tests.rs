@@ -17,7 +17,13 @@ struct FakeHost {
     resumed: RefCell<Vec<u32>>,
     counts: RefCell<Vec<(Counter, u64)>>,
     logs: RefCell<Vec<(Level, String)>>,
+    wakes: Cell<u32>,
+    /// Requests sent upstream, with the context the host acted for when each was sent.
+    sent: RefCell<Vec<(u32, Outgoing)>>,
 }
+
+/// The root context's id, as far as these tests go.
+const ROOT: u32 = 0;
 
 impl Host for Rc<FakeHost> {
     fn now(&self) -> Millis {
@@ -48,6 +54,20 @@ impl Host for Rc<FakeHost> {
 
     fn log(&self, level: Level, line: Arguments) {
         self.logs.borrow_mut().push((level, line.to_string()));
+    }
+
+    fn act_as_root(&self) {
+        self.acting.set(ROOT);
+    }
+
+    fn wake(&self) {
+        self.wakes.set(self.wakes.get() + 1);
+    }
+
+    fn send(&self, request: &Outgoing) -> Result<CallId, StoreError> {
+        let mut sent = self.sent.borrow_mut();
+        sent.push((self.acting.get(), request.clone()));
+        Ok(100 + sent.len() as CallId)
     }
 }
 
@@ -138,8 +158,53 @@ impl Run {
 
     fn tick_at(&self, now: Millis) {
         self.host.now.set(now);
-        self.host.acting.set(0);
+        self.host.acting.set(ROOT);
         self.worker.tick();
+    }
+
+    /// Request `context` arrives on a route that sends it from the root context.
+    fn arrive_from_root(&mut self, key: &str) -> (u32, Flow) {
+        let exchange = self.worker.start();
+        exchange.borrow_mut().send_from_root("app".into(), 15_000);
+        self.requests.push(exchange);
+        let context = self.requests.len() as u32;
+        let headers = vec![
+            ("authorization".to_string(), b"Bearer org-a".to_vec()),
+            ("idempotency-key".to_string(), key.as_bytes().to_vec()),
+        ];
+        let step = self.requests[context as usize - 1]
+            .borrow_mut()
+            .on_request_headers("POST", b"/v1/customers", &headers, true);
+        (context, self.callback(context, step))
+    }
+
+    /// The root context wakes and sends what waits to go.
+    fn wake(&self) {
+        self.host.acting.set(ROOT);
+        self.worker.on_wake();
+    }
+
+    /// Request `context`'s client leaves.
+    fn client_leaves(&self, context: u32) {
+        self.host.gone.borrow_mut().push(context);
+        self.worker.leave(context);
+        let step = self.requests[context as usize - 1]
+            .borrow_mut()
+            .on_end(StreamEnd::Interrupted);
+        self.callback(context, step);
+    }
+
+    /// The answer to call `call`, in the root context.
+    fn upstream_answers(&self, call: CallId, status: &str) {
+        self.host.acting.set(ROOT);
+        let headers = vec![
+            (":status".to_string(), status.as_bytes().to_vec()),
+            ("x-envoy-upstream-service-time".to_string(), b"1".to_vec()),
+        ];
+        let body = b"{}".to_vec();
+        assert!(self.worker.sent_from_root(call));
+        self.worker
+            .on_upstream_answer(call, Answered::Response { headers, body });
     }
 
     fn replies(&self) -> Vec<(u32, u16, String)> {
@@ -296,4 +361,66 @@ fn store_failures_are_logged_once_a_second_and_counted_every_time() {
         2,
         "a second later, the next one is logged"
     );
+}
+
+const OUTLIVE: &str = r#"{"outlive_client": {}}"#;
+
+#[test]
+fn a_request_sent_from_the_root_context_outlives_its_client_and_its_retry_replays() {
+    let mut run = Run::table(OUTLIVE);
+    assert_eq!(run.arrive_from_root("k"), (1, Flow::Pause));
+    assert_eq!(
+        run.host.wakes.get(),
+        1,
+        "the root context is woken to send it"
+    );
+    assert!(
+        run.host.sent.borrow().is_empty(),
+        "nothing is sent from a request's own callback"
+    );
+    run.wake();
+    assert_eq!(
+        run.host.sent.borrow()[0].0,
+        ROOT,
+        "sent as the root context"
+    );
+    run.client_leaves(1);
+    assert_eq!(
+        run.arrive_from_root("k"),
+        (2, Flow::Pause),
+        "a retry waits for it"
+    );
+    run.upstream_answers(101, "201");
+    assert_eq!(run.host.count_of(Counter::Stored), 1);
+    assert_eq!(run.host.count_of(Counter::OutlivedClient), 1);
+    run.tick_at(1_000_020);
+    assert_eq!(
+        run.replies(),
+        [(2, 201, String::new())],
+        "only the waiting retry is answered"
+    );
+    assert_eq!(run.host.sent.borrow().len(), 1, "the work ran once");
+}
+
+#[test]
+fn a_client_that_stays_gets_the_answer_and_the_host_acts_as_the_root_again() {
+    let mut run = Run::table(OUTLIVE);
+    run.arrive_from_root("k");
+    run.wake();
+    run.upstream_answers(101, "201");
+    assert_eq!(run.replies(), [(1, 201, String::new())]);
+    assert_eq!(run.host.acting.get(), ROOT);
+    assert_eq!(run.host.count_of(Counter::OutlivedClient), 0);
+}
+
+#[test]
+fn after_answering_a_waiting_request_a_tick_acts_as_the_root_again() {
+    // A call made for a request would be cancelled when that request ends.
+    let mut run = Run::table(DEFAULTS);
+    run.arrive("k");
+    run.arrive("k");
+    run.respond(1, "201");
+    run.tick_at(1_000_020);
+    assert_eq!(run.replies(), [(2, 201, String::new())]);
+    assert_eq!(run.host.acting.get(), ROOT);
 }
