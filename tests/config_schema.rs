@@ -49,20 +49,28 @@ fn debug_fields(dump: &str, indent: usize) -> BTreeSet<String> {
         .collect()
 }
 
-/// A document with one field set, inside `etcd` for the etcd sub-fields.
+/// The smallest document holding `object` (one of the schema's objects) with its defaults.
+fn minimal(object: &str) -> Value {
+    match object {
+        "etcd" => json!({ "etcd": { "cluster": "etcd" } }),
+        other => json!({ other: {} }),
+    }
+}
+
+/// A document with one field set, inside its object for an object's own fields.
 fn with_field(path: &[&str], value: &Value) -> Value {
     match path {
         [field] => json!({ *field: value }),
-        ["etcd", field] => {
-            let mut etcd = json!({ "cluster": "etcd" });
-            etcd[*field] = value.clone();
-            json!({ "etcd": etcd })
+        [object, field] => {
+            let mut document = minimal(object);
+            document[*object][*field] = value.clone();
+            document
         }
         _ => unreachable!(),
     }
 }
 
-/// Every property of the schema with its path, the etcd object's own fields included.
+/// Every property of the schema with its path, the objects' own fields included.
 fn all_properties(schema: &Value) -> Vec<(Vec<&str>, &Value)> {
     let mut out = Vec::new();
     for (name, property) in properties(schema) {
@@ -82,12 +90,14 @@ fn the_schema_names_exactly_the_parsers_fields() {
     let top: BTreeSet<String> = properties(&schema).keys().cloned().collect();
     assert_eq!(debug_fields(&debug(&json!({})), 4), top);
 
-    let etcd: BTreeSet<String> = properties(&schema["properties"]["etcd"])
-        .keys()
-        .cloned()
-        .collect();
-    let dump = debug(&json!({ "etcd": { "cluster": "etcd" } }));
-    assert_eq!(debug_fields(&dump, 12), etcd);
+    for object in ["etcd", "outlive_client"] {
+        let fields: BTreeSet<String> = properties(&schema["properties"][object])
+            .keys()
+            .cloned()
+            .collect();
+        let dump = debug(&minimal(object));
+        assert_eq!(debug_fields(&dump, 12), fields, "{object}");
+    }
 }
 
 #[test]
@@ -99,8 +109,8 @@ fn every_example_parses() {
             .unwrap_or_else(|| panic!("{path:?} has no examples"));
         assert!(!examples.is_empty(), "{path:?} has no examples");
         for example in examples {
-            let document = if path.len() == 1 && path[0] == "etcd" {
-                json!({ "etcd": example })
+            let document = if path.len() == 1 && example.is_object() {
+                json!({ path[0]: example })
             } else {
                 with_field(&path, example)
             };
@@ -114,28 +124,26 @@ fn every_example_parses() {
 #[test]
 fn every_default_is_the_parsers_default() {
     let schema = schema();
-    let defaults = debug(&json!({}));
-    let etcd_defaults = debug(&json!({ "etcd": { "cluster": "etcd" } }));
     let mut checked = 0;
     for (path, property) in all_properties(&schema) {
         let Some(default) = property.get("default") else {
-            // Only fields that are absent unless given: etcd itself, its cluster and auth_token.
+            // Only what is absent unless given: the objects, etcd's cluster and auth_token.
             assert!(
                 matches!(
                     path[..],
-                    ["etcd"] | ["etcd", "cluster"] | ["etcd", "auth_token"]
+                    ["etcd"] | ["outlive_client"] | ["etcd", "cluster"] | ["etcd", "auth_token"]
                 ),
                 "{path:?} has no default"
             );
             continue;
         };
-        let expected = if path.len() == 1 {
-            &defaults
-        } else {
-            &etcd_defaults
+        let expected = match path[..] {
+            [_] => debug(&json!({})),
+            [object, _] => debug(&minimal(object)),
+            _ => unreachable!(),
         };
         assert_eq!(
-            &debug(&with_field(&path, default)),
+            debug(&with_field(&path, default)),
             expected,
             "the schema's default for {path:?} is not the parser's"
         );

@@ -17,6 +17,8 @@ pub enum Problem {
     Conflict,
     InProgress,
     ResponseNotStored,
+    /// An answer too large to bring back to a request sent from the root context.
+    ResponseTooLarge,
     RequestTooLarge,
     StoreFull,
     StoreUnavailable,
@@ -35,6 +37,9 @@ impl Problem {
                 "idempotency_response_not_stored",
                 "Response not stored",
             ),
+            Problem::ResponseTooLarge => {
+                (502, "idempotency_response_too_large", "Response too large")
+            }
             Problem::RequestTooLarge => (413, "request_too_large", "Request body too large"),
             Problem::StoreFull => (503, "idempotency_store_full", "Idempotency store full"),
             Problem::QuotaExceeded => (

@@ -1,7 +1,7 @@
 //! The host, through `proxy_wasm::hostcalls` only: every call's error is handled here, so the
 //! rest of the glue never meets a host `Status` (the SDK's trait helpers would panic on one).
 
-use crate::core::config::{ConfigError, EtcdConfig, OutliveClient};
+use crate::core::config::{Config, ConfigError, EtcdConfig};
 use crate::core::counters::Counter;
 use crate::core::exchange::{Answered, Outgoing, StreamEnd};
 use crate::core::problem::LocalReply;
@@ -60,13 +60,18 @@ impl Caller for EtcdCalls {
     }
 }
 
-/// The answer to a request sent from the root context, read in the callback that delivers it.
-pub fn upstream_answer(headers: usize, body_size: usize) -> Answered {
+/// The answer to a request sent from the root context, read in the callback that delivers it;
+/// a body over `max_body` is left unread, so that it never grows the VM's memory.
+pub fn upstream_answer(headers: usize, body_size: usize, max_body: usize) -> Answered {
     if headers == 0 {
         return Answered::Nothing;
     }
+    let headers = self::headers(MapType::HttpCallResponseHeaders);
+    if body_size > max_body {
+        return Answered::TooLarge { headers };
+    }
     Answered::Response {
-        headers: self::headers(MapType::HttpCallResponseHeaders),
+        headers,
         body: body(BufferType::HttpCallResponseBody, body_size),
     }
 }
@@ -74,7 +79,10 @@ pub fn upstream_answer(headers: usize, body_size: usize) -> Answered {
 /// Where the request in flight goes if it is sent from the root context: the route's cluster
 /// and timeout, unless the route's metadata (`filter_metadata.idempotency`) keeps it on the
 /// router or gives a timeout that cannot be used.
-pub fn route_from_root(outlive: &OutliveClient) -> Result<Option<(String, Millis)>, ConfigError> {
+pub fn route_from_root(config: &Config) -> Result<Option<(String, Millis)>, ConfigError> {
+    let Some(outlive) = &config.outlive_client else {
+        return Ok(None);
+    };
     let metadata = |key| {
         property(vec![
             "xds",
@@ -93,7 +101,7 @@ pub fn route_from_root(outlive: &OutliveClient) -> Result<Option<(String, Millis
     };
     let timeout = metadata("timeout");
     let timeout =
-        outlive.timeout_for(timeout.as_deref().map(String::from_utf8_lossy).as_deref())?;
+        config.outlive_timeout(timeout.as_deref().map(String::from_utf8_lossy).as_deref())?;
     Ok(Some((
         String::from_utf8_lossy(&cluster).into_owned(),
         timeout,

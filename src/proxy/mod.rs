@@ -43,7 +43,9 @@ impl Root {
 fn call_answered(worker: &Option<Rc<Worker<Proxy>>>, call: u32, headers: usize, body: usize) {
     match worker {
         Some(worker) if worker.sent_from_root(call) => {
-            worker.on_upstream_answer(call, host::upstream_answer(headers, body));
+            let max_body = worker.config().max_response_body_bytes;
+            let answer = host::upstream_answer(headers, body, max_body);
+            worker.on_upstream_answer(call, answer);
         }
         Some(worker) => worker.on_call_response(call, host::call_response(headers, body)),
         None => {}
@@ -168,13 +170,12 @@ impl HttpContext for Filter {
         let value = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
         let path = value(":path").cloned().unwrap_or_default();
         let request_id = value("x-request-id").map(|id| String::from_utf8_lossy(id).into_owned());
-        let route = match &worker.config().outlive_client {
-            Some(outlive) => host::route_from_root(outlive).unwrap_or_else(|error| {
+        let route = host::route_from_root(worker.config())
+            .unwrap_or_else(|error| {
                 worker.route_refused(&error);
                 None
-            }),
-            None => None,
-        };
+            })
+            .filter(|_| worker.room_to_send_from_root());
         self.hand(|exchange| {
             if let Some((cluster, timeout)) = route {
                 exchange.send_from_root(cluster, timeout);

@@ -50,7 +50,7 @@ def properties(node=SCHEMA):
 def document(path, value):
     if "." in path:
         parent, field = path.split(".")
-        return {parent: {"cluster": "etcd", field: value}}
+        return {parent: {**({"cluster": "etcd"} if parent == "etcd" else {}), field: value}}
     return {path: value}
 
 
@@ -76,7 +76,7 @@ def test_every_field_has_a_type_a_description_and_examples():
 @pytest.mark.parametrize("path,prop", list(properties()), ids=[p for p, _ in properties()])
 def test_every_example_and_default_validates(path, prop):
     for example in prop["examples"]:
-        doc = {path: example} if path == "etcd" else document(path, example)
+        doc = {path: example} if isinstance(example, dict) else document(path, example)
         assert errors(doc) == [], (path, example)
     if "default" in prop:
         assert errors(document(path, prop["default"])) == [], path
@@ -104,7 +104,7 @@ def test_what_only_the_parser_refuses_is_said_in_the_schemas_descriptions(doc):
     assert errors(doc) == []
     for field in doc:
         description = SCHEMA["properties"][field]["description"]
-        assert re.search(r"at least 8 x|8 times|366 days", description), field
+        assert re.search(r"at least 8 x|8 times|366 days|shorter than lease", description), field
 
 
 def shipped_plugin_configs():
@@ -158,6 +158,7 @@ def test_the_configuration_reference_is_generated_from_the_current_schema():
     ({"tll": "1s"}, "tll"),
     ({"when_full": "drop"}, "when_full"),
     ({"max_wait": -1}, "max_wait"),
+    ({"outlive_client": {"timeout": "60s"}}, "outlive_client.timeout"),
 ])
 def test_bad_configuration_is_refused_at_load_naming_the_field(run_dir, upstream, config, field):
     envoy = Envoy(run_dir, config, upstream.port)

@@ -82,39 +82,27 @@ pub struct Config {
 /// Which routes send their covered requests upstream from the root context, and for how long.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutliveClient {
-    /// Every route, unless its metadata says `outlive_client: false`; or only the routes whose
-    /// metadata says `outlive_client: true`.
-    pub every_route: bool,
+    pub routes: OutliveRoutes,
     /// The attempt's timeout, unless the route's metadata gives its own.
     pub timeout: Millis,
-    /// A timeout must end before this, so that the claim outlasts the attempt and its finish.
-    pub max_timeout: Millis,
+    /// Requests one worker may have sent from its root context and not yet had answered;
+    /// past it, new ones go through the router. Each holds its request and, once it comes,
+    /// its answer: this bounds their memory.
+    pub max_in_flight: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutliveRoutes {
+    /// Every route, unless its metadata says `outlive_client: false`.
+    All,
+    /// Only the routes whose metadata says `outlive_client: true`.
+    Marked,
 }
 
 impl OutliveClient {
     /// Whether a route whose metadata says `marked` (if anything) sends from the root context.
     pub fn covers_route(&self, marked: Option<bool>) -> bool {
-        marked.unwrap_or(self.every_route)
-    }
-
-    /// The timeout for a route whose metadata gives `route_timeout`, if any; `Err` names why
-    /// that one cannot be used.
-    pub fn timeout_for(&self, route_timeout: Option<&str>) -> Result<Millis, ConfigError> {
-        let field = "route metadata idempotency.timeout";
-        let Some(text) = route_timeout else {
-            return Ok(self.timeout);
-        };
-        match duration(field, text)? {
-            0 => Err(invalid(field, "must be longer than 0s")),
-            timeout if timeout >= self.max_timeout => Err(invalid(
-                field,
-                format!(
-                    "must be shorter than {}ms (the lease, less the store's finish)",
-                    self.max_timeout
-                ),
-            )),
-            timeout => Ok(timeout),
-        }
+        marked.unwrap_or(self.routes == OutliveRoutes::All)
     }
 }
 
@@ -125,6 +113,8 @@ struct RawOutlive {
     routes: String,
     #[serde(default = "default_outlive_timeout")]
     timeout: String,
+    #[serde(default = "default_outlive_max_in_flight")]
+    max_in_flight: usize,
 }
 
 fn default_outlive_routes() -> String {
@@ -136,12 +126,18 @@ fn default_outlive_timeout() -> String {
     "15s".into()
 }
 
+fn default_outlive_max_in_flight() -> usize {
+    1000
+}
+
+const MAX_OUTLIVE_IN_FLIGHT: usize = 100_000;
+
 impl RawOutlive {
     /// `lease` is the claim's; `finish` how long the store may take to record the ending.
     fn validate(self, lease: Millis, finish: Millis) -> Result<OutliveClient, ConfigError> {
-        let every_route = match self.routes.as_str() {
-            "all" => true,
-            "marked" => false,
+        let routes = match self.routes.as_str() {
+            "all" => OutliveRoutes::All,
+            "marked" => OutliveRoutes::Marked,
             other => {
                 return Err(invalid(
                     "outlive_client.routes",
@@ -159,8 +155,7 @@ impl RawOutlive {
         if timeout == 0 {
             return Err(invalid("outlive_client.timeout", "must be longer than 0s"));
         }
-        let max_timeout = lease.saturating_sub(finish);
-        if timeout >= max_timeout {
+        if timeout >= lease.saturating_sub(finish) {
             return Err(invalid(
                 "outlive_client.timeout",
                 format!(
@@ -169,10 +164,16 @@ impl RawOutlive {
                 ),
             ));
         }
+        if self.max_in_flight == 0 || self.max_in_flight > MAX_OUTLIVE_IN_FLIGHT {
+            return Err(invalid(
+                "outlive_client.max_in_flight",
+                format!("must be between 1 and {MAX_OUTLIVE_IN_FLIGHT}"),
+            ));
+        }
         Ok(OutliveClient {
-            every_route,
+            routes,
             timeout,
-            max_timeout,
+            max_in_flight: self.max_in_flight,
         })
     }
 }
@@ -583,6 +584,27 @@ impl Config {
             DEFAULT_LEASE
         } else {
             self.lease
+        }
+    }
+
+    /// The timeout of a request sent from the root context on a route whose metadata gives
+    /// `route_timeout`, if any; `Err` says why that one cannot be used. Like
+    /// `outlive_client.timeout`, it must end before the claim's lease, less the store's finish.
+    pub fn outlive_timeout(&self, route_timeout: Option<&str>) -> Result<Millis, ConfigError> {
+        let field = "route metadata idempotency.timeout";
+        let default = self.outlive_client.as_ref().map_or(0, |o| o.timeout);
+        let Some(text) = route_timeout else {
+            return Ok(default);
+        };
+        let finish = self.etcd.as_ref().map_or(0, |etcd| etcd.timeout);
+        let max = self.lease.saturating_sub(finish);
+        match duration(field, text)? {
+            0 => Err(invalid(field, "must be longer than 0s")),
+            timeout if timeout >= max => Err(invalid(
+                field,
+                format!("must be shorter than {max}ms (the lease, less the store's finish)"),
+            )),
+            timeout => Ok(timeout),
         }
     }
 

@@ -149,17 +149,20 @@ fn outlive_client_needs_a_timeout_that_ends_before_the_claim() {
         .unwrap()
         .outlive_client
         .unwrap();
-    assert_eq!((outlive.every_route, outlive.timeout), (true, 15_000));
+    assert_eq!(
+        (outlive.routes, outlive.timeout),
+        (OutliveRoutes::All, 15_000)
+    );
     assert!(outlive.covers_route(None) && !outlive.covers_route(Some(false)));
     let marked = r#"{"outlive_client": {"routes": "marked", "timeout": "30s"}}"#;
-    let marked = Config::parse(marked.as_bytes())
-        .unwrap()
-        .outlive_client
-        .unwrap();
+    let config = Config::parse(marked.as_bytes()).unwrap();
+    let marked = config.outlive_client.as_ref().unwrap();
     assert!(!marked.covers_route(None) && marked.covers_route(Some(true)));
-    assert_eq!(marked.timeout_for(Some("5s")), Ok(5_000));
-    assert!(marked.timeout_for(Some("60s")).is_err());
-    assert!(marked.timeout_for(Some("soon")).is_err());
+    // A route's metadata may give its own timeout, held to the same rule.
+    assert_eq!(config.outlive_timeout(None), Ok(30_000));
+    assert_eq!(config.outlive_timeout(Some("5s")), Ok(5_000));
+    assert!(config.outlive_timeout(Some("60s")).is_err());
+    assert!(config.outlive_timeout(Some("soon")).is_err());
 
     for (json, field) in [
         (
@@ -176,6 +179,10 @@ fn outlive_client_needs_a_timeout_that_ends_before_the_claim() {
         ),
         (r#"{"outlive_client": {}, "lease": "0s"}"#, "lease"),
         (r#"{"outlive_client": {"retries": 2}}"#, "outlive_client"),
+        (
+            r#"{"outlive_client": {"max_in_flight": 0}}"#,
+            "outlive_client.max_in_flight",
+        ),
         // With etcd the finish is one more call: the claim must outlast it too.
         (
             r#"{"outlive_client": {"timeout": "59500ms"}, "etcd": {"cluster": "etcd"}}"#,

@@ -68,7 +68,9 @@ pub enum Answered {
         headers: Vec<(String, Vec<u8>)>,
         body: Vec<u8>,
     },
-    /// The call ended with no response (reset, or a response over Envoy's buffer).
+    /// A response whose body is over `max_response_body_bytes`: not read.
+    TooLarge { headers: Vec<(String, Vec<u8>)> },
+    /// The call ended with no response.
     Nothing,
     /// The host refused to send it: it never left.
     NotSent,
@@ -422,8 +424,10 @@ impl Exchange {
         Step::Claim(claim)
     }
 
-    /// Request trailers end the body: its size is what the last body callback reported.
+    /// Request trailers end the body: its size is what the last body callback reported. Such a
+    /// request goes through the router: the root context would send it without its trailers.
     pub fn on_request_body_end(&mut self, read: impl FnOnce(usize) -> Vec<u8>) -> Step {
+        self.outgoing = None;
         match self.phase {
             Phase::Buffering { size, .. } => self.on_request_body(size, true, || read(size)),
             _ => Step::Pass,
@@ -624,6 +628,21 @@ impl Exchange {
                 };
                 (end, as_reply(&headers, body))
             }
+            Answered::TooLarge { headers } => {
+                self.capture
+                    .headers(&headers, !is_envoy_reply(&headers), false);
+                self.capture.unstorable = true;
+                self.capture.complete = true;
+                let detail = format!(
+                    "the upstream answered with more than {} bytes, more than a request sent \
+                     from the root context brings back; its work ran",
+                    self.config.max_response_body_bytes
+                );
+                (
+                    StreamEnd::Unflagged,
+                    Problem::ResponseTooLarge.reply(&detail, None),
+                )
+            }
             Answered::Nothing => {
                 let reply = Problem::InProgress.reply_as(
                     self.config.in_progress_status,
@@ -635,10 +654,11 @@ impl Exchange {
             Answered::NotSent => {
                 // As good as Envoy's own answer for a request that never left.
                 self.capture.local_reply = true;
-                let reply = Problem::StoreUnavailable.reply(
-                    "the request could not be sent upstream; it did not run",
-                    Some(1),
-                );
+                let reply = LocalReply {
+                    status: 503,
+                    headers: vec![("content-type".into(), "text/plain".into())],
+                    body: b"no upstream: the request could not be sent".to_vec(),
+                };
                 (StreamEnd::Unflagged, reply)
             }
         };

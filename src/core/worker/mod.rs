@@ -62,6 +62,14 @@ struct Waiter {
     exchange: Rc<RefCell<Exchange>>,
 }
 
+/// A request sent (or to send) from the root context, and its client while it is there.
+struct Sent {
+    /// `None` once the client's stream ended: Envoy may still know the context for a while,
+    /// but a reply to it would reach a stream being torn down.
+    client: Option<u32>,
+    exchange: Rc<RefCell<Exchange>>,
+}
+
 pub struct Worker<H: Host> {
     host: H,
     config: Rc<Config>,
@@ -74,10 +82,10 @@ pub struct Worker<H: Host> {
     /// Requests whose claim waits for a remote store's answer, by call.
     awaiting: RefCell<HashMap<CallId, Waiter>>,
     /// Requests to send upstream from the root context when it wakes.
-    outgoing: RefCell<Vec<(Waiter, Outgoing)>>,
+    outgoing: RefCell<Vec<(Sent, Outgoing)>>,
     /// Requests sent upstream from the root context, by call, whether or not their client is
     /// still there.
-    sent: RefCell<HashMap<CallId, Waiter>>,
+    sent: RefCell<HashMap<CallId, Sent>>,
     ticks: Cell<u64>,
     /// Waiting requests ask the store itself every this many ticks: every tick for shared
     /// data, less often for a remote store, where each such poll is a call.
@@ -157,12 +165,12 @@ impl<H: Host> Worker<H> {
                     break Flow::Pause;
                 }
                 Step::SendFromRoot(request) => {
-                    let waiter = Waiter {
-                        context,
+                    let sent = Sent {
+                        client: Some(context),
                         exchange: Rc::clone(exchange),
                     };
                     let mut outgoing = self.outgoing.borrow_mut();
-                    outgoing.push((waiter, request));
+                    outgoing.push((sent, request));
                     // One wake-up sends all that waits.
                     if outgoing.len() == 1 {
                         self.host.wake();
@@ -206,7 +214,8 @@ impl<H: Host> Worker<H> {
         flow
     }
 
-    /// Request `context` ended: it waits for nothing any more.
+    /// Request `context` ended: it waits for nothing any more, and what was sent for it from
+    /// the root context goes on without it.
     pub fn leave(&self, context: u32) {
         self.waiting
             .borrow_mut()
@@ -214,6 +223,12 @@ impl<H: Host> Worker<H> {
         self.awaiting
             .borrow_mut()
             .retain(|_, waiter| waiter.context != context);
+        let mut outgoing = self.outgoing.borrow_mut();
+        let mut sent = self.sent.borrow_mut();
+        let all = outgoing.iter_mut().map(|(s, _)| s).chain(sent.values_mut());
+        for sent in all.filter(|sent| sent.client == Some(context)) {
+            sent.client = None;
+        }
     }
 
     /// A remote store's call was answered, in the callback of the context that made it.
@@ -231,20 +246,38 @@ impl<H: Host> Worker<H> {
     pub fn on_wake(&self) {
         let outgoing = std::mem::take(&mut *self.outgoing.borrow_mut());
         let mut unsent = Vec::new();
-        for (waiter, request) in outgoing {
+        for (sent, request) in outgoing {
             match self.host.send(&request) {
                 Ok(call) => {
-                    self.sent.borrow_mut().insert(call, waiter);
+                    self.sent.borrow_mut().insert(call, sent);
                 }
                 Err(error) => {
-                    self.store_failed(waiter.exchange.borrow().request_id(), &error);
-                    unsent.push(waiter);
+                    self.store_failed(sent.exchange.borrow().request_id(), &error);
+                    unsent.push(sent);
                 }
             }
         }
-        for waiter in unsent {
-            self.answered(&waiter, Answered::NotSent);
+        for sent in unsent {
+            self.answered(sent, Answered::NotSent);
         }
+    }
+
+    /// Whether a new request may be sent from the root context: fewer than
+    /// `outlive_client.max_in_flight` are, or wait to be. If not, it goes through the router.
+    pub fn room_to_send_from_root(&self) -> bool {
+        let max = self
+            .config
+            .outlive_client
+            .as_ref()
+            .map_or(0, |o| o.max_in_flight);
+        let room = self.sent.borrow().len() + self.outgoing.borrow().len() < max;
+        if !room {
+            self.store_pressure(
+                "outlive_client.max_in_flight requests are in flight from the root context: \
+                 new ones go through the router",
+            );
+        }
+        room
     }
 
     /// Whether `call` is a request sent upstream from the root context.
@@ -255,23 +288,27 @@ impl<H: Host> Worker<H> {
     /// The answer to a request sent from the root context: it ends the claim, and goes to the
     /// client if it is still there.
     pub fn on_upstream_answer(&self, call: CallId, answer: Answered) {
-        let waiter = self.sent.borrow_mut().remove(&call);
-        if let Some(waiter) = waiter {
-            self.answered(&waiter, answer);
+        let sent = self.sent.borrow_mut().remove(&call);
+        if let Some(sent) = sent {
+            self.answered(sent, answer);
         }
     }
 
-    fn answered(&self, waiter: &Waiter, answer: Answered) {
-        let step = waiter.exchange.borrow_mut().on_upstream_answer(answer);
-        self.drive(waiter.context, &waiter.exchange, step);
-        let reply = waiter.exchange.borrow_mut().take_client_reply();
-        if let Some(reply) = reply {
-            if self.host.act_for(waiter.context) {
+    fn answered(&self, sent: Sent, answer: Answered) {
+        let step = sent.exchange.borrow_mut().on_upstream_answer(answer);
+        // A finish acts for no request: the context only names it.
+        let context = sent.client.unwrap_or_default();
+        self.drive(context, &sent.exchange, step);
+        let reply = sent.exchange.borrow_mut().take_client_reply();
+        let Some(reply) = reply else {
+            return;
+        };
+        match sent.client {
+            Some(client) if self.host.act_for(client) => {
                 self.host.reply(&reply);
                 self.host.act_as_root();
-            } else {
-                self.host.count(Counter::OutlivedClient, 1);
             }
+            _ => self.host.count(Counter::OutlivedClient, 1),
         }
     }
 

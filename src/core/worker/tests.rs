@@ -184,9 +184,8 @@ impl Run {
         self.worker.on_wake();
     }
 
-    /// Request `context`'s client leaves.
+    /// Request `context`'s client leaves. Envoy may still know its context for a while.
     fn client_leaves(&self, context: u32) {
-        self.host.gone.borrow_mut().push(context);
         self.worker.leave(context);
         let step = self.requests[context as usize - 1]
             .borrow_mut()
@@ -400,6 +399,19 @@ fn a_request_sent_from_the_root_context_outlives_its_client_and_its_retry_replay
         "only the waiting retry is answered"
     );
     assert_eq!(run.host.sent.borrow().len(), 1, "the work ran once");
+}
+
+#[test]
+fn past_max_in_flight_new_requests_go_through_the_router_until_one_is_answered() {
+    let mut run = Run::table(r#"{"outlive_client": {"max_in_flight": 1}}"#);
+    assert!(run.worker.room_to_send_from_root());
+    run.arrive_from_root("a");
+    assert!(!run.worker.room_to_send_from_root(), "one waits to be sent");
+    run.wake();
+    assert!(!run.worker.room_to_send_from_root(), "one is in flight");
+    assert_eq!(run.host.warnings(), 1);
+    run.upstream_answers(101, "201");
+    assert!(run.worker.room_to_send_from_root());
 }
 
 #[test]
