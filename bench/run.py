@@ -18,6 +18,8 @@ Runs, on one machine and in one go:
       etcd      this filter with the cluster-wide store: records in an etcd (one member, on
                 loopback, pinned with wrk and the upstream) that a second proxy shares, and
                 replays served from the local cache once fetched
+      outlive   this filter with outlive_client: covered requests sent upstream from the root
+                context (dispatch_http_call) instead of through the router
       routes    (not run by default) this filter, turned off by a route for requests it cannot
                 cover: each route has a twin matching the method and the key header
   * wrk, pinned to CPU 1 (with the upstream and etcd).
@@ -115,9 +117,10 @@ VARIANTS = {
     "direct": "Envoy direct_response",
     "routes": "Envoy + this filter, off by route",
     "etcd": "Envoy + this filter, etcd store",
+    "outlive": "Envoy + this filter, outlive_client",
 }
-DEFAULT_VARIANTS = ["plain", "empty", "filter", "raw", "skip", "matcher", "direct", "etcd"]
-FILTERS = ("filter", "raw", "skip", "matcher", "routes", "etcd")
+DEFAULT_VARIANTS = ["plain", "empty", "filter", "raw", "skip", "matcher", "direct", "etcd", "outlive"]
+FILTERS = ("filter", "raw", "skip", "matcher", "routes", "etcd", "outlive")
 
 # The etcd variant's store: every call through the Envoy cluster "etcd".
 ETCD_STORE = {"cluster": "etcd", "timeout": "500ms"}
@@ -168,6 +171,8 @@ MATRIX = {
     "routes": ["get", "nokey-1k", "nokey-64k", "first-1k", "replay-1k"],
     # What the store changes: claims, replays from the local cache and replays fetched from etcd.
     "etcd": ["first-1k", "replay-1k", "replay-cold-1k"],
+    # What sending from the root context changes: first POSTs (a replay never goes upstream).
+    "outlive": ["first-1k", "first-64k", "replay-1k"],
 }
 # Every variant of a group sends its requests to the group scenario's path.
 
@@ -380,6 +385,8 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, e
                          [cluster, static_cluster(ETCD_STORE["cluster"], etcd_port)])
     if variant == "raw":
         plugin_config = dict(plugin_config, compress_responses=False)
+    if variant == "outlive":
+        plugin_config = dict(plugin_config, outlive_client={})
     idempotency = wasm_filter("idempotency", FILTER_WASM, plugin_config)
     if variant == "direct":
         # Like a replay, the answer comes once the whole request has been read.
@@ -405,6 +412,7 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, e
         "raw": [idempotency],
         "skip": [skip_unless_covered(idempotency)],
         "matcher": [run_when_covered(idempotency)],
+        "outlive": [idempotency],
     }[variant]
     return bootstrap(admin_port, [listener("proxy", port, to_upstream, filters)], [cluster])
 
@@ -1172,6 +1180,7 @@ def report(summary, mem, storage, args, elapsed, machine_text):
                  f"with more than {NOISY:.0%} is run again when the time allows.\n")
     lines.append("![requests per second](results.svg)\n")
     lines += etcd_section(summary, storage)
+    lines += outlive_section(summary)
 
     lines.append("## Targets\n")
     lines.append("Measured is the median over the rounds of the ratio of requests/s within a "
@@ -1225,6 +1234,29 @@ def report(summary, mem, storage, args, elapsed, machine_text):
                 + ("– |" if table is None else f"{table:,.0f} B |"))
         lines.append("")
     return "\n".join(lines)
+
+
+def outlive_section(summary):
+    """What outlive_client costs: the same requests sent from the root context against the
+    router's path, in the same rounds."""
+    rows = [s for s in MATRIX["outlive"] if ("outlive", s) in summary and ("filter", s) in summary]
+    if not rows:
+        return []
+    lines = ["## Sent from the root context (outlive_client)\n",
+             "The filter with `\"outlive_client\": {}` against the same filter through the "
+             "router: requests/s and proxy CPU per request, the median of the ratios within each "
+             "round.\n",
+             "| scenario | req/s | vs the router's path | per-round range | proxy CPU µs/req | router's path CPU µs/req |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for scenario in rows:
+        f, routed = summary[("outlive", scenario)], summary[("filter", scenario)]
+        spread = ratio_range(summary, scenario, "outlive", "filter")
+        spread = "–" if spread is None else f"{spread[0]:.2f}–{spread[1]:.2f}"
+        lines.append(f"| {SCENARIOS[scenario][3]} | {f['rps']:,.0f} | "
+                     f"{fmt_ratio(ratio(summary, scenario, 'outlive', 'filter'))} | {spread} | "
+                     f"{f['cpu_us_per_request']:.1f} | {routed['cpu_us_per_request']:.1f} |")
+    lines.append("")
+    return lines
 
 
 def etcd_section(summary, storage):
@@ -1324,7 +1356,7 @@ def svg_chart(summary, args):
     """Grouped horizontal bars: requests/s per scenario and variant, with the ratio to plain."""
     colours = {"plain": "#4c78a8", "empty": "#9ecae9", "filter": "#f58518", "raw": "#eeca3b",
                "skip": "#ff9da6", "matcher": "#e45756", "direct": "#54a24b",
-               "routes": "#b279a2", "etcd": "#72b7b2"}
+               "routes": "#b279a2", "etcd": "#72b7b2", "outlive": "#9d755d"}
     rows = []
     for scenario in args.scenarios:
         group = []

@@ -8,7 +8,9 @@
 
 Every request that reaches this server is logged as an EXECUTED line, so when a
 client retries with the same Idempotency-Key you can see that the replay came
-from Envoy and never got here.
+from Envoy and never got here. A request with `X-Demo-Work-Ms: N` takes N ms of
+work first, and the work is done even if the client has left by then (as a real
+app's would be): a client that gives up mid-write.
 """
 
 import argparse
@@ -66,11 +68,15 @@ class Handler(BaseHTTPRequestHandler):
             flush=True,
         )
         body = json.dumps(payload, indent=2).encode() + b"\n"
-        self.send_response(status)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(status)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            print("%s ... #%d done, but nobody is there to answer" % (time.strftime("%H:%M:%S"), n), flush=True)
+            self.close_connection = True
 
     def _segments(self):
         path = self.path.split("?", 1)[0].rstrip("/")
@@ -85,6 +91,7 @@ class Handler(BaseHTTPRequestHandler):
         if data is None:
             self._reply(400, {"error": "body must be a JSON object"})
             return
+        time.sleep(int(self.headers.get("x-demo-work-ms") or 0) / 1000)
         fields = {k: data[k] for k in FIELDS if k in data}
         with STORE.lock:
             existing = None

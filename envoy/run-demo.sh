@@ -5,6 +5,9 @@
 # With "fleet": etcd on 127.0.0.1:2379 (or the one already listening there) and two Envoys
 # with envoy/envoy-etcd.yaml sharing it: A on 10000 (admin 9901), B on 10001 (admin 9902).
 #
+# PLUGIN_CONFIG (JSON) replaces the filter's configuration in envoy/envoy.yaml ({}), e.g.
+#   make run PLUGIN_CONFIG='{"outlive_client": {}}'
+#
 # Run from the repository root, after `make wasm` (or just use `make run` / `make run-etcd`).
 set -euo pipefail
 
@@ -110,6 +113,18 @@ Ctrl-C stops Envoy and the upstream.
 
 TRY
 
-envoy -c envoy/envoy.yaml
+config=envoy/envoy.yaml
+if [[ -n ${PLUGIN_CONFIG:-} ]]; then
+  mkdir -p "$RUN_DIR"
+  config=$RUN_DIR/envoy.yaml
+  PLUGIN_CONFIG=$PLUGIN_CONFIG python3 -c '
+import os, sys
+text = open("envoy/envoy.yaml").read()
+old = "value: '"'"'{}'"'"'"
+assert text.count(old) == 1, "envoy/envoy.yaml: no configuration value {} to replace"
+sys.stdout.write(text.replace(old, "value: %r" % os.environ["PLUGIN_CONFIG"]))' > "$config"
+  echo "filter configuration: $PLUGIN_CONFIG"
+fi
+envoy -c "$config"
 # Exit as soon as any process ends (or on Ctrl-C, via the trap).
 wait -n "${pids[@]}" || true
