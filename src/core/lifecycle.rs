@@ -2,7 +2,7 @@
 //! (verdict, new entries). Stores apply them under their own atomicity (a compare-and-swap on a
 //! bucket, a transaction on a remote store); nothing here knows where the entries live.
 
-use crate::core::identity::Digest32;
+use crate::core::identity::{Digest32, Fingerprint};
 use crate::core::record::{Bucket, Entry, State, BUCKET_ENTRIES};
 use crate::core::Millis;
 
@@ -10,7 +10,7 @@ use crate::core::Millis;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claim {
     pub tuple: Digest32,
-    pub fingerprint: Digest32,
+    pub fingerprint: Fingerprint,
     /// Unique per attempt: it proves ownership when the attempt ends.
     pub token: u64,
     pub lease: Millis,
@@ -283,7 +283,7 @@ mod tests {
     fn request(tuple: u8, fingerprint: u8, token: u64) -> Claim {
         Claim {
             tuple: [tuple; 32],
-            fingerprint: [fingerprint; 32],
+            fingerprint: [fingerprint; 16],
             token,
             lease: LEASE,
             org: 1,

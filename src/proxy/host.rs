@@ -162,7 +162,12 @@ pub fn headers(map: MapType) -> Vec<(String, Vec<u8>)> {
 
 /// Up to `size` bytes of a buffer: a body, or the plugin configuration.
 pub fn body(buffer: BufferType, size: usize) -> Vec<u8> {
-    match hostcalls::get_buffer(buffer, 0, size) {
+    body_from(buffer, 0, size)
+}
+
+/// The bytes of a buffer from `from` up to `size`.
+pub fn body_from(buffer: BufferType, from: usize, size: usize) -> Vec<u8> {
+    match hostcalls::get_buffer(buffer, from, size.saturating_sub(from)) {
         Ok(bytes) => bytes.unwrap_or_default(),
         Err(status) => {
             warn!("reading {buffer:?} failed: {status:?}");

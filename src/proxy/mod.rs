@@ -187,17 +187,15 @@ impl HttpContext for Filter {
 
     fn on_http_request_body(&mut self, size: usize, end_of_stream: bool) -> Action {
         self.hand(|exchange| {
-            exchange.on_request_body(size, end_of_stream, || {
-                host::body(BufferType::HttpRequestBody, size)
+            exchange.on_request_body(size, end_of_stream, |from| {
+                host::body_from(BufferType::HttpRequestBody, from, size)
             })
         })
     }
 
     fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
         // With trailers, the last body callback did not end the stream: this does.
-        self.hand(|exchange| {
-            exchange.on_request_body_end(|size| host::body(BufferType::HttpRequestBody, size))
-        })
+        self.hand(|exchange| exchange.on_request_body_end())
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {

@@ -6,7 +6,7 @@
 
 use crate::core::config::{Config, WhenFull};
 use crate::core::counters::Counter;
-use crate::core::identity::{self, Digest32, InvalidKey};
+use crate::core::identity::{self, Digest32, Fingerprinter, InvalidKey};
 use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
 use crate::core::problem::{self, whole_seconds, LocalReply, Problem};
 use crate::core::record::StoredResponse;
@@ -109,12 +109,13 @@ const UNSTORED_HEADERS: [&str; 11] = [
 enum Phase {
     /// Not looked at yet.
     New,
-    /// Covered; its body is being buffered.
+    /// Covered; its body is being buffered, and fingerprinted as it comes.
     Buffering {
         tuple: Digest32,
         org: u16,
-        query: Vec<u8>,
-        size: usize,
+        fingerprinter: Fingerprinter,
+        /// Body bytes fingerprinted so far.
+        read: usize,
     },
     /// Waiting for the store's answer to `claim`.
     Claiming {
@@ -366,27 +367,30 @@ impl Exchange {
         self.phase = Phase::Buffering {
             tuple,
             org: identity::org_tag(&scope),
-            query: query.to_vec(),
-            size: 0,
+            fingerprinter: Fingerprinter::new(query),
+            read: 0,
         };
         if end_of_stream {
-            self.on_request_body(0, true, Vec::new)
+            self.claim()
         } else {
             Step::Buffer
         }
     }
 
-    /// The request body: `size` bytes buffered so far; at the end of the stream `read` gives
-    /// them all. Bodies over `max_request_body_bytes` are refused before they are read.
+    /// The request body: `size` bytes buffered so far, of which `read` gives those from an
+    /// offset on. Each callback reads only the bytes that are new and fingerprints them as they
+    /// arrive. Bodies over `max_request_body_bytes` are refused before they are read.
     pub fn on_request_body(
         &mut self,
         size: usize,
         end_of_stream: bool,
-        read: impl FnOnce() -> Vec<u8>,
+        read: impl FnOnce(usize) -> Vec<u8>,
     ) -> Step {
         let Phase::Buffering {
-            tuple, org, query, ..
-        } = &self.phase
+            fingerprinter,
+            read: done,
+            ..
+        } = &mut self.phase
         else {
             return Step::Pass;
         };
@@ -400,38 +404,51 @@ impl Exchange {
                 Problem::RequestTooLarge.reply(&detail, None),
             );
         }
-        if !end_of_stream {
-            if let Phase::Buffering { size: buffered, .. } = &mut self.phase {
-                *buffered = size;
+        if size > *done {
+            let chunk = read(*done);
+            *done += chunk.len();
+            fingerprinter.update(&chunk);
+            if let Some(outgoing) = &mut self.outgoing {
+                outgoing.body.extend_from_slice(&chunk);
             }
-            return Step::Buffer;
         }
-        let body = read();
+        if end_of_stream {
+            self.claim()
+        } else {
+            Step::Buffer
+        }
+    }
+
+    /// Request trailers end the body, all of which the body callbacks read. Such a request goes
+    /// through the router: the root context would send it without its trailers.
+    pub fn on_request_body_end(&mut self) -> Step {
+        self.outgoing = None;
+        self.claim()
+    }
+
+    /// The whole body has come: the claim to ask the store for.
+    fn claim(&mut self) -> Step {
+        let Phase::Buffering {
+            tuple,
+            org,
+            fingerprinter,
+            ..
+        } = std::mem::replace(&mut self.phase, Phase::Out)
+        else {
+            return Step::Pass;
+        };
         let claim = Claim {
-            tuple: *tuple,
-            fingerprint: identity::fingerprint_of(query, &body),
+            tuple,
+            fingerprint: fingerprinter.finish(),
             token: self.token,
             lease: self.config.claim_lease(),
-            org: *org,
+            org,
         };
-        if let Some(outgoing) = &mut self.outgoing {
-            outgoing.body = body;
-        }
         self.phase = Phase::Claiming {
             claim,
             waiting_since: None,
         };
         Step::Claim(claim)
-    }
-
-    /// Request trailers end the body: its size is what the last body callback reported. Such a
-    /// request goes through the router: the root context would send it without its trailers.
-    pub fn on_request_body_end(&mut self, read: impl FnOnce(usize) -> Vec<u8>) -> Step {
-        self.outgoing = None;
-        match self.phase {
-            Phase::Buffering { size, .. } => self.on_request_body(size, true, || read(size)),
-            _ => Step::Pass,
-        }
     }
 
     /// Whether this request owns its record (and so captures the response).

@@ -79,7 +79,7 @@ impl Run {
             false,
         );
         assert_eq!(step, Step::Buffer);
-        let step = exchange.on_request_body(body.len(), true, || body.to_vec());
+        let step = exchange.on_request_body(body.len(), true, |from| body[from..].to_vec());
         self.settle(exchange, step)
     }
 
@@ -172,8 +172,11 @@ fn an_oversized_request_body_is_refused_with_413() {
     let mut run = Run::new(r#"{"max_request_body_bytes": 10}"#);
     let mut exchange = run.exchange();
     exchange.on_request_headers("POST", b"/v1", &headers(&POST_HEADERS), false);
-    assert_eq!(exchange.on_request_body(10, false, Vec::new), Step::Buffer);
-    let step = exchange.on_request_body(11, false, || panic!("not read"));
+    assert_eq!(
+        exchange.on_request_body(10, false, |_| vec![b'x'; 10]),
+        Step::Buffer
+    );
+    let step = exchange.on_request_body(11, false, |_| panic!("not read"));
     assert_eq!(code_of(step), (413, "request_too_large".into()));
 }
 
@@ -325,7 +328,7 @@ fn without_room_to_wait_a_duplicate_is_answered_in_progress_at_once() {
     let _original = run.forwarded();
     let mut duplicate = run.exchange();
     duplicate.on_request_headers("POST", b"/v1/customers?x=1", &headers(&POST_HEADERS), false);
-    let Step::Claim(claim) = duplicate.on_request_body(2, true, || b"{}".to_vec()) else {
+    let Step::Claim(claim) = duplicate.on_request_body(2, true, |_| b"{}".to_vec()) else {
         panic!("expected a claim");
     };
     let Answer::Now(reply) = run.store.claim(&claim, run.now) else {
@@ -465,7 +468,7 @@ impl Run {
         let step =
             exchange.on_request_headers("POST", b"/v1/customers?x=1", &headers(&pairs), false);
         assert_eq!(step, Step::Buffer);
-        let step = exchange.on_request_body(body.len(), true, || body.to_vec());
+        let step = exchange.on_request_body(body.len(), true, |from| body[from..].to_vec());
         match self.settle(exchange, step) {
             Step::SendFromRoot(outgoing) => outgoing,
             other => panic!("expected a send from the root context, got {other:?}"),
@@ -616,7 +619,7 @@ fn a_request_with_a_header_the_host_cannot_send_goes_through_the_router() {
     let mut pairs = POST_HEADERS.to_vec();
     pairs.push(("x-raw", b"\xff"));
     exchange.on_request_headers("POST", b"/v1/customers", &headers(&pairs), false);
-    let step = exchange.on_request_body(2, true, || b"{}".to_vec());
+    let step = exchange.on_request_body(2, true, |_| b"{}".to_vec());
     assert_eq!(run.settle(&mut exchange, step), Step::Forward);
 }
 
@@ -626,7 +629,32 @@ fn a_request_with_trailers_goes_through_the_router() {
     let mut exchange = run.exchange();
     exchange.send_from_root("app".into(), 20_000);
     exchange.on_request_headers("POST", b"/v1/customers", &headers(&POST_HEADERS), false);
-    assert_eq!(exchange.on_request_body(2, false, Vec::new), Step::Buffer);
-    let step = exchange.on_request_body_end(|_| b"{}".to_vec());
+    assert_eq!(
+        exchange.on_request_body(2, false, |_| b"{}".to_vec()),
+        Step::Buffer
+    );
+    let step = exchange.on_request_body_end();
     assert_eq!(run.settle(&mut exchange, step), Step::Forward);
+}
+
+#[test]
+fn each_body_callback_reads_only_the_bytes_that_are_new() {
+    let mut run = Run::new("{}");
+    let mut exchange = run.exchange();
+    let body = b"{\"name\":\"Jane\"}";
+    exchange.on_request_headers("POST", b"/v1?x=1", &headers(&POST_HEADERS), false);
+    let mut reads = Vec::new();
+    for (size, end) in [(5, false), (5, false), (11, false), (body.len(), true)] {
+        let step = exchange.on_request_body(size, end, |from| {
+            reads.push(from..size);
+            body[from..size].to_vec()
+        });
+        if end {
+            let Step::Claim(claim) = step else {
+                panic!("expected a claim, got {step:?}");
+            };
+            assert_eq!(claim.fingerprint, identity::fingerprint_of(b"x=1", body));
+        }
+    }
+    assert_eq!(reads, [0..5, 5..11, 11..body.len()]);
 }

@@ -3,7 +3,7 @@
 //! reader that meets a version it does not know refuses it rather than guess, so a filter upgrade
 //! in a running Envoy never misreads a record.
 
-use crate::core::identity::Digest32;
+use crate::core::identity::{Digest32, Fingerprint};
 use crate::core::Millis;
 
 pub const BUCKET_ENTRIES: usize = 16;
@@ -14,8 +14,11 @@ const REMOTE_MAGIC: [u8; 2] = *b"IE";
 const SHARE_MAGIC: [u8; 2] = *b"IS";
 const WRITTEN_MAGIC: [u8; 2] = *b"IW";
 const VERSION: u8 = 1;
-/// Version 2 added each entry's organisation tag.
-const BUCKET_VERSION: u8 = 2;
+/// Version 2 added each entry's organisation tag; version 3 holds a 16-byte fingerprint
+/// (XXH3-128) where version 2 held a SHA-256: an old fingerprint is never compared with a new.
+const BUCKET_VERSION: u8 = 3;
+/// Version 2: the 16-byte fingerprint, as in buckets of version 3.
+const REMOTE_VERSION: u8 = 2;
 /// A stored response whose body is LZ4-compressed; version 1 keeps it as it came, and is still
 /// written for bodies that do not compress, so that an older filter reading a record it cannot
 /// read refuses it rather than replay compressed bytes.
@@ -23,7 +26,7 @@ const COMPRESSED_VERSION: u8 = 2;
 /// Bodies shorter than this are kept as they came: compressing would save too little.
 const COMPRESS_FROM: usize = 256;
 const HEADER_LEN: usize = 4;
-const ENTRY_LEN: usize = 1 + 32 + 32 + 8 + 8 + 4;
+const ENTRY_LEN: usize = 1 + 32 + 16 + 8 + 8 + 4;
 const BUCKET_ENTRY_LEN: usize = ENTRY_LEN + 2;
 /// A remote record's length before its stored response.
 pub const REMOTE_ENTRY_LEN: usize = HEADER_LEN + ENTRY_LEN;
@@ -77,7 +80,7 @@ impl State {
 pub struct Entry {
     pub state: State,
     pub tuple: Digest32,
-    pub fingerprint: Digest32,
+    pub fingerprint: Fingerprint,
     /// Identifies the claim that wrote this entry; a stored response carries the same token.
     pub token: u64,
     pub deadline: Millis,
@@ -91,7 +94,7 @@ impl Entry {
     pub const EMPTY: Entry = Entry {
         state: State::Empty,
         tuple: [0; 32],
-        fingerprint: [0; 32],
+        fingerprint: [0; 16],
         token: 0,
         deadline: 0,
         response_len: 0,
@@ -111,7 +114,7 @@ impl Entry {
         Ok(Entry {
             state: State::from_code(reader.u8()?).ok_or(DecodeError::Malformed)?,
             tuple: reader.digest()?,
-            fingerprint: reader.digest()?,
+            fingerprint: reader.array()?,
             token: reader.u64()?,
             deadline: reader.u64()?,
             response_len: reader.u32()?,
@@ -123,7 +126,7 @@ impl Entry {
     pub fn encode_remote(&self, response: Option<&[u8]>) -> Vec<u8> {
         let mut out = Vec::with_capacity(REMOTE_ENTRY_LEN + response.map_or(0, <[u8]>::len));
         out.extend_from_slice(&REMOTE_MAGIC);
-        out.push(VERSION);
+        out.push(REMOTE_VERSION);
         out.push(0);
         self.encode_into(&mut out);
         out.extend_from_slice(response.unwrap_or_default());
@@ -133,7 +136,7 @@ impl Entry {
     /// The entry and the stored response bytes (empty if none) of a remote record.
     pub fn decode_remote(bytes: &[u8]) -> Result<(Entry, &[u8]), DecodeError> {
         let mut reader = Reader::new(bytes);
-        check_header(&mut reader, REMOTE_MAGIC, VERSION)?;
+        check_header(&mut reader, REMOTE_MAGIC, REMOTE_VERSION)?;
         reader.u8()?;
         let entry = Entry::read(&mut reader)?;
         Ok((entry, reader.rest()))

@@ -4,7 +4,7 @@ fn sample_entry() -> Entry {
     Entry {
         state: State::Complete,
         tuple: [7; 32],
-        fingerprint: [9; 32],
+        fingerprint: [9; 16],
         token: 0xdead_beef_0000_0001,
         deadline: 1_700_000_000_000,
         response_len: 1234,

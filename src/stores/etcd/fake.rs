@@ -195,7 +195,7 @@ pub const JSON: &str = r#"{"etcd": {"cluster": "etcd"}}"#;
 pub fn claim_of(fingerprint: u8, token: u64) -> Claim {
     Claim {
         tuple: [1; 32],
-        fingerprint: [fingerprint; 32],
+        fingerprint: [fingerprint; 16],
         token,
         lease: 60_000,
         org: 1,

@@ -508,7 +508,9 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     /// The lease a record whose value is `written` bytes long goes under, and when it expires:
     /// its `ttl` within its organisation's share, else `lease` (an eviction at that age).
     fn record_lease(&mut self, claim: &Claim, written: usize, now: Millis) -> (LeaseKind, Millis) {
-        let bytes = (self.settings.key_prefix.len() + 2 * claim.tuple.len() + written) as u64;
+        let key =
+            self.settings.key_prefix.len() + wire::RECORD_FORMAT.len() + 2 * claim.tuple.len();
+        let bytes = (key + written) as u64;
         if self.leases.within_share(claim.org, bytes, now) {
             (LeaseKind::Record, now + self.ttl)
         } else {

@@ -8,9 +8,14 @@ pub const GRANT: &str = "/v3/lease/grant";
 pub const RANGE: &str = "/v3/kv/range";
 pub const TXN: &str = "/v3/kv/txn";
 
-/// A record's key as the gateway carries it: `prefix` and the tuple in hex, base64-encoded.
+/// The records' keys live under this, after `key_prefix`: a filter with another record format
+/// never meets the records of this one (as the table's format is in its keys too).
+pub const RECORD_FORMAT: &str = "r2/";
+
+/// A record's key as the gateway carries it: `prefix`, the format and the tuple in hex,
+/// base64-encoded.
 pub fn key(prefix: &str, tuple: &[u8; 32]) -> String {
-    let mut key = prefix.to_string();
+    let mut key = format!("{prefix}{RECORD_FORMAT}");
     for byte in tuple {
         key.push_str(&format!("{byte:02x}"));
     }

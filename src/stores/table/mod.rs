@@ -27,7 +27,7 @@ use crate::stores::Kv;
 const SHARE_SLOTS: u16 = 4096;
 /// The table's keys live under this, after `key_prefix`: a filter with another table format
 /// starts a table of its own instead of misreading or refusing this one.
-const TABLE_FORMAT: &str = "t2/";
+const TABLE_FORMAT: &str = "t3/";
 /// Compare-and-swap attempts before an operation gives up as contended.
 const MAX_ATTEMPTS: usize = 64;
 /// Shared data writes an absent key whatever CAS is passed, and fails a present key unless its CAS

@@ -10,7 +10,7 @@ fn table<'a>(kv: &'a MemoryKv, json: &str) -> Table<&'a MemoryKv> {
 fn request(tuple: u8, fingerprint: u8, token: u64) -> Claim {
     Claim {
         tuple: [tuple; 32],
-        fingerprint: [fingerprint; 32],
+        fingerprint: [fingerprint; 16],
         token,
         lease: 60_000,
         org: 1,
@@ -173,12 +173,21 @@ fn an_unknown_record_version_is_refused_not_overwritten() {
     let mut table = table(&kv, r#"{"capacity_records": 16}"#);
     let mut bytes = Bucket::empty().encode();
     bytes[2] = 9;
-    (&kv).set("idempotency/t2/b/0", &bytes, None).unwrap();
+    (&kv)
+        .set(&format!("idempotency/{TABLE_FORMAT}b/0"), &bytes, None)
+        .unwrap();
     assert!(matches!(
         table.claim(&request(1, 1, 10), 0),
         Answer::Now(Err(StoreError::Unreadable(_)))
     ));
-    assert_eq!((&kv).get("idempotency/t2/b/0").unwrap().unwrap().0, bytes);
+    assert_eq!(
+        (&kv)
+            .get(&format!("idempotency/{TABLE_FORMAT}b/0"))
+            .unwrap()
+            .unwrap()
+            .0,
+        bytes
+    );
 }
 
 #[test]
@@ -211,7 +220,7 @@ fn store(table: &mut Table<&MemoryKv>, claim: &Claim, now: Millis) {
 /// The bytes ledger shard `shard` counts.
 fn ledger(kv: &MemoryKv, shard: u64) -> u64 {
     (&kv)
-        .get(&format!("idempotency/t2/l/{shard}"))
+        .get(&format!("idempotency/{TABLE_FORMAT}l/{shard}"))
         .unwrap()
         .map_or(0, |(bytes, _)| Ledger::decode(&bytes).unwrap().total)
 }
@@ -219,7 +228,10 @@ fn ledger(kv: &MemoryKv, shard: u64) -> u64 {
 /// What the share counters say organisation `org` holds.
 fn held(kv: &MemoryKv, org: u16) -> Share {
     (&kv)
-        .get(&format!("idempotency/t2/s/{}", org % SHARE_SLOTS))
+        .get(&format!(
+            "idempotency/{TABLE_FORMAT}s/{}",
+            org % SHARE_SLOTS
+        ))
         .unwrap()
         .map(|(bytes, _)| Share::decode(&bytes).unwrap())
         .unwrap_or_default()
