@@ -52,6 +52,8 @@ pub enum Block {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Taken {
     pub slot: usize,
+    /// When the claim's lease ends.
+    pub lease_ends: Millis,
     pub displaced: Option<Displaced>,
 }
 
@@ -162,12 +164,13 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Ver
         return Verdict::Blocked(Block::Full);
     };
     let previous = bucket.entries[slot];
+    let lease_ends = now.saturating_add(claim.lease.max(1));
     bucket.entries[slot] = Entry {
         state: State::InFlight,
         tuple: claim.tuple,
         fingerprint: claim.fingerprint,
         token: claim.token,
-        deadline: now.saturating_add(claim.lease.max(1)),
+        deadline: lease_ends,
         response_len: 0,
         org: claim.org,
     };
@@ -175,7 +178,11 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Ver
         entry: previous,
         evicted: previous.is_live(now),
     });
-    Verdict::Claimed(Taken { slot, displaced })
+    Verdict::Claimed(Taken {
+        slot,
+        lease_ends,
+        displaced,
+    })
 }
 
 /// The completed record nearest its expiry among the first `usable` entries that `which`

@@ -33,8 +33,8 @@ pub struct Ticket {
 /// Where a claim lives, in the store that made it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Handle {
-    /// An entry of the shared-data table.
-    Entry(u64),
+    /// An entry of the shared-data table, and when the claim's lease on it ends.
+    Entry { slot: u64, lease_ends: Millis },
     /// The revision etcd gave the claim's key.
     Revision(u64),
 }

@@ -237,8 +237,10 @@ impl HttpContext for Filter {
         if let Some(worker) = &self.worker {
             worker.leave(self.context);
         }
-        let owner = self.exchange().is_some_and(|exchange| exchange.is_owner());
-        let end = if owner {
+        let unanswered = self
+            .exchange()
+            .is_some_and(|exchange| exchange.needs_stream_end());
+        let end = if unanswered {
             host::stream_end()
         } else {
             Default::default()

@@ -456,6 +456,12 @@ impl Exchange {
         matches!(self.phase, Phase::Owner { .. })
     }
 
+    /// Whether [`Exchange::on_end`] needs to know how the stream ended: only an owner that got
+    /// no response from the upstream does.
+    pub fn needs_stream_end(&self) -> bool {
+        self.is_owner() && self.capture.status.is_none()
+    }
+
     /// The store's answer to the claim. `room_to_wait` says whether the waiting room (bounded by
     /// `max_waiting`) has a place for this request.
     pub fn on_claim(

@@ -48,6 +48,7 @@ const SHARE_PROBES: u64 = 8;
 struct Owner {
     slot: u64,
     claim: Claim,
+    lease_ends: Millis,
 }
 
 pub struct Table<K: Kv> {
@@ -289,10 +290,15 @@ impl<K: Kv> Table<K> {
         })?;
         let global = |slot: usize| bucket * BUCKET_ENTRIES as u64 + slot as u64;
         Ok(Some(match verdict {
-            Verdict::Claimed(Taken { slot, displaced }) => {
+            Verdict::Claimed(Taken {
+                slot,
+                lease_ends,
+                displaced,
+            }) => {
                 let owner = Owner {
                     slot: global(slot),
                     claim: *claim,
+                    lease_ends,
                 };
                 if let Some(displaced) = displaced {
                     self.give_back(owner.slot, &displaced.entry)?;
@@ -302,7 +308,10 @@ impl<K: Kv> Table<K> {
                 }
                 if self.take_share(owner, now)? {
                     Verdict::Claimed(Ticket {
-                        handle: Handle::Entry(owner.slot),
+                        handle: Handle::Entry {
+                            slot: owner.slot,
+                            lease_ends,
+                        },
                         claim: *claim,
                     })
                 } else {
@@ -420,10 +429,7 @@ impl<K: Kv> Table<K> {
         now: Millis,
     ) -> Result<(), StoreError> {
         if let Answer::Now(Ok(Verdict::Claimed(ticket))) = self.claim(claim, now) {
-            let owner = Owner {
-                slot: self.entry_of(&ticket)?,
-                claim: ticket.claim,
-            };
+            let owner = self.owner_of(&ticket)?;
             self.store_response(owner, response, expires.saturating_sub(now), now)?;
         }
         Ok(())
@@ -436,19 +442,18 @@ impl<K: Kv> Table<K> {
         ttl: Millis,
         now: Millis,
     ) -> Result<Finished, StoreError> {
-        let bucket = owner.slot / BUCKET_ENTRIES as u64;
-        let slot = (owner.slot % BUCKET_ENTRIES as u64) as usize;
-        let entry = self.read_bucket(bucket)?.entries[slot];
-        let token = owner.claim.token;
-        if entry.token != token || entry.deadline <= now {
+        // The entry is the owner's until its lease ends (nothing else takes a claim in flight),
+        // so it need not be read again: the final update checks the token all the same.
+        if owner.lease_ends <= now {
             return Ok(Finished::Lost);
         }
         let unstored =
             |table: &Self, no_room| table.end(owner, Ending::Unstored { no_room }, ttl, now);
-        if entry.deadline - now < COMPLETION_MARGIN {
+        if owner.lease_ends - now < COMPLETION_MARGIN {
             return unstored(self, false);
         }
-        let bytes = response.encode(&entry.tuple, token, self.compress);
+        let token = owner.claim.token;
+        let bytes = response.encode(&owner.claim.tuple, token, self.compress);
         let Ok(len) = u32::try_from(bytes.len()) else {
             return unstored(self, false);
         };
@@ -465,10 +470,14 @@ impl<K: Kv> Table<K> {
         Ok(finished)
     }
 
-    /// The entry a ticket of this table names.
-    fn entry_of(&self, ticket: &Ticket) -> Result<u64, StoreError> {
+    /// The claim a ticket of this table names.
+    fn owner_of(&self, ticket: &Ticket) -> Result<Owner, StoreError> {
         match ticket.handle {
-            Handle::Entry(slot) if slot < self.capacity => Ok(slot),
+            Handle::Entry { slot, lease_ends } if slot < self.capacity => Ok(Owner {
+                slot,
+                claim: ticket.claim,
+                lease_ends,
+            }),
             other => Err(StoreError::Host(format!(
                 "not a ticket of this table: {other:?}"
             ))),
@@ -514,11 +523,8 @@ impl<K: Kv> Store for Table<K> {
         ending: Ending<StoredResponse>,
         now: Millis,
     ) -> Answer<Result<Finished, StoreError>> {
-        let owner = match self.entry_of(&ticket) {
-            Ok(slot) => Owner {
-                slot,
-                claim: ticket.claim,
-            },
+        let owner = match self.owner_of(&ticket) {
+            Ok(owner) => owner,
             Err(error) => return Answer::Now(Err(error)),
         };
         Answer::Now(match ending {
