@@ -96,8 +96,21 @@ validate: $(VENV_STAMP) wasm
 image: wasm
 	python3 tools/oci_image.py $(WASM) target/oci
 
-integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm
+integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm $(PREVIOUS_WASM)
 	$(PYTHON) -m pytest tests/e2e -q $(PYTEST_ARGS)
+
+# The module of the last commit that wrote record format 2 (SHA-256 fingerprints), built from
+# the repository's history: the upgrade test loads it into a running Envoy before this build.
+PREVIOUS_FORMAT := 0fbbf7fadbe44d42f7c3994d18da27abfc209075
+PREVIOUS_DIR := target/previous-format
+PREVIOUS_WASM := $(PREVIOUS_DIR)/idempotency_filter.wasm
+
+$(PREVIOUS_WASM): $(STAMPS)/rust-tools
+	rm -rf $(PREVIOUS_DIR)/src && mkdir -p $(PREVIOUS_DIR)/src
+	git archive $(PREVIOUS_FORMAT) | tar -x -C $(PREVIOUS_DIR)/src
+	cargo build --release --locked --target $(WASM_TARGET) \
+	  --manifest-path $(PREVIOUS_DIR)/src/Cargo.toml --target-dir $(PREVIOUS_DIR)/build
+	cp $(PREVIOUS_DIR)/build/$(WASM_TARGET)/release/idempotency_filter.wasm $@
 
 test: setup lint unit wasm validate integration
 
@@ -122,6 +135,6 @@ BENCH_ARGS ?=
 .PHONY: bench
 bench: $(VENV_STAMP) $(STAMPS)/etcd wasm
 	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
-	cargo build --release --target $(WASM_TARGET) \
-	  --manifest-path bench/empty-filter/Cargo.toml --target-dir bench/.target
+	for filter in empty-filter probe-filter; do cargo build --release --target $(WASM_TARGET) \
+	  --manifest-path bench/$$filter/Cargo.toml --target-dir bench/.target; done
 	ENVOY=$(abspath $(ENVOY)) FILTER_WASM=$(abspath $(WASM)) $(PYTHON) bench/run.py $(BENCH_ARGS)

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 
-PROBE_WASM = run.BENCH / ".target" / "wasm32-wasip1" / "release" / "probe_filter.wasm"
+PROBE_WASM = run.PROBE_WASM
 
 # (label, probe configuration, repeat, scenario): cost per operation = (cpu(repeat) - cpu(0)) / repeat
 PROBES = [

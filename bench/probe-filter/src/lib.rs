@@ -3,7 +3,11 @@
 //! of `key=value` words, e.g. `op=shared_get size=1400 repeat=8 phase=body`:
 //!
 //! - `op`: none, header, headers, body, sha256, xxh3, blake3, shared_get, shared_set, time,
-//!   metric, property, alloc, reply
+//!   metric, property, alloc, reply; or `floor`: once per request, only the host operations
+//!   that any Idempotency-Key filter over shared data needs for a first POST (read the method
+//!   and the headers, pause for the body and read it, claim with a read and a compare-and-swap
+//!   of a `size`-byte bucket, read whether the answer came from the upstream, its headers and
+//!   its body, then write the response and the bucket again), with no work of its own
 //! - `size`: bytes for sha256, alloc and the shared-data value
 //! - `phase`: `headers` (in the request headers callback) or `body` (the headers callback pauses
 //!   until the whole body has arrived, as the Idempotency-Key filter does)
@@ -39,6 +43,7 @@ enum Op {
     Property,
     Alloc,
     Reply,
+    Floor,
 }
 
 struct Plan {
@@ -84,6 +89,7 @@ impl RootContext for Root {
                         "property" => Op::Property,
                         "alloc" => Op::Alloc,
                         "reply" => Op::Reply,
+                        "floor" => Op::Floor,
                         _ => Op::None,
                     }
                 }
@@ -95,7 +101,7 @@ impl RootContext for Root {
         }
         let metric = |name| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
         let data = vec![0x5a; size];
-        if op == Op::SharedGet {
+        if op == Op::SharedGet || op == Op::Floor {
             let _ = hostcalls::set_shared_data("probe/get", Some(&data), None);
         }
         self.plan = Some(Rc::new(Plan {
@@ -180,6 +186,19 @@ impl Probe {
                     v.resize(plan.size, 1u8);
                     sink += v[plan.size / 2] as usize;
                 }
+                Op::Floor => {
+                    sink += hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":method")
+                        .ok()
+                        .flatten()
+                        .map_or(0, |v| v.len());
+                    sink += hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
+                        .map_or(0, |h| h.len());
+                    sink += hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |b| b.len());
+                    self.bucket_round_trip();
+                }
                 Op::Reply => {
                     let _ = hostcalls::send_http_response(
                         201,
@@ -192,6 +211,15 @@ impl Probe {
         }
         std::hint::black_box(sink);
         false
+    }
+}
+
+impl Probe {
+    /// A claim's or a finish's bucket: read it, write it back under its CAS.
+    fn bucket_round_trip(&self) {
+        if let Ok((Some(bucket), cas)) = hostcalls::get_shared_data("probe/get") {
+            let _ = hostcalls::set_shared_data("probe/get", Some(&bucket), cas);
+        }
     }
 }
 
@@ -223,7 +251,28 @@ impl HttpContext for Probe {
         }
     }
 
+    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if self.plan.op == Op::Floor {
+            let via = hostcalls::get_property(vec!["response", "code_details"]).ok().flatten();
+            let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).ok();
+            std::hint::black_box((via, headers));
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, _end_of_stream: bool) -> Action {
+        if self.plan.op == Op::Floor {
+            let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, body_size).ok();
+            std::hint::black_box(body);
+        }
+        Action::Continue
+    }
+
     fn on_log(&mut self) {
         let _ = hostcalls::increment_metric(self.plan.logs, 1);
+        if self.plan.op == Op::Floor {
+            let _ = hostcalls::set_shared_data("probe/response", Some(&self.plan.data[..self.plan.data.len().min(200)]), None);
+            self.bucket_round_trip();
+        }
     }
 }
