@@ -33,9 +33,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.checks import wait_for
 from support.client import call
-from support.envoy import WASM_PATH, envoy_config
-from support.processes import ROOT
+from support.envoy import WASM_PATH, Envoy, envoy_config
+from support.processes import ROOT, free_port
 from support.shipped import (COMPOSE_FILE, DEMO_CONFIG, ENVOY_DIR, WASM_RELATIVE, compose, load, localise,
                              option, plugin_configuration, walk, ShippedEnvoy)
 
@@ -474,3 +475,83 @@ def test_a_valid_token_without_the_claim_cannot_borrow_a_forged_header(jwt_envoy
     assert borrowed.header("x-upstream-execution") != original.header("x-upstream-execution")
     executions = upstream.executions(key=key)
     assert [[v for n, v in e.headers if n == "x-org-id"] for e in executions] == [["org_a"], []]
+
+
+# -- an upgrade in a running Envoy: a build with another record format ---------------------------
+
+# The module of the last commit that wrote record format 2 (SHA-256 fingerprints), which
+# `make integration` builds from the repository's history (target/previous-format/).
+PREVIOUS_WASM = Path(os.environ.get("PREVIOUS_WASM", ROOT / "target" / "previous-format" / "idempotency_filter.wasm"))
+
+
+class LdsEnvoy(Envoy):
+    """The test bootstrap, but with its listener delivered by LDS from a file Envoy watches, so
+    that the filter's module can change in the running process (`load`)."""
+
+    def __init__(self, workdir, upstream_port, wasm_path):
+        super().__init__(workdir, {}, upstream_port, wasm_path=wasm_path)
+        self.listener_port = free_port()
+        self.lds_dir = self.workdir / "lds"
+
+    def listener(self, wasm_path):
+        listener = envoy_config(self.upstream_port, {}, wasm_path)["static_resources"]["listeners"][0]
+        listener["address"]["socket_address"]["port_value"] = self.listener_port
+        return {"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **listener}
+
+    def write_listener(self, wasm_path):
+        self.lds_dir.mkdir(parents=True, exist_ok=True)
+        staged = self.lds_dir / "lds.json.next"
+        staged.write_text(json.dumps({"resources": [self.listener(wasm_path)]}))
+        staged.rename(self.lds_dir / "lds.json")  # a move, which the watch sees as one change
+
+    def bootstrap(self):
+        config = envoy_config(self.upstream_port, {}, self.wasm_path)
+        del config["static_resources"]["listeners"]
+        self.write_listener(self.wasm_path)
+        config["node"] = {"id": "upgrade-test", "cluster": "upgrade-test"}  # LDS needs one
+        config["dynamic_resources"] = {"lds_config": {"path_config_source": {
+            "path": str(self.lds_dir / "lds.json"), "watched_directory": {"path": str(self.lds_dir)}}}}
+        return config
+
+    def load(self, wasm_path):
+        """Delivers the listener again with another module, and waits until it serves."""
+        before = self.counter("listener_manager.lds.update_success")
+        self.write_listener(wasm_path)
+        assert wait_for(lambda: self.counter("listener_manager.lds.update_success") > before, 10)
+        assert wait_for(lambda: self.counter("listener_manager.total_listeners_warming") == 0, 10)
+        self.wasm_path = wasm_path
+
+
+@pytest.fixture
+def upgraded_envoy(tmp_path, upstream):
+    assert PREVIOUS_WASM.is_file(), f"{PREVIOUS_WASM} is missing: `make integration` builds it"
+    envoy = LdsEnvoy(tmp_path, upstream.port, PREVIOUS_WASM).start()
+    yield envoy
+    envoy.stop()
+
+
+def test_an_upgrade_to_another_record_format_never_misreads_a_record(upgraded_envoy, upstream):
+    """Format 2 fingerprints with SHA-256, format 3 with XXH3-128: the new build must never
+    compare an old fingerprint with a new one. Records live under their format (t2/, t3/), so
+    across the upgrade a retry runs its work again (the README says so), and a rollback finds
+    the old records again; no answer is ever another request's, and no store error is seen."""
+    envoy = upgraded_envoy
+    old_key, new_key = f"before-{uuid.uuid4()}", f"after-{uuid.uuid4()}"
+    first = call(envoy, old_key)
+    assert first.status == 201 and call(envoy, old_key).header("idempotent-replayed") == "true"
+
+    envoy.load(WASM_PATH)
+    across = call(envoy, old_key)
+    assert across.status == 201 and across.header("idempotent-replayed") is None, across
+    assert upstream.count(key=old_key) == 2
+    assert call(envoy, old_key, body=b'{"other": 1}').status == 409, "the new record is the new run's"
+    stored = call(envoy, new_key)
+    assert call(envoy, new_key).body == stored.body
+    assert upstream.count(key=new_key) == 1
+
+    envoy.load(PREVIOUS_WASM)
+    back = call(envoy, old_key)
+    assert back.header("idempotent-replayed") == "true" and back.body == first.body, back
+    assert call(envoy, new_key).header("idempotent-replayed") is None
+    assert envoy.counter("idempotency.store_error") == 0
+    assert "panicked" not in envoy.log_text()
