@@ -19,10 +19,11 @@ const VERSION: u8 = 1;
 const BUCKET_VERSION: u8 = 3;
 /// Version 2: the 16-byte fingerprint, as in buckets of version 3.
 const REMOTE_VERSION: u8 = 2;
-/// A stored response whose body is LZ4-compressed; version 1 keeps it as it came, and is still
-/// written for bodies that do not compress, so that an older filter reading a record it cannot
-/// read refuses it rather than replay compressed bytes.
-const COMPRESSED_VERSION: u8 = 2;
+/// A stored response keeps its body as it came (version 3), or LZ4-compressed (version 4), so
+/// that a filter that cannot decompress refuses the record rather than replay compressed bytes.
+/// Versions 1 and 2 also held the record's tuple, which the claim token already proves.
+const RESPONSE_VERSION: u8 = 3;
+const COMPRESSED_VERSION: u8 = 4;
 /// Bodies shorter than this are kept as they came: compressing would save too little.
 const COMPRESS_FROM: usize = 256;
 const HEADER_LEN: usize = 4;
@@ -205,10 +206,10 @@ pub struct StoredResponse {
 }
 
 impl StoredResponse {
-    /// Encodes with the record's tuple and claim token, so a reader can prove the bytes belong
-    /// to the entry that points at them.
+    /// Encodes with the record's claim token (unique to the attempt in the process), so a reader
+    /// can prove the bytes belong to the entry that points at them.
     /// With `compress`, the body is compressed when that saves an eighth of it or more.
-    pub fn encode(&self, tuple: &Digest32, token: u64, compress: bool) -> Vec<u8> {
+    pub fn encode(&self, token: u64, compress: bool) -> Vec<u8> {
         let compressed = (compress && self.body.len() >= COMPRESS_FROM)
             .then(|| lz4_flex::block::compress(&self.body))
             .filter(|d| d.len() + 4 <= self.body.len() - self.body.len() / 8);
@@ -218,15 +219,14 @@ impl StoredResponse {
             .iter()
             .map(|(n, v)| 6 + n.len() + v.len())
             .sum();
-        let mut out = Vec::with_capacity(68 + headers_len + body.len());
+        let mut out = Vec::with_capacity(36 + headers_len + body.len());
         out.extend_from_slice(&RESPONSE_MAGIC);
         out.push(if compressed.is_some() {
             COMPRESSED_VERSION
         } else {
-            VERSION
+            RESPONSE_VERSION
         });
         out.push(0);
-        out.extend_from_slice(tuple);
         out.extend_from_slice(&token.to_le_bytes());
         out.extend_from_slice(&self.status.to_le_bytes());
         out.extend_from_slice(&(self.headers.len() as u32).to_le_bytes());
@@ -243,19 +243,19 @@ impl StoredResponse {
         out
     }
 
-    /// Decodes a response and checks that it belongs to (tuple, token).
-    pub fn decode(bytes: &[u8], tuple: &Digest32, token: u64) -> Result<Self, DecodeError> {
+    /// Decodes a response and checks that it belongs to the claim `token`.
+    pub fn decode(bytes: &[u8], token: u64) -> Result<Self, DecodeError> {
         let mut reader = Reader::new(bytes);
         if reader.take(2)? != RESPONSE_MAGIC {
             return Err(DecodeError::Malformed);
         }
         let compressed = match reader.u8()? {
-            VERSION => false,
+            RESPONSE_VERSION => false,
             COMPRESSED_VERSION => true,
             other => return Err(DecodeError::UnknownVersion(other)),
         };
         reader.u8()?;
-        if reader.digest()? != *tuple || reader.u64()? != token {
+        if reader.u64()? != token {
             return Err(DecodeError::Malformed);
         }
         let status = reader.u16()?;

@@ -331,22 +331,19 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         };
         let reply = match lifecycle::claim(&mut bucket, &claim, room, now) {
             Verdict::Claimed(_) => return self.retry_claim(claim, rounds, Some(revision), now),
-            Verdict::Replay(found) => {
-                match StoredResponse::decode(response, &claim.tuple, found.token) {
-                    Ok(response) => {
-                        if let Err(error) =
-                            self.cache.remember(&claim, &response, entry.deadline, now)
-                        {
-                            log::warn!("caching a record locally failed: {error}");
-                        }
-                        Verdict::Replay(response)
+            Verdict::Replay(found) => match StoredResponse::decode(response, found.token) {
+                Ok(response) => {
+                    if let Err(error) = self.cache.remember(&claim, &response, entry.deadline, now)
+                    {
+                        log::warn!("caching a record locally failed: {error}");
                     }
-                    Err(error) => {
-                        let error = StoreError::Unreadable(format!("etcd response: {error:?}"));
-                        return Resumed::Claim(Answer::Now(Err(error)));
-                    }
+                    Verdict::Replay(response)
                 }
-            }
+                Err(error) => {
+                    let error = StoreError::Unreadable(format!("etcd response: {error:?}"));
+                    return Resumed::Claim(Answer::Now(Err(error)));
+                }
+            },
             Verdict::Blocked(block) => Verdict::Blocked(block),
         };
         Resumed::Claim(Answer::Now(Ok(reply)))
@@ -480,7 +477,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         };
         match ending {
             Ending::Stored(response) => {
-                let bytes = response.encode(&claim.tuple, claim.token, self.compress);
+                let bytes = response.encode(claim.token, self.compress);
                 // The gateway carries values base64-encoded: 4 bytes for every 3.
                 if bytes.len().div_ceil(3) * 4 > self.settings.max_value_bytes {
                     let unstored = Ending::Unstored { no_room: false };

@@ -265,16 +265,11 @@ impl<K: Kv> Table<K> {
         Ok(())
     }
 
-    fn read_response(
-        &self,
-        slot: u64,
-        tuple: &[u8; 32],
-        token: u64,
-    ) -> Result<Option<StoredResponse>, StoreError> {
+    fn read_response(&self, slot: u64, token: u64) -> Result<Option<StoredResponse>, StoreError> {
         let Some((bytes, _)) = self.kv.get(&self.key("r", slot))? else {
             return Ok(None);
         };
-        match StoredResponse::decode(&bytes, tuple, token) {
+        match StoredResponse::decode(&bytes, token) {
             Ok(response) => Ok(Some(response)),
             Err(DecodeError::UnknownVersion(v)) => Err(unreadable(DecodeError::UnknownVersion(v))),
             Err(DecodeError::Malformed) => Ok(None),
@@ -319,7 +314,7 @@ impl<K: Kv> Table<K> {
                 }
             }
             Verdict::Replay(found) => {
-                match self.read_response(global(found.slot), &claim.tuple, found.token)? {
+                match self.read_response(global(found.slot), found.token)? {
                     Some(response) => Verdict::Replay(response),
                     // The entry moved on between the two reads: decide again.
                     None => return Ok(None),
@@ -416,7 +411,7 @@ impl<K: Kv> Table<K> {
         }
         let global = bucket * BUCKET_ENTRIES as u64 + slot as u64;
         Ok(self
-            .read_response(global, &claim.tuple, entry.token)?
+            .read_response(global, entry.token)?
             .map(Verdict::Replay))
     }
 
@@ -453,7 +448,7 @@ impl<K: Kv> Table<K> {
             return unstored(self, false);
         }
         let token = owner.claim.token;
-        let bytes = response.encode(&owner.claim.tuple, token, self.compress);
+        let bytes = response.encode(token, self.compress);
         let Ok(len) = u32::try_from(bytes.len()) else {
             return unstored(self, false);
         };
