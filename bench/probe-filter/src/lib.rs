@@ -7,7 +7,11 @@
 //!   that any Idempotency-Key filter over shared data needs for a first POST (read the method
 //!   and the headers, pause for the body and read it, claim with a read and a compare-and-swap
 //!   of a `size`-byte bucket, read whether the answer came from the upstream, its headers and
-//!   its body, then write the response and the bucket again), with no work of its own
+//!   its body, then write the response and the bucket again), with no work of its own. Each
+//!   request's bucket is one of `buckets` keys and its response one of 16 times as many, taken
+//!   in a scattered order, as a table's keys are for new keys. `replay`: likewise the host
+//!   operations a replay needs (method, headers, body, a bucket and a response read, the
+//!   answer sent with `send_http_response`)
 //! - `size`: bytes for sha256, alloc and the shared-data value
 //! - `phase`: `headers` (in the request headers callback) or `body` (the headers callback pauses
 //!   until the whole body has arrived, as the Idempotency-Key filter does)
@@ -44,10 +48,13 @@ enum Op {
     Alloc,
     Reply,
     Floor,
+    Replay,
 }
 
 struct Plan {
     op: Op,
+    buckets: u64,
+    requests: std::cell::Cell<u64>,
     size: usize,
     repeat: usize,
     in_body: bool,
@@ -71,6 +78,7 @@ impl RootContext for Root {
             .unwrap_or_default();
         let config = String::from_utf8_lossy(&config).into_owned();
         let (mut op, mut size, mut repeat, mut in_body) = (Op::None, 0usize, 1usize, false);
+        let mut buckets = 1u64;
         for word in config.split_whitespace() {
             let (name, value) = word.split_once('=').unwrap_or((word, ""));
             match name {
@@ -90,22 +98,26 @@ impl RootContext for Root {
                         "alloc" => Op::Alloc,
                         "reply" => Op::Reply,
                         "floor" => Op::Floor,
+                        "replay" => Op::Replay,
                         _ => Op::None,
                     }
                 }
                 "size" => size = value.parse().unwrap_or(0),
                 "repeat" => repeat = value.parse().unwrap_or(1),
                 "phase" => in_body = value == "body",
+                "buckets" => buckets = value.parse().unwrap_or(1).max(1),
                 _ => {}
             }
         }
         let metric = |name| hostcalls::define_metric(MetricType::Counter, name).unwrap_or(0);
         let data = vec![0x5a; size];
-        if op == Op::SharedGet || op == Op::Floor {
+        if matches!(op, Op::SharedGet | Op::Floor | Op::Replay) {
             let _ = hostcalls::set_shared_data("probe/get", Some(&data), None);
         }
         self.plan = Some(Rc::new(Plan {
             op,
+            buckets,
+            requests: std::cell::Cell::new(0),
             size,
             repeat,
             in_body,
@@ -121,7 +133,16 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let plan = self.plan.clone()?;
         let _ = hostcalls::increment_metric(plan.contexts, 1);
-        Some(Box::new(Probe { plan }))
+        let n = plan.requests.get() + 1;
+        plan.requests.set(n);
+        // A scattered walk over the keys: a new key's bucket is as good as random.
+        let bucket = n.wrapping_mul(0x9e37_79b9) % plan.buckets;
+        let response = n.wrapping_mul(0x85eb_ca6b) % (plan.buckets * 16);
+        Some(Box::new(Probe {
+            plan,
+            bucket: format!("probe/b/{bucket}"),
+            response: format!("probe/r/{response}"),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -131,6 +152,8 @@ impl RootContext for Root {
 
 struct Probe {
     plan: Rc<Plan>,
+    bucket: String,
+    response: String,
 }
 
 impl Probe {
@@ -199,6 +222,31 @@ impl Probe {
                         .map_or(0, |b| b.len());
                     self.bucket_round_trip();
                 }
+                Op::Replay => {
+                    sink += hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":method")
+                        .ok()
+                        .flatten()
+                        .map_or(0, |v| v.len());
+                    sink += hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
+                        .map_or(0, |h| h.len());
+                    sink += hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+                        .ok()
+                        .flatten()
+                        .map_or(0, |b| b.len());
+                    for _ in 0..2 {
+                        sink += hostcalls::get_shared_data("probe/get")
+                            .ok()
+                            .and_then(|(v, _)| v)
+                            .map_or(0, |v| v.len());
+                    }
+                    let _ = hostcalls::send_http_response(
+                        201,
+                        vec![("content-type", "application/json"), ("idempotent-replayed", "true")],
+                        Some(b"{\"id\":\"ord_0001\",\"status\":\"created\"}"),
+                    );
+                    std::hint::black_box(sink);
+                    return true;
+                }
                 Op::Reply => {
                     let _ = hostcalls::send_http_response(
                         201,
@@ -217,9 +265,9 @@ impl Probe {
 impl Probe {
     /// A claim's or a finish's bucket: read it, write it back under its CAS.
     fn bucket_round_trip(&self) {
-        if let Ok((Some(bucket), cas)) = hostcalls::get_shared_data("probe/get") {
-            let _ = hostcalls::set_shared_data("probe/get", Some(&bucket), cas);
-        }
+        let (bucket, cas) = hostcalls::get_shared_data(&self.bucket).unwrap_or((None, None));
+        let bucket = bucket.unwrap_or_else(|| self.plan.data.clone());
+        let _ = hostcalls::set_shared_data(&self.bucket, Some(&bucket), cas);
     }
 }
 
@@ -271,7 +319,8 @@ impl HttpContext for Probe {
     fn on_log(&mut self) {
         let _ = hostcalls::increment_metric(self.plan.logs, 1);
         if self.plan.op == Op::Floor {
-            let _ = hostcalls::set_shared_data("probe/response", Some(&self.plan.data[..self.plan.data.len().min(200)]), None);
+            let response = &self.plan.data[..self.plan.data.len().min(200)];
+            let _ = hostcalls::set_shared_data(&self.response, Some(response), None);
             self.bucket_round_trip();
         }
     }
