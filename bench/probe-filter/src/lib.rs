@@ -210,29 +210,11 @@ impl Probe {
                     sink += v[plan.size / 2] as usize;
                 }
                 Op::Floor => {
-                    sink += hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":method")
-                        .ok()
-                        .flatten()
-                        .map_or(0, |v| v.len());
-                    sink += hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
-                        .map_or(0, |h| h.len());
-                    sink += hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-                        .ok()
-                        .flatten()
-                        .map_or(0, |b| b.len());
+                    sink += read_request(body_size);
                     self.bucket_round_trip();
                 }
                 Op::Replay => {
-                    sink += hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":method")
-                        .ok()
-                        .flatten()
-                        .map_or(0, |v| v.len());
-                    sink += hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
-                        .map_or(0, |h| h.len());
-                    sink += hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-                        .ok()
-                        .flatten()
-                        .map_or(0, |b| b.len());
+                    sink += read_request(body_size);
                     for _ in 0..2 {
                         sink += hostcalls::get_shared_data("probe/get")
                             .ok()
@@ -260,6 +242,20 @@ impl Probe {
         std::hint::black_box(sink);
         false
     }
+}
+
+/// What any filter that covers a request reads of it: the method, the headers, the body.
+fn read_request(body_size: usize) -> usize {
+    let method = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, ":method")
+        .ok()
+        .flatten()
+        .map_or(0, |v| v.len());
+    let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).map_or(0, |h| h.len());
+    let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+        .ok()
+        .flatten()
+        .map_or(0, |b| b.len());
+    method + headers + body
 }
 
 impl Probe {

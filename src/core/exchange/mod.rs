@@ -76,9 +76,8 @@ pub enum Answered {
     NotSent,
 }
 
-/// Request headers the root context does not pass on: hop-by-hop ones, and the length Envoy
-/// sets for the body itself.
-const UNSENT_HEADERS: [&str; 8] = [
+/// Hop-by-hop headers: they are never stored, and never passed on from the root context.
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -86,23 +85,25 @@ const UNSENT_HEADERS: [&str; 8] = [
     "te",
     "trailer",
     "upgrade",
-    "content-length",
 ];
 
-/// Hop-by-hop headers, and those Envoy sets itself on every answer, are not stored.
-const UNSTORED_HEADERS: [&str; 11] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authenticate",
-    "content-length",
-    "x-envoy-upstream-service-time",
-    ":status",
-];
+/// Request headers the root context does not pass on: hop-by-hop ones, and the length Envoy
+/// sets for the body itself.
+fn unsent(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name) || name == "content-length"
+}
+
+/// Response headers not stored: hop-by-hop ones, and those Envoy sets itself on every answer.
+fn unstored(name: &str) -> bool {
+    HOP_BY_HOP.contains(&name)
+        || [
+            "proxy-authenticate",
+            "content-length",
+            "x-envoy-upstream-service-time",
+            ":status",
+        ]
+        .contains(&name)
+}
 
 /// A request's place in the flow.
 #[derive(Debug)]
@@ -158,7 +159,7 @@ impl Capture {
                 self.status = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
             } else if name == "content-length" {
                 self.declared_empty = value.as_slice() == b"0";
-            } else if !UNSTORED_HEADERS.contains(&name.as_str()) {
+            } else if !unstored(name) {
                 match String::from_utf8(value.clone()) {
                     Ok(value) => self.headers.push((name.clone(), value)),
                     // Local replies carry text headers only: such a response cannot be replayed.
@@ -188,7 +189,7 @@ fn sendable(headers: &[(String, Vec<u8>)]) -> Option<Vec<(String, String)>> {
     };
     headers
         .iter()
-        .filter(|(name, _)| !UNSENT_HEADERS.contains(&name.as_str()) && !pseudo(name))
+        .filter(|(name, _)| !unsent(name) && !pseudo(name))
         .map(|(name, value)| Some((name.clone(), String::from_utf8(value.clone()).ok()?)))
         .collect()
 }
@@ -223,7 +224,7 @@ fn as_reply(headers: &[(String, Vec<u8>)], body: Vec<u8>) -> LocalReply {
         .unwrap_or(502);
     let headers = headers
         .iter()
-        .filter(|(name, _)| !UNSTORED_HEADERS.contains(&name.as_str()))
+        .filter(|(name, _)| !unstored(name))
         .map(|(name, value)| (name.clone(), String::from_utf8_lossy(value).into_owned()))
         .collect();
     LocalReply {
