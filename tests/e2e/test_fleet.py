@@ -189,7 +189,7 @@ def test_retry_on_the_other_envoy_replays_and_then_comes_from_its_local_copy(pai
     records = etcd.range_prefix(ETCD_PREFIX)
     assert records, "nothing stored in etcd"
     for name, value in records:
-        assert re.fullmatch(rb"idempotency/[0-9a-f]{64}", name), name
+        assert re.fullmatch(rb"idempotency/r2/[0-9a-f]{64}", name), name
         assert key.encode() not in name + value
         assert ORG_A.encode() not in value
 
