@@ -96,14 +96,15 @@ validate: $(VENV_STAMP) wasm
 image: wasm
 	python3 tools/oci_image.py $(WASM) target/oci
 
-integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm $(PREVIOUS_WASM)
-	$(PYTHON) -m pytest tests/e2e -q $(PYTEST_ARGS)
-
 # The module of the last commit that wrote record format 2 (SHA-256 fingerprints), built from
 # the repository's history: the upgrade test loads it into a running Envoy before this build.
+# (Defined before the rule that needs it: make expands prerequisites as it reads them.)
 PREVIOUS_FORMAT := 0fbbf7fadbe44d42f7c3994d18da27abfc209075
 PREVIOUS_DIR := target/previous-format
 PREVIOUS_WASM := $(PREVIOUS_DIR)/idempotency_filter.wasm
+
+integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm $(PREVIOUS_WASM)
+	$(PYTHON) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
 $(PREVIOUS_WASM): $(STAMPS)/rust-tools
 	rm -rf $(PREVIOUS_DIR)/src && mkdir -p $(PREVIOUS_DIR)/src
