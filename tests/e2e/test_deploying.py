@@ -486,7 +486,7 @@ PREVIOUS_WASM = Path(os.environ.get("PREVIOUS_WASM", ROOT / "target" / "previous
 
 class LdsEnvoy(Envoy):
     """The test bootstrap, but with its listener delivered by LDS from a file Envoy watches, so
-    that the filter's module can change in the running process (`load`)."""
+    that the filter's module and configuration can change in the running process (`load`)."""
 
     def __init__(self, workdir, upstream_port, wasm_path):
         super().__init__(workdir, {}, upstream_port, wasm_path=wasm_path)
@@ -494,7 +494,8 @@ class LdsEnvoy(Envoy):
         self.lds_dir = self.workdir / "lds"
 
     def listener(self, wasm_path):
-        listener = envoy_config(self.upstream_port, {}, wasm_path)["static_resources"]["listeners"][0]
+        config = envoy_config(self.upstream_port, self.plugin_config, wasm_path)
+        listener = config["static_resources"]["listeners"][0]
         listener["address"]["socket_address"]["port_value"] = self.listener_port
         return {"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **listener}
 
@@ -513,9 +514,12 @@ class LdsEnvoy(Envoy):
             "path": str(self.lds_dir / "lds.json"), "watched_directory": {"path": str(self.lds_dir)}}}}
         return config
 
-    def load(self, wasm_path):
-        """Delivers the listener again with another module, and waits until it serves."""
+    def load(self, wasm_path, plugin_config=None):
+        """Delivers the listener again with another module or configuration, and waits until it
+        serves."""
         before = self.counter("listener_manager.lds.update_success")
+        if plugin_config is not None:
+            self.plugin_config = plugin_config
         self.write_listener(wasm_path)
         assert wait_for(lambda: self.counter("listener_manager.lds.update_success") > before, 10)
         assert wait_for(lambda: self.counter("listener_manager.total_listeners_warming") == 0, 10)
@@ -555,3 +559,26 @@ def test_an_upgrade_to_another_record_format_never_misreads_a_record(upgraded_en
     assert call(envoy, new_key).header("idempotent-replayed") is None
     assert envoy.counter("idempotency.store_error") == 0
     assert "panicked" not in envoy.log_text()
+
+
+def test_a_configuration_change_by_lds_keeps_the_records_unless_it_moves_the_table(tmp_path, upstream):
+    """A new configuration delivered while records are live: records made before still replay,
+    unless the change starts a new table (capacity_records, key_prefix), as the README says;
+    then a retry runs its work again and never meets another request's answer."""
+    envoy = LdsEnvoy(tmp_path, upstream.port, WASM_PATH).start()
+    try:
+        key = f"live-{uuid.uuid4()}"
+        first = call(envoy, key)
+        envoy.load(WASM_PATH, {"max_wait": "5s", "ttl": "12h", "require_key": True})
+        replay = call(envoy, key)
+        assert replay.header("idempotent-replayed") == "true" and replay.body == first.body, replay
+        assert call(envoy, None).status == 400, "the new configuration serves"
+
+        envoy.load(WASM_PATH, {"capacity_records": 50_000})
+        again = call(envoy, key)
+        assert again.status == 201 and again.header("idempotent-replayed") is None, again
+        assert upstream.count(key=key) == 2
+        assert call(envoy, key).header("idempotent-replayed") == "true"
+        assert envoy.counter("idempotency.store_error") == 0
+    finally:
+        envoy.stop()
