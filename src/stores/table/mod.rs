@@ -25,8 +25,9 @@ use crate::stores::Kv;
 /// Organisations' tags map onto this many share counters: two organisations whose tags share a
 /// slot share one share (a collision can only over-count).
 const SHARE_SLOTS: u16 = 4096;
-/// The table's keys live under this, after `key_prefix`: a filter with another table format
-/// starts a table of its own instead of misreading or refusing this one.
+/// The table's keys live under this, after `key_prefix` and before its capacity: a filter with
+/// another table format, or another `capacity_records` (whose buckets a key hashes onto), starts
+/// a table of its own instead of misreading this one or leaving its counters half-used.
 const TABLE_FORMAT: &str = "t3/";
 /// Compare-and-swap attempts before an operation gives up as contended.
 const MAX_ATTEMPTS: usize = 64;
@@ -53,8 +54,10 @@ struct Owner {
 
 pub struct Table<K: Kv> {
     kv: K,
-    /// `key_prefix`: the boot key's; the table's own keys add `TABLE_FORMAT`.
+    /// `key_prefix`: the boot key's.
     prefix: String,
+    /// Where the table's own keys live: `key_prefix`, `TABLE_FORMAT`, the capacity.
+    space: String,
     buckets: u64,
     /// Entries in all: the last bucket may use fewer than `BUCKET_ENTRIES`.
     capacity: u64,
@@ -80,6 +83,10 @@ impl<K: Kv> Table<K> {
         Table {
             kv,
             prefix: config.key_prefix.clone(),
+            space: format!(
+                "{}{TABLE_FORMAT}{}/",
+                config.key_prefix, config.capacity_records
+            ),
             buckets,
             capacity: config.capacity_records as u64,
             shard_budget: (config.capacity_bytes / LEDGER_SHARDS) as u64,
@@ -125,7 +132,7 @@ impl<K: Kv> Table<K> {
     }
 
     fn key(&self, kind: &str, n: u64) -> String {
-        format!("{}{TABLE_FORMAT}{kind}/{n}", self.prefix)
+        format!("{}{kind}/{n}", self.space)
     }
 
     fn bucket_of(&self, tuple: &[u8; 32]) -> u64 {

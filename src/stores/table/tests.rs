@@ -173,21 +173,13 @@ fn an_unknown_record_version_is_refused_not_overwritten() {
     let mut table = table(&kv, r#"{"capacity_records": 16}"#);
     let mut bytes = Bucket::empty().encode();
     bytes[2] = 9;
-    (&kv)
-        .set(&format!("idempotency/{TABLE_FORMAT}b/0"), &bytes, None)
-        .unwrap();
+    let bucket = table.key("b", 0);
+    (&kv).set(&bucket, &bytes, None).unwrap();
     assert!(matches!(
         table.claim(&request(1, 1, 10), 0),
         Answer::Now(Err(StoreError::Unreadable(_)))
     ));
-    assert_eq!(
-        (&kv)
-            .get(&format!("idempotency/{TABLE_FORMAT}b/0"))
-            .unwrap()
-            .unwrap()
-            .0,
-        bytes
-    );
+    assert_eq!((&kv).get(&bucket).unwrap().unwrap().0, bytes);
 }
 
 #[test]
@@ -218,20 +210,19 @@ fn store(table: &mut Table<&MemoryKv>, claim: &Claim, now: Millis) {
 }
 
 /// The bytes ledger shard `shard` counts.
-fn ledger(kv: &MemoryKv, shard: u64) -> u64 {
-    (&kv)
-        .get(&format!("idempotency/{TABLE_FORMAT}l/{shard}"))
+fn ledger(table: &Table<&MemoryKv>, shard: u64) -> u64 {
+    table
+        .kv
+        .get(&table.key("l", shard))
         .unwrap()
         .map_or(0, |(bytes, _)| Ledger::decode(&bytes).unwrap().total)
 }
 
 /// What the share counters say organisation `org` holds.
-fn held(kv: &MemoryKv, org: u16) -> Share {
-    (&kv)
-        .get(&format!(
-            "idempotency/{TABLE_FORMAT}s/{}",
-            org % SHARE_SLOTS
-        ))
+fn held(table: &Table<&MemoryKv>, org: u16) -> Share {
+    table
+        .kv
+        .get(&table.key("s", u64::from(org % SHARE_SLOTS)))
         .unwrap()
         .map(|(bytes, _)| Share::decode(&bytes).unwrap())
         .unwrap_or_default()
@@ -302,11 +293,11 @@ fn an_organisation_at_its_share_makes_way_with_its_own_records_and_no_one_elses(
     for n in 0..4u8 {
         store(&mut table, &of_org(1, n, u64::from(n) + 1), u64::from(n));
     }
-    assert_eq!(held(&kv, 1).records, 4);
+    assert_eq!(held(&table, 1).records, 4);
     // A fifth key evicts the organisation's oldest record, not the other's.
     ticket(claim_now(&mut table, &of_org(1, 10, 10), 100));
     assert_eq!(table.take_evictions(), [100]);
-    assert_eq!(held(&kv, 1).records, 4);
+    assert_eq!(held(&table, 1).records, 4);
     assert!(
         matches!(
             claim_now(&mut table, &of_org(1, 0, 99), 100),
@@ -328,7 +319,7 @@ fn an_organisation_at_its_share_makes_way_with_its_own_records_and_no_one_elses(
             Verdict::Blocked(Block::QuotaExceeded)
         );
     }
-    assert_eq!(held(&kv, 1).records, 4);
+    assert_eq!(held(&table, 1).records, 4);
     // Another organisation still claims.
     assert!(matches!(
         claim_now(&mut table, &of_org(3, 30, 30), 105),
@@ -349,7 +340,7 @@ fn an_organisation_at_its_share_finds_its_own_record_in_the_next_buckets() {
         Verdict::Claimed(_)
     ));
     assert_eq!(table.take_evictions().len(), 1);
-    assert_eq!(held(&kv, 1).records, 8);
+    assert_eq!(held(&table, 1).records, 8);
 }
 
 #[test]
@@ -359,26 +350,26 @@ fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() 
     let mut table = table(&kv, json);
     let released = ticket(claim_now(&mut table, &of_org(1, 1, 1), 0));
     finish_now(&mut table, released, Ending::Released, 1);
-    assert_eq!(held(&kv, 1), Share::default());
+    assert_eq!(held(&table, 1), Share::default());
     store(&mut table, &of_org(1, 2, 2), 0);
-    let one = ledger(&kv, 0);
+    let one = ledger(&table, 0);
     assert!(one > 100, "{one}");
     assert_eq!(
-        held(&kv, 1),
+        held(&table, 1),
         Share {
             records: 1,
             bytes: one
         }
     );
     store(&mut table, &of_org(2, 3, 3), 0);
-    assert_eq!(ledger(&kv, 0), 2 * one);
+    assert_eq!(ledger(&table, 0), 2 * one);
     // A claim whose owner vanished and the stored records expire, and are swept.
     ticket(claim_now(&mut table, &of_org(1, 4, 4), 0));
-    assert_eq!(held(&kv, 1).records, 2);
+    assert_eq!(held(&table, 1).records, 2);
     assert_eq!(table.sweep(0, 60_000).unwrap(), 3);
-    assert_eq!(held(&kv, 1), Share::default());
-    assert_eq!(held(&kv, 2), Share::default());
-    assert_eq!(ledger(&kv, 0), 0);
+    assert_eq!(held(&table, 1), Share::default());
+    assert_eq!(held(&table, 2), Share::default());
+    assert_eq!(ledger(&table, 0), 0);
 }
 
 #[test]
@@ -449,4 +440,18 @@ fn boot_numbers_vms_uniquely() {
     let mut b = Table::new(&kv, &config("{}"));
     assert_eq!(a.boot(), Ok(1));
     assert_eq!(b.boot(), Ok(2));
+}
+
+#[test]
+fn another_capacity_is_another_table() {
+    // A key's bucket depends on the capacity: a table of another size must not meet its records.
+    let kv = MemoryKv::default();
+    let mut small = table(&kv, r#"{"capacity_records": 16}"#);
+    store(&mut small, &request(2, 1, 10), 0);
+    let mut large = table(&kv, r#"{"capacity_records": 32}"#);
+    assert!(matches!(
+        claim_now(&mut large, &request(2, 1, 11), 0),
+        Verdict::Claimed(_)
+    ));
+    assert_eq!(ledger(&large, 0), 0);
 }
