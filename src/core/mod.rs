@@ -4,6 +4,8 @@
 pub mod config;
 pub mod counters;
 pub mod exchange;
+#[cfg(test)]
+pub mod garbage;
 pub mod identity;
 pub mod lifecycle;
 pub mod problem;

@@ -374,6 +374,7 @@ impl Raw {
                 "exclude_paths" => raw.exclude_paths = field("exclude_paths", value)?,
                 "etcd" => raw.etcd = field("etcd", value)?,
                 "outlive_client" => raw.outlive_client = field("outlive_client", value)?,
+                "" => return Err(invalid("\"\"", "unknown field (an empty name)")),
                 _ => return Err(invalid(&name, "unknown field")),
             }
         }

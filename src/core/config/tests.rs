@@ -192,3 +192,31 @@ fn outlive_client_needs_a_timeout_that_ends_before_the_claim() {
         assert_eq!(field_of(json), field, "{json}");
     }
 }
+
+#[test]
+fn garbage_and_mutated_configurations_are_refused_naming_a_field() {
+    use crate::core::garbage;
+    let cases: serde_json::Value =
+        serde_json::from_str(include_str!("../../../tests/data/config_cases.json")).unwrap();
+    let valid: Vec<String> = cases["valid"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|document| document.to_string())
+        .collect();
+    garbage::run("configurations", |g| {
+        let input = match g.below(4) {
+            0 => g.bytes(256),
+            _ => {
+                let sample = g.below(valid.len());
+                g.mutate(valid[sample].as_bytes())
+            }
+        };
+        if let Err(error) = Config::parse(&input) {
+            assert!(
+                !error.field.is_empty() && !error.reason.is_empty(),
+                "{error}"
+            );
+        }
+    });
+}

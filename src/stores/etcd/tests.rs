@@ -381,3 +381,41 @@ fn etcd_errors_and_silence_fail_the_operation() {
         "answered once"
     );
 }
+
+#[test]
+fn garbage_answers_from_etcd_fail_the_claim_without_panicking() {
+    use crate::core::garbage;
+    use crate::core::record::{Entry, State};
+    let record = Entry {
+        state: State::Complete,
+        tuple: [1; 32],
+        fingerprint: [1; 16],
+        token: 9,
+        deadline: 10_000_000,
+        response_len: 0,
+        org: 1,
+    }
+    .encode_remote(Some(&response().encode(9, true)));
+    let found = |value: &[u8]| {
+        serde_json::json!({"header": {"revision": "7"}, "responses": [{"response_range": {"kvs": [
+            {"key": "eA==", "value": wire::b64(value), "mod_revision": "6", "lease": "123"}]}}]})
+        .to_string()
+        .into_bytes()
+    };
+    let won = br#"{"header":{"revision":"5"},"succeeded":true,"responses":[{"response_put":{}}]}"#;
+    garbage::run("etcd answers", |g| {
+        let mut store = World::new().envoy(JSON);
+        let Answer::Later(call) = store.claim(&claim_of(1, 10), 0) else {
+            panic!("expected a call");
+        };
+        let body = match g.below(4) {
+            0 => g.bytes(512),
+            1 => g.mutate(won),
+            2 => g.mutate(&found(&record)),
+            _ => found(&g.mutate(&record)),
+        };
+        let status = [200, 200, 404, 429, 500][g.below(5)];
+        let answer = store.resume(call, Ok((status, body)), 1);
+        assert!(matches!(answer, Some(Resumed::Claim(_))), "{answer:?}");
+    });
+}
