@@ -251,6 +251,9 @@ pub struct Exchange {
     outgoing: Option<Outgoing>,
     /// The answer for the client of a request sent from the root context, if it is still there.
     client_reply: Option<LocalReply>,
+    /// The client's stream ended. Envoy may still know its context for a while, but a reply to
+    /// it would reach a stream being torn down.
+    client_left: bool,
 }
 
 impl Exchange {
@@ -267,6 +270,7 @@ impl Exchange {
             route: None,
             outgoing: None,
             client_reply: None,
+            client_left: false,
         }
     }
 
@@ -622,7 +626,9 @@ impl Exchange {
     /// answer, not its client, ends the claim.
     pub fn on_end(&mut self, end: StreamEnd) -> Step {
         let Phase::Owner { ticket } = self.phase else {
-            if !matches!(self.phase, Phase::SentFromRoot { .. }) {
+            if matches!(self.phase, Phase::SentFromRoot { .. }) {
+                self.client_left = true;
+            } else {
                 self.phase = Phase::Out;
             }
             return Step::Done;
@@ -632,7 +638,7 @@ impl Exchange {
     }
 
     /// The answer to the request sent from the root context: how its claim ends, and (for
-    /// [`Exchange::take_client_reply`]) what its client gets if it is still there — the
+    /// [`Exchange::take_client_reply`]) what its client gets unless it left — the
     /// upstream's answer as it came, the same as any replay of it but for `Idempotent-Replayed`.
     pub fn on_upstream_answer(&mut self, answer: Answered) -> Step {
         let Phase::SentFromRoot { ticket } = self.phase else {
@@ -686,10 +692,14 @@ impl Exchange {
                 (StreamEnd::Unflagged, reply)
             }
         };
-        if reply.body.is_empty() {
-            self.restore = reply.headers.clone();
+        if self.client_left {
+            self.count(Counter::OutlivedClient);
+        } else {
+            if reply.body.is_empty() {
+                self.restore = reply.headers.clone();
+            }
+            self.client_reply = Some(reply);
         }
-        self.client_reply = Some(reply);
         Step::Finish(ticket, self.ending(end))
     }
 

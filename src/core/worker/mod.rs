@@ -62,14 +62,6 @@ struct Waiter {
     exchange: Rc<RefCell<Exchange>>,
 }
 
-/// A request sent (or to send) from the root context, and its client while it is there.
-struct Sent {
-    /// `None` once the client's stream ended: Envoy may still know the context for a while,
-    /// but a reply to it would reach a stream being torn down.
-    client: Option<u32>,
-    exchange: Rc<RefCell<Exchange>>,
-}
-
 pub struct Worker<H: Host> {
     host: H,
     config: Rc<Config>,
@@ -82,10 +74,10 @@ pub struct Worker<H: Host> {
     /// Requests whose claim waits for a remote store's answer, by call.
     awaiting: RefCell<HashMap<CallId, Waiter>>,
     /// Requests to send upstream from the root context when it wakes.
-    outgoing: RefCell<Vec<(Sent, Outgoing)>>,
+    outgoing: RefCell<Vec<(Waiter, Outgoing)>>,
     /// Requests sent upstream from the root context, by call, whether or not their client is
     /// still there.
-    sent: RefCell<HashMap<CallId, Sent>>,
+    sent: RefCell<HashMap<CallId, Waiter>>,
     ticks: Cell<u64>,
     /// Waiting requests ask the store itself every this many ticks: every tick for shared
     /// data, less often for a remote store, where each such poll is a call.
@@ -165,12 +157,12 @@ impl<H: Host> Worker<H> {
                     break Flow::Pause;
                 }
                 Step::SendFromRoot(request) => {
-                    let sent = Sent {
-                        client: Some(context),
+                    let waiter = Waiter {
+                        context,
                         exchange: Rc::clone(exchange),
                     };
                     let mut outgoing = self.outgoing.borrow_mut();
-                    outgoing.push((sent, request));
+                    outgoing.push((waiter, request));
                     // One wake-up sends all that waits.
                     if outgoing.len() == 1 {
                         self.host.wake();
@@ -214,8 +206,8 @@ impl<H: Host> Worker<H> {
         flow
     }
 
-    /// Request `context` ended: it waits for nothing any more, and what was sent for it from
-    /// the root context goes on without it.
+    /// Request `context` ended: it waits for nothing any more. What was sent for it from the
+    /// root context goes on without it (its exchange knows its client left).
     pub fn leave(&self, context: u32) {
         self.waiting
             .borrow_mut()
@@ -223,12 +215,6 @@ impl<H: Host> Worker<H> {
         self.awaiting
             .borrow_mut()
             .retain(|_, waiter| waiter.context != context);
-        let mut outgoing = self.outgoing.borrow_mut();
-        let mut sent = self.sent.borrow_mut();
-        let all = outgoing.iter_mut().map(|(s, _)| s).chain(sent.values_mut());
-        for sent in all.filter(|sent| sent.client == Some(context)) {
-            sent.client = None;
-        }
     }
 
     /// A remote store's call was answered, in the callback of the context that made it.
@@ -294,21 +280,15 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    fn answered(&self, sent: Sent, answer: Answered) {
+    fn answered(&self, sent: Waiter, answer: Answered) {
         let step = sent.exchange.borrow_mut().on_upstream_answer(answer);
-        // A finish acts for no request: the context only names it.
-        let context = sent.client.unwrap_or_default();
-        self.drive(context, &sent.exchange, step);
+        self.drive(sent.context, &sent.exchange, step);
         let reply = sent.exchange.borrow_mut().take_client_reply();
-        let Some(reply) = reply else {
-            return;
-        };
-        match sent.client {
-            Some(client) if self.host.act_for(client) => {
+        if let Some(reply) = reply {
+            if self.host.act_for(sent.context) {
                 self.host.reply(&reply);
                 self.host.act_as_root();
             }
-            _ => self.host.count(Counter::OutlivedClient, 1),
         }
     }
 
