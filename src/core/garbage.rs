@@ -12,8 +12,12 @@ pub struct Garbage {
 }
 
 impl Garbage {
+    pub fn new(seed: u64) -> Garbage {
+        Garbage { state: seed | 1 }
+    }
+
     /// xorshift64*: small, seeded, and the same on every machine.
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.state ^= self.state >> 12;
         self.state ^= self.state << 25;
         self.state ^= self.state >> 27;
@@ -60,7 +64,7 @@ pub fn run(name: &str, mut case: impl FnMut(&mut Garbage)) {
     let count = if first.is_some() { 1 } else { cases };
     for n in 0..count {
         let seed = base.wrapping_add(n.wrapping_mul(0x6a09_e667_f3bc_c909)) | 1;
-        let mut garbage = Garbage { state: seed };
+        let mut garbage = Garbage::new(seed);
         if catch_unwind(AssertUnwindSafe(|| case(&mut garbage))).is_err() {
             panic!("{name}: case {n} failed: replay it with GARBAGE_SEED={seed}");
         }

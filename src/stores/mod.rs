@@ -3,6 +3,8 @@
 //! ports below, which the proxy glue implements.
 
 pub mod etcd;
+#[cfg(test)]
+mod model;
 pub mod table;
 #[cfg(test)]
 pub mod testkit;

@@ -107,12 +107,17 @@ impl World {
     }
 
     pub fn envoy(&self, json: &str) -> Envoy {
+        self.envoy_with_kv(json).0
+    }
+
+    /// An Envoy, and its shared data.
+    pub fn envoy_with_kv(&self, json: &str) -> (Envoy, &'static MemoryKv) {
         let kv: &'static MemoryKv = Box::leak(Box::default());
         let config = config(json);
         let mut cache = Table::new(kv, &config);
         cache.boot().unwrap();
         let settings = config.etcd.clone().unwrap();
-        Etcd::new(self.calls, kv, cache, &config, settings)
+        (Etcd::new(self.calls, kv, cache, &config, settings), kv)
     }
 
     /// A claim (token `token`, fingerprint 1) made and won on `store`.
@@ -188,6 +193,11 @@ impl World {
                 .unwrap();
         }
     }
+}
+
+/// The local cache of an Envoy.
+pub fn cache_of(envoy: &Envoy) -> &Table<&'static MemoryKv> {
+    &envoy.cache
 }
 
 pub const JSON: &str = r#"{"etcd": {"cluster": "etcd"}}"#;

@@ -28,7 +28,7 @@
 //! Every operation goes out as calls; their answers come back through [`Store::resume`].
 
 #[cfg(test)]
-mod fake;
+pub(crate) mod fake;
 mod leases;
 mod retry;
 #[cfg(test)]

@@ -131,7 +131,7 @@ impl<K: Kv> Table<K> {
         Err(StoreError::Contended)
     }
 
-    fn key(&self, kind: &str, n: u64) -> String {
+    pub(crate) fn key(&self, kind: &str, n: u64) -> String {
         format!("{}{kind}/{n}", self.space)
     }
 

@@ -1,0 +1,141 @@
+//! The stores against a model: seeded random interleavings of several workers' claims, finishes
+//! of every ending, waits, take-overs, sweeps and a clock that jumps, over the shared-data table
+//! (`table`) and over etcd with answers delayed, reordered, duplicated and lost (`etcd`). After
+//! every step the invariants of the README's guarantees are checked against what the model
+//! knows:
+//! - at most one owner per tuple within a lease;
+//! - a complete record replays unchanged until its TTL (or, where the table evicts, until it is
+//!   counted as evicted);
+//! - a conflict never alters a record;
+//! - nothing replays into another scope (every tuple's responses name the tuple);
+//! - the bytes and records the ledgers and shares account are the ones the table holds.
+//!
+//! `MODEL_STEPS` sets the steps of each test (`make fuzz` runs many more); a failure names its
+//! run's seed, and `MODEL_SEED=<seed> cargo test <test>` replays that run alone.
+
+mod etcd;
+mod table;
+
+use crate::core::config::LEDGER_SHARDS;
+use crate::core::garbage::Garbage;
+use crate::core::identity::Digest32;
+use crate::core::record::{Bucket, Ledger, Share, State, StoredResponse, BUCKET_ENTRIES};
+use crate::core::Millis;
+use crate::stores::table::Table;
+use crate::stores::testkit::MemoryKv;
+use crate::stores::Kv;
+use std::collections::HashMap;
+
+/// Steps of each model test in a plain `cargo test` (`make unit` runs a million in release).
+const DEFAULT_STEPS: u64 = 20_000;
+/// Steps of one run, each with a fresh store and its own seed.
+const RUN_STEPS: u64 = 2_000;
+
+/// Runs `steps` (`MODEL_STEPS`) steps of `run` as runs of `RUN_STEPS`, each from its own seed.
+pub fn explore(name: &str, mut run: impl FnMut(&mut Garbage, u64) -> Result<(), String>) {
+    let steps = env_u64("MODEL_STEPS").unwrap_or(DEFAULT_STEPS);
+    let only = env_u64("MODEL_SEED");
+    let runs = if only.is_some() {
+        1
+    } else {
+        steps.div_ceil(RUN_STEPS)
+    };
+    let base = only.unwrap_or(0x243f_6a88_85a3_08d3);
+    for n in 0..runs {
+        let seed = base.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+        if let Err(why) = run(&mut Garbage::new(seed), RUN_STEPS) {
+            panic!("{name}: run {n} broke an invariant: {why}\nreplay it with MODEL_SEED={seed}");
+        }
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok()?.parse().ok()
+}
+
+/// A tuple of the model: its number, in the first bytes (which pick its bucket) and the rest.
+pub fn tuple(n: u64) -> Digest32 {
+    let mut tuple = [n as u8; 32];
+    tuple[..8].copy_from_slice(&n.to_le_bytes());
+    tuple
+}
+
+/// The response the upstream gives attempt `token` at tuple `n`: it names both, so a replay of
+/// it anywhere else is seen.
+pub fn response(n: u64, token: u64, rng: &mut Garbage) -> StoredResponse {
+    StoredResponse {
+        status: 201,
+        headers: vec![("x-tuple".into(), n.to_string())],
+        body: format!("{n}:{token}:{}", "x".repeat(rng.below(400))).into_bytes(),
+    }
+}
+
+/// What a table holds, read back key by key: each ledger shard must account exactly the bytes
+/// of its buckets' complete records, each response key must hold them, and each organisation's
+/// share must count exactly its records and their bytes. No sweep is half-done between steps.
+pub fn audit(kv: &MemoryKv, table: &Table<&MemoryKv>, capacity: u64) -> Result<(), String> {
+    let read = |key: String| (&kv).get(&key).map_err(|e| e.to_string());
+    let mut ledgers = [0u64; LEDGER_SHARDS];
+    let mut shares: HashMap<u16, Share> = HashMap::new();
+    for bucket in 0..capacity.div_ceil(BUCKET_ENTRIES as u64) {
+        let Some((bytes, _)) = read(table.key("b", bucket))? else {
+            continue;
+        };
+        let entries = Bucket::decode(&bytes).map_err(|e| format!("bucket {bucket}: {e:?}"))?;
+        for (slot, entry) in entries.entries.iter().enumerate() {
+            let global = bucket * BUCKET_ENTRIES as u64 + slot as u64;
+            if entry.state == State::Sweeping {
+                return Err(format!("entry {global} is left sweeping"));
+            }
+            if !entry.state.is_record() {
+                continue;
+            }
+            let share = shares.entry(entry.org).or_default();
+            share.records += 1;
+            if entry.state == State::Complete {
+                let len = u64::from(entry.response_len);
+                ledgers[bucket as usize % LEDGER_SHARDS] += len;
+                share.bytes += len;
+                let held = read(table.key("r", global))?.map_or(0, |(v, _)| v.len() as u64);
+                if held != len {
+                    return Err(format!(
+                        "entry {global} accounts {len} B, its key holds {held}"
+                    ));
+                }
+            }
+        }
+    }
+    for (shard, held) in ledgers.iter().enumerate() {
+        let ledger = read(table.key("l", shard as u64))?;
+        let counted = ledger.map_or(Ok(0), |(v, _)| Ledger::decode(&v).map(|l| l.total));
+        if counted != Ok(*held) {
+            return Err(format!(
+                "ledger {shard} counts {counted:?}, its buckets hold {held}"
+            ));
+        }
+    }
+    for org in 0..ORGS {
+        let held = shares.remove(&org).unwrap_or_default();
+        let counted = match read(table.key("s", u64::from(org)))? {
+            Some((v, _)) => Share::decode(&v).map_err(|e| format!("share {org}: {e:?}"))?,
+            None => Share::default(),
+        };
+        if (counted.records, counted.bytes) != (held.records, held.bytes) {
+            return Err(format!(
+                "organisation {org}'s share counts {counted:?}, holds {held:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Organisations the model's tuples belong to (tuple `n` to `n % ORGS`).
+pub const ORGS: u16 = 3;
+
+/// A clock that mostly creeps and sometimes jumps far past leases and TTLs.
+pub fn tick_clock(now: &mut Millis, rng: &mut Garbage, far: Millis) {
+    *now += match rng.below(50) {
+        0 => far / 2 + rng.below(far as usize) as Millis,
+        _ => rng.below(300) as Millis,
+    };
+}
