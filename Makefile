@@ -46,7 +46,7 @@ ENVOY_INSTALL := $(if $(ENVOY_VERSION),$(ENVOY_UNDER_TEST))
 # Package installs need root: through sudo unless make already runs as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup wasm unit fuzz lint validate integration matrix test run run-etcd clean image
+.PHONY: setup wasm fault-wasm unit fuzz lint validate integration matrix test run run-etcd clean image
 
 setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(VENV_STAMP)
 
@@ -135,7 +135,13 @@ PREVIOUS_FORMAT := 0fbbf7fadbe44d42f7c3994d18da27abfc209075
 PREVIOUS_DIR := target/previous-format
 PREVIOUS_WASM := $(PREVIOUS_DIR)/idempotency_filter.wasm
 
-integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm $(PREVIOUS_WASM) $(ENVOY_INSTALL)
+# The module built with `fault-injection`, which traps on a header: the tests crash a VM with it.
+fault-wasm: $(STAMPS)/rust-tools
+	cargo build --release --target $(WASM_TARGET) --features fault-injection \
+	  --target-dir target/fault-injection
+
+integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm fault-wasm $(PREVIOUS_WASM) \
+  $(ENVOY_INSTALL)
 	ENVOY_BIN=$(ENVOY_UNDER_TEST) $(PYTHON) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
 matrix: $(VENV_STAMP) $(STAMPS)/node wasm $(foreach v,$(OTHER_ENVOYS),$(call envoy_of,$(v)))

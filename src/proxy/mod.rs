@@ -160,6 +160,10 @@ impl HttpContext for Filter {
         let Some(worker) = &self.worker else {
             return Action::Continue;
         };
+        #[cfg(feature = "fault-injection")]
+        if host::request_header("x-idempotency-fault").is_some() {
+            ::core::arch::wasm32::unreachable();
+        }
         // One header read decides whether the request is covered at all.
         let method = host::request_header(":method").unwrap_or_default();
         let method = String::from_utf8_lossy(&method);

@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from support.checks import wait_for
-from support.client import call
+from support.client import call, in_background
 from support.envoy import WASM_PATH, Envoy, envoy_config
 from support.processes import ROOT, free_port
 from support.shipped import (COMPOSE_FILE, DEMO_CONFIG, ENVOY_DIR, WASM_RELATIVE, compose, load, localise,
@@ -272,7 +272,7 @@ def test_envoyfilter_installs_the_filter_with_the_flag_it_needs_after_authn_and_
     name, wasm = envoy_filter_wasm()
     config = wasm["config"]
     assert config["allow_on_headers_stop_iteration"] is True
-    assert config["failure_policy"] == "FAIL_CLOSED"
+    assert config["failure_policy"] == "FAIL_RELOAD"
     assert config["root_id"] == "idempotency"
     assert config["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"
     remote = config["vm_config"]["code"]["remote"]
@@ -319,7 +319,7 @@ def test_wasmplugin_and_trafficextension_carry_the_same_settings_as_the_envoyfil
         assert spec["selector"] == {"matchLabels": {"istio": "ingressgateway"}}
         assert spec["phase"] == "STATS"  # after Istio's authn and authz filters
         assert settings["url"] == url and settings["sha256"] == sha
-        assert settings["failStrategy"] == "FAIL_CLOSE"
+        assert settings["failStrategy"] == "FAIL_RELOAD"
         assert settings["pluginName"] == wasm["config"]["root_id"]
         assert settings["pluginConfig"] == plugin
 
@@ -579,6 +579,44 @@ def test_a_configuration_change_by_lds_keeps_the_records_unless_it_moves_the_tab
         assert again.status == 201 and again.header("idempotent-replayed") is None, again
         assert upstream.count(key=key) == 2
         assert call(envoy, key).header("idempotent-replayed") == "true"
+        assert envoy.counter("idempotency.store_error") == 0
+    finally:
+        envoy.stop()
+
+
+FAULT_WASM = Path(os.environ.get("FAULT_WASM", ROOT / "target" / "fault-injection" / "wasm32-wasip1"
+                                  / "release" / "idempotency_filter.wasm"))
+
+
+def test_fail_reload_after_a_vm_crash_keeps_every_record(tmp_path, upstream):
+    """A VM that traps (the test build traps on `x-idempotency-fault`) is replaced under
+    FAIL_RELOAD; shared data outlives it. A stored record still replays, and a claim the dead VM
+    held keeps its work from running again until its lease ends, then frees itself (the README
+    says so: the answer to the dead VM's client is never stored)."""
+    assert FAULT_WASM.is_file(), f"{FAULT_WASM} is missing: `make integration` builds it"
+    # One worker, so that the trap kills the VM holding the claim.
+    envoy = Envoy(tmp_path, {"lease": "3s"}, upstream.port, wasm_path=FAULT_WASM,
+                  failure_policy="FAIL_RELOAD", concurrency=1).start()
+    try:
+        stored, running = f"stored-{uuid.uuid4()}", f"running-{uuid.uuid4()}"
+        first = call(envoy, stored)
+        assert first.status == 201
+        slow, _ = in_background(lambda: call(envoy, running, headers=[("x-test-delay-ms", "1500")]))
+        assert wait_for(lambda: upstream.count(key=running) == 1)
+
+        crashed = call(envoy, f"crash-{uuid.uuid4()}", headers=[("x-idempotency-fault", "trap")])
+        assert crashed.status >= 500, crashed
+        assert "RuntimeError: unreachable" in envoy.log_text()
+        slow.join()  # whatever the dying VM's client got, its record must hold
+
+        replay = call(envoy, stored)
+        assert replay.header("idempotent-replayed") == "true" and replay.body == first.body, replay
+        # The retry waits on the dead VM's claim and takes it over only once its lease is over.
+        retry = call(envoy, running)
+        assert retry.status == 201 and retry.header("idempotent-replayed") is None, retry
+        runs = upstream.executions(key=running)
+        assert len(runs) == 2 and runs[1].at - runs[0].at > 2.8, [r.at for r in runs]
+        assert upstream.count(key=stored) == 1
         assert envoy.counter("idempotency.store_error") == 0
     finally:
         envoy.stop()

@@ -2,7 +2,8 @@
 
 The pieces tests use (through the fixtures in conftest.py):
 
-    Envoy(workdir, plugin_config, upstream_port, route_timeout="5s")
+    Envoy(workdir, plugin_config, upstream_port, route_timeout="5s", failure_policy="FAIL_CLOSED",
+          concurrency=2)
         .start() / .stop()            start (and wait until ready) / always kill
         .port, .admin_port            the listener and admin ports (both picked by the kernel)
         .request(method, path, headers=None, body=None, timeout=30, http2=False) -> Response
@@ -43,7 +44,8 @@ _live = set()  # every Envoy started and not yet stopped, killed at exit whateve
 BUFFER_LIMIT_BYTES = 2 * 1024 * 1024
 
 
-def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s"):
+def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s",
+                 failure_policy="FAIL_CLOSED"):
     """The Envoy bootstrap: one listener (kernel-picked port) -> [wasm filter] -> router ->
     cluster ``upstream`` on 127.0.0.1:upstream_port. ``plugin_config`` is the plugin's JSON
     configuration as a dict (or a raw string, to send it verbatim); with ``wasm_path=None``
@@ -59,7 +61,7 @@ def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s"):
                     "name": "idempotency",
                     "root_id": "idempotency",
                     "allow_on_headers_stop_iteration": True,
-                    "failure_policy": "FAIL_CLOSED",
+                    "failure_policy": failure_policy,
                     "vm_config": {
                         "vm_id": "idempotency",
                         "runtime": "envoy.wasm.runtime.v8",
@@ -127,7 +129,8 @@ class EnvoyError(RuntimeError):
 
 class Envoy(LogFile):
     def __init__(self, workdir, plugin_config=None, upstream_port=None, route_timeout="5s",
-                 wasm_path=WASM_PATH, expect_upstream=True):
+                 wasm_path=WASM_PATH, expect_upstream=True, failure_policy="FAIL_CLOSED",
+                 concurrency=2):
         self.number = next(_instance_numbers)
         self.workdir = Path(workdir) / f"envoy-{self.number}"
         self.plugin_config = {} if plugin_config is None else plugin_config
@@ -135,6 +138,8 @@ class Envoy(LogFile):
         self.route_timeout = route_timeout
         self.wasm_path = wasm_path
         self.expect_upstream = expect_upstream
+        self.failure_policy = failure_policy
+        self.concurrency = concurrency
         # Unique per instance and per test process, so several Envoys (and several test
         # runs) can share the machine's hot-restart shared memory namespace.
         self.base_id = 1000 + (os.getpid() % 100_000) * 64 + self.number % 64
@@ -149,7 +154,8 @@ class Envoy(LogFile):
     # -- lifecycle --
     def bootstrap(self):
         """The bootstrap this instance runs; a subclass may extend it (another cluster, say)."""
-        return envoy_config(self.upstream_port, self.plugin_config, self.wasm_path, self.route_timeout)
+        return envoy_config(self.upstream_port, self.plugin_config, self.wasm_path, self.route_timeout,
+                            self.failure_policy)
 
     def start(self):
         if self.wasm_path is not None and not Path(self.wasm_path).is_file():
@@ -158,7 +164,7 @@ class Envoy(LogFile):
         config_path = self.workdir / "envoy.json"
         config = self.bootstrap()
         config_path.write_text(json.dumps(config, indent=2))
-        self._launch([ENVOY_BIN, "-c", str(config_path), "--concurrency", "2",
+        self._launch([ENVOY_BIN, "-c", str(config_path), "--concurrency", str(self.concurrency),
                       "--log-level", "info", "--component-log-level", "wasm:debug"])
         return self
 
