@@ -117,11 +117,13 @@ impl<R> Ending<R> {
 }
 
 /// Where a claim may take an entry: the first `usable` of the bucket (the table's last bucket
-/// may be partly beyond its capacity), and whether a full bucket evicts.
+/// may be partly beyond its capacity), and whether a full bucket evicts: `Some(by)` evicts only
+/// a record whose deadline is at or before `by`, so that a record stored a moment ago, whose
+/// client may be retrying now, is never the one to go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Room {
     pub usable: usize,
-    pub evict: bool,
+    pub evict: Option<Millis>,
 }
 
 /// Looks the claim up in a bucket and, where nothing live matches, takes an entry: an empty one,
@@ -156,9 +158,8 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Ver
         .position(|e| e.state == State::Empty)
         .or_else(|| entries.iter().position(|e| !e.is_live(now)))
         .or_else(|| {
-            room.evict
-                .then(|| victim(bucket, usable, now, |_| true))
-                .flatten()
+            let by = room.evict?;
+            victim(bucket, usable, now, |e| e.deadline <= by)
         });
     let Some(slot) = free else {
         return Verdict::Blocked(Block::Full);
@@ -306,7 +307,7 @@ mod tests {
     ) -> Verdict<Taken, Found> {
         let room = Room {
             usable,
-            evict: false,
+            evict: None,
         };
         claim(bucket, request, room, now)
     }

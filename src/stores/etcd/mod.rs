@@ -327,7 +327,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         bucket.entries[0] = entry;
         let room = Room {
             usable: 1,
-            evict: false,
+            evict: None,
         };
         let reply = match lifecycle::claim(&mut bucket, &claim, room, now) {
             Verdict::Claimed(_) => return self.retry_claim(claim, rounds, Some(revision), now),

@@ -3,8 +3,9 @@
 //! the first write, as another thread would): the racer's decision then comes first.
 //!
 //! In a roomy table (no bucket can fill, shares and bytes never run out) every answer is the
-//! model's exactly. In a tight one, complete records may be evicted: an answer may then find one
-//! gone, and every record found gone must have been counted as evicted.
+//! model's exactly. In a tight one, complete records may be evicted, never within their grace:
+//! an answer may then find one gone, and every record found gone must have been counted as
+//! evicted.
 
 use super::{audit, explore, response, tick_clock, tuple, ORGS};
 use crate::core::config::Config;
@@ -24,6 +25,8 @@ const LEASE: Millis = 2_000;
 const TTL: Millis = 20_000;
 /// An owner keeps this much of its lease to store its response (the table's margin).
 const COMPLETION_MARGIN: Millis = 250;
+/// No record is evicted sooner than this after it was stored (half the TTL here).
+const GRACE: Millis = TTL / 2;
 
 /// What the model says a tuple's record is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -324,7 +327,13 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
             Ok(())
         };
         for table in &tables {
-            model.evicted += table.borrow_mut().take_evictions().len();
+            let ages = table.borrow_mut().take_evictions();
+            if let Some(young) = ages.iter().find(|age| **age < GRACE) {
+                return Err(format!(
+                    "step {step}: a record evicted {young} ms after it was stored"
+                ));
+            }
+            model.evicted += ages.len();
         }
         if !tight && model.evicted > 0 {
             return Err("a roomy table evicted".into());

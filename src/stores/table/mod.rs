@@ -43,6 +43,10 @@ const SWEEP_LEASE: Millis = 5_000;
 /// Buckets an organisation at its share looks through, from the new key's own, for one of its
 /// completed records to make way.
 const SHARE_PROBES: u64 = 8;
+/// A record stored less than this long ago (or half the TTL, if less) is never evicted: its
+/// client may be retrying right now (the API document's loop retries within about 8 s). Where
+/// nothing older can make way, the new key is refused with `Retry-After` instead.
+const EVICTION_GRACE: Millis = 10_000;
 
 /// A claim this table made, at entry `slot` of the whole table (a [`Handle::Entry`]).
 #[derive(Debug, Clone, Copy)]
@@ -67,6 +71,8 @@ pub struct Table<K: Kv> {
     share_bytes: u64,
     /// A full bucket makes way for a new record by evicting its completed record nearest expiry.
     evict: bool,
+    /// How long a new record is safe from eviction.
+    grace: Millis,
     /// Stored responses are compressed where that saves space.
     compress: bool,
     ttl: Millis,
@@ -95,6 +101,7 @@ impl<K: Kv> Table<K> {
             share_bytes: ((config.capacity_bytes as f64 * config.max_share) as u64)
                 .max(config.max_response_body_bytes as u64),
             evict: config.when_full == WhenFull::Evict,
+            grace: EVICTION_GRACE.min(config.ttl / 2),
             compress: config.compress_responses,
             ttl: config.ttl,
             sweep_cursor: 0,
@@ -103,10 +110,12 @@ impl<K: Kv> Table<K> {
         }
     }
 
-    /// A table that keeps copies of records held elsewhere: a full bucket always evicts.
+    /// A table that keeps copies of records held elsewhere: a full bucket always evicts, any
+    /// record (a copy evicted is fetched again).
     pub fn cache(kv: K, config: &Config) -> Self {
         Table {
             evict: true,
+            grace: 0,
             ..Table::new(kv, config)
         }
     }
@@ -146,11 +155,16 @@ impl<K: Kv> Table<K> {
         (self.capacity - bucket * BUCKET_ENTRIES as u64).min(BUCKET_ENTRIES as u64) as usize
     }
 
-    fn room(&self, bucket: u64) -> Room {
+    fn room(&self, bucket: u64, now: Millis) -> Room {
         Room {
             usable: self.usable(bucket),
-            evict: self.evict,
+            evict: self.evict.then(|| self.evictable_by(now)),
         }
+    }
+
+    /// The latest deadline of a record that may be evicted now: one stored `grace` ago.
+    fn evictable_by(&self, now: Millis) -> Millis {
+        now.saturating_add(self.ttl.saturating_sub(self.grace))
     }
 
     /// Reads a bucket, lets `change` decide, and writes the bucket back if it says so; retries
@@ -236,8 +250,8 @@ impl<K: Kv> Table<K> {
         self.evictions.push(self.ttl.saturating_sub(left));
     }
 
-    /// Evicts the completed record nearest its expiry that `which` accepts from `bucket`; what
-    /// it held, or `None` if there is none.
+    /// Evicts the completed record nearest its expiry that `which` accepts from `bucket`, if it
+    /// was stored at least `grace` ago; what it held, or `None` if there is none.
     fn evict_in(
         &mut self,
         bucket: u64,
@@ -246,8 +260,10 @@ impl<K: Kv> Table<K> {
     ) -> Result<Option<Entry>, StoreError> {
         let usable = self.usable(bucket);
         let (token, until) = (self.sweep_token, now + SWEEP_LEASE);
+        let by = self.evictable_by(now);
+        let which = |e: &Entry| e.deadline <= by && which(e);
         let taken = self.update(bucket, |entries| {
-            let taken = lifecycle::victim(entries, usable, now, &which)
+            let taken = lifecycle::victim(entries, usable, now, which)
                 .map(|slot| (slot, lifecycle::take(entries, slot, token, until)));
             (taken, taken.is_some())
         })?;
@@ -285,7 +301,7 @@ impl<K: Kv> Table<K> {
 
     fn try_claim(&mut self, claim: &Claim, now: Millis) -> Result<Option<ClaimReply>, StoreError> {
         let bucket = self.bucket_of(&claim.tuple);
-        let room = self.room(bucket);
+        let room = self.room(bucket, now);
         let verdict = self.update(bucket, |entries| {
             let verdict = lifecycle::claim(entries, claim, room, now);
             (verdict, verdict.writes())

@@ -1,6 +1,9 @@
 use super::*;
 use crate::stores::testkit::{config, MemoryKv};
 
+/// With the default TTL, how long a record is safe from eviction.
+const GRACE: Millis = EVICTION_GRACE;
+
 fn table<'a>(kv: &'a MemoryKv, json: &str) -> Table<&'a MemoryKv> {
     let mut table = Table::new(kv, &config(json));
     table.boot().unwrap();
@@ -135,7 +138,8 @@ fn expired_records_give_their_bytes_back_to_the_sweeper() {
 #[test]
 fn memory_stays_bounded_by_the_capacity_whatever_the_number_of_keys() {
     let kv = MemoryKv::default();
-    let json = r#"{"capacity_records": 64, "capacity_bytes": 80000, "max_response_body_bytes": 10000, "ttl": "300ms"}"#;
+    let json = r#"{"capacity_records": 64, "capacity_bytes": 80000, "max_response_body_bytes": 10000,
+                   "ttl": "300ms", "max_share": 1}"#;
     let mut table = table(&kv, json);
     let mut stored = 0;
     let mut full = 0;
@@ -285,6 +289,36 @@ fn a_bucket_of_claims_in_flight_is_full_and_reject_never_evicts() {
 }
 
 #[test]
+fn a_record_stored_within_the_grace_is_never_evicted() {
+    let kv = MemoryKv::default();
+    let mut table = table(&kv, r#"{"capacity_records": 16, "max_share": 1}"#);
+    for n in 0..16u8 {
+        store(
+            &mut table,
+            &of_org(1, n, u64::from(n) + 1),
+            u64::from(n) * 1000,
+        );
+    }
+    // Its client may be retrying right now: the new key is refused instead.
+    assert_eq!(
+        claim_now(&mut table, &of_org(1, 99, 99), GRACE - 1),
+        Verdict::Blocked(Block::Full)
+    );
+    assert!(table.take_evictions().is_empty());
+    assert!(matches!(
+        claim_now(&mut table, &of_org(1, 0, 100), GRACE - 1),
+        Verdict::Replay(_)
+    ));
+    // The first record's grace is over: it makes way, and only it.
+    ticket(claim_now(&mut table, &of_org(1, 99, 101), GRACE));
+    assert_eq!(table.take_evictions(), [GRACE]);
+    assert_eq!(
+        claim_now(&mut table, &of_org(1, 98, 102), GRACE),
+        Verdict::Blocked(Block::Full)
+    );
+}
+
+#[test]
 fn an_organisation_at_its_share_makes_way_with_its_own_records_and_no_one_elses() {
     let kv = MemoryKv::default();
     // 16 records, a quarter each: four.
@@ -294,35 +328,40 @@ fn an_organisation_at_its_share_makes_way_with_its_own_records_and_no_one_elses(
         store(&mut table, &of_org(1, n, u64::from(n) + 1), u64::from(n));
     }
     assert_eq!(held(&table, 1).records, 4);
-    // A fifth key evicts the organisation's oldest record, not the other's.
-    ticket(claim_now(&mut table, &of_org(1, 10, 10), 100));
-    assert_eq!(table.take_evictions(), [100]);
+    // A fifth key, once the grace is over, evicts the organisation's oldest record, not the
+    // other's.
+    ticket(claim_now(&mut table, &of_org(1, 10, 10), GRACE + 100));
+    assert_eq!(table.take_evictions(), [GRACE + 100]);
     assert_eq!(held(&table, 1).records, 4);
     assert!(
         matches!(
-            claim_now(&mut table, &of_org(1, 0, 99), 100),
+            claim_now(&mut table, &of_org(1, 0, 99), GRACE + 100),
             Verdict::Claimed(_)
         ),
         "the evicted record is gone: its retry runs again"
     );
     assert!(matches!(
-        claim_now(&mut table, &of_org(2, 200, 201), 101),
+        claim_now(&mut table, &of_org(2, 200, 201), GRACE + 101),
         Verdict::Replay(_)
     ));
     // With its share all in flight, it is refused, and the refused claim leaves nothing.
     for n in 11..13u8 {
-        ticket(claim_now(&mut table, &of_org(1, n, u64::from(n)), 102));
+        ticket(claim_now(
+            &mut table,
+            &of_org(1, n, u64::from(n)),
+            GRACE + 102,
+        ));
     }
     for token in [14, 15] {
         assert_eq!(
-            claim_now(&mut table, &of_org(1, 14, token), 103),
+            claim_now(&mut table, &of_org(1, 14, token), GRACE + 103),
             Verdict::Blocked(Block::QuotaExceeded)
         );
     }
     assert_eq!(held(&table, 1).records, 4);
     // Another organisation still claims.
     assert!(matches!(
-        claim_now(&mut table, &of_org(3, 30, 30), 105),
+        claim_now(&mut table, &of_org(3, 30, 30), GRACE + 105),
         Verdict::Claimed(_)
     ));
 }
@@ -336,7 +375,7 @@ fn an_organisation_at_its_share_finds_its_own_record_in_the_next_buckets() {
         store(&mut table, &of_org(1, 2 * n + 1, u64::from(n) + 1), 0);
     }
     assert!(matches!(
-        claim_now(&mut table, &of_org(1, 100, 100), 1),
+        claim_now(&mut table, &of_org(1, 100, 100), GRACE),
         Verdict::Claimed(_)
     ));
     assert_eq!(table.take_evictions().len(), 1);
@@ -393,16 +432,17 @@ fn an_organisation_past_its_byte_share_makes_way_with_its_own_responses() {
     );
     // Organisation 1's second response does not fit its share: its first makes way.
     assert_eq!(
-        big(&mut table, 1, 3, 2),
+        big(&mut table, 1, 3, GRACE),
         Finished::Recorded(Ending::Stored(()))
     );
     assert_eq!(table.take_evictions().len(), 1);
     assert!(matches!(
-        claim_now(&mut table, &of_org(2, 2, 9), 3),
+        claim_now(&mut table, &of_org(2, 2, 9), GRACE + 1),
         Verdict::Replay(_)
     ));
+    // Its retry, once the grace of the response that took its place is over, runs again.
     assert!(matches!(
-        claim_now(&mut table, &of_org(1, 1, 10), 3),
+        claim_now(&mut table, &of_org(1, 1, 10), 2 * GRACE),
         Verdict::Claimed(_)
     ));
 }
@@ -423,12 +463,12 @@ fn a_response_that_finds_the_bytes_full_evicts_in_its_bucket() {
         Finished::Recorded(Ending::Stored(()))
     );
     assert_eq!(
-        big(&mut table, 2, 1),
+        big(&mut table, 2, GRACE),
         Finished::Recorded(Ending::Stored(()))
     );
     assert_eq!(table.take_evictions().len(), 1);
     assert!(matches!(
-        claim_now(&mut table, &of_org(1, 2, 9), 2),
+        claim_now(&mut table, &of_org(1, 2, 9), GRACE + 1),
         Verdict::Replay(_)
     ));
 }
