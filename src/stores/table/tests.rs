@@ -495,3 +495,39 @@ fn another_capacity_is_another_table() {
     ));
     assert_eq!(ledger(&large, 0), 0);
 }
+
+#[test]
+fn an_owner_that_stalls_past_its_lease_while_storing_gives_its_bytes_back() {
+    let kv = MemoryKv::default();
+    let json = r#"{"capacity_records": 16, "max_share": 1}"#;
+    let mut table = table(&kv, json);
+    for n in 0..15u8 {
+        store(&mut table, &request(n, 1, u64::from(n) + 1), 0);
+    }
+    let stalled = ticket(claim_now(&mut table, &request(100, 1, 100), 0));
+    let (bytes, share) = (ledger(&table, 0), held(&table, 1));
+    // Its clock says 300 ms of lease are left; another worker's, as it writes, that none is: the
+    // bucket is full, so that worker's new key takes the stalled owner's entry.
+    *kv.interleave.borrow_mut() = Some(Box::new(|kv: &MemoryKv| {
+        let mut other = Table::new(kv, &config(r#"{"capacity_records": 16, "max_share": 1}"#));
+        other.boot().unwrap();
+        assert!(matches!(
+            claim_now(&mut other, &request(200, 1, 200), 60_001),
+            Verdict::Claimed(_)
+        ));
+    }));
+    assert_eq!(
+        finish_now(&mut table, stalled, Ending::Stored(response(500)), 59_700),
+        Finished::Lost
+    );
+    assert_eq!(
+        ledger(&table, 0),
+        bytes,
+        "the bytes it accounted are given back"
+    );
+    assert_eq!(held(&table, 1).bytes, share.bytes);
+    assert!(matches!(
+        claim_now(&mut table, &request(200, 1, 201), 60_002),
+        Verdict::Blocked(Block::InFlight { .. })
+    ));
+}
