@@ -10,8 +10,11 @@
 #   make image        the OCI image Istio pulls (plugin.wasm), as a layout and archive in target/oci/
 #   make integration  pytest tests/e2e against a real Envoy
 #   make matrix       the core of tests/e2e on every other Envoy release the filter supports
-#   make test         all of the above, in order (what CI runs); ENVOY_VERSION=1.37.0 runs
-#                     every Envoy-side step on that release instead of the pinned one
+#   make soak         a mixed workload against Envoy for SOAK_DURATION (30m): duplicate
+#                     executions, the filter's 5xx, RSS and p99 per outcome (tests/soak/run.py)
+#   make test         what CI runs: setup, lint, unit, wasm, validate, integration, matrix and a
+#                     2-minute soak, in order; ENVOY_VERSION=1.37.0 runs every Envoy-side step
+#                     on that release instead of the pinned one
 #   make run          demo: upstream on :8080, Envoy on :10000, admin on :9901
 #                     (PLUGIN_CONFIG='{...}' runs it with another filter configuration)
 #   make run-etcd     the demo as a fleet: etcd on :2379, Envoys on :10000 and :10001
@@ -46,7 +49,7 @@ ENVOY_INSTALL := $(if $(ENVOY_VERSION),$(ENVOY_UNDER_TEST))
 # Package installs need root: through sudo unless make already runs as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup wasm fault-wasm unit fuzz lint validate integration matrix test run run-etcd clean image
+.PHONY: setup wasm fault-wasm unit fuzz lint validate integration matrix soak test run run-etcd clean image
 
 setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(VENV_STAMP)
 
@@ -158,7 +161,15 @@ $(PREVIOUS_WASM): $(STAMPS)/rust-tools
 	  --manifest-path $(PREVIOUS_DIR)/src/Cargo.toml --target-dir $(PREVIOUS_DIR)/build
 	cp $(PREVIOUS_DIR)/build/$(WASM_TARGET)/release/idempotency_filter.wasm $@
 
+SOAK_DURATION ?= 30m
+SOAK_OUT ?= $(RUN_DIR)/soak
+
+soak: $(VENV_STAMP) wasm $(ENVOY_INSTALL)
+	ENVOY_BIN=$(ENVOY_UNDER_TEST) $(PYTHON) tests/soak/run.py --duration $(SOAK_DURATION) \
+	  --out $(SOAK_OUT)
+
 test: setup lint unit wasm validate integration $(if $(ENVOY_VERSION),,matrix)
+	$(MAKE) --no-print-directory soak SOAK_DURATION=2m
 
 run: setup wasm
 	ENVOY=$(ENVOY) envoy/run-demo.sh
