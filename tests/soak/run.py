@@ -22,7 +22,6 @@ import asyncio
 import json
 import random
 import re
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
 
 from support.envoy import Envoy  # noqa: E402
-from support.load import _read_message, rss_kib  # noqa: E402
+from support.load import FastUpstream, _read_message, rss_kib, serve  # noqa: E402
 
 ORGS = [f"Bearer org_soak_{n}" for n in range(8)]
 # Scenario: weight in the mix.
@@ -49,66 +48,34 @@ async def _serve_upstream(port_out):
     executions = Counter()
     state = {"total": 0, "duplicates": 0, "over": []}
 
-    async def handle(reader, writer):
-        try:
-            while True:
-                try:
-                    start, headers, body = await _read_message(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return
-                target = start.split(" ")[1] if " " in start else "/"
-                status = 200
-                if target.startswith("/__upstream/"):
-                    payload = json.dumps(state).encode() if target == "/__upstream/report" else b"pong"
-                else:
-                    state["total"] += 1
-                    payload = body
-                    key = headers.get("idempotency-key")
-                    if key:
-                        scoped = (headers.get("authorization", ""), key)
-                        executions[scoped] += 1
-                        n = executions[scoped]
-                        if n > int(headers.get("x-soak-expect", "1")):
-                            state["duplicates"] += 1
-                            state["over"] = (state["over"] + [key])[-10:]
-                        statuses = headers.get("x-soak-statuses", "201").split(",")
-                        status = int(statuses[min(n, len(statuses)) - 1])
-                    delay = int(headers.get("x-soak-delay-ms", "0"))
-                    if delay:
-                        await asyncio.sleep(delay / 1000)
-                writer.write(f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\n"
-                             f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
-                await writer.drain()
-        except ConnectionError:
-            return
-        finally:
-            writer.close()
+    async def answer(target, headers, body):
+        if target.startswith("/__upstream/"):
+            return "200 OK", json.dumps(state).encode() if target == "/__upstream/report" else b"pong", ""
+        state["total"] += 1
+        status = 200
+        key = headers.get("idempotency-key")
+        if key:
+            scoped = (headers.get("authorization", ""), key)
+            executions[scoped] += 1
+            n = executions[scoped]
+            if n > int(headers.get("x-soak-expect", "1")):
+                state["duplicates"] += 1
+                state["over"] = (state["over"] + [key])[-10:]
+            statuses = headers.get("x-soak-statuses", "201").split(",")
+            status = int(statuses[min(n, len(statuses)) - 1])
+        delay = int(headers.get("x-soak-delay-ms", "0"))
+        if delay:
+            await asyncio.sleep(delay / 1000)
+        return f"{status} X", body, ""
 
-    server = await asyncio.start_server(handle, "127.0.0.1", 0, backlog=1024)
-    port_out(server.sockets[0].getsockname()[1])
-    async with server:
-        await server.serve_forever()
+    await serve(answer, port_out)
 
 
-class SoakUpstream:
-    def __init__(self):
-        self.proc = subprocess.Popen([sys.executable, __file__, "upstream"], stdout=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True)
-        line = self.proc.stdout.readline()
-        if not line.startswith("port "):
-            self.stop()
-            raise RuntimeError(f"soak upstream did not start: {line!r}")
-        self.port = int(line.split()[1])
-
-    def report(self):
-        url = f"http://127.0.0.1:{self.port}/__upstream/report"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+def report_of(upstream):
+    """What the upstream counted: executions, duplicate executions and the last keys run twice."""
+    url = f"http://127.0.0.1:{upstream.port}/__upstream/report"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
 
 
 # -- the clients ---------------------------------------------------------------------------------
@@ -331,7 +298,7 @@ def main(argv):
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    upstream = SoakUpstream()
+    upstream = FastUpstream([sys.executable, __file__, "upstream"]).start()
     envoy = Envoy(tempfile.mkdtemp(prefix="soak-"), {}, upstream.port)
     try:
         envoy.start()
@@ -339,7 +306,7 @@ def main(argv):
               flush=True)
         tally, samples, stats, elapsed = asyncio.run(
             drive(envoy, args.duration, args.sessions, args.seed))
-        executed = upstream.report()
+        executed = report_of(upstream)
     finally:
         envoy.stop()
         upstream.stop()

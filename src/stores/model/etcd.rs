@@ -8,9 +8,9 @@
 //! etcd held: a replay is a complete record of that tuple and fingerprint, still live; a claim
 //! is granted only what etcd wrote for it, with a lease not yet over.
 
-use super::{audit, explore, response, tick_clock, tuple, ORGS};
+use super::{audit, claim_of, explore, response, tick_clock};
 use crate::core::garbage::Garbage;
-use crate::core::lifecycle::{Block, Claim, Ending, Verdict};
+use crate::core::lifecycle::{Block, Ending, Verdict};
 use crate::core::record::{Entry, State, StoredResponse};
 use crate::core::store::{Answer, CallId, ClaimReply, Handle, Resumed, Store, StoreError, Ticket};
 use crate::core::Millis;
@@ -204,15 +204,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
         let choice = rng.below(100);
         let outcome = if choice < 30 {
             token += 1;
-            let n = rng.below(TUPLES as usize) as u64;
-            let fp = 1 + rng.below(2) as u8;
-            let claim = Claim {
-                tuple: tuple(n),
-                fingerprint: [fp; 16],
-                token,
-                lease: LEASE,
-                org: (n % u64::from(ORGS)) as u16,
-            };
+            let (n, fp, claim) = claim_of(rng, TUPLES, token, LEASE);
             let before = run.sent();
             // A first attempt, or a duplicate waiting for it that looks again.
             let answer = match rng.below(3) {

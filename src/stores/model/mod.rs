@@ -19,6 +19,7 @@ mod table;
 use crate::core::config::LEDGER_SHARDS;
 use crate::core::garbage::Garbage;
 use crate::core::identity::Digest32;
+use crate::core::lifecycle::Claim;
 use crate::core::record::{Bucket, Ledger, Share, State, StoredResponse, BUCKET_ENTRIES};
 use crate::core::Millis;
 use crate::stores::table::Table;
@@ -51,6 +52,21 @@ pub fn explore(name: &str, mut run: impl FnMut(&mut Garbage, u64) -> Result<(), 
 
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.parse().ok()
+}
+
+/// A claim of one of `universe` tuples, with one of two fingerprints: the tuple's number, the
+/// fingerprint's, and the claim.
+pub fn claim_of(rng: &mut Garbage, universe: u64, token: u64, lease: Millis) -> (u64, u8, Claim) {
+    let n = rng.below(universe as usize) as u64;
+    let fp = 1 + rng.below(2) as u8;
+    let claim = Claim {
+        tuple: tuple(n),
+        fingerprint: [fp; 16],
+        token,
+        lease,
+        org: (n % u64::from(ORGS)) as u16,
+    };
+    (n, fp, claim)
 }
 
 /// A tuple of the model: its number, in the first bytes (which pick its bucket) and the rest.

@@ -7,7 +7,7 @@
 //! an answer may then find one gone, and every record found gone must have been counted as
 //! evicted.
 
-use super::{audit, explore, response, tick_clock, tuple, ORGS};
+use super::{audit, claim_of, explore, response, tick_clock};
 use crate::core::config::Config;
 use crate::core::garbage::Garbage;
 use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
@@ -231,20 +231,6 @@ fn tables(json: &str) -> (&'static MemoryKv, Tables, Config) {
     (kv, tables, config)
 }
 
-/// A random claim on `tables[w]` of one of `universe` tuples.
-fn claim_of(rng: &mut Garbage, universe: u64, token: u64) -> (u64, u8, Claim) {
-    let n = rng.below(universe as usize) as u64;
-    let fp = 1 + rng.below(2) as u8;
-    let claim = Claim {
-        tuple: tuple(n),
-        fingerprint: [fp; 16],
-        token,
-        lease: LEASE,
-        org: (n % u64::from(ORGS)) as u16,
-    };
-    (n, fp, claim)
-}
-
 fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
     let tight = rng.below(2) == 0;
     // Roomy: 4 buckets of 12 tuples each, room and shares for all. Tight: 60 tuples over 24
@@ -275,7 +261,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
         if racing {
             token += 1;
             let other = tables[(w + 1 + rng.below(WORKERS - 1)) % WORKERS].clone();
-            let (n, fp, claim) = claim_of(rng, universe, token);
+            let (n, fp, claim) = claim_of(rng, universe, token, LEASE);
             let raced = raced.clone();
             *kv.interleave.borrow_mut() = Some(Box::new(move |_| {
                 let answer = other.borrow_mut().claim(&claim, now);
@@ -285,7 +271,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
         let choice = rng.below(100);
         let outcome = if choice < 45 {
             token += 1;
-            let (n, fp, claim) = claim_of(rng, universe, token);
+            let (n, fp, claim) = claim_of(rng, universe, token, LEASE);
             let answer = tables[w].borrow_mut().claim(&claim, now);
             kv.interleave.borrow_mut().take();
             settle_races(&mut model, &raced, &mut tickets, now)?;

@@ -2,6 +2,7 @@
 upstream do not share one interpreter lock (this file runs as a script too, on the standard
 library alone):
 
+    serve(answer, port_out)         an asyncio HTTP/1.1 server whose answers ``answer`` gives
     FastUpstream()                  a minimal asyncio HTTP/1.1 upstream that answers 201 with the
                                     request body echoed, counts its executions, and answers
                                     ``GET /__upstream/count`` (not counted) and ``/__upstream/ping``
@@ -99,11 +100,12 @@ async def _read_message(reader):
     return lines[0], headers, body
 
 
-async def _serve_fast_upstream(port_out):
-    executions = 0
+async def serve(answer, port_out):
+    """An asyncio HTTP/1.1 server on a loopback port, which it hands to ``port_out``:
+    ``await answer(target, headers, body)`` gives each request's (status, payload, extra header
+    lines); every answer is JSON."""
 
     async def handle(reader, writer):
-        nonlocal executions
         try:
             while True:
                 try:
@@ -111,18 +113,12 @@ async def _serve_fast_upstream(port_out):
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
                 target = start.split(" ")[1] if " " in start else "/"
-                if target.startswith("/__upstream/"):
-                    payload = json.dumps({"executions": executions}).encode() if target.startswith(
-                        "/__upstream/count") else b"pong"
-                    status = "200 OK"
-                else:
-                    executions += 1
-                    payload = body
-                    status = "201 Created"
-                writer.write(f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n"
-                             f"x-upstream-execution: {executions}\r\n"
+                status, payload, extra = await answer(target, headers, body)
+                writer.write(f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\n{extra}"
                              f"content-length: {len(payload)}\r\n\r\n".encode() + payload)
                 await writer.drain()
+        except ConnectionError:
+            return
         finally:
             writer.close()
 
@@ -132,20 +128,36 @@ async def _serve_fast_upstream(port_out):
         await server.serve_forever()
 
 
-class FastUpstream:
-    """The asyncio upstream in its own process. ``executions()`` asks it how many it ran."""
+async def _serve_fast_upstream(port_out):
+    executions = 0
 
-    def __init__(self):
+    async def answer(target, _headers, body):
+        nonlocal executions
+        if target.startswith("/__upstream/"):
+            count = json.dumps({"executions": executions}).encode()
+            return "200 OK", count if target.startswith("/__upstream/count") else b"pong", ""
+        executions += 1
+        return "201 Created", body, f"x-upstream-execution: {executions}\r\n"
+
+    await serve(answer, port_out)
+
+
+class FastUpstream:
+    """The asyncio upstream in its own process. ``executions()`` asks it how many it ran.
+    ``command`` runs another server instead, one that prints ``port <n>`` once it listens."""
+
+    def __init__(self, command=None):
+        self.command = command or [sys.executable, __file__, "upstream"]
         self.proc = None
         self.port = None
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, __file__, "upstream"], stdout=subprocess.PIPE,
-                                     stdin=subprocess.DEVNULL, text=True)
+        self.proc = subprocess.Popen(self.command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                     text=True)
         line = self.proc.stdout.readline()
         if not line.startswith("port "):
             self.stop()
-            raise RuntimeError(f"fast upstream did not start: {line!r}")
+            raise RuntimeError(f"{self.command} did not start: {line!r}")
         self.port = int(line.split()[1])
         return self
 
