@@ -17,6 +17,7 @@
 #                     on that release instead of the pinned one
 #   make run          demo: upstream on :8080, Envoy on :10000, admin on :9901
 #                     (PLUGIN_CONFIG='{...}' runs it with another filter configuration)
+#   make bench-etcd   etcd's own ceiling for the claim transaction, over its gateway and gRPC
 #   make run-etcd     the demo as a fleet: etcd on :2379, Envoys on :10000 and :10001
 #   make clean        remove build output, the venv and run files
 
@@ -188,6 +189,13 @@ clean:
 # an empty wasm filter and direct_response, on this machine. Installs wrk and etcd if missing;
 # writes bench/results.md and bench/results.svg. Pass options with BENCH_ARGS="--rounds 1 --seconds 2".
 BENCH_ARGS ?=
+
+# etcd's own ceiling for the claim transaction over its JSON gateway and over gRPC, in one run.
+.PHONY: bench-etcd
+bench-etcd: $(VENV_STAMP) $(STAMPS)/etcd
+	@command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq wrk; }
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
+	$(PYTHON) bench/etcd_ceiling.py $(BENCH_ARGS)
 
 .PHONY: bench
 bench: $(VENV_STAMP) $(STAMPS)/etcd wasm
