@@ -17,7 +17,7 @@ impl Garbage {
     }
 
     /// xorshift64*: small, seeded, and the same on every machine.
-    pub fn next(&mut self) -> u64 {
+    fn next(&mut self) -> u64 {
         self.state ^= self.state >> 12;
         self.state ^= self.state << 25;
         self.state ^= self.state >> 27;
