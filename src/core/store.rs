@@ -1,7 +1,7 @@
 //! The boundary between the request's state machine and where records live.
 //!
 //! A store answers each operation either now or later: Envoy's shared data answers at once, a
-//! remote store (etcd through `dispatch_http_call`) answers in a callback. The exchange is written
+//! remote store (etcd through `dispatch_grpc_call`) answers in a callback. The exchange is written
 //! against [`Answer`], so either kind drives it without change.
 
 use crate::core::lifecycle::{Claim, Ending, Finished, Verdict};
@@ -39,8 +39,32 @@ pub enum Handle {
     Revision(u64),
 }
 
-/// A remote store's call answered: its HTTP status and body.
-pub type CallResponse = Result<(u16, Vec<u8>), StoreError>;
+/// A remote store's call answered: its message, or why it has none.
+pub type CallResponse = Result<Vec<u8>, CallFailed>;
+
+/// A call that ended without an answer, with its gRPC status: etcd's refusal, or Envoy's own
+/// (no connection, a reset, the timeout).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CallFailed {
+    pub status: u32,
+    pub message: String,
+}
+
+impl CallFailed {
+    /// Whether etcd refused the call before applying it (out of space, too large, denied, an
+    /// unknown lease) rather than its fate being unknown (unavailable, a timeout, a reset).
+    pub fn refused(&self) -> bool {
+        // INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
+        // FAILED_PRECONDITION, OUT_OF_RANGE, UNIMPLEMENTED, UNAUTHENTICATED.
+        matches!(self.status, 3 | 5 | 6 | 7 | 8 | 9 | 11 | 12 | 16)
+    }
+}
+
+impl fmt::Display for CallFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "gRPC status {}: {}", self.status, self.message)
+    }
+}
 
 /// What resuming an operation with its call's response gives.
 #[derive(Debug, PartialEq, Eq)]
@@ -54,7 +78,7 @@ pub enum Resumed {
 /// A store's answer to a claim: the ticket to the record, or the response to replay.
 pub type ClaimReply = Verdict<Ticket, StoredResponse>;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {
     /// The host refused an operation.
     Host(String),
@@ -105,6 +129,12 @@ pub trait Store {
 
     /// Periodic work from the root context; returns operations that ended without a call.
     fn tick(&mut self, now: Millis) -> Vec<Resumed>;
+
+    /// Operations that waited inside the store (for another's call) and have since gone on, each
+    /// under the call id it gave its asker: asked after every [`Store::resume`] and tick.
+    fn take_moved_on(&mut self) -> Vec<(CallId, Resumed)> {
+        Vec::new()
+    }
 
     /// How long each record evicted since the last call had been stored.
     fn take_evictions(&mut self) -> Vec<Millis> {

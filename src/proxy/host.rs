@@ -5,9 +5,10 @@ use crate::core::config::{Config, ConfigError, EtcdConfig};
 use crate::core::counters::Counter;
 use crate::core::exchange::{Answered, Outgoing, StreamEnd};
 use crate::core::problem::LocalReply;
-use crate::core::store::{CallId, CallResponse, StoreError};
+use crate::core::store::{CallFailed, CallId, CallResponse, StoreError};
 use crate::core::worker::Host;
 use crate::core::Millis;
+use crate::stores::etcd::{self, Method};
 use crate::stores::{Caller, Kv};
 use log::{warn, Level};
 use proxy_wasm::hostcalls;
@@ -37,27 +38,54 @@ impl Kv for SharedData {
     }
 }
 
-/// Calls to etcd's JSON gateway through an Envoy cluster (HTTP/1.1).
+/// gRPC calls to etcd through an Envoy cluster (HTTP/2).
 pub struct EtcdCalls {
-    pub settings: EtcdConfig,
+    settings: EtcdConfig,
+    /// The cluster and `:authority`, as the `GrpcService` Envoy takes in place of a cluster name.
+    upstream: String,
+}
+
+impl EtcdCalls {
+    pub fn new(settings: EtcdConfig) -> Self {
+        let upstream = etcd::wire::upstream(&settings.cluster, &settings.authority);
+        // The configuration keeps both names short enough that every length is one byte below
+        // 0x80: the encoding is text. Else the bare cluster name, with Envoy's authority.
+        let upstream = String::from_utf8(upstream).unwrap_or_else(|_| settings.cluster.clone());
+        EtcdCalls { settings, upstream }
+    }
 }
 
 impl Caller for EtcdCalls {
-    fn post(&self, path: &str, body: &[u8]) -> Result<CallId, StoreError> {
+    fn call(&self, (service, method): Method, message: &[u8]) -> Result<CallId, StoreError> {
         let settings = &self.settings;
-        let mut headers = vec![
-            (":method", "POST"),
-            (":path", path),
-            (":authority", settings.authority.as_str()),
-            ("content-type", "application/json"),
-        ];
-        if let Some(token) = &settings.auth_token {
-            headers.push(("authorization", token.as_str()));
-        }
+        let metadata = match &settings.auth_token {
+            Some(token) => vec![("token", token.as_bytes())],
+            None => Vec::new(),
+        };
         let timeout = std::time::Duration::from_millis(settings.timeout);
-        hostcalls::dispatch_http_call(&settings.cluster, headers, Some(body), vec![], timeout)
-            .map_err(|status| host_error("dispatch_http_call", status))
+        hostcalls::dispatch_grpc_call(
+            &self.upstream,
+            service,
+            method,
+            metadata,
+            Some(message),
+            timeout,
+        )
+        .map_err(|status| host_error("dispatch_grpc_call", status))
     }
+}
+
+/// The answer to a gRPC call, read in the callback that delivers it.
+pub fn grpc_answer(status: u32, size: usize) -> CallResponse {
+    if status != 0 {
+        let message = match hostcalls::get_grpc_status() {
+            Ok((_, Some(message))) => message,
+            Ok((_, None)) => String::new(),
+            Err(status) => format!("get_grpc_status: {status:?}"),
+        };
+        return Err(CallFailed { status, message });
+    }
+    Ok(body(BufferType::GrpcReceiveBuffer, size))
 }
 
 /// The answer to a request sent from the root context, read in the callback that delivers it;
@@ -106,21 +134,6 @@ pub fn route_from_root(config: &Config) -> Result<Option<(String, Millis)>, Conf
         String::from_utf8_lossy(&cluster).into_owned(),
         timeout,
     )))
-}
-
-/// The answer to a call, read in the callback that delivers it.
-pub fn call_response(headers: usize, body_size: usize) -> CallResponse {
-    if headers == 0 {
-        return Err(StoreError::Remote(
-            "no answer (timeout or connection failure)".into(),
-        ));
-    }
-    let status = match hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status") {
-        Ok(Some(status)) => String::from_utf8_lossy(&status).parse().unwrap_or(0),
-        Ok(None) => 0,
-        Err(status) => return Err(host_error("get_map_value_bytes", status)),
-    };
-    Ok((status, body(BufferType::HttpCallResponseBody, body_size)))
 }
 
 fn host_error(call: &str, status: Status) -> StoreError {

@@ -39,22 +39,29 @@ impl Root {
 }
 
 /// A call's answer comes to whichever context made it: the root (requests sent from it,
-/// finishes, polls) or a request.
-fn call_answered(worker: &Option<Rc<Worker<Proxy>>>, call: u32, headers: usize, body: usize) {
-    match worker {
-        Some(worker) if worker.sent_from_root(call) => {
+/// finishes, polls, lease grants) or a request (claims).
+fn http_call_answered(worker: &Option<Rc<Worker<Proxy>>>, call: u32, headers: usize, body: usize) {
+    if let Some(worker) = worker {
+        if worker.sent_from_root(call) {
             let max_body = worker.config().max_response_body_bytes;
-            let answer = host::upstream_answer(headers, body, max_body);
-            worker.on_upstream_answer(call, answer);
+            worker.on_upstream_answer(call, host::upstream_answer(headers, body, max_body));
         }
-        Some(worker) => worker.on_call_response(call, host::call_response(headers, body)),
-        None => {}
+    }
+}
+
+fn grpc_call_answered(worker: &Option<Rc<Worker<Proxy>>>, call: u32, status: u32, size: usize) {
+    if let Some(worker) = worker {
+        worker.on_call_response(call, host::grpc_answer(status, size));
     }
 }
 
 impl Context for Root {
     fn on_http_call_response(&mut self, call: u32, headers: usize, body: usize, _trailers: usize) {
-        call_answered(&self.worker, call, headers, body);
+        http_call_answered(&self.worker, call, headers, body);
+    }
+
+    fn on_grpc_call_response(&mut self, call: u32, status: u32, size: usize) {
+        grpc_call_answered(&self.worker, call, status, size);
     }
 }
 
@@ -71,7 +78,7 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let calls = |settings| EtcdCalls { settings };
+        let calls = EtcdCalls::new;
         let (store, number) = match stores::open(&config, SharedData, calls) {
             Ok(opened) => opened,
             Err(problem) => {
@@ -151,7 +158,11 @@ impl Filter {
 
 impl Context for Filter {
     fn on_http_call_response(&mut self, call: u32, headers: usize, body: usize, _trailers: usize) {
-        call_answered(&self.worker, call, headers, body);
+        http_call_answered(&self.worker, call, headers, body);
+    }
+
+    fn on_grpc_call_response(&mut self, call: u32, status: u32, size: usize) {
+        grpc_call_answered(&self.worker, call, status, size);
     }
 }
 

@@ -53,7 +53,8 @@ pub trait Kv {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<bool, StoreError>;
 }
 
-/// Sends a POST to etcd's gateway; the answer comes to [`Store::resume`] under the returned id.
+/// Makes a unary gRPC call to etcd (service, method, message); the answer comes to
+/// [`Store::resume`] under the returned id.
 pub trait Caller {
-    fn post(&self, path: &str, body: &[u8]) -> Result<CallId, StoreError>;
+    fn call(&self, method: etcd::Method, message: &[u8]) -> Result<CallId, StoreError>;
 }

@@ -178,10 +178,10 @@ impl RawOutlive {
     }
 }
 
-/// etcd's v3 JSON gateway, reached through an Envoy cluster.
+/// etcd's v3 gRPC API, reached through an Envoy cluster.
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
-    /// The Envoy cluster that reaches etcd (HTTP/1.1).
+    /// The Envoy cluster that reaches etcd (HTTP/2).
     pub cluster: String,
     /// `:authority` of the calls.
     pub authority: String,
@@ -189,7 +189,7 @@ pub struct EtcdConfig {
     pub key_prefix: String,
     /// Every call's timeout.
     pub timeout: Millis,
-    /// Sent as `Authorization` when etcd has authentication on.
+    /// Sent as `token` metadata when etcd has authentication on.
     pub auth_token: Option<String>,
     /// Largest record value written to etcd; larger responses are kept without their body.
     pub max_value_bytes: usize,
@@ -216,6 +216,8 @@ struct RawEtcd {
     max_share_bytes: usize,
 }
 
+const MAX_UPSTREAM_NAMES: usize = 120;
+
 fn default_etcd_authority() -> String {
     "etcd".into()
 }
@@ -228,7 +230,7 @@ fn default_etcd_timeout() -> String {
     "1s".into()
 }
 
-/// etcd refuses requests over 1.5 MiB by default; values travel base64-encoded (4/3).
+/// etcd refuses requests over 1.5 MiB by default; this leaves room for the rest of the call.
 fn default_etcd_max_value() -> usize {
     1_000_000
 }
@@ -242,6 +244,14 @@ impl RawEtcd {
     fn validate(self) -> Result<EtcdConfig, ConfigError> {
         if self.cluster.is_empty() {
             return Err(invalid("etcd.cluster", "must name an Envoy cluster"));
+        }
+        // Both travel in the `GrpcService` Envoy takes as a call's upstream, whose lengths must
+        // stay single bytes.
+        if self.cluster.len() + self.authority.len() > MAX_UPSTREAM_NAMES {
+            return Err(invalid(
+                "etcd.cluster",
+                "with etcd.authority, must be at most 120 bytes",
+            ));
         }
         let timeout = duration("etcd.timeout", &self.timeout)?;
         if timeout == 0 {

@@ -221,10 +221,24 @@ impl<H: Host> Worker<H> {
     pub fn on_call_response(&self, call: CallId, response: CallResponse) {
         let now = self.host.now();
         let resumed = self.store.borrow_mut().resume(call, response, now);
+        if let Some(resumed) = resumed {
+            self.carried_on(call, resumed, now);
+        }
+        self.moved_on(now);
+    }
+
+    fn carried_on(&self, call: CallId, resumed: Resumed, now: Millis) {
         match resumed {
-            Some(Resumed::Claim(answer)) => self.claim_answered(call, answer, now),
-            Some(other) => self.ended(other),
-            None => {}
+            Resumed::Claim(answer) => self.claim_answered(call, answer, now),
+            other => self.ended(other),
+        }
+    }
+
+    /// Operations that waited inside the store went on: their requests hear of it.
+    fn moved_on(&self, now: Millis) {
+        let moved_on = self.store.borrow_mut().take_moved_on();
+        for (call, resumed) in moved_on {
+            self.carried_on(call, resumed, now);
         }
     }
 
@@ -302,6 +316,7 @@ impl<H: Host> Worker<H> {
         for resumed in ended {
             self.ended(resumed);
         }
+        self.moved_on(now);
         self.count_evictions();
     }
 

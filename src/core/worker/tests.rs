@@ -2,7 +2,7 @@ use super::*;
 use crate::core::exchange::StreamEnd;
 use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
 use crate::core::record::StoredResponse;
-use crate::core::store::Ticket;
+use crate::core::store::{CallFailed, Ticket};
 use crate::stores::table::Table;
 use crate::stores::testkit::{config, MemoryKv};
 
@@ -313,10 +313,9 @@ impl Store for Remote {
     }
 
     fn resume(&mut self, call: CallId, response: CallResponse, _: Millis) -> Option<Resumed> {
-        let reply = response.map(|(status, _)| match status {
-            200 => Verdict::Blocked(Block::Conflict),
-            _ => Verdict::Blocked(Block::Full),
-        });
+        let reply = response
+            .map(|_| Verdict::Blocked(Block::Conflict))
+            .map_err(|failed| StoreError::Remote(failed.to_string()));
         (call <= self.calls).then_some(Resumed::Claim(Answer::Now(reply)))
     }
 
@@ -332,12 +331,19 @@ fn a_remote_store_s_answer_reaches_the_request_whose_call_it_is() {
     assert_eq!(run.arrive("b"), (2, Flow::Pause));
     // Call 2 is answered first (in request 2's callback): a conflict for request 2 only.
     run.host.acting.set(2);
-    run.worker.on_call_response(2, Ok((200, Vec::new())));
+    run.worker.on_call_response(2, Ok(Vec::new()));
     assert_eq!(run.replies(), [(2, 409, "idempotency_conflict".into())]);
     // An answer to a call nobody waits for any more is dropped.
     run.worker.leave(1);
-    run.worker.on_call_response(1, Ok((200, Vec::new())));
+    run.worker.on_call_response(1, Ok(Vec::new()));
     assert_eq!(run.replies().len(), 1);
+}
+
+fn down() -> CallFailed {
+    CallFailed {
+        status: 14,
+        message: "down".into(),
+    }
 }
 
 #[test]
@@ -345,16 +351,14 @@ fn store_failures_are_logged_once_a_second_and_counted_every_time() {
     let mut run = Run::new(DEFAULTS, |_| Box::<Remote>::default());
     for n in 0..3 {
         let (context, _) = run.arrive(&format!("k{n}"));
-        let error = Err(StoreError::Remote("down".into()));
         run.host.acting.set(context);
-        run.worker.on_call_response(context, error);
+        run.worker.on_call_response(context, Err(down()));
     }
     assert_eq!(run.host.warnings(), 1, "{:?}", run.host.logs.borrow());
     assert_eq!(run.host.count_of(Counter::StoreError), 3);
     run.host.now.set(1_001_000);
     let (context, _) = run.arrive("k3");
-    run.worker
-        .on_call_response(context, Err(StoreError::Remote("down".into())));
+    run.worker.on_call_response(context, Err(down()));
     assert_eq!(
         run.host.warnings(),
         2,

@@ -1,90 +1,138 @@
 //! etcd itself in memory, and Envoys sharing it: what the store's unit tests run against.
 
-use super::wire::{b64, unb64};
+use super::wire::{
+    Against, DeleteRangeRequest, Header, KeyValue, LeaseGrantRequest, LeaseGrantResponse,
+    RangeRequest, RangeResponse, Request, RequestOp, Response, ResponseHeader, ResponseOp,
+    TxnRequest, TxnResponse, GRANT, RANGE,
+};
 use super::*;
+use crate::core::store::CallFailed;
 use crate::stores::testkit::{config, MemoryKv};
-use serde_json::json;
+use prost::Message;
 use std::cell::RefCell;
 
+/// Every call the Envoys made, in order; the `i`th has id `4 i + 1`, as Envoy numbers gRPC calls.
 #[derive(Default)]
 pub struct Calls {
-    pub sent: RefCell<Vec<(String, Value)>>,
+    pub sent: RefCell<Vec<(Method, Vec<u8>)>>,
+}
+
+impl Calls {
+    pub fn id(index: usize) -> CallId {
+        index as CallId * 4 + 1
+    }
+
+    pub fn get(&self, call: CallId) -> (Method, Vec<u8>) {
+        self.sent.borrow()[(call / 4) as usize].clone()
+    }
+
+    pub fn last(&self) -> CallId {
+        Calls::id(self.sent.borrow().len() - 1)
+    }
 }
 
 impl Caller for &Calls {
-    fn post(&self, path: &str, body: &[u8]) -> Result<CallId, StoreError> {
+    fn call(&self, method: Method, message: &[u8]) -> Result<CallId, StoreError> {
         let mut sent = self.sent.borrow_mut();
-        sent.push((path.to_string(), serde_json::from_slice(body).unwrap()));
-        Ok(sent.len() as CallId)
+        sent.push((method, message.to_vec()));
+        Ok(Calls::id(sent.len() - 1))
     }
 }
 
 /// etcd itself, in memory: enough of the txn and lease API to run the store against.
 #[derive(Default)]
 pub struct FakeEtcd {
-    pub keys: HashMap<String, (Vec<u8>, u64)>,
+    pub keys: HashMap<Vec<u8>, (Vec<u8>, u64)>,
     pub revision: u64,
     pub leases: u64,
 }
 
 impl FakeEtcd {
-    pub fn answer(&mut self, path: &str, body: &Value) -> Value {
-        if path == "/v3/lease/grant" {
+    /// Applies a call; its answer's message.
+    pub fn answer(&mut self, method: Method, message: &[u8]) -> Vec<u8> {
+        if method == GRANT {
+            LeaseGrantRequest::decode(message).unwrap();
             self.leases += 1;
-            return json!({"ID": (7_000_000_000_000_000_000u64 + self.leases).to_string(), "TTL": body["TTL"].to_string()});
-        }
-        if path == "/v3/kv/range" {
-            let key = body["key"].as_str().unwrap();
-            let mut answer = json!({"header": {"revision": self.revision.to_string()}});
-            if let Some(kv) = self.kv(key) {
-                answer["kvs"] = json!([kv]);
+            let id = 7_000_000_000_000_000_000 + self.leases as i64;
+            return LeaseGrantResponse {
+                id,
+                error: String::new(),
             }
-            return answer;
+            .encode_to_vec();
         }
-        let compare = &body["compare"][0];
-        let key = compare["key"].as_str().unwrap().to_string();
-        let current = self.keys.get(&key);
-        let holds = match compare["target"].as_str().unwrap() {
-            "CREATE" => current.is_none(),
-            "MOD" => {
-                current.map(|(_, r)| r.to_string())
-                    == compare["mod_revision"].as_str().map(String::from)
+        if method == RANGE {
+            return self
+                .range(&RangeRequest::decode(message).unwrap())
+                .encode_to_vec();
+        }
+        let txn = TxnRequest::decode(message).unwrap();
+        let compare = &txn.compare[0];
+        let current = self.keys.get(&compare.key);
+        let holds = match &compare.against {
+            Some(Against::CreateRevision(0)) => current.is_none(),
+            Some(Against::ModRevision(revision)) => {
+                current.map(|(_, r)| *r as i64) == Some(*revision)
             }
-            "VALUE" => current.map(|(v, _)| b64(v)) == compare["value"].as_str().map(String::from),
-            other => panic!("{other}"),
+            Some(Against::Value(value)) => current.map(|(v, _)| v) == Some(value),
+            other => panic!("{other:?}"),
         };
-        let branch = if holds {
-            &body["success"]
-        } else {
-            &body["failure"]
-        };
+        let branch = if holds { &txn.success } else { &txn.failure };
         let mut responses = Vec::new();
-        for request in branch.as_array().cloned().unwrap_or_default() {
-            if let Some(put) = request.get("request_put") {
-                self.revision += 1;
-                let value = unb64(put["value"].as_str().unwrap()).unwrap();
-                self.keys.insert(key.clone(), (value, self.revision));
-                responses.push(json!({"response_put": {}}));
-            } else if request.get("request_delete_range").is_some() {
-                self.revision += 1;
-                self.keys.remove(&key);
-                responses.push(json!({"response_delete_range": {}}));
-            } else {
-                let kvs: Vec<Value> = self.kv(&key).into_iter().collect();
-                responses.push(json!({"response_range": {"kvs": kvs}}));
-            }
+        for RequestOp { request } in branch {
+            let response = match request.as_ref().unwrap() {
+                Request::Put(put) => {
+                    self.revision += 1;
+                    let value = (put.value.clone(), self.revision);
+                    self.keys.insert(put.key.clone(), value);
+                    Response::Put(Header::default())
+                }
+                Request::DeleteRange(DeleteRangeRequest { key }) => {
+                    self.revision += 1;
+                    self.keys.remove(key);
+                    Response::DeleteRange(Header::default())
+                }
+                Request::Range(range) => Response::Range(self.range(range)),
+            };
+            responses.push(ResponseOp {
+                response: Some(response),
+            });
         }
-        let mut answer =
-            json!({"header": {"revision": self.revision.to_string()}, "responses": responses});
-        if holds {
-            answer["succeeded"] = json!(true);
+        TxnResponse {
+            header: Some(self.header()),
+            succeeded: holds,
+            responses,
         }
-        answer
+        .encode_to_vec()
     }
 
-    pub fn kv(&self, key: &str) -> Option<Value> {
-        let (value, revision) = self.keys.get(key)?;
-        Some(json!({"key": key, "value": b64(value), "mod_revision": revision.to_string()}))
+    fn header(&self) -> ResponseHeader {
+        ResponseHeader {
+            revision: self.revision as i64,
+        }
+    }
+
+    fn range(&self, range: &RangeRequest) -> RangeResponse {
+        let kvs = self.keys.get(&range.key).map(|(value, revision)| KeyValue {
+            key: range.key.clone(),
+            mod_revision: *revision as i64,
+            value: if range.keys_only {
+                Vec::new()
+            } else {
+                value.clone()
+            },
+        });
+        RangeResponse {
+            header: Some(self.header()),
+            kvs: kvs.into_iter().collect(),
+        }
+    }
+
+    /// The key a call's request is about, if it is a transaction.
+    pub fn key_of(method: Method, message: &[u8]) -> Option<Vec<u8>> {
+        (method == wire::TXN)
+            .then(|| TxnRequest::decode(message).ok())
+            .flatten()
+            .and_then(|txn| txn.compare.first().map(|c| c.key.clone()))
     }
 }
 
@@ -143,34 +191,58 @@ impl World {
         delivered: bool,
         now: Millis,
     ) -> Option<Resumed> {
-        let call = self.calls.sent.borrow().len() as CallId;
-        let (path, body) = self.calls.sent.borrow()[call as usize - 1].clone();
-        let answer = self.etcd.answer(&path, &body);
-        let response = if delivered {
-            Ok((200, answer.to_string().into_bytes()))
-        } else {
-            Err(StoreError::Remote("no answer".into()))
-        };
+        let call = self.calls.last();
+        let (method, message) = self.calls.get(call);
+        let answer = self.etcd.answer(method, &message);
+        let response = if delivered { Ok(answer) } else { Err(lost()) };
         store.resume(call, response, now)
+    }
+
+    /// A tick of `store`, with the lease grants it sends answered: what waited for them goes
+    /// on. What the tick ended, and what went on.
+    pub fn tick_granting<S: Store>(
+        &mut self,
+        store: &mut S,
+        now: Millis,
+    ) -> (Vec<Resumed>, Vec<(CallId, Resumed)>) {
+        let before = self.calls.sent.borrow().len();
+        let ended = store.tick(now);
+        let after = self.calls.sent.borrow().len();
+        for index in before..after {
+            let call = Calls::id(index);
+            let (method, message) = self.calls.get(call);
+            if method == GRANT {
+                let answer = self.etcd.answer(method, &message);
+                store.resume(call, Ok(answer), now);
+            }
+        }
+        (ended, store.take_moved_on())
     }
 
     /// A claim on `store` whose transaction is sent (after a lease, if it needs one) but not
     /// answered yet.
     pub fn claim_sent(&mut self, store: &mut Envoy, token: u64, now: Millis) {
         let mut resumed = Resumed::Claim(store.claim(&claim_of(1, token), now));
-        while self.last_path() != "/v3/kv/txn" {
-            resumed = self.answer_last(store, true, now).unwrap();
+        if let Resumed::Claim(Answer::Later(call)) = resumed {
+            if parked(call) {
+                resumed = self.went_on(store, call, now);
+            }
         }
+        assert_eq!(self.last_method(), wire::TXN);
         assert!(matches!(resumed, Resumed::Claim(Answer::Later(_))));
     }
 
-    pub fn last_path(&self) -> String {
-        self.calls
-            .sent
-            .borrow()
-            .last()
-            .map(|(path, _)| path.clone())
-            .unwrap_or_default()
+    /// The operation parked under `call` on `store`, once a tick has granted its lease.
+    fn went_on<S: Store>(&mut self, store: &mut S, call: CallId, now: Millis) -> Resumed {
+        let (_, moved) = self.tick_granting(store, now);
+        moved
+            .into_iter()
+            .find_map(|(id, resumed)| (id == call).then_some(resumed))
+            .expect("the parked operation went on")
+    }
+
+    pub fn last_method(&self) -> Method {
+        self.calls.get(self.calls.last()).0
     }
 
     /// Answers every call made so far, feeding answers back until the operation settles.
@@ -185,13 +257,28 @@ impl World {
                 Resumed::Claim(Answer::Later(call)) | Resumed::Finish(Answer::Later(call)) => *call,
                 _ => return resumed,
             };
-            let (path, body) = self.calls.sent.borrow()[call as usize - 1].clone();
+            if parked(call) {
+                resumed = self.went_on(store, call, now);
+                continue;
+            }
+            let (method, message) = self.calls.get(call);
             self.answered += 1;
-            let answer = self.etcd.answer(&path, &body);
-            resumed = store
-                .resume(call, Ok((200, answer.to_string().into_bytes())), now)
-                .unwrap();
+            let answer = self.etcd.answer(method, &message);
+            resumed = store.resume(call, Ok(answer), now).unwrap();
         }
+    }
+}
+
+/// Whether an operation's call id is one the store gave it while it waits for a lease.
+pub fn parked(call: CallId) -> bool {
+    call % 4 == 3
+}
+
+/// A call that ended without an answer.
+pub fn lost() -> CallFailed {
+    CallFailed {
+        status: 14,
+        message: "no healthy upstream".into(),
     }
 }
 
@@ -235,13 +322,17 @@ pub fn finish(
     now: Millis,
 ) -> Finished {
     assert_eq!(store.finish(ticket, ending, now), Answer::Queued);
-    let mut ended = store.tick(now);
+    let before = world.calls.sent.borrow().len();
+    let (ended, _) = world.tick_granting(store, now);
     assert_eq!(ended.len(), 0, "finishes go out as calls: {ended:?}");
-    let call = world.calls.sent.borrow().len() as CallId;
-    let resumed = world.settle(store, Resumed::Finish(Answer::Later(call)), now);
-    ended.push(resumed);
-    match ended.pop() {
-        Some(Resumed::Finish(Answer::Now(Ok(reply)))) => reply,
+    let after = world.calls.sent.borrow().len();
+    let txns: Vec<CallId> = (before..after)
+        .map(Calls::id)
+        .filter(|call| world.calls.get(*call).0 == wire::TXN)
+        .collect();
+    assert_eq!(txns.len(), 1, "one finish");
+    match world.settle(store, Resumed::Finish(Answer::Later(txns[0])), now) {
+        Resumed::Finish(Answer::Now(Ok(reply))) => reply,
         other => panic!("{other:?}"),
     }
 }

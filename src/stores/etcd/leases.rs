@@ -2,8 +2,10 @@
 //! windows, both kept in this Envoy's shared data for every worker.
 //!
 //! A lease per kind and window, so that a record put during a window lives at least its span
-//! under the window's lease, and etcd drops it at most a window later; the share counts what an
-//! organisation wrote in each window, so that what has expired drops out without a sweep.
+//! under the window's lease, and etcd drops it at most two windows later; the share counts what
+//! an organisation wrote in each window, so that what has expired drops out without a sweep.
+//! A window's lease is granted ahead, in the second half of the window before, from the root
+//! context's tick, so that requests seldom wait for a grant.
 
 use crate::core::config::{Config, EtcdConfig};
 use crate::core::record::Written;
@@ -24,6 +26,8 @@ pub enum LeaseKind {
 }
 
 impl LeaseKind {
+    pub const ALL: [LeaseKind; 2] = [LeaseKind::Claim, LeaseKind::Record];
+
     fn name(self) -> &'static str {
         match self {
             LeaseKind::Claim => "claim",
@@ -52,33 +56,45 @@ impl<K: Kv> Leases<K> {
     }
 
     /// Width of a lease's window, and the lease's length: every record put during a window
-    /// lives at least `span` under that window's lease.
+    /// lives at least `span` under that window's lease, granted as early as a window before.
     pub fn shape(&self, kind: LeaseKind) -> (Millis, Millis) {
         let span = match kind {
             LeaseKind::Claim => self.claim_lease,
             LeaseKind::Record => self.ttl,
         };
         let width = (span / 8).max(1_000);
-        (width, span + width)
+        (width, span + 2 * width)
     }
 
     /// The lease of `kind` granted for the window of `now`, if one was.
     pub fn current(&self, kind: LeaseKind, now: Millis) -> Option<i64> {
         let (width, _) = self.shape(kind);
-        let key = format!("{}lease/{}", self.prefix, kind.name());
-        let (bytes, _) = self.shared.get(&key).ok()??;
-        let (window, id) = bytes.split_at_checked(8)?;
-        let window = u64::from_le_bytes(window.try_into().ok()?);
-        let id = i64::from_le_bytes(id.try_into().ok()?);
-        (window == now / width).then_some(id)
+        self.granted(kind, now / width)
     }
 
-    pub fn remember(&self, kind: LeaseKind, id: i64, now: Millis) {
+    /// The window of `now` for leases of `kind`, and whether `now` is in its second half.
+    pub fn window(&self, kind: LeaseKind, now: Millis) -> (u64, bool) {
         let (width, _) = self.shape(kind);
-        let key = format!("{}lease/{}", self.prefix, kind.name());
-        let mut value = (now / width).to_le_bytes().to_vec();
+        (now / width, now % width >= width / 2)
+    }
+
+    /// Two slots per kind, the current window's and the next one's.
+    fn slot(&self, kind: LeaseKind, window: u64) -> String {
+        format!("{}lease/{}/{}", self.prefix, kind.name(), window % 2)
+    }
+
+    pub fn granted(&self, kind: LeaseKind, window: u64) -> Option<i64> {
+        let (bytes, _) = self.shared.get(&self.slot(kind, window)).ok()??;
+        let (granted, id) = bytes.split_at_checked(8)?;
+        let granted = u64::from_le_bytes(granted.try_into().ok()?);
+        let id = i64::from_le_bytes(id.try_into().ok()?);
+        (granted == window).then_some(id)
+    }
+
+    pub fn remember(&self, kind: LeaseKind, window: u64, id: i64) {
+        let mut value = window.to_le_bytes().to_vec();
         value.extend_from_slice(&id.to_le_bytes());
-        if let Err(error) = self.shared.set(&key, &value, None) {
+        if let Err(error) = self.shared.set(&self.slot(kind, window), &value, None) {
             log::warn!("caching an etcd lease failed: {error}");
         }
     }

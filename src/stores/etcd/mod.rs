@@ -1,5 +1,5 @@
-//! The cluster-wide store: one etcd key per record, reached through Envoy on etcd's v3 JSON
-//! gateway, so that every Envoy of a fleet sees the same claims.
+//! The cluster-wide store: one etcd key per record, reached through Envoy on etcd's v3 gRPC API,
+//! so that every Envoy of a fleet sees the same claims.
 //!
 //! - Claim: one transaction, "create the key if absent, else read it back"; the loser decides on
 //!   the record it read with the same [`lifecycle`] as the embedded table. An expired record is taken
@@ -18,7 +18,11 @@
 //!   A finish sent again reads the key back when its compare fails, so an earlier attempt that
 //!   landed without its answer counts as done, not as a lost claim.
 //! - Expiry: leases shared by time bucket, one for claims in flight and one for records, so a
-//!   crashed Envoy's claim frees itself and etcd drops records after their TTL.
+//!   crashed Envoy's claim frees itself and etcd drops records after their TTL. Only the root
+//!   context's tick grants them: an operation that finds none waits for the grant, and while
+//!   a kind is in use its next bucket's lease is granted ahead. So a worker grants at most one
+//!   lease of each kind per bucket whatever the concurrency, and no call that a request's end
+//!   would cancel is ever left to carry others.
 //! - Shares: what each organisation's records written through this Envoy hold in etcd is counted
 //!   by lease window; past `max_share_bytes` its new records live `lease` instead of `ttl`, as if
 //!   evicted then, so a flooding organisation never holds more of etcd than its share.
@@ -33,7 +37,9 @@ mod leases;
 mod retry;
 #[cfg(test)]
 mod tests;
-mod wire;
+pub(crate) mod wire;
+
+pub use wire::Method;
 
 use crate::core::config::{Config, EtcdConfig};
 use crate::core::lifecycle::{self, Claim, Ending, Finished, Room, Verdict};
@@ -46,15 +52,17 @@ use crate::stores::table::Table;
 use crate::stores::{Caller, Kv};
 use leases::{LeaseKind, Leases};
 use retry::{Retries, RETRY_MILLIS};
-use serde_json::Value;
 use std::collections::HashMap;
+use wire::Txn;
 
 /// Attempts at one claim when other Envoys keep changing the record under it.
 const MAX_ROUNDS: u8 = 8;
+/// After a failed grant, none is asked for this long, and operations needing a lease fail.
+const GRANT_BACKOFF_MILLIS: Millis = 250;
+
 /// What an operation is waiting for.
 #[derive(Debug)]
 enum Sent {
-    Grant(LeaseKind),
     /// A waiting request's read of the record.
     Look,
     Create,
@@ -137,6 +145,14 @@ struct Pending {
     since: Millis,
 }
 
+/// An operation waiting for a lease to be granted, under a call id of its own that no Envoy call
+/// has (Envoy's ids are 0, 1 or 2 modulo 4): its request waits under that id.
+struct Parked {
+    id: CallId,
+    kind: LeaseKind,
+    op: Op,
+}
+
 pub struct Etcd<C: Caller, K: Kv> {
     caller: C,
     leases: Leases<K>,
@@ -146,6 +162,15 @@ pub struct Etcd<C: Caller, K: Kv> {
     claim_lease: Millis,
     compress: bool,
     pending: HashMap<CallId, Pending>,
+    /// Lease grants in flight: the kind and window, and when each was sent.
+    grants: HashMap<CallId, (LeaseKind, u64, Millis)>,
+    grant_failed_at: Option<Millis>,
+    /// The window each kind of lease was last used in, by kind.
+    used: [Option<u64>; 2],
+    parked: Vec<Parked>,
+    last_parked: CallId,
+    /// Parked operations that went on, under their ids, for [`Store::take_moved_on`].
+    moved_on: Vec<(CallId, Resumed)>,
     queued: Vec<Op>,
     retries: Retries,
     /// Ages the records stored since [`Store::take_evictions`] was last asked will be evicted
@@ -170,6 +195,12 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             claim_lease: config.claim_lease(),
             compress: config.compress_responses,
             pending: HashMap::new(),
+            grants: HashMap::new(),
+            grant_failed_at: None,
+            used: [None; 2],
+            parked: Vec::new(),
+            last_parked: 3,
+            moved_on: Vec::new(),
             queued: Vec::new(),
             retries: Retries::default(),
             evictions: Vec::new(),
@@ -233,18 +264,14 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         })
     }
 
-    fn key(&self, tuple: &[u8; 32]) -> String {
+    fn key(&self, tuple: &[u8; 32]) -> Vec<u8> {
         wire::key(&self.settings.key_prefix, tuple)
     }
 
-    fn send(&mut self, path: &str, body: Value, op: Op, sent: Sent, now: Millis) -> Resumed {
-        match self.caller.post(path, body.to_string().as_bytes()) {
+    fn send(&mut self, method: Method, message: &[u8], op: Op, sent: Sent, now: Millis) -> Resumed {
+        match self.caller.call(method, message) {
             Ok(call) => {
-                let resumed = match op {
-                    Op::Claim { .. } => Resumed::Claim(Answer::Later(call)),
-                    Op::Finish { .. } => Resumed::Finish(Answer::Later(call)),
-                    Op::Revoke { .. } => Resumed::Nothing,
-                };
+                let resumed = later(&op, call);
                 self.pending.insert(
                     call,
                     Pending {
@@ -272,26 +299,29 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         };
         let lease = match kind {
             Some(kind) => match self.leases.current(kind, now) {
-                Some(id) => Some(id),
-                None => {
-                    let (_, length) = self.leases.shape(kind);
-                    let body = wire::grant(length);
-                    return self.send(wire::GRANT, body, op, Sent::Grant(kind), now);
+                Some(id) => {
+                    self.used[kind as usize] = Some(self.leases.window(kind, now).0);
+                    Some(id)
                 }
+                None if self.grant_backing_off(now) => {
+                    let error = StoreError::Remote("no lease: granting one failed just now".into());
+                    return self.fail(op, error, now);
+                }
+                None => return self.park(kind, op),
             },
             None => None,
         };
-        let (body, sent) = match &op {
+        let (message, sent) = match &op {
             Op::Claim {
                 claim, takeover, ..
             } => {
                 let key = self.key(&claim.tuple);
-                let body = wire::claim(&key, &claim_value(claim, now), lease, *takeover);
+                let message = wire::claim(&key, &claim_value(claim, now), lease, *takeover);
                 let sent = match takeover {
                     None => Sent::Create,
                     Some(_) => Sent::Takeover,
                 };
-                (body, sent)
+                (message, sent)
             }
             Op::Finish {
                 claim,
@@ -300,19 +330,110 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 ..
             } => {
                 let key = self.key(&claim.tuple);
-                let body = wire::finish(&key, *revision, value.as_deref(), lease);
-                (body, Sent::Finish)
+                let message = wire::finish(&key, *revision, value.as_deref(), lease);
+                (message, Sent::Finish)
             }
             Op::Revoke { claim, value, .. } => {
                 (wire::revoke(&self.key(&claim.tuple), value), Sent::Revoke)
             }
         };
-        self.send(wire::TXN, body, op, sent, now)
+        self.send(wire::TXN, &message, op, sent, now)
+    }
+
+    fn grant_backing_off(&self, now: Millis) -> bool {
+        self.grant_failed_at
+            .is_some_and(|failed| now < failed + GRANT_BACKOFF_MILLIS)
+    }
+
+    /// Grants the leases wanted now, one of each kind at a time: the current window's if an
+    /// operation waits for it, else, in the second half of a window in which the kind was used,
+    /// the next one's.
+    fn grant_wanted(&mut self, now: Millis) {
+        if self.grant_backing_off(now) {
+            return;
+        }
+        for kind in LeaseKind::ALL {
+            if self.grants.values().any(|(granting, ..)| *granting == kind) {
+                continue;
+            }
+            let (window, late) = self.leases.window(kind, now);
+            let window = if self.leases.granted(kind, window).is_none() {
+                if !self.parked.iter().any(|parked| parked.kind == kind) {
+                    continue;
+                }
+                window
+            } else {
+                // Granted by another worker, maybe.
+                self.go_on(kind, now);
+                let in_use = self.used[kind as usize] == Some(window);
+                if !(late && in_use && self.leases.granted(kind, window + 1).is_none()) {
+                    continue;
+                }
+                window + 1
+            };
+            let (_, length) = self.leases.shape(kind);
+            match self.caller.call(wire::GRANT, &wire::grant(length)) {
+                Ok(call) => {
+                    self.grants.insert(call, (kind, window, now));
+                }
+                Err(error) => self.granted(kind, Err(error), now),
+            }
+        }
+    }
+
+    /// A grant of `kind` ended: the operations waiting for one go on, or fail with it.
+    fn granted(&mut self, kind: LeaseKind, result: Result<(u64, i64), StoreError>, now: Millis) {
+        match result {
+            Ok((window, id)) => {
+                self.leases.remember(kind, window, id);
+                self.go_on(kind, now);
+            }
+            Err(error) => {
+                log::debug!("granting an etcd lease failed: {error}");
+                self.grant_failed_at = Some(now);
+                for parked in self.unpark(kind) {
+                    let resumed = self.fail(parked.op, error.clone(), now);
+                    self.moved_on.push((parked.id, resumed));
+                }
+            }
+        }
+    }
+
+    /// The operations waiting for a lease of `kind` go on (a grant for the next window leaves
+    /// them waiting again, for the current one's).
+    fn go_on(&mut self, kind: LeaseKind, now: Millis) {
+        for parked in self.unpark(kind) {
+            let resumed = self.advance(parked.op, now);
+            self.moved_on.push((parked.id, resumed));
+        }
+    }
+
+    /// Keeps `op` until a lease of `kind` is granted (or its grant fails).
+    fn park(&mut self, kind: LeaseKind, op: Op) -> Resumed {
+        self.last_parked = self.last_parked.wrapping_add(4);
+        let id = self.last_parked;
+        let resumed = later(&op, id);
+        self.parked.push(Parked { id, kind, op });
+        resumed
+    }
+
+    fn unpark(&mut self, kind: LeaseKind) -> Vec<Parked> {
+        let (unparked, still) = std::mem::take(&mut self.parked)
+            .into_iter()
+            .partition(|parked| parked.kind == kind);
+        self.parked = still;
+        unparked
     }
 
     /// A claim's transaction failed: decide on the record etcd sent back.
-    fn decide_on(&mut self, claim: Claim, rounds: u8, existing: Value, now: Millis) -> Resumed {
-        let Some((value, revision)) = wire::first_kv(&existing) else {
+    fn decide_on(
+        &mut self,
+        claim: Claim,
+        rounds: u8,
+        existing: Option<(Vec<u8>, u64)>,
+        now: Millis,
+    ) -> Resumed {
+        let Some((value, revision)) = existing else {
             // The record went away between compare and read: claim again.
             return self.retry_claim(claim, rounds, None, now);
         };
@@ -367,35 +488,31 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         self.advance(op, now)
     }
 
-    fn on_answer(&mut self, pending: Pending, answer: Value, now: Millis) -> Resumed {
-        match (pending.sent, pending.op) {
-            (Sent::Grant(kind), op) => match wire::lease_of(&answer) {
-                Some(id) => {
-                    self.leases.remember(kind, id, now);
-                    self.advance(op, now)
-                }
-                None => self.fail(
-                    op,
-                    StoreError::Remote(format!("lease grant answered {answer}")),
-                    now,
-                ),
-            },
-            (Sent::Look, Op::Claim { claim, rounds, .. }) => {
-                self.decide_on(claim, rounds, answer, now)
+    /// The answer to a call: decoded as what was sent expects, and the operation carried on.
+    fn on_answer(&mut self, pending: Pending, message: &[u8], now: Millis) -> Resumed {
+        let decoded = match pending.sent {
+            Sent::Look => wire::range_answer(message).map(Decoded::Found),
+            _ => wire::txn_answer(message).map(Decoded::Txn),
+        };
+        match decoded {
+            Ok(decoded) => self.carry_on(pending, decoded, now),
+            Err(error) => self.call_failed(pending, error, true, now),
+        }
+    }
+
+    fn carry_on(&mut self, pending: Pending, answer: Decoded, now: Millis) -> Resumed {
+        match (pending.sent, pending.op, answer) {
+            (Sent::Look, Op::Claim { claim, rounds, .. }, Decoded::Found(found)) => {
+                self.decide_on(claim, rounds, found, now)
             }
-            (Sent::Create | Sent::Takeover, Op::Claim { claim, rounds, .. }) => {
-                if wire::succeeded(&answer) {
-                    match wire::revision_of(&answer) {
-                        Some(revision) => {
-                            Resumed::Claim(Answer::Now(Ok(Verdict::Claimed(Ticket {
-                                handle: Handle::Revision(revision),
-                                claim,
-                            }))))
-                        }
-                        None => failed_claim(format!("txn answered {answer}")),
-                    }
+            (Sent::Create | Sent::Takeover, Op::Claim { claim, rounds, .. }, Decoded::Txn(txn)) => {
+                if txn.succeeded {
+                    Resumed::Claim(Answer::Now(Ok(Verdict::Claimed(Ticket {
+                        handle: Handle::Revision(txn.revision),
+                        claim,
+                    }))))
                 } else {
-                    self.decide_on(claim, rounds, wire::failed_read(&answer), now)
+                    self.decide_on(claim, rounds, txn.found, now)
                 }
             }
             (
@@ -408,6 +525,9 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     retried,
                     ..
                 },
+                Decoded::Txn(Txn {
+                    succeeded, found, ..
+                }),
             ) => {
                 // A finish sent again after an answer that never came may find that its earlier
                 // attempt landed: its own value in place, or, for a release, the key gone.
@@ -416,8 +536,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     (None, None) => retried,
                     _ => false,
                 };
-                if !wire::succeeded(&answer) && !landed(wire::first_kv(&wire::failed_read(&answer)))
-                {
+                if !succeeded && !landed(found) {
                     return Resumed::Finish(Answer::Now(Ok(Finished::Lost)));
                 }
                 if let Some((response, expires)) = response {
@@ -427,10 +546,10 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 }
                 Resumed::Finish(Answer::Now(Ok(recorded)))
             }
-            (Sent::Revoke, op) => {
-                if wire::succeeded(&answer) {
+            (Sent::Revoke, op, Decoded::Txn(txn)) => {
+                if txn.succeeded {
                     log::info!("revoked a claim whose answer was lost: its key is free again");
-                } else if !wire::key_found(&answer) {
+                } else if txn.found.is_none() {
                     // The lost transaction may still land.
                     self.retries.revoke_again(op, now);
                     return Resumed::Nothing;
@@ -439,7 +558,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 self.retries.revoke_ended();
                 Resumed::Nothing
             }
-            (_, op) => self.fail(
+            (_, op, _) => self.fail(
                 op,
                 StoreError::Remote("answer to an unknown step".into()),
                 now,
@@ -478,8 +597,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         match ending {
             Ending::Stored(response) => {
                 let bytes = response.encode(claim.token, self.compress);
-                // The gateway carries values base64-encoded: 4 bytes for every 3.
-                if bytes.len().div_ceil(3) * 4 > self.settings.max_value_bytes {
+                if bytes.len() > self.settings.max_value_bytes {
                     let unstored = Ending::Unstored { no_room: false };
                     return self.finish_op(claim, revision, unstored, now);
                 }
@@ -538,7 +656,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             return None;
         }
         let range = wire::range(&self.key(&claim.tuple));
-        let look = self.send(wire::RANGE, range, Op::first(claim), Sent::Look, now);
+        let look = self.send(wire::RANGE, &range, Op::first(claim), Sent::Look, now);
         Some(claim_answer(look))
     }
 
@@ -560,22 +678,20 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
     }
 
     fn resume(&mut self, call: CallId, response: CallResponse, now: Millis) -> Option<Resumed> {
+        if let Some((kind, window, _)) = self.grants.remove(&call) {
+            let granted = match response {
+                Ok(message) => wire::lease_answer(&message),
+                Err(failed) => Err(StoreError::Remote(format!("etcd answered {failed}"))),
+            };
+            self.granted(kind, granted.map(|id| (window, id)), now);
+            return Some(Resumed::Nothing);
+        }
         let pending = self.pending.remove(&call)?;
-        // etcd refused it (4xx: out of space, too large, denied): nothing was applied.
-        let refused = matches!(response, Ok((400..=499, _)));
-        let answer = match response {
-            Ok((200, body)) => serde_json::from_slice::<Value>(&body)
-                .map_err(|e| StoreError::Remote(format!("etcd answered invalid JSON: {e}"))),
-            Ok((status, body)) => Err(StoreError::Remote(format!(
-                "etcd answered {status}: {}",
-                String::from_utf8_lossy(&body[..body.len().min(200)])
-            ))),
-            Err(error) => Err(error),
-        };
-        Some(match answer {
-            Ok(answer) => self.on_answer(pending, answer, now),
-            Err(error) => {
-                // A value etcd refuses as too large: keep the record without its response.
+        Some(match response {
+            Ok(message) => self.on_answer(pending, &message, now),
+            Err(failed) => {
+                // A value etcd refuses as too large (its own limit, or gRPC's above it): keep
+                // the record without its response.
                 if let Op::Finish {
                     claim,
                     revision,
@@ -583,12 +699,16 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                     ..
                 } = &pending.op
                 {
-                    if error.to_string().contains("too large") {
+                    if failed.message.contains("too large")
+                        || failed.message.contains("larger than max")
+                    {
                         let unstored = Ending::Unstored { no_room: false };
                         let op = self.finish_op(*claim, *revision, unstored, now);
                         return Some(self.advance(op, now));
                     }
                 }
+                let refused = failed.refused();
+                let error = StoreError::Remote(format!("etcd answered {failed}"));
                 self.call_failed(pending, error, !refused, now)
             }
         })
@@ -610,6 +730,18 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                 ended.push(self.call_failed(pending, error, true, now));
             }
         }
+        let silent: Vec<CallId> = self
+            .grants
+            .iter()
+            .filter(|(_, (_, _, since))| now.saturating_sub(*since) > horizon)
+            .map(|(call, _)| *call)
+            .collect();
+        for call in silent {
+            if let Some((kind, ..)) = self.grants.remove(&call) {
+                let error = StoreError::Remote("etcd never answered a lease grant".into());
+                self.granted(kind, Err(error), now);
+            }
+        }
         let mut queued = std::mem::take(&mut self.queued);
         queued.extend(self.retries.due(now));
         for op in queued {
@@ -618,8 +750,13 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                 other => ended.push(other),
             }
         }
+        self.grant_wanted(now);
         ended.extend(self.cache.tick(now));
         ended
+    }
+
+    fn take_moved_on(&mut self) -> Vec<(CallId, Resumed)> {
+        std::mem::take(&mut self.moved_on)
     }
 
     /// The local copies' evictions are not the records' (etcd still holds those): dropped.
@@ -638,6 +775,17 @@ fn claim_answer(resumed: Resumed) -> Answer<Result<ClaimReply, StoreError>> {
     }
 }
 
-fn failed_claim(what: String) -> Resumed {
-    Resumed::Claim(Answer::Now(Err(StoreError::Remote(what))))
+/// What an operation waiting for `call` gives its asker.
+fn later(op: &Op, call: CallId) -> Resumed {
+    match op {
+        Op::Claim { .. } => Resumed::Claim(Answer::Later(call)),
+        Op::Finish { .. } => Resumed::Finish(Answer::Later(call)),
+        Op::Revoke { .. } => Resumed::Nothing,
+    }
+}
+
+/// An answer, decoded as its call expects.
+enum Decoded {
+    Found(Option<(Vec<u8>, u64)>),
+    Txn(Txn),
 }

@@ -1,6 +1,7 @@
 use super::fake::*;
 use super::*;
 use crate::core::lifecycle::Block;
+use crate::core::store::CallFailed;
 
 #[test]
 fn a_claim_is_one_create_if_absent_transaction_under_a_shared_lease() {
@@ -83,7 +84,7 @@ fn past_its_share_an_organisation_s_records_live_a_lease_and_count_as_evicted() 
         "another organisation"
     );
     // Once the first records' leases have surely ended, the share has room again.
-    let later = hour + 4 * hour / 8;
+    let later = hour + 5 * hour / 8;
     assert_eq!(store(&mut world, 1, 11, later), (hour, vec![]));
 }
 
@@ -101,7 +102,7 @@ fn a_waiting_request_reads_the_record_and_claims_only_once_it_is_gone() {
         "a near poll makes no call"
     );
     let look = Resumed::Claim(b.poll(&claim_of(1, 20), true, 5).unwrap());
-    assert_eq!(world.calls.sent.borrow()[sent].0, "/v3/kv/range");
+    assert_eq!(world.calls.get(Calls::id(sent)).0, wire::RANGE);
     assert_eq!(
         world.settle(&mut b, look, 5),
         Resumed::Claim(Answer::Now(Ok(Verdict::Blocked(Block::InFlight {
@@ -140,12 +141,12 @@ fn a_waiting_request_claims_a_released_record() {
     let look = Resumed::Claim(b.poll(&claim_of(1, 20), true, 2).unwrap());
     let ticket = claimed(world.settle(&mut b, look, 2));
     assert_eq!(ticket.claim.token, 20);
-    let paths: Vec<String> = world.calls.sent.borrow()[sent..]
+    let methods: Vec<Method> = world.calls.sent.borrow()[sent..]
         .iter()
-        .map(|(path, _)| path.clone())
+        .map(|(method, _)| *method)
         .collect();
     // B's first claim needs a lease of its own: leases are cached per Envoy.
-    assert_eq!(paths, ["/v3/kv/range", "/v3/lease/grant", "/v3/kv/txn"]);
+    assert_eq!(methods, [wire::RANGE, wire::GRANT, wire::TXN]);
 }
 
 #[test]
@@ -158,11 +159,14 @@ fn a_finish_etcd_did_not_take_is_sent_again_while_the_claim_lasts() {
         a.finish(ticket, Ending::Stored(response()), 10),
         Answer::Queued
     );
-    assert_eq!(a.tick(10), vec![]);
+    assert_eq!(world.tick_granting(&mut a, 10).0, vec![]);
     let sent = world.calls.sent.borrow().len();
-    let unavailable = Ok((503, b"etcdserver: leader changed".to_vec()));
+    let unavailable = Err(CallFailed {
+        status: 14,
+        message: "etcdserver: leader changed".into(),
+    });
     assert!(matches!(
-        a.resume(sent as CallId, unavailable, 20),
+        a.resume(world.calls.last(), unavailable, 20),
         Some(Resumed::Finish(Answer::Now(Err(StoreError::Remote(_)))))
     ));
     assert_eq!(a.tick(500), vec![]);
@@ -172,7 +176,7 @@ fn a_finish_etcd_did_not_take_is_sent_again_while_the_claim_lasts() {
     assert_eq!(again, sent + 1, "sent again");
     let resumed = world.settle(
         &mut a,
-        Resumed::Finish(Answer::Later(again as CallId)),
+        Resumed::Finish(Answer::Later(world.calls.last())),
         1_030,
     );
     assert_eq!(
@@ -192,7 +196,7 @@ fn a_finish_sent_again_after_its_answer_was_lost_finds_its_own_write_and_is_done
         let mut a = world.envoy(JSON);
         let ticket = world.claim_on(&mut a, 10, 0);
         assert_eq!(a.finish(ticket, ending, 10), Answer::Queued);
-        assert_eq!(a.tick(10), vec![]);
+        assert_eq!(world.tick_granting(&mut a, 10).0, vec![]);
         // etcd applies the finish, but its answer never reaches the Envoy.
         let lost = world.answer_last(&mut a, false, 20);
         assert!(
@@ -200,7 +204,7 @@ fn a_finish_sent_again_after_its_answer_was_lost_finds_its_own_write_and_is_done
             "{lost:?}"
         );
         assert_eq!(a.tick(1_020), vec![]);
-        let again = world.calls.sent.borrow().len() as CallId;
+        let again = world.calls.last();
         let resumed = world.settle(&mut a, Resumed::Finish(Answer::Later(again)), 1_030);
         assert_eq!(
             resumed,
@@ -218,15 +222,24 @@ fn a_finish_that_keeps_failing_is_given_up_a_lease_after_the_response() {
     a.finish(ticket, Ending::Stored(response()), 10);
     let (mut sends, mut reported) = (0, 0);
     for now in (10..70_000).step_by(20) {
+        let mut next = world.calls.sent.borrow().len();
         a.tick(now);
-        let sent = world.calls.sent.borrow().len() as CallId;
-        match a.resume(sent, Err(StoreError::Remote("timeout".into())), now) {
-            Some(Resumed::Finish(Answer::Now(Err(_)))) => {
-                (sends, reported) = (sends + 1, reported + 1)
+        // The finish fails each time; the leases it and the next window's claims need come.
+        while next < world.calls.sent.borrow().len() {
+            let call = Calls::id(next);
+            next += 1;
+            if world.calls.get(call).0 == wire::GRANT {
+                let answer = world.etcd.answer(wire::GRANT, &world.calls.get(call).1);
+                assert_eq!(a.resume(call, Ok(answer), now), Some(Resumed::Nothing));
+                continue;
             }
-            Some(Resumed::Finish(Answer::Queued)) => sends += 1,
-            None => {}
-            other => panic!("{other:?}"),
+            match a.resume(call, Err(lost()), now) {
+                Some(Resumed::Finish(Answer::Now(Err(_)))) => {
+                    (sends, reported) = (sends + 1, reported + 1)
+                }
+                Some(Resumed::Finish(Answer::Queued)) => sends += 1,
+                other => panic!("{other:?}"),
+            }
         }
     }
     // Every second while the claim's lease (60 s) runs from the response, then no more;
@@ -250,7 +263,7 @@ fn a_claim_whose_answer_was_lost_is_revoked_once_it_has_landed() {
     assert_eq!(a.tick(1_000), vec![]);
     assert_eq!(world.calls.sent.borrow().len(), sent, "not before a second");
     a.tick(1_500);
-    assert_eq!(world.last_path(), "/v3/kv/txn");
+    assert_eq!(world.last_method(), wire::TXN);
     assert_eq!(
         world.answer_last(&mut a, true, 1_510),
         Some(Resumed::Nothing)
@@ -266,16 +279,15 @@ fn a_lost_claim_that_lands_late_is_revoked_when_it_does() {
     let mut world = World::new();
     let mut a = world.envoy(JSON);
     world.claim_sent(&mut a, 10, 0);
-    let late = world.calls.sent.borrow().last().cloned().unwrap();
-    let call = world.calls.sent.borrow().len() as CallId;
-    a.resume(call, Err(StoreError::Remote("no answer".into())), 500);
+    let late = world.calls.get(world.calls.last());
+    a.resume(world.calls.last(), Err(lost()), 500);
     a.tick(1_500);
     // Not there yet: looked for again a second later, then at doubling intervals.
     assert_eq!(
         world.answer_last(&mut a, true, 1_510),
         Some(Resumed::Nothing)
     );
-    world.etcd.answer(&late.0, &late.1);
+    world.etcd.answer(late.0, &late.1);
     assert_eq!(world.etcd.keys.len(), 1, "the lost claim landed late");
     let sent = world.calls.sent.borrow().len();
     a.tick(2_000);
@@ -294,8 +306,7 @@ fn revoking_leaves_another_claim_alone_and_a_refused_claim_is_not_revoked() {
     let mut a = world.envoy(JSON);
     let mut b = world.envoy(JSON);
     world.claim_sent(&mut a, 10, 0);
-    let call = world.calls.sent.borrow().len() as CallId;
-    a.resume(call, Err(StoreError::Remote("no answer".into())), 500);
+    a.resume(world.calls.last(), Err(lost()), 500);
     world.claim_on(&mut b, 20, 600);
     a.tick(1_500);
     assert_eq!(
@@ -305,11 +316,9 @@ fn revoking_leaves_another_claim_alone_and_a_refused_claim_is_not_revoked() {
     assert_eq!(world.etcd.keys.len(), 1, "B's claim stays");
     assert_eq!(a.retries.revokes, 0, "done: the key is someone else's");
 
-    // A claim etcd refused (4xx) was not applied: nothing to revoke.
+    // A claim etcd refused was not applied: nothing to revoke.
     world.claim_sent(&mut a, 11, 2_000);
-    let call = world.calls.sent.borrow().len() as CallId;
-    let nospace = br#"{"error":"etcdserver: mvcc: database space exceeded","code":8}"#.to_vec();
-    a.resume(call, Ok((429, nospace)), 2_010);
+    a.resume(world.calls.last(), Err(nospace()), 2_010);
     let sent = world.calls.sent.borrow().len();
     a.tick(10_000);
     assert_eq!(world.calls.sent.borrow().len(), sent);
@@ -362,24 +371,26 @@ fn a_value_over_the_limit_keeps_the_record_without_its_response() {
     );
 }
 
+fn nospace() -> CallFailed {
+    CallFailed {
+        status: 8,
+        message: "etcdserver: mvcc: database space exceeded".into(),
+    }
+}
+
 #[test]
-fn etcd_errors_and_silence_fail_the_operation() {
-    let mut store = World::new().envoy(JSON);
-    let Answer::Later(call) = store.claim(&claim_of(1, 10), 0) else {
-        panic!("expected a call");
-    };
-    let nospace = br#"{"error":"etcdserver: mvcc: database space exceeded","code":8}"#.to_vec();
-    match store.resume(call, Ok((429, nospace)), 1) {
+fn etcd_errors_fail_the_operation() {
+    let mut world = World::new();
+    let mut store = world.envoy(JSON);
+    world.claim_sent(&mut store, 10, 0);
+    let call = world.calls.last();
+    match store.resume(call, Err(nospace()), 1) {
         Some(Resumed::Claim(Answer::Now(Err(StoreError::Remote(what))))) => {
-            assert!(what.contains("429"), "{what}")
+            assert!(what.contains("space exceeded"), "{what}")
         }
         other => panic!("{other:?}"),
     }
-    assert_eq!(
-        store.resume(call, Ok((200, b"{}".to_vec())), 1),
-        None,
-        "answered once"
-    );
+    assert_eq!(store.resume(call, Ok(Vec::new()), 1), None, "answered once");
 }
 
 #[test]
@@ -396,26 +407,112 @@ fn garbage_answers_from_etcd_fail_the_claim_without_panicking() {
         org: 1,
     }
     .encode_remote(Some(&response().encode(9, true)));
-    let found = |value: &[u8]| {
-        serde_json::json!({"header": {"revision": "7"}, "responses": [{"response_range": {"kvs": [
-            {"key": "eA==", "value": wire::b64(value), "mod_revision": "6", "lease": "123"}]}}]})
-        .to_string()
-        .into_bytes()
+    use super::wire::{KeyValue, RangeResponse, Response, ResponseOp, TxnResponse};
+    use prost::Message;
+    let answer = |succeeded: bool, value: Vec<u8>| {
+        let range = RangeResponse {
+            header: None,
+            kvs: vec![KeyValue {
+                key: b"x".to_vec(),
+                mod_revision: 6,
+                value,
+            }],
+        };
+        TxnResponse {
+            header: None,
+            succeeded,
+            responses: vec![ResponseOp {
+                response: Some(Response::Range(range)),
+            }],
+        }
+        .encode_to_vec()
     };
-    let won = br#"{"header":{"revision":"5"},"succeeded":true,"responses":[{"response_put":{}}]}"#;
+    let won = answer(true, Vec::new());
     garbage::run("etcd answers", |g| {
-        let mut store = World::new().envoy(JSON);
-        let Answer::Later(call) = store.claim(&claim_of(1, 10), 0) else {
-            panic!("expected a call");
-        };
-        let body = match g.below(4) {
+        let mut world = World::new();
+        let mut store = world.envoy(JSON);
+        world.claim_sent(&mut store, 10, 0);
+        let message = match g.below(4) {
             0 => g.bytes(512),
-            1 => g.mutate(won),
-            2 => g.mutate(&found(&record)),
-            _ => found(&g.mutate(&record)),
+            1 => g.mutate(&won),
+            2 => g.mutate(&answer(false, record.clone())),
+            _ => answer(false, g.mutate(&record)),
         };
-        let status = [200, 200, 404, 429, 500][g.below(5)];
-        let answer = store.resume(call, Ok((status, body)), 1);
+        let answer = store.resume(world.calls.last(), Ok(message), 1);
         assert!(matches!(answer, Some(Resumed::Claim(_))), "{answer:?}");
     });
+}
+
+#[test]
+fn claims_that_find_no_lease_wait_for_one_grant_and_the_next_is_granted_ahead() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let claim = |n: u8| Claim {
+        tuple: [n; 32],
+        ..claim_of(1, u64::from(n))
+    };
+    let waiting: Vec<CallId> = (0..32)
+        .map(|n| match a.claim(&claim(n), 0) {
+            Answer::Later(call) if parked(call) => call,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert!(
+        world.calls.sent.borrow().is_empty(),
+        "no call a request's end could cancel"
+    );
+    let (_, moved) = world.tick_granting(&mut a, 20);
+    assert_eq!(world.etcd.leases, 1, "one grant for 32 claims");
+    let went_on: Vec<CallId> = moved.iter().map(|(call, _)| *call).collect();
+    assert_eq!(went_on, waiting);
+    for (_, resumed) in moved {
+        claimed(world.settle(&mut a, resumed, 20));
+    }
+    // The claim lease's window is 7.5 s: in its second half, its successor comes ahead, once.
+    for now in (40..7_500).step_by(20) {
+        world.tick_granting(&mut a, now);
+    }
+    assert_eq!(world.etcd.leases, 2);
+    let first = Resumed::Claim(a.claim(&claim(40), 7_500));
+    claimed(world.settle(&mut a, first, 7_500));
+    assert_eq!(
+        world.etcd.leases, 2,
+        "the next window's claim found its lease"
+    );
+    // A kind unused in a window is not granted ahead for the next.
+    for now in (7_500..22_500).step_by(20) {
+        world.tick_granting(&mut a, now);
+    }
+    assert_eq!(world.etcd.leases, 3);
+}
+
+#[test]
+fn a_failed_grant_fails_the_claims_waiting_for_it_and_for_a_moment_those_after() {
+    let world = World::new();
+    let mut a = world.envoy(JSON);
+    let Answer::Later(waiting) = a.claim(&claim_of(1, 10), 0) else {
+        panic!("expected to wait for a lease");
+    };
+    a.tick(20);
+    assert_eq!(world.last_method(), wire::GRANT);
+    assert_eq!(
+        a.resume(world.calls.last(), Err(lost()), 30),
+        Some(Resumed::Nothing)
+    );
+    let moved = a.take_moved_on();
+    assert!(
+        matches!(moved[..], [(call, Resumed::Claim(Answer::Now(Err(_))))] if call == waiting),
+        "{moved:?}"
+    );
+    assert!(matches!(
+        a.claim(&claim_of(1, 11), 200),
+        Answer::Now(Err(StoreError::Remote(_)))
+    ));
+    a.tick(200);
+    assert_eq!(
+        world.calls.sent.borrow().len(),
+        1,
+        "no grant within the backoff"
+    );
+    assert!(matches!(a.claim(&claim_of(1, 12), 300), Answer::Later(call) if parked(call)));
 }

@@ -1,178 +1,343 @@
-//! etcd's v3 JSON gateway on the wire: the bodies the store sends, and what it reads from the
-//! answers. Keys and values travel base64-encoded, int64 fields as strings.
+//! etcd's v3 gRPC API on the wire: the few messages of `etcdserverpb` the store sends and reads,
+//! with the fields it uses (protobuf skips the others), and the calls that carry them.
 
+use crate::core::store::StoreError;
 use crate::core::Millis;
-use serde_json::{json, Value};
+use prost::Message;
 
-pub const GRANT: &str = "/v3/lease/grant";
-pub const RANGE: &str = "/v3/kv/range";
-pub const TXN: &str = "/v3/kv/txn";
+/// A unary call of etcd's: its gRPC service and method.
+pub type Method = (&'static str, &'static str);
+
+pub const GRANT: Method = ("etcdserverpb.Lease", "LeaseGrant");
+pub const RANGE: Method = ("etcdserverpb.KV", "Range");
+pub const TXN: Method = ("etcdserverpb.KV", "Txn");
 
 /// The records' keys live under this, after `key_prefix`: a filter with another record format
 /// never meets the records of this one (as the table's format is in its keys too).
 pub const RECORD_FORMAT: &str = "r2/";
 
-/// A record's key as the gateway carries it: `prefix`, the format and the tuple in hex,
-/// base64-encoded.
-pub fn key(prefix: &str, tuple: &[u8; 32]) -> String {
-    let mut key = format!("{prefix}{RECORD_FORMAT}");
+/// A record's key: `prefix`, the format and the tuple in hex.
+pub fn key(prefix: &str, tuple: &[u8; 32]) -> Vec<u8> {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut key = Vec::with_capacity(prefix.len() + RECORD_FORMAT.len() + 64);
+    key.extend_from_slice(prefix.as_bytes());
+    key.extend_from_slice(RECORD_FORMAT.as_bytes());
     for byte in tuple {
-        key.push_str(&format!("{byte:02x}"));
+        key.push(HEX[usize::from(byte >> 4)]);
+        key.push(HEX[usize::from(byte & 15)]);
     }
-    b64(key.as_bytes())
+    key
+}
+
+/// Envoy's `GrpcService` naming `cluster`, with `authority` as every call's `:authority`: what
+/// `dispatch_grpc_call` takes as its upstream.
+pub fn upstream(cluster: &str, authority: &str) -> Vec<u8> {
+    GrpcService {
+        envoy_grpc: Some(EnvoyGrpc {
+            cluster_name: cluster.into(),
+            authority: authority.into(),
+        }),
+    }
+    .encode_to_vec()
 }
 
 /// A lease of `length`, in whole seconds.
-pub fn grant(length: Millis) -> Value {
-    json!({ "TTL": length.div_ceil(1000) })
+pub fn grant(length: Millis) -> Vec<u8> {
+    let ttl = i64::try_from(length.div_ceil(1000)).unwrap_or(i64::MAX);
+    LeaseGrantRequest { ttl }.encode_to_vec()
 }
 
-pub fn range(key: &str) -> Value {
-    json!({ "key": key })
+pub fn range(key: &[u8]) -> Vec<u8> {
+    range_request(key, false).encode_to_vec()
 }
 
 /// Puts `value` at `key` if the key is absent (or, with `takeover`, if its `mod_revision` is
 /// still that one), else reads the key back in the same round trip.
-pub fn claim(key: &str, value: &[u8], lease: Option<i64>, takeover: Option<u64>) -> Value {
+pub fn claim(key: &[u8], value: &[u8], lease: Option<i64>, takeover: Option<u64>) -> Vec<u8> {
     let compare = match takeover {
-        None => json!({"key": key, "result": "EQUAL", "target": "CREATE", "create_revision": "0"}),
-        Some(revision) => {
-            json!({"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision.to_string()})
-        }
+        None => compare(key, Target::Create, Against::CreateRevision(0)),
+        Some(revision) => compare(key, Target::Mod, Against::ModRevision(int64(revision))),
     };
-    json!({
-        "compare": [compare],
-        "success": [put(key, value, lease)],
-        "failure": [{"request_range": {"key": key}}],
-    })
+    txn(compare, put(key, value, lease), range_request(key, false))
 }
 
 /// Puts `value` at `key` (deletes the key for `None`) if its `mod_revision` is still `revision`,
 /// else reads the key back.
-pub fn finish(key: &str, revision: u64, value: Option<&[u8]>, lease: Option<i64>) -> Value {
-    let compare = json!({"key": key, "result": "EQUAL", "target": "MOD", "mod_revision": revision.to_string()});
+pub fn finish(key: &[u8], revision: u64, value: Option<&[u8]>, lease: Option<i64>) -> Vec<u8> {
+    let compare = compare(key, Target::Mod, Against::ModRevision(int64(revision)));
     let success = match value {
         Some(value) => put(key, value, lease),
-        None => json!({"request_delete_range": {"key": key}}),
+        None => Request::DeleteRange(DeleteRangeRequest { key: key.into() }),
     };
-    json!({
-        "compare": [compare],
-        "success": [success],
-        "failure": [{"request_range": {"key": key}}],
-    })
+    txn(compare, success, range_request(key, false))
 }
 
 /// Deletes `key` if it holds exactly `value`, else reads whether it exists.
-pub fn revoke(key: &str, value: &[u8]) -> Value {
-    json!({
-        "compare": [{"key": key, "result": "EQUAL", "target": "VALUE", "value": b64(value)}],
-        "success": [{"request_delete_range": {"key": key}}],
-        "failure": [{"request_range": {"key": key, "keys_only": true}}],
+pub fn revoke(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let compare = compare(key, Target::Value, Against::Value(value.into()));
+    let success = Request::DeleteRange(DeleteRangeRequest { key: key.into() });
+    txn(compare, success, range_request(key, true))
+}
+
+/// A transaction's answer: whether its compare held, the revision it was applied at, and, if
+/// it did not hold, the key its read found (value and `mod_revision`).
+#[derive(Debug)]
+pub struct Txn {
+    pub succeeded: bool,
+    pub revision: u64,
+    pub found: Option<(Vec<u8>, u64)>,
+}
+
+pub fn txn_answer(message: &[u8]) -> Result<Txn, StoreError> {
+    let answer = decode::<TxnResponse>(message)?;
+    let found = answer
+        .responses
+        .into_iter()
+        .next()
+        .and_then(|op| match op.response {
+            Some(Response::Range(range)) => first_kv(range),
+            _ => None,
+        });
+    Ok(Txn {
+        succeeded: answer.succeeded,
+        revision: revision_of(answer.header),
+        found,
     })
 }
 
-fn put(key: &str, value: &[u8], lease: Option<i64>) -> Value {
-    let mut put = json!({"key": key, "value": b64(value)});
-    if let Some(lease) = lease {
-        put["lease"] = json!(lease.to_string());
-    }
-    json!({ "request_put": put })
+/// A read's key, if it exists: its value and `mod_revision`.
+pub fn range_answer(message: &[u8]) -> Result<Option<(Vec<u8>, u64)>, StoreError> {
+    decode::<RangeResponse>(message).map(first_kv)
 }
 
-/// A failed transaction has no `succeeded` member at all.
-pub fn succeeded(answer: &Value) -> bool {
-    answer.get("succeeded").and_then(Value::as_bool) == Some(true)
-}
-
-/// Whether a failed transaction's read found its key.
-pub fn key_found(answer: &Value) -> bool {
-    answer
-        .pointer("/responses/0/response_range/kvs/0")
-        .is_some()
-}
-
-/// The read a failed claim's transaction made.
-pub fn failed_read(answer: &Value) -> Value {
-    answer
-        .pointer("/responses/0/response_range")
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-pub fn revision_of(answer: &Value) -> Option<u64> {
-    answer.pointer("/header/revision").and_then(int64)
-}
-
-pub fn lease_of(answer: &Value) -> Option<i64> {
-    answer.get("ID").and_then(int64).map(|id| id as i64)
-}
-
-/// A read's first key: its value and `mod_revision`.
-pub fn first_kv(range: &Value) -> Option<(Vec<u8>, u64)> {
-    let kv = range.pointer("/kvs/0")?;
-    let value = unb64(kv.get("value").and_then(Value::as_str).unwrap_or(""))?;
-    let revision = kv.get("mod_revision").and_then(int64)?;
-    Some((value, revision))
-}
-
-/// etcd's int64 fields travel as strings (they exceed 2^53).
-fn int64(value: &Value) -> Option<u64> {
-    match value {
-        Value::String(text) => text.parse().ok(),
-        Value::Number(number) => number.as_u64(),
-        _ => None,
+pub fn lease_answer(message: &[u8]) -> Result<i64, StoreError> {
+    let answer = decode::<LeaseGrantResponse>(message)?;
+    match answer.id {
+        0 => Err(StoreError::Remote(format!(
+            "lease grant refused: {}",
+            answer.error
+        ))),
+        id => Ok(id),
     }
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-pub fn b64(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk
-            .iter()
-            .enumerate()
-            .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(B64[(n >> (18 - 6 * i) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+fn decode<M: Message + Default>(message: &[u8]) -> Result<M, StoreError> {
+    M::decode(message).map_err(|error| StoreError::Remote(format!("etcd answered: {error}")))
 }
 
-pub fn unb64(text: &str) -> Option<Vec<u8>> {
-    let text = text.trim_end_matches('=');
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut n = 0u32;
-    let mut bits = 0;
-    for c in text.bytes() {
-        let v = B64.iter().position(|b| *b == c)? as u32;
-        n = n << 6 | v;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((n >> bits & 0xff) as u8);
-        }
-    }
-    Some(out)
+fn first_kv(range: RangeResponse) -> Option<(Vec<u8>, u64)> {
+    let kv = range.kvs.into_iter().next()?;
+    Some((kv.value, u64::try_from(kv.mod_revision).unwrap_or(0)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+fn revision_of(header: Option<ResponseHeader>) -> u64 {
+    header.map_or(0, |header| u64::try_from(header.revision).unwrap_or(0))
+}
 
-    #[test]
-    fn base64_round_trips() {
-        for len in 0..40 {
-            let bytes: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(37)).collect();
-            assert_eq!(unb64(&b64(&bytes)).unwrap(), bytes);
-        }
-        assert_eq!(b64(b"foob"), "Zm9vYg==");
-        assert_eq!(b64(b"fooba"), "Zm9vYmE=");
-        assert_eq!(b64(b"foobar"), "Zm9vYmFy");
+fn int64(revision: u64) -> i64 {
+    i64::try_from(revision).unwrap_or(i64::MAX)
+}
+
+fn compare(key: &[u8], target: Target, against: Against) -> Compare {
+    Compare {
+        result: 0, // EQUAL
+        target: target as i32,
+        key: key.into(),
+        against: Some(against),
     }
+}
+
+fn put(key: &[u8], value: &[u8], lease: Option<i64>) -> Request {
+    Request::Put(PutRequest {
+        key: key.into(),
+        value: value.into(),
+        lease: lease.unwrap_or(0),
+    })
+}
+
+fn range_request(key: &[u8], keys_only: bool) -> RangeRequest {
+    RangeRequest {
+        key: key.into(),
+        keys_only,
+    }
+}
+
+fn txn(compare: Compare, success: Request, failure: RangeRequest) -> Vec<u8> {
+    TxnRequest {
+        compare: vec![compare],
+        success: vec![RequestOp {
+            request: Some(success),
+        }],
+        failure: vec![RequestOp {
+            request: Some(Request::Range(failure)),
+        }],
+    }
+    .encode_to_vec()
+}
+
+// The messages, as `api/etcdserverpb/rpc.proto` and `api/mvccpb/kv.proto` number their fields.
+
+#[derive(Clone, Copy)]
+enum Target {
+    Create = 1,
+    Mod = 2,
+    Value = 3,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct Compare {
+    #[prost(int32, tag = "1")]
+    pub result: i32,
+    #[prost(int32, tag = "2")]
+    pub target: i32,
+    #[prost(bytes = "vec", tag = "3")]
+    pub key: Vec<u8>,
+    #[prost(oneof = "Against", tags = "5, 6, 7")]
+    pub against: Option<Against>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub(super) enum Against {
+    #[prost(int64, tag = "5")]
+    CreateRevision(i64),
+    #[prost(int64, tag = "6")]
+    ModRevision(i64),
+    #[prost(bytes = "vec", tag = "7")]
+    Value(Vec<u8>),
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct TxnRequest {
+    #[prost(message, repeated, tag = "1")]
+    pub compare: Vec<Compare>,
+    #[prost(message, repeated, tag = "2")]
+    pub success: Vec<RequestOp>,
+    #[prost(message, repeated, tag = "3")]
+    pub failure: Vec<RequestOp>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct RequestOp {
+    #[prost(oneof = "Request", tags = "1, 2, 3")]
+    pub request: Option<Request>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub(super) enum Request {
+    #[prost(message, tag = "1")]
+    Range(RangeRequest),
+    #[prost(message, tag = "2")]
+    Put(PutRequest),
+    #[prost(message, tag = "3")]
+    DeleteRange(DeleteRangeRequest),
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct RangeRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(bool, tag = "8")]
+    pub keys_only: bool,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct PutRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    pub value: Vec<u8>,
+    #[prost(int64, tag = "3")]
+    pub lease: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct DeleteRangeRequest {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct ResponseHeader {
+    #[prost(int64, tag = "3")]
+    pub revision: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct TxnResponse {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<ResponseHeader>,
+    #[prost(bool, tag = "2")]
+    pub succeeded: bool,
+    #[prost(message, repeated, tag = "3")]
+    pub responses: Vec<ResponseOp>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct ResponseOp {
+    #[prost(oneof = "Response", tags = "1, 2, 3")]
+    pub response: Option<Response>,
+}
+
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub(super) enum Response {
+    #[prost(message, tag = "1")]
+    Range(RangeResponse),
+    #[prost(message, tag = "2")]
+    Put(Header),
+    #[prost(message, tag = "3")]
+    DeleteRange(Header),
+}
+
+/// A put's or a delete's answer: the store reads nothing of it beyond the transaction's own.
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct Header {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<ResponseHeader>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct RangeResponse {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<ResponseHeader>,
+    #[prost(message, repeated, tag = "2")]
+    pub kvs: Vec<KeyValue>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct KeyValue {
+    #[prost(bytes = "vec", tag = "1")]
+    pub key: Vec<u8>,
+    #[prost(int64, tag = "3")]
+    pub mod_revision: i64,
+    #[prost(bytes = "vec", tag = "5")]
+    pub value: Vec<u8>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct LeaseGrantRequest {
+    #[prost(int64, tag = "1")]
+    pub ttl: i64,
+}
+
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct LeaseGrantResponse {
+    #[prost(int64, tag = "2")]
+    pub id: i64,
+    #[prost(string, tag = "4")]
+    pub error: String,
+}
+
+// envoy.config.core.v3.GrpcService, with only its `envoy_grpc`.
+#[derive(Clone, PartialEq, Message)]
+struct GrpcService {
+    #[prost(message, optional, tag = "1")]
+    envoy_grpc: Option<EnvoyGrpc>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct EnvoyGrpc {
+    #[prost(string, tag = "1")]
+    cluster_name: String,
+    #[prost(string, tag = "2")]
+    authority: String,
 }

@@ -12,9 +12,11 @@ use super::{audit, claim_of, explore, response, tick_clock};
 use crate::core::garbage::Garbage;
 use crate::core::lifecycle::{Block, Ending, Verdict};
 use crate::core::record::{Entry, State, StoredResponse};
-use crate::core::store::{Answer, CallId, ClaimReply, Handle, Resumed, Store, StoreError, Ticket};
+use crate::core::store::{
+    Answer, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError, Ticket,
+};
 use crate::core::Millis;
-use crate::stores::etcd::fake::{cache_of, Envoy, World};
+use crate::stores::etcd::fake::{cache_of, lost, parked, Calls, Envoy, FakeEtcd, World};
 use crate::stores::testkit::MemoryKv;
 use std::collections::HashMap;
 
@@ -43,7 +45,9 @@ struct Run {
     kvs: Vec<&'static MemoryKv>,
     calls: HashMap<CallId, Call>,
     /// Answers delivered once and kept to deliver again.
-    delivered: Vec<(CallId, usize, (u16, Vec<u8>))>,
+    delivered: Vec<(CallId, usize, Vec<u8>)>,
+    /// Claims waiting inside an Envoy for a lease, by Envoy and the id they wait under.
+    parked: HashMap<(usize, CallId), (u64, u8)>,
     completed: Completed,
     /// The revision etcd gave each claim it wrote, by token.
     written: HashMap<u64, u64>,
@@ -56,11 +60,37 @@ impl Run {
     /// Registers the calls `envoy` made since `before`, for the claim of tuple `n` if any.
     fn made(&mut self, envoy: usize, before: usize, claim: Option<(u64, u8)>) {
         let after = self.world.calls.sent.borrow().len();
-        for call in before + 1..=after {
+        for index in before..after {
             let sent = self.now;
             self.calls
-                .insert(call as CallId, Call { envoy, sent, claim });
+                .insert(Calls::id(index), Call { envoy, sent, claim });
         }
+    }
+
+    /// A claim of tuple `n` (fingerprint `fp`) on `envoy` now waits under `call`.
+    fn waits(&mut self, envoy: usize, call: CallId, claim: Option<(u64, u8)>) {
+        if parked(call) {
+            if let Some(claim) = claim {
+                self.parked.insert((envoy, call), claim);
+            }
+        } else if let Some(made) = self.calls.get_mut(&call) {
+            made.claim = claim;
+        }
+    }
+
+    /// Checks what the claims parked on `envoy` that went on give.
+    fn moved_on(&mut self, envoy: usize) -> Result<(), String> {
+        for (call, resumed) in self.envoys[envoy].take_moved_on() {
+            let Some((n, fp)) = self.parked.remove(&(envoy, call)) else {
+                continue;
+            };
+            match resumed {
+                Resumed::Claim(Answer::Later(next)) => self.waits(envoy, next, Some((n, fp))),
+                Resumed::Claim(Answer::Now(reply)) => self.answered(envoy, n, fp, &reply, None)?,
+                other => return Err(format!("a parked claim went on as {other:?}")),
+            }
+        }
+        Ok(())
     }
 
     fn sent(&self) -> usize {
@@ -108,13 +138,13 @@ impl Run {
     }
 
     /// etcd applies call `call`'s request; checks what it changed. Its answer.
-    fn apply(&mut self, call: CallId) -> Result<(u16, Vec<u8>), String> {
-        let (path, body) = self.world.calls.sent.borrow()[call as usize - 1].clone();
-        let key = body["compare"][0]["key"].as_str().map(String::from);
+    fn apply(&mut self, call: CallId) -> Result<Vec<u8>, String> {
+        let (method, message) = self.world.calls.get(call);
+        let key = FakeEtcd::key_of(method, &message);
         let before = key
             .as_ref()
             .and_then(|k| self.world.etcd.keys.get(k).cloned());
-        let answer = self.world.etcd.answer(&path, &body);
+        let answer = self.world.etcd.answer(method, &message);
         let after = key
             .as_ref()
             .and_then(|k| self.world.etcd.keys.get(k).cloned());
@@ -157,15 +187,11 @@ impl Run {
                 }
             }
         }
-        Ok((200, answer.to_string().into_bytes()))
+        Ok(answer)
     }
 
     /// Hands `response` to the Envoy that made `call`, and checks what it gives.
-    fn resume(
-        &mut self,
-        call: CallId,
-        response: Result<(u16, Vec<u8>), StoreError>,
-    ) -> Result<(), String> {
+    fn resume(&mut self, call: CallId, response: CallResponse) -> Result<(), String> {
         let Some(made) = self.calls.remove(&call) else {
             return Ok(());
         };
@@ -176,11 +202,13 @@ impl Run {
             Some(Resumed::Claim(Answer::Now(reply))) => {
                 let (n, fp) = made.claim.ok_or("a claim's answer to a call of no claim")?;
                 let lease_ends = made.sent + LEASE;
-                self.answered(made.envoy, n, fp, &reply, Some(lease_ends))
+                self.answered(made.envoy, n, fp, &reply, Some(lease_ends))?;
             }
-            None => Err(format!("Envoy {} did not know its call {call}", made.envoy)),
-            Some(_) => Ok(()),
+            Some(Resumed::Claim(Answer::Later(next))) => self.waits(made.envoy, next, made.claim),
+            None => return Err(format!("Envoy {} did not know its call {call}", made.envoy)),
+            Some(_) => {}
         }
+        self.moved_on(made.envoy)
     }
 }
 
@@ -193,6 +221,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
         kvs,
         calls: HashMap::new(),
         delivered: Vec::new(),
+        parked: HashMap::new(),
         completed: HashMap::new(),
         written: HashMap::new(),
         tickets: Vec::new(),
@@ -214,6 +243,10 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
             run.made(e, before, Some((n, fp)));
             match answer {
                 Some(Answer::Now(reply)) => run.answered(e, n, fp, &reply, None),
+                Some(Answer::Later(call)) => {
+                    run.waits(e, call, Some((n, fp)));
+                    Ok(())
+                }
                 _ => Ok(()),
             }
         } else if choice < 45 && !run.tickets.is_empty() {
@@ -230,17 +263,15 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
             let before = run.sent();
             run.envoys[e].tick(run.now);
             run.made(e, before, None);
-            Ok(())
+            run.moved_on(e)
         } else if choice < 90 && !run.calls.is_empty() {
             // Any call in flight, in any order: answered, lost either way, or answered twice.
             let mut pending: Vec<CallId> = run.calls.keys().copied().collect();
             pending.sort_unstable();
             let call = pending[rng.below(pending.len())];
             match rng.below(20) {
-                0 => run.resume(call, Err(StoreError::Remote("request lost".into()))),
-                1 => run
-                    .apply(call)
-                    .and_then(|_| run.resume(call, Err(StoreError::Remote("answer lost".into())))),
+                0 => run.resume(call, Err(lost())),
+                1 => run.apply(call).and_then(|_| run.resume(call, Err(lost()))),
                 2 => run.apply(call).and_then(|answer| {
                     let envoy = run.calls[&call].envoy;
                     run.delivered.push((call, envoy, answer.clone()));
@@ -272,7 +303,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
                     if rng.below(2) == 0 {
                         run.apply(call)?;
                     }
-                    run.resume(call, Err(StoreError::Remote("timeout".into())))
+                    run.resume(call, Err(lost()))
                 })
             })
         };

@@ -14,9 +14,10 @@
                                       client certificate and hands out JWT tokens (1 h)
         .client_port, .log_path
         .range_prefix(prefix) -> [(key bytes, value bytes)]   what etcd holds, read directly
-    EtcdEnvoy(workdir, plugin_config, upstream_port, etcd)
-                                      support.envoy.Envoy plus a STATIC cluster ``etcd`` (HTTP/1.1) on the
-                                      etcd's client port; the wasm filter block is the harness's own
+    EtcdEnvoy(workdir, plugin_config, upstream_port, etcd or [members])
+                                      support.envoy.Envoy plus envoy/envoy-etcd.yaml's cluster
+                                      ``etcd`` (HTTP/2, outlier detection) on the members' client
+                                      ports; the wasm filter block is the harness's own
     LogWindow(sources)                log offsets now; .save(out_dir) writes what each log got since
     private_run_dir()                 .run/etcd-tests/<pid>: this test process's own directory, so
                                       that test runs going on at the same time never share files
@@ -31,6 +32,7 @@ Nothing here uses a system etcd service: every etcd is started by the tests and 
 """
 
 import base64
+import copy
 import json
 import os
 import shutil
@@ -46,7 +48,7 @@ from pathlib import Path
 
 from support.envoy import Envoy
 from support.processes import ROOT, LogFile, die_with_parent, free_port, start_all
-from support.shipped import ShippedEnvoy
+from support.shipped import ENVOY_DIR, ShippedEnvoy, load
 
 ETCD_BIN = os.environ.get("ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
 ETCD_READY_TIMEOUT_S = 20
@@ -241,27 +243,31 @@ def _b64(data):
 
 
 class EtcdEnvoy(Envoy):
-    """An Envoy running the filter, with a cluster named ``etcd`` that reaches ``etcd``."""
+    """An Envoy running the filter, with a cluster named ``etcd`` that reaches ``etcd`` (one
+    member, or a list of members): envoy/envoy-etcd.yaml's own cluster, its endpoints replaced."""
 
     def __init__(self, workdir, plugin_config, upstream_port, etcd, cluster="etcd", **kwargs):
         super().__init__(workdir, plugin_config, upstream_port, **kwargs)
-        self.etcd = etcd
+        self.members = etcd if isinstance(etcd, list) else [etcd]
         self.cluster = cluster
 
     def bootstrap(self):
         config = super().bootstrap()
-        config["static_resources"]["clusters"].append({
-            "name": self.cluster,
-            "type": "STATIC",
-            # Loopback: a stopped etcd refuses at once; this bounds anything slower.
-            "connect_timeout": "0.25s",
-            "load_assignment": {
-                "cluster_name": self.cluster,
-                "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
-                    "address": "127.0.0.1", "port_value": self.etcd.client_port}}}}]}],
-            },
-        })
+        config["static_resources"]["clusters"].append(shipped_etcd_cluster(self.cluster, self.members))
         return config
+
+
+def shipped_etcd_cluster(name, members):
+    """The etcd cluster of envoy/envoy-etcd.yaml, named ``name``, with ``members`` as endpoints."""
+    shipped = load(ENVOY_DIR / "envoy-etcd.yaml")["static_resources"]["clusters"]
+    (cluster,) = [copy.deepcopy(c) for c in shipped if c["name"] == "etcd"]
+    cluster.update(name=name, type="STATIC")
+    cluster.pop("dns_lookup_family", None)
+    cluster["load_assignment"] = {"cluster_name": name, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
+                                                     "port_value": member.client_port}}}}
+        for member in members]}]}
+    return cluster
 
 
 class LogWindow:
