@@ -5,6 +5,8 @@
                                       own data directory, --auto-compaction-retention 1h); start()
                                       again after stop() reuses the same ports and data directory
         .freeze() / .thaw()           SIGSTOP / SIGCONT: an etcd that accepts but never answers
+        .kill()                       SIGKILL; start() brings it back on its data directory
+        .is_leader()                  whether this member leads its cluster now
         .enable_auth(user, prefix) -> token
                                       users on: root (the tests' own calls from then on), and
                                       `user`, allowed under `prefix` only; returns its token
@@ -13,7 +15,9 @@
                                       with (openssl); an Etcd given them serves TLS, requires a
                                       client certificate and hands out JWT tokens (1 h)
         .client_port, .log_path
-        .range_prefix(prefix) -> [(key bytes, value bytes)]   what etcd holds, read directly
+        .range_prefix(prefix, serializable=False) -> [(key bytes, value bytes)]
+                                      what etcd holds, read directly (serializable: this member's
+                                      own copy)
     EtcdEnvoy(workdir, plugin_config, upstream_port, etcd or [members])
                                       support.envoy.Envoy plus envoy/envoy-etcd.yaml's cluster
                                       ``etcd`` (HTTP/2, outlier detection) on the members' client
@@ -22,8 +26,9 @@
     private_run_dir()                 .run/etcd-tests/<pid>: this test process's own directory, so
                                       that test runs going on at the same time never share files
     fleet_config(**extra)             a plugin configuration on the etcd store
-    Started(run_dir, sources)         what a fixture's scope starts (etcds, pairs of Envoys, Envoys
-                                      from a shipped config), stopped and cleaned at its end
+    Started(run_dir, sources)         what a fixture's scope starts (etcds, a three-member cluster,
+                                      pairs of Envoys, Envoys from a shipped config), stopped and
+                                      cleaned at its end
     settled_stats(envoy)              stats once earlier finishes have landed
     etcd_requests(envoy), settled_etcd_requests(envoy)
                                       the calls an Envoy made to etcd (once they stop moving)
@@ -98,7 +103,7 @@ def make_certs(directory):
 
 class Etcd(LogFile):
     def __init__(self, workdir, max_request_bytes=None, name="etcd", quota_backend_bytes=None,
-                 certs=None):
+                 certs=None, cluster=None):
         self.workdir = Path(workdir)
         self.name = name
         self.data_dir = self.workdir / "data"
@@ -106,6 +111,8 @@ class Etcd(LogFile):
         self.max_request_bytes = max_request_bytes
         self.quota_backend_bytes = quota_backend_bytes
         self.certs = certs
+        # The members of its cluster, itself among them (see Started.cluster); alone if None.
+        self.cluster = cluster
         self.token = None
         self.client_port = None
         self.peer_port = None
@@ -119,13 +126,25 @@ class Etcd(LogFile):
         scheme = "https" if self.certs else "http"
         return f"{scheme}://127.0.0.1:{self.client_port}"
 
+    @property
+    def peer_url(self):
+        return f"http://127.0.0.1:{self.peer_port}"
+
     def start(self):
+        self.launch()
+        return self.wait_ready()
+
+    def launch(self):
+        """Starts the process; wait_ready() waits until it answers (a member of a cluster
+        answers only once a quorum of members is up)."""
         if not (Path(ETCD_BIN).is_file() and os.access(ETCD_BIN, os.X_OK)):
             raise EtcdError(f"no etcd binary at {ETCD_BIN}: install Debian's etcd-server (`make setup`)")
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.client_port is None:
             self.client_port, self.peer_port = free_port(), free_port()
-        peer = f"http://127.0.0.1:{self.peer_port}"
+        peer = self.peer_url
+        members = self.cluster or [self]
+        initial = ",".join(f"{member.name}={member.peer_url}" for member in members)
         cmd = [
             ETCD_BIN,
             "--name", self.name,
@@ -134,7 +153,7 @@ class Etcd(LogFile):
             "--advertise-client-urls", self.url,
             "--listen-peer-urls", peer,
             "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"{self.name}={peer}",
+            "--initial-cluster", initial,
             "--initial-cluster-state", "new",
             "--auto-compaction-retention", "1h",
             "--logger", "zap",
@@ -155,6 +174,8 @@ class Etcd(LogFile):
                                          preexec_fn=die_with_parent)
         finally:
             log.close()
+
+    def wait_ready(self):
         deadline = time.monotonic() + ETCD_READY_TIMEOUT_S
         while True:
             if self.proc.poll() is not None:
@@ -178,6 +199,17 @@ class Etcd(LogFile):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+    def kill(self):
+        """SIGKILL: a member that dies mid-write, with no goodbye to its peers."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+    def is_leader(self):
+        status = self.post("/v3/maintenance/status", {}, timeout=2)
+        return status.get("leader") == status["header"]["member_id"]
 
     def freeze(self):
         """Stop etcd answering without closing anything: connections hang, as with a stuck
@@ -224,11 +256,13 @@ class Etcd(LogFile):
         except urllib.error.HTTPError as err:
             raise EtcdError(f"etcd answered {err.code} to {path}: {err.read()[:300]!r}") from None
 
-    def range_prefix(self, prefix):
-        """[(key, value)] of every key under ``prefix`` (bytes or str), read from etcd directly."""
+    def range_prefix(self, prefix, serializable=False):
+        """[(key, value)] of every key under ``prefix`` (bytes or str), read from etcd directly;
+        ``serializable``: from this member's own copy, without asking the leader."""
         prefix = prefix.encode() if isinstance(prefix, str) else prefix
         end = prefix[:-1] + bytes([prefix[-1] + 1])
-        answer = self.post("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end)})
+        answer = self.post("/v3/kv/range", {"key": _b64(prefix), "range_end": _b64(end),
+                                            "serializable": serializable})
         return [(base64.b64decode(kv["key"]), base64.b64decode(kv.get("value", "")))
                 for kv in answer.get("kvs", [])]
 
@@ -334,6 +368,21 @@ class Started:
         self.sources.append(etcd)
         self.etcds.append(etcd)
         return etcd.start()
+
+    def cluster(self, size=3):
+        """A cluster of ``size`` etcd members on loopback, started together."""
+        members = []
+        for n in range(size):
+            member = Etcd(self.run_dir / f"etcd-m{n}", name=f"m{n}", cluster=members)
+            member.client_port, member.peer_port = free_port(), free_port()
+            members.append(member)
+        self.sources.extend(members)
+        self.etcds.extend(members)
+        for member in members:
+            member.launch()
+        for member in members:
+            member.wait_ready()
+        return members
 
     def pair(self, upstream, etcd, config):
         return self._envoys([EtcdEnvoy(self.run_dir, config, upstream.port, etcd) for _ in range(2)])
