@@ -1,5 +1,7 @@
 """etcd's own ceiling for the filter's claim transaction, over its JSON gateway and over gRPC, in
-one run on this machine: the figures the fleet store's choice of protocol rests on.
+one run on this machine: the figures the fleet store's choice of protocol rests on. Also over
+gRPC with claims batched, BATCH to a transaction (each claim a nested transaction): what
+batching one worker's claims would give.
 
     .venv/bin/python bench/etcd_ceiling.py [--rounds 3] [--seconds 5]
 
@@ -8,7 +10,7 @@ CPU 1. Each request is the claim: a transaction creating a new key if absent (a 
 else reading it back. The gateway is driven by wrk; gRPC by asyncio clients sending `KV.Txn`
 with the protobuf encoded by hand (two processes, so that the client is not what limits).
 Rounds alternate the protocols and concurrencies; the figures are medians, with etcd's CPU per
-transaction (client-independent) from /proc.
+claim (client-independent) from /proc.
 """
 
 import argparse
@@ -28,6 +30,7 @@ from support.etcd import Etcd  # noqa: E402
 ETCD_CPU, LOAD_CPU = "0", "1"
 CONCURRENCIES = (16, 64)
 GRPC_PROCESSES = 2
+BATCH = 8
 
 # wrk's Lua: a new key per request, base64-encoded as the gateway wants.
 GATEWAY_LUA = r"""
@@ -80,7 +83,12 @@ def claim_txn(key, value):
     return _field(1, compare) + _field(2, _field(2, put)) + _field(3, _field(1, _field(1, key)))
 
 
-async def _grpc_load(target, seconds, concurrency, prefix):
+def batched_claims(keys, value):
+    """TxnRequest{success: [RequestOp{request_txn: claim} per key]}: each claim decided alone."""
+    return b"".join(_field(2, _field(4, claim_txn(key, value))) for key in keys)
+
+
+async def _grpc_load(target, seconds, concurrency, prefix, batch):
     import grpc
 
     async with grpc.aio.insecure_channel(target) as channel:
@@ -92,8 +100,9 @@ async def _grpc_load(target, seconds, concurrency, prefix):
             n = 0
             while time.monotonic() < end:
                 n += 1
-                await txn(claim_txn(f"{prefix}/{number}/{n}".encode(), value))
-                done += 1
+                keys = [f"{prefix}/{number}/{n}/{b}".encode() for b in range(batch)]
+                await txn(claim_txn(keys[0], value) if batch == 1 else batched_claims(keys, value))
+                done += batch
 
         await asyncio.gather(*(client(c) for c in range(concurrency)))
         print(done)
@@ -116,19 +125,19 @@ def gateway(etcd, seconds, concurrency, prefix, workdir):
     return int(line.split()[0])
 
 
-def grpc(etcd, seconds, concurrency, prefix, _workdir):
+def grpc(etcd, seconds, concurrency, prefix, _workdir, batch=1):
     target = f"127.0.0.1:{etcd.client_port}"
     each = concurrency // GRPC_PROCESSES
     procs = [subprocess.Popen(["taskset", "-c", LOAD_CPU, sys.executable, __file__, "grpc-load",
-                               target, str(seconds), str(each), f"{prefix}-{p}"],
+                               target, str(seconds), str(each), f"{prefix}-{p}", str(batch)],
                               stdout=subprocess.PIPE, text=True) for p in range(GRPC_PROCESSES)]
     return sum(int(p.communicate()[0]) for p in procs)
 
 
 def main(argv):
     if argv[:1] == ["grpc-load"]:
-        target, seconds, concurrency, prefix = argv[1:5]
-        asyncio.run(_grpc_load(target, float(seconds), int(concurrency), prefix))
+        target, seconds, concurrency, prefix, batch = argv[1:6]
+        asyncio.run(_grpc_load(target, float(seconds), int(concurrency), prefix, int(batch)))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -142,11 +151,13 @@ def main(argv):
     try:
         for round_ in range(args.rounds):
             for concurrency in CONCURRENCIES:
-                for name, load in (("gateway", gateway), ("grpc", grpc)):
+                for name, load in (("gateway", gateway), ("grpc", grpc),
+                                   (f"grpc, {BATCH} claims a transaction",
+                                    lambda *a: grpc(*a, batch=BATCH))):
                     before = cpu_seconds(etcd.proc.pid)
                     started = time.monotonic()
-                    count = load(etcd, args.seconds, concurrency, f"{name}-{round_}-{concurrency}",
-                                 workdir)
+                    count = load(etcd, args.seconds, concurrency,
+                                 f"{name[:4]}{len(name)}-{round_}-{concurrency}", workdir)
                     elapsed = time.monotonic() - started
                     cpu = cpu_seconds(etcd.proc.pid) - before
                     figures.setdefault((name, concurrency), []).append(
@@ -155,7 +166,7 @@ def main(argv):
         etcd.stop()
     print(f"etcd {subprocess.run(['etcd', '--version'], capture_output=True, text=True).stdout.split()[2]}"
           f", {args.rounds} rounds of {args.seconds} s; etcd on CPU {ETCD_CPU}, load on CPU {LOAD_CPU}\n")
-    print("| protocol | concurrency | claim txn/s (median) | range | etcd CPU µs/txn |")
+    print("| protocol | concurrency | claims/s (median) | range | etcd CPU µs/claim |")
     print("|---|---:|---:|---|---:|")
     for (name, concurrency), runs in sorted(figures.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         rates = [r for r, _ in runs]

@@ -24,6 +24,9 @@ Runs, on one machine and in one go:
       floor     the probe filter doing, once per request, only the host
                 operations any Idempotency-Key filter over shared data needs for a first POST,
                 and no work of its own: the least a first POST can cost
+      etcd-floor  the probe filter making, once per request, only the calls any filter over
+                etcd needs for a first POST (a claim transaction before the upstream, a put
+                after), over gRPC on the etcd variant's cluster: the least an etcd call costs
       outlive   this filter with outlive_client: covered requests sent upstream from the root
                 context (dispatch_http_call) instead of through the router
       routes    (not run by default) this filter, turned off by a route for requests it cannot
@@ -59,7 +62,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
-from support.etcd import ETCD_BIN, Etcd, EtcdError  # noqa: E402 - the tests' etcd, started the same way
+from support.etcd import ETCD_BIN, Etcd, EtcdError, shipped_etcd_cluster  # noqa: E402 - the tests' etcd, started the same way
 ENVOY = Path(os.environ.get("ENVOY", ROOT / ".venv" / "bin" / "envoy"))
 FILTER_WASM = Path(os.environ.get(
     "FILTER_WASM", ROOT / "target" / "wasm32-wasip1" / "release" / "idempotency_filter.wasm"))
@@ -132,9 +135,10 @@ VARIANTS = {
     "floor": "Envoy + the host operations a first POST needs",
     "pausing": "Envoy + a filter pausing for the body",
     "replay-floor": "Envoy + the host operations a replay needs",
+    "etcd-floor": "Envoy + the etcd calls a first POST needs",
 }
 DEFAULT_VARIANTS = ["plain", "empty", "pausing", "floor", "replay-floor", "filter", "raw", "skip", "matcher", "direct", "etcd",
-                    "outlive"]
+                    "etcd-floor", "outlive"]
 FILTERS = ("filter", "raw", "skip", "matcher", "routes", "etcd", "outlive")
 
 # The etcd variant's store: every call through the Envoy cluster "etcd".
@@ -186,6 +190,7 @@ MATRIX = {
     "routes": ["get", "nokey-1k", "nokey-64k", "first-1k", "replay-1k"],
     # What the store changes: claims, replays from the local cache and replays fetched from etcd.
     "etcd": ["first-1k", "replay-1k", "replay-cold-1k"],
+    "etcd-floor": ["first-1k"],
     # What sending from the root context changes: first POSTs (a replay never goes upstream).
     "outlive": ["first-1k", "first-64k", "replay-1k"],
     # The least a first POST can cost: the same requests through the floor probe.
@@ -399,10 +404,12 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, e
     plugin_config = FILTER_CONFIG if plugin_config is None else plugin_config
     to_upstream = [{"match": {"prefix": "/"}, "route": {"cluster": "upstream", "timeout": "15s"}}]
     cluster = static_cluster("upstream", upstream_port)
-    if variant == "etcd":
-        store = wasm_filter("idempotency", FILTER_WASM, dict(plugin_config, etcd=ETCD_STORE))
+    if variant in ("etcd", "etcd-floor"):
+        store = (wasm_filter("idempotency", FILTER_WASM, dict(plugin_config, etcd=ETCD_STORE))
+                 if variant == "etcd" else
+                 wasm_filter("etcd_floor", PROBE_WASM, "op=etcd phase=body size=200"))
         return bootstrap(admin_port, [listener("proxy", port, to_upstream, [store])],
-                         [cluster, static_cluster(ETCD_STORE["cluster"], etcd_port)])
+                         [cluster, shipped_etcd_cluster(ETCD_STORE["cluster"], [etcd_port])])
     if variant == "raw":
         plugin_config = dict(plugin_config, compress_responses=False)
     if variant == "outlive":
@@ -762,11 +769,22 @@ def store_calls(proxy):
     return proxy.counter(f"cluster.{ETCD_STORE['cluster']}.upstream_rq_total")
 
 
+# The variants that call etcd.
+REMOTE = ("etcd", "etcd-floor")
+
+
+def leases_granted(load):
+    """Leases etcd has granted (its own counter): the proxy's, as its peer is idle meanwhile."""
+    (etcd,) = [p for p in load if isinstance(p, Etcd)]
+    return etcd.metric("etcd_debugging_lease_granted_total")
+
+
 def one_run(proxy, load, script, seconds, connections, path):
     counted = proxy.name in FILTERS
-    remote = proxy.name == "etcd"
+    remote = proxy.name in REMOTE
     stats_before = proxy.stats() if counted else {}
     calls_before = store_calls(proxy) if remote else 0
+    grants_before = leases_granted(load) if remote else 0
     cpu_before, load_before = proxy.cpu_seconds(), [p.cpu_seconds() for p in load]
     machine_before, wall_before = machine_busy_seconds(), time.time()
     figures = run_wrk(proxy.port, script, seconds, connections, path)
@@ -780,7 +798,12 @@ def one_run(proxy, load, script, seconds, connections, path):
         time.sleep(0.1)  # the run's last finishes go out on the next timer ticks
         stats_before["etcd_calls"] = calls_before
         stats_after["etcd_calls"] = store_calls(proxy)
+        stats_before["etcd_leases_granted"] = grants_before
+        stats_after["etcd_leases_granted"] = leases_granted(load)
     requests = max(figures["requests"], 1)
+    if remote:
+        figures["etcd_connections"] = proxy.counter(
+            f"cluster.{ETCD_STORE['cluster']}.upstream_cx_active")
     figures.update({
         "rps": figures["requests"] / (figures["duration_us"] / 1e6),
         "cpu_us_per_request": cpu * 1e6 / requests,
@@ -860,7 +883,7 @@ def rounds(workdir, upstream, etcd, args):
                 for s, v in group[shift:] + group[:shift]:
                     done += 1
                     run_id = f"r{number}-{v}-{s}-{time.time_ns()}"
-                    load = [upstream, etcd] if v == "etcd" else [upstream]
+                    load = [upstream, etcd] if v in REMOTE else [upstream]
                     figures = measure(proxies[v], load, workload(v, s), workdir,
                                       args.seconds, args.connections, run_id, args.retries,
                                       budget, proxies.get(PEER), path_of(s))
@@ -907,6 +930,7 @@ def summarise(runs):
             "socket_errors": sum(f["socket_errors"] for f in figures),
             "requests": sum(f["requests"] for f in figures),
             "counters": counters,
+            "etcd_connections": max(f.get("etcd_connections", 0) for f in figures),
             "rounds": [round(f["rps"]) for f in figures],
             "per_round": [{"rps": f["rps"], "cpu_us_per_request": f["cpu_us_per_request"]}
                           for f in figures],
@@ -1308,14 +1332,42 @@ def outlive_section(summary):
     return lines
 
 
+# The etcd store's targets: (label, scenario, variant, against scenario, against variant, least).
+ETCD_TARGETS = [
+    ("etcd first POST ≥ 0.25× the shared-data store's", "first-1k", "etcd", "first-1k", "filter", 0.25),
+    ("etcd replay not in the local cache ≥ 0.25× a cached one", "replay-cold-1k", "etcd",
+     "replay-1k", "etcd", 0.25),
+    ("etcd first POST ≥ 0.8× the floor's (what etcd serves of a first POST's two calls here)",
+     "first-1k", "etcd", "first-1k", "etcd-floor", 0.8),
+]
+# The proxy CPU an etcd call may cost, on a first POST.
+CPU_PER_ETCD_CALL_US = 40
+
+
+def etcd_calls_per_request(figures):
+    return figures["counters"].get("etcd_calls", 0) / max(figures["requests"], 1)
+
+
+def cpu_per_etcd_call(summary, variant, against):
+    """The proxy CPU a first POST of `variant` spends above one of `against`, per etcd call,
+    round by round."""
+    mine, theirs = summary.get((variant, "first-1k")), figure_for(summary, against, "first-1k")
+    if not mine or not theirs or not etcd_calls_per_request(mine):
+        return []
+    calls = etcd_calls_per_request(mine)
+    return [(a["cpu_us_per_request"] - b["cpu_us_per_request"]) / calls
+            for a, b in zip(mine["per_round"], theirs["per_round"])]
+
+
 def etcd_section(summary, storage):
     """What the cluster-wide store costs: where the time goes, what etcd does per request and
     what it stores per record."""
-    rows = [s for s in MATRIX["etcd"] if ("etcd", s) in summary]
+    rows = [(v, s) for v in REMOTE for s in MATRIX[v] if (v, s) in summary]
     if not rows:
         return []
     lines = ["## The etcd store\n",
-             "The filter with `\"etcd\": " + json.dumps(ETCD_STORE) + "` and the same table as its "
+             "The filter with `\"etcd\": " + json.dumps(ETCD_STORE) + "`, over gRPC on "
+             "envoy/envoy-etcd.yaml's cluster (HTTP/2), and the same table as its "
              "local cache. etcd is one member on loopback (Debian's etcd-server, data directory "
              "on this machine's disk), pinned to the load CPU with wrk and the upstream: its work "
              "is part of the load core's. A second proxy sharing the etcd stores, just before "
@@ -1323,18 +1375,45 @@ def etcd_section(summary, storage):
              "them. Warm replays repeat one key, whose record the proxy fetched or stored "
              "before. etcd calls and CPU are per request: a first POST claims (one transaction) "
              "and stores (one transaction), a cold replay reads the record in its claim's "
-             "transaction, a warm replay makes no call.\n",
+             "transaction, a warm replay makes no call. The floor is the probe filter making only "
+             "a first POST's two calls (bench/probe-filter, `op=etcd`), with no work of its own. "
+             "Connections: the most the proxy held to "
+             "etcd at the end of a run; leases: what etcd granted during the runs, per round.\n",
              "| scenario | req/s | vs plain | p50 ms | p99 ms | proxy CPU µs/req | "
-             "etcd CPU µs/req | etcd calls/req |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for scenario in rows:
-        f = summary[("etcd", scenario)]
-        calls = f["counters"].get("etcd_calls", 0) / max(f["requests"], 1)
-        lines.append(f"| {SCENARIOS[scenario][3]} | {f['rps']:,.0f} | "
-                     f"{fmt_ratio(ratio(summary, scenario, 'etcd', 'plain'))} | "
+             "proxy CPU µs/etcd call | etcd CPU µs/req | etcd calls/req | connections | "
+             "leases granted |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant, scenario in rows:
+        f = summary[(variant, scenario)]
+        calls = etcd_calls_per_request(f)
+        per_call = f"{f['cpu_us_per_request'] / calls:.0f}" if calls else "–"
+        leases = f["counters"].get("etcd_leases_granted", 0) / len(f["rounds"])
+        floor = " (floor: the calls alone)" if variant == "etcd-floor" else ""
+        lines.append(f"| {SCENARIOS[scenario][3]}{floor} | {f['rps']:,.0f} | "
+                     f"{fmt_ratio(ratio(summary, scenario, variant, 'plain'))} | "
                      f"{f['p50_us'] / 1000:.2f} | {f['p99_us'] / 1000:.2f} | "
-                     f"{f['cpu_us_per_request']:.0f} | {f['etcd_cpu_us_per_request']:.0f} | "
-                     f"{calls:.2f} |")
+                     f"{f['cpu_us_per_request']:.0f} | {per_call} | "
+                     f"{f['etcd_cpu_us_per_request']:.0f} | {calls:.2f} | "
+                     f"{f['etcd_connections']} | {leases:.1f} |")
+    lines += ["", "| target | measured | per-round range | met |", "|---|---:|---:|:---:|"]
+    for label, scenario, variant, theirs, against, least in ETCD_TARGETS:
+        mine, other = summary.get((variant, scenario)), summary.get((against, theirs))
+        if not mine or not other:
+            continue
+        ratios = [a["rps"] / b["rps"] for a, b in zip(mine["per_round"], other["per_round"])
+                  if b["rps"]]
+        median = statistics.median(ratios)
+        lines.append(f"| {label} | {median:.2f}× | {min(ratios):.2f}–{max(ratios):.2f} | "
+                     f"{'yes' if median >= least else 'no'} |")
+    for label, variant, against in (("this filter, above the shared-data store", "etcd", "filter"),
+                                    ("floor: the calls alone, above a pausing filter",
+                                     "etcd-floor", "pausing")):
+        added = cpu_per_etcd_call(summary, variant, against)
+        if added:
+            median = statistics.median(added)
+            lines.append(f"| proxy CPU per etcd call of a first POST ≤ {CPU_PER_ETCD_CALL_US} µs "
+                         f"({label}) | {median:.0f} µs | {min(added):.0f}–{max(added):.0f} µs | "
+                         f"{'yes' if median <= CPU_PER_ETCD_CALL_US else 'no'} |")
     lines.append("")
     if storage:
         lines += ["etcd's database per record: the growth of `dbSizeInUse` "
@@ -1406,7 +1485,8 @@ def svg_chart(summary, args):
     colours = {"plain": "#4c78a8", "empty": "#9ecae9", "filter": "#f58518", "raw": "#eeca3b",
                "skip": "#ff9da6", "matcher": "#e45756", "direct": "#54a24b",
                "routes": "#b279a2", "etcd": "#72b7b2", "outlive": "#9d755d",
-               "floor": "#bab0ac", "pausing": "#d6d6d6", "replay-floor": "#8c8c8c"}
+               "floor": "#bab0ac", "pausing": "#d6d6d6", "replay-floor": "#8c8c8c",
+               "etcd-floor": "#a5d5d0"}
     rows = []
     for scenario in args.scenarios:
         group = []

@@ -11,7 +11,11 @@
 //!   request's bucket is one of `buckets` keys and its response one of 16 times as many, taken
 //!   in a scattered order, as a table's keys are for new keys. `replay`: likewise the host
 //!   operations a replay needs (method, headers, body, a bucket and a response read, the
-//!   answer sent with `send_http_response`)
+//!   answer sent with `send_http_response`). `etcd`: the calls any filter over etcd needs for a
+//!   first POST, with no work of its own: once the body is complete, a claim transaction to
+//!   etcd's `KV.Txn` over gRPC (put a new key if absent), the request paused until it answers;
+//!   once the response headers arrive, a second transaction (a put of `size` bytes), the
+//!   response paused until it answers
 //! - `size`: bytes for sha256, alloc and the shared-data value
 //! - `phase`: `headers` (in the request headers callback) or `body` (the headers callback pauses
 //!   until the whole body has arrived, as the Idempotency-Key filter does)
@@ -49,6 +53,7 @@ enum Op {
     Reply,
     Floor,
     Replay,
+    Etcd,
 }
 
 struct Plan {
@@ -62,6 +67,8 @@ struct Plan {
     contexts: u32,
     logs: u32,
     scratch: u32,
+    /// When the VM was configured: the etcd op's keys are new in each run.
+    started: u128,
 }
 
 struct Root {
@@ -99,6 +106,7 @@ impl RootContext for Root {
                         "reply" => Op::Reply,
                         "floor" => Op::Floor,
                         "replay" => Op::Replay,
+                        "etcd" => Op::Etcd,
                         _ => Op::None,
                     }
                 }
@@ -125,6 +133,10 @@ impl RootContext for Root {
             contexts: metric("probe.contexts"),
             logs: metric("probe.logs"),
             scratch: metric("probe.scratch"),
+            started: hostcalls::get_current_time()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos()),
         }));
         let _ = hostcalls::set_tick_period(Duration::from_secs(0));
         true
@@ -139,9 +151,11 @@ impl RootContext for Root {
         let bucket = n.wrapping_mul(0x9e37_79b9) % plan.buckets;
         let response = n.wrapping_mul(0x85eb_ca6b) % (plan.buckets * 16);
         Some(Box::new(Probe {
-            plan,
+            plan: plan.clone(),
             bucket: format!("probe/b/{bucket}"),
             response: format!("probe/r/{response}"),
+            key: format!("probe/{}/{n}", plan.started),
+            finishing: false,
         }))
     }
 
@@ -154,6 +168,9 @@ struct Probe {
     plan: Rc<Plan>,
     bucket: String,
     response: String,
+    key: String,
+    /// The etcd op's second transaction is in flight.
+    finishing: bool,
 }
 
 impl Probe {
@@ -229,6 +246,11 @@ impl Probe {
                     std::hint::black_box(sink);
                     return true;
                 }
+                Op::Etcd => {
+                    std::hint::black_box(read_request(body_size));
+                    let key = self.key.as_bytes();
+                    return self.etcd_txn(&claim_txn(key, &plan.data[..plan.data.len().min(100)]));
+                }
                 Op::Reply => {
                     let _ = hostcalls::send_http_response(
                         201,
@@ -267,7 +289,49 @@ impl Probe {
     }
 }
 
-impl Context for Probe {}
+impl Probe {
+    /// Sends `txn` to etcd's KV.Txn on the cluster `etcd`; true if it went (the caller pauses).
+    fn etcd_txn(&self, txn: &[u8]) -> bool {
+        // GrpcService { envoy_grpc { cluster_name: "etcd" } }
+        let upstream = "\x0a\x06\x0a\x04etcd";
+        hostcalls::dispatch_grpc_call(upstream, "etcdserverpb.KV", "Txn", vec![], Some(txn),
+                                      Duration::from_secs(1))
+            .is_ok()
+    }
+}
+
+/// A length-delimited protobuf field.
+fn field(number: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![number << 3 | 2];
+    let mut len = payload.len();
+    while len >= 0x80 {
+        out.push(len as u8 | 0x80);
+        len >>= 7;
+    }
+    out.push(len as u8);
+    out.extend_from_slice(payload);
+    out
+}
+
+/// TxnRequest { compare: [key's create_revision EQUAL 0], success: [put], failure: [range] }.
+fn claim_txn(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut compare = field(3, key);
+    compare.extend_from_slice(&[2 << 3, 1]); // target = CREATE
+    let put = [field(1, key), field(2, value)].concat();
+    [field(1, &compare), field(2, &field(2, &put)), field(3, &field(1, &field(1, key)))].concat()
+}
+
+impl Context for Probe {
+    fn on_grpc_call_response(&mut self, _token: u32, _status: u32, _size: usize) {
+        let answer = hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, usize::MAX).ok();
+        std::hint::black_box(answer);
+        if self.finishing {
+            let _ = hostcalls::resume_http_response();
+        } else {
+            let _ = hostcalls::resume_http_request();
+        }
+    }
+}
 
 impl HttpContext for Probe {
     fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
@@ -296,6 +360,12 @@ impl HttpContext for Probe {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        if self.plan.op == Op::Etcd {
+            self.finishing = true;
+            let finish = [field(1, self.key.as_bytes()), field(2, &self.plan.data)].concat();
+            let txn = field(2, &field(2, &finish)); // TxnRequest { success: [put] }
+            return if self.etcd_txn(&txn) { Action::Pause } else { Action::Continue };
+        }
         if self.plan.op == Op::Floor {
             let via = hostcalls::get_property(vec!["response", "code_details"]).ok().flatten();
             let headers = hostcalls::get_map_bytes(MapType::HttpResponseHeaders).ok();

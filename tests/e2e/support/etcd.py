@@ -14,6 +14,7 @@
                                       certificate, and the key pair etcd signs its JWT tokens
                                       with (openssl); an Etcd given them serves TLS, requires a
                                       client certificate and hands out JWT tokens (1 h)
+        .metric(name)                 a counter of etcd's /metrics
         .client_port, .log_path
         .range_prefix(prefix, serializable=False) -> [(key bytes, value bytes)]
                                       what etcd holds, read directly (serializable: this member's
@@ -240,21 +241,33 @@ class Etcd(LogFile):
     def running(self):
         return self.proc is not None and self.proc.poll() is None
 
+    def _client_tls(self):
+        if not self.certs:
+            return None
+        context = ssl.create_default_context(cafile=str(self.certs.ca))
+        context.load_cert_chain(*map(str, self.certs.client))
+        return context
+
     def post(self, path, body, timeout=5):
         headers = {"content-type": "application/json"}
         if self.token:
             headers["authorization"] = self.token
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
                                      headers=headers)
-        context = None
-        if self.certs:
-            context = ssl.create_default_context(cafile=str(self.certs.ca))
-            context.load_cert_chain(*map(str, self.certs.client))
         try:
-            with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
+            with urllib.request.urlopen(req, timeout=timeout, context=self._client_tls()) as resp:
                 return json.loads(resp.read())
         except urllib.error.HTTPError as err:
             raise EtcdError(f"etcd answered {err.code} to {path}: {err.read()[:300]!r}") from None
+
+    def metric(self, name):
+        """A counter from etcd's own /metrics (e.g. etcd_debugging_lease_granted_total)."""
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5,
+                                    context=self._client_tls()) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        return 0.0
 
     def range_prefix(self, prefix, serializable=False):
         """[(key, value)] of every key under ``prefix`` (bytes or str), read from etcd directly;
@@ -287,20 +300,22 @@ class EtcdEnvoy(Envoy):
 
     def bootstrap(self):
         config = super().bootstrap()
-        config["static_resources"]["clusters"].append(shipped_etcd_cluster(self.cluster, self.members))
+        config["static_resources"]["clusters"].append(shipped_etcd_cluster(
+            self.cluster, [member.client_port for member in self.members]))
         return config
 
 
-def shipped_etcd_cluster(name, members):
-    """The etcd cluster of envoy/envoy-etcd.yaml, named ``name``, with ``members`` as endpoints."""
+def shipped_etcd_cluster(name, ports):
+    """The etcd cluster of envoy/envoy-etcd.yaml, named ``name``, with the members on loopback
+    ``ports`` as endpoints."""
     shipped = load(ENVOY_DIR / "envoy-etcd.yaml")["static_resources"]["clusters"]
     (cluster,) = [copy.deepcopy(c) for c in shipped if c["name"] == "etcd"]
     cluster.update(name=name, type="STATIC")
     cluster.pop("dns_lookup_family", None)
     cluster["load_assignment"] = {"cluster_name": name, "endpoints": [{"lb_endpoints": [
         {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
-                                                     "port_value": member.client_port}}}}
-        for member in members]}]}
+                                                     "port_value": port}}}}
+        for port in ports]}]}
     return cluster
 
 
