@@ -1,9 +1,9 @@
 //! etcd itself in memory, and Envoys sharing it: what the store's unit tests run against.
 
 use super::wire::{
-    Against, DeleteRangeRequest, Header, KeyValue, LeaseGrantRequest, LeaseGrantResponse,
-    RangeRequest, RangeResponse, Request, RequestOp, Response, ResponseHeader, ResponseOp,
-    TxnRequest, TxnResponse, GRANT, RANGE,
+    Against, BatchRequest, BatchResponse, DeleteRangeRequest, Header, KeyValue, LeaseGrantRequest,
+    LeaseGrantResponse, Nested, RangeRequest, RangeResponse, Request, RequestOp, Response,
+    ResponseHeader, ResponseOp, TxnRequest, TxnResponse, GRANT, RANGE,
 };
 use super::*;
 use crate::core::store::CallFailed;
@@ -66,6 +66,9 @@ impl FakeEtcd {
                 .encode_to_vec();
         }
         let txn = TxnRequest::decode(message).unwrap();
+        if txn.compare.is_empty() {
+            return self.batch(message);
+        }
         let compare = &txn.compare[0];
         let current = self.keys.get(&compare.key);
         let holds = match &compare.against {
@@ -103,6 +106,67 @@ impl FakeEtcd {
             responses,
         }
         .encode_to_vec()
+    }
+
+    /// Nested transactions, applied one after another at one revision (as etcd does, whose
+    /// nested answers carry no header); like etcd, it refuses one that writes a key twice.
+    fn batch(&mut self, message: &[u8]) -> Vec<u8> {
+        let batch = BatchRequest::decode(message).unwrap();
+        let mut keys: Vec<Vec<u8>> = batch
+            .success
+            .iter()
+            .map(|nested| FakeEtcd::key_of(wire::TXN, &nested.txn).unwrap())
+            .collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(
+            keys.len(),
+            batch.success.len(),
+            "etcd refuses a batch writing a key twice"
+        );
+        let before = self.revision;
+        let mut responses = Vec::new();
+        for nested in &batch.success {
+            let answer = TxnResponse::decode(&*self.answer(wire::TXN, &nested.txn)).unwrap();
+            let answer = TxnResponse {
+                header: None,
+                ..answer
+            };
+            responses.push(Nested {
+                txn: answer.encode_to_vec(),
+            });
+        }
+        // One revision for the whole transaction: every key it wrote has it.
+        let written = self.revision > before;
+        if written {
+            self.revision = before + 1;
+            for (_, revision) in self.keys.values_mut() {
+                if *revision > before {
+                    *revision = before + 1;
+                }
+            }
+        }
+        BatchResponse {
+            header: Some(self.header()),
+            responses,
+        }
+        .encode_to_vec()
+    }
+
+    /// The keys a transaction (or each transaction of a batch) is about.
+    pub fn keys_of(method: Method, message: &[u8]) -> Vec<Vec<u8>> {
+        match FakeEtcd::key_of(method, message) {
+            Some(key) => vec![key],
+            None if method == wire::TXN => BatchRequest::decode(message)
+                .map(|batch| {
+                    let nested = batch.success.iter();
+                    nested
+                        .filter_map(|n| FakeEtcd::key_of(method, &n.txn))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
     }
 
     fn header(&self) -> ResponseHeader {

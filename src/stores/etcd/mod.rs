@@ -16,7 +16,9 @@
 //!   did not take is sent again every second for up to `lease` after the response: the client
 //!   has its answer, and without the record a retry after the lease would run the work again.
 //!   A finish sent again reads the key back when its compare fails, so an earlier attempt that
-//!   landed without its answer counts as done, not as a lost claim.
+//!   landed without its answer counts as done, not as a lost claim. Finishes go out from the
+//!   root context's tick, all those gathered since the last in one transaction (each nested,
+//!   with its own compare), so etcd takes one raft round for them and the proxy one call.
 //! - Expiry: leases shared by time bucket, one for claims in flight and one for records, so a
 //!   crashed Envoy's claim frees itself and etcd drops records after their TTL. Only the root
 //!   context's tick grants them: an operation that finds none waits for the grant, and while
@@ -59,6 +61,9 @@ use wire::Txn;
 const MAX_ROUNDS: u8 = 8;
 /// After a failed grant, none is asked for this long, and operations needing a lease fail.
 const GRANT_BACKOFF_MILLIS: Millis = 250;
+/// Finishes sent in one transaction at most (etcd refuses more operations in one than its
+/// `--max-txn-ops`, 128 by default).
+const MAX_BATCH: usize = 64;
 
 /// What an operation is waiting for.
 #[derive(Debug)]
@@ -115,6 +120,14 @@ impl Op {
         }
     }
 
+    fn tuple(&self) -> &[u8; 32] {
+        match self {
+            Op::Claim { claim, .. } | Op::Finish { claim, .. } | Op::Revoke { claim, .. } => {
+                &claim.tuple
+            }
+        }
+    }
+
     /// What keeping it to send again costs: its value and the response kept to cache.
     fn retry_bytes(&self) -> usize {
         match self {
@@ -145,6 +158,30 @@ struct Pending {
     since: Millis,
 }
 
+/// Finishes a tick sent together, one nested transaction each, in one call.
+struct Batch {
+    ops: Vec<Op>,
+    since: Millis,
+}
+
+/// The finishes a tick gathers into its next batch, with their transactions.
+#[derive(Default)]
+struct Batching {
+    finishes: Vec<(Op, Vec<u8>)>,
+    bytes: usize,
+}
+
+impl Batching {
+    /// Whether a finish of `tuple`, `len` bytes long, joins this batch: etcd refuses a
+    /// transaction that writes one key twice, or above `--max-request-bytes`, which
+    /// `max_value_bytes` stays below.
+    fn fits(&self, tuple: &[u8; 32], len: usize, max_bytes: usize) -> bool {
+        self.finishes.len() < MAX_BATCH
+            && self.bytes + len <= max_bytes
+            && !self.finishes.iter().any(|(op, _)| op.tuple() == tuple)
+    }
+}
+
 /// An operation waiting for a lease to be granted, under a call id of its own that no Envoy call
 /// has (Envoy's ids are 0, 1 or 2 modulo 4): its request waits under that id.
 struct Parked {
@@ -162,6 +199,7 @@ pub struct Etcd<C: Caller, K: Kv> {
     claim_lease: Millis,
     compress: bool,
     pending: HashMap<CallId, Pending>,
+    batches: HashMap<CallId, Batch>,
     /// Lease grants in flight: the kind and window, and when each was sent.
     grants: HashMap<CallId, (LeaseKind, u64, Millis)>,
     grant_failed_at: Option<Millis>,
@@ -195,6 +233,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             claim_lease: config.claim_lease(),
             compress: config.compress_responses,
             pending: HashMap::new(),
+            batches: HashMap::new(),
             grants: HashMap::new(),
             grant_failed_at: None,
             used: [None; 2],
@@ -288,6 +327,15 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
 
     /// Carries an operation forward: a lease first if it needs one, then its transaction.
     fn advance(&mut self, op: Op, now: Millis) -> Resumed {
+        match self.next_txn(op, now) {
+            Ok((op, txn, sent)) => self.send(wire::TXN, &txn, op, sent, now),
+            Err(resumed) => resumed,
+        }
+    }
+
+    /// The transaction an operation sends next, once it has the lease it needs; else what
+    /// became of it (waiting for a lease, or failed).
+    fn next_txn(&mut self, op: Op, now: Millis) -> Result<(Op, Vec<u8>, Sent), Resumed> {
         let kind = match &op {
             Op::Claim { .. } => Some(LeaseKind::Claim),
             Op::Finish {
@@ -305,9 +353,9 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 }
                 None if self.grant_backing_off(now) => {
                     let error = StoreError::Remote("no lease: granting one failed just now".into());
-                    return self.fail(op, error, now);
+                    return Err(self.fail(op, error, now));
                 }
-                None => return self.park(kind, op),
+                None => return Err(self.park(kind, op)),
             },
             None => None,
         };
@@ -337,7 +385,70 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 (wire::revoke(&self.key(&claim.tuple), value), Sent::Revoke)
             }
         };
-        self.send(wire::TXN, &message, op, sent, now)
+        Ok((op, message, sent))
+    }
+
+    /// Sends what a tick gathered: one finish as it is, several as one batch. What ended at
+    /// once.
+    fn send_batch(&mut self, batching: Batching, now: Millis) -> Vec<Resumed> {
+        let mut finishes = batching.finishes;
+        if finishes.len() <= 1 {
+            return finishes
+                .pop()
+                .and_then(|(op, txn)| went_out(self.send(wire::TXN, &txn, op, Sent::Finish, now)))
+                .into_iter()
+                .collect();
+        }
+        let txns: Vec<Vec<u8>> = finishes.iter().map(|(_, txn)| txn.clone()).collect();
+        let ops = finishes.into_iter().map(|(op, _)| op);
+        match self.caller.call(wire::TXN, &wire::batch(&txns)) {
+            Ok(call) => {
+                let ops = ops.collect();
+                self.batches.insert(call, Batch { ops, since: now });
+                Vec::new()
+            }
+            Err(error) => ops.map(|op| self.fail(op, error.clone(), now)).collect(),
+        }
+    }
+
+    /// A batch's answer: each finish carries on as if it had gone alone. A batch etcd refused
+    /// whole (a finish's lease gone, too large, out of space) goes out again finish by finish,
+    /// so that each meets its own answer.
+    fn batch_answered(&mut self, call: CallId, batch: Batch, response: CallResponse, now: Millis) {
+        let answers = match response {
+            Ok(message) => wire::batch_answer(&message, batch.ops.len()),
+            Err(failed) if failed.refused() => {
+                for op in batch.ops {
+                    if let Some(ended) = went_out(self.advance(op, now)) {
+                        self.moved_on.push((call, ended));
+                    }
+                }
+                return;
+            }
+            Err(failed) => Err(StoreError::Remote(format!("etcd answered {failed}"))),
+        };
+        let resumed: Vec<Resumed> = match answers {
+            Ok(txns) => batch
+                .ops
+                .into_iter()
+                .zip(txns)
+                .map(|(op, txn)| {
+                    let pending = Pending {
+                        op,
+                        sent: Sent::Finish,
+                        since: batch.since,
+                    };
+                    self.carry_on(pending, Decoded::Txn(txn), now)
+                })
+                .collect(),
+            Err(error) => batch
+                .ops
+                .into_iter()
+                .map(|op| self.fail(op, error.clone(), now))
+                .collect(),
+        };
+        self.moved_on
+            .extend(resumed.into_iter().map(|resumed| (call, resumed)));
     }
 
     fn grant_backing_off(&self, now: Millis) -> bool {
@@ -678,6 +789,10 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
     }
 
     fn resume(&mut self, call: CallId, response: CallResponse, now: Millis) -> Option<Resumed> {
+        if let Some(batch) = self.batches.remove(&call) {
+            self.batch_answered(call, batch, response, now);
+            return Some(Resumed::Nothing);
+        }
         if let Some((kind, window, _)) = self.grants.remove(&call) {
             let granted = match response {
                 Ok(message) => wire::lease_answer(&message),
@@ -724,10 +839,23 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             .filter(|(_, pending)| now.saturating_sub(pending.since) > horizon)
             .map(|(call, _)| *call)
             .collect();
+        let error = StoreError::Remote("etcd never answered".into());
         for call in silent {
             if let Some(pending) = self.pending.remove(&call) {
-                let error = StoreError::Remote("etcd never answered".into());
-                ended.push(self.call_failed(pending, error, true, now));
+                ended.push(self.call_failed(pending, error.clone(), true, now));
+            }
+        }
+        let silent: Vec<CallId> = self
+            .batches
+            .iter()
+            .filter(|(_, batch)| now.saturating_sub(batch.since) > horizon)
+            .map(|(call, _)| *call)
+            .collect();
+        for call in silent {
+            if let Some(batch) = self.batches.remove(&call) {
+                for op in batch.ops {
+                    ended.push(self.fail(op, error.clone(), now));
+                }
             }
         }
         let silent: Vec<CallId> = self
@@ -742,14 +870,27 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                 self.granted(kind, Err(error), now);
             }
         }
+        // Finishes go out together, as few transactions as etcd takes; the rest one by one.
         let mut queued = std::mem::take(&mut self.queued);
         queued.extend(self.retries.due(now));
+        let mut batching = Batching::default();
         for op in queued {
-            match self.advance(op, now) {
-                Resumed::Finish(Answer::Later(_)) => {}
-                other => ended.push(other),
+            match self.next_txn(op, now) {
+                Ok((op, txn, Sent::Finish)) => {
+                    let max_bytes = self.settings.max_value_bytes;
+                    if !batching.fits(op.tuple(), txn.len(), max_bytes) {
+                        ended.extend(self.send_batch(std::mem::take(&mut batching), now));
+                    }
+                    batching.bytes += txn.len();
+                    batching.finishes.push((op, txn));
+                }
+                Ok((op, txn, sent)) => {
+                    ended.extend(went_out(self.send(wire::TXN, &txn, op, sent, now)))
+                }
+                Err(resumed) => ended.extend(went_out(resumed)),
             }
         }
+        ended.extend(self.send_batch(batching, now));
         self.grant_wanted(now);
         ended.extend(self.cache.tick(now));
         ended
@@ -772,6 +913,15 @@ fn claim_answer(resumed: Resumed) -> Answer<Result<ClaimReply, StoreError>> {
         Resumed::Finish(_) | Resumed::Nothing => {
             Answer::Now(Err(StoreError::Remote("mixed-up operation".into())))
         }
+    }
+}
+
+/// What sending an operation ended, if anything: a finish sent (or waiting for its lease) is
+/// heard of when etcd answers.
+fn went_out(resumed: Resumed) -> Option<Resumed> {
+    match resumed {
+        Resumed::Finish(Answer::Later(_)) => None,
+        other => Some(other),
     }
 }
 

@@ -516,3 +516,89 @@ fn a_failed_grant_fails_the_claims_waiting_for_it_and_for_a_moment_those_after()
     );
     assert!(matches!(a.claim(&claim_of(1, 12), 300), Answer::Later(call) if parked(call)));
 }
+
+/// Claims of tuples 1..=count on `store`, won: their tickets.
+fn tickets(world: &mut World, store: &mut Envoy, count: u8) -> Vec<Ticket> {
+    (1..=count)
+        .map(|n| {
+            let claim = Claim {
+                tuple: [n; 32],
+                ..claim_of(1, u64::from(n) * 10)
+            };
+            let first = Resumed::Claim(store.claim(&claim, 0));
+            claimed(world.settle(store, first, 0))
+        })
+        .collect()
+}
+
+/// Each finish sent by `call`, once etcd has answered it.
+fn finishes_of(world: &mut World, store: &mut Envoy, call: CallId, now: Millis) -> Vec<Resumed> {
+    let (method, message) = world.calls.get(call);
+    let answer = world.etcd.answer(method, &message);
+    assert_eq!(store.resume(call, Ok(answer), now), Some(Resumed::Nothing));
+    store
+        .take_moved_on()
+        .into_iter()
+        .map(|(_, resumed)| resumed)
+        .collect()
+}
+
+#[test]
+fn the_finishes_of_a_tick_go_out_in_one_transaction_and_each_lands() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    let mut tickets = tickets(&mut world, &mut a, 4);
+    // The first waits for the record lease, and goes on alone once it is granted.
+    let first = tickets.pop().unwrap();
+    finish(&mut world, &mut a, first, Ending::Stored(response()), 10);
+    for ticket in tickets {
+        assert_eq!(
+            a.finish(ticket, Ending::Stored(response()), 10),
+            Answer::Queued
+        );
+    }
+    let sent = world.calls.sent.borrow().len();
+    assert_eq!(world.tick_granting(&mut a, 20).0, vec![]);
+    assert_eq!(world.calls.sent.borrow().len(), sent + 1, "one call");
+    let batch = world.calls.last();
+    let finishes = finishes_of(&mut world, &mut a, batch, 30);
+    let stored = || Resumed::Finish(Answer::Now(Ok(Finished::Recorded(Ending::Stored(())))));
+    assert_eq!(finishes, vec![stored(), stored(), stored()]);
+    for n in 1..=3u8 {
+        let retry = Claim {
+            tuple: [n; 32],
+            ..claim_of(1, 99)
+        };
+        let replay = Resumed::Claim(b.claim(&retry, 40));
+        assert_eq!(
+            world.settle(&mut b, replay, 40),
+            Resumed::Claim(Answer::Now(Ok(Verdict::Replay(response()))))
+        );
+    }
+}
+
+#[test]
+fn a_batch_etcd_refuses_whole_goes_out_again_finish_by_finish() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    for ticket in tickets(&mut world, &mut a, 2) {
+        assert_eq!(a.finish(ticket, Ending::Released, 10), Answer::Queued);
+    }
+    world.tick_granting(&mut a, 20);
+    let batch = world.calls.last();
+    let sent = world.calls.sent.borrow().len();
+    let too_large = CallFailed {
+        status: 3,
+        message: "etcdserver: request is too large".into(),
+    };
+    assert_eq!(a.resume(batch, Err(too_large), 30), Some(Resumed::Nothing));
+    assert_eq!(a.take_moved_on(), vec![], "nothing ended yet");
+    assert_eq!(world.calls.sent.borrow().len(), sent + 2, "one call each");
+    for call in [Calls::id(sent), Calls::id(sent + 1)] {
+        let released = world.settle(&mut a, Resumed::Finish(Answer::Later(call)), 40);
+        let done = Resumed::Finish(Answer::Now(Ok(Finished::Recorded(Ending::Released))));
+        assert_eq!(released, done);
+    }
+    assert!(world.etcd.keys.is_empty(), "both released");
+}

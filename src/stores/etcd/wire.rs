@@ -79,6 +79,40 @@ pub fn revoke(key: &[u8], value: &[u8]) -> Vec<u8> {
     txn(compare, success, range_request(key, true))
 }
 
+/// Transactions (as [`finish`] makes them) in one: each nested in the outer one's `success`,
+/// with its own compare and branches, all applied at one revision. etcd refuses a batch that
+/// writes one key twice, so the keys must differ.
+pub fn batch(txns: &[Vec<u8>]) -> Vec<u8> {
+    BatchRequest {
+        success: txns.iter().map(|txn| Nested { txn: txn.clone() }).collect(),
+    }
+    .encode_to_vec()
+}
+
+/// A batch's answer: each nested transaction's, in order (`count` of them).
+pub fn batch_answer(message: &[u8], count: usize) -> Result<Vec<Txn>, StoreError> {
+    let answer = decode::<BatchResponse>(message)?;
+    if answer.responses.len() != count {
+        let got = answer.responses.len();
+        return Err(StoreError::Remote(format!(
+            "{got} answers to a batch of {count}"
+        )));
+    }
+    let revision = revision_of(answer.header);
+    answer
+        .responses
+        .iter()
+        .map(|nested| {
+            let txn = decode::<TxnResponse>(&nested.txn)?;
+            // etcd gives a nested answer no header: it was applied at the batch's revision.
+            Ok(Txn {
+                revision,
+                ..txn_of(txn)
+            })
+        })
+        .collect()
+}
+
 /// A transaction's answer: whether its compare held, the revision it was applied at, and, if
 /// it did not hold, the key its read found (value and `mod_revision`).
 #[derive(Debug)]
@@ -89,7 +123,10 @@ pub struct Txn {
 }
 
 pub fn txn_answer(message: &[u8]) -> Result<Txn, StoreError> {
-    let answer = decode::<TxnResponse>(message)?;
+    decode::<TxnResponse>(message).map(txn_of)
+}
+
+fn txn_of(answer: TxnResponse) -> Txn {
     let found = answer
         .responses
         .into_iter()
@@ -98,11 +135,11 @@ pub fn txn_answer(message: &[u8]) -> Result<Txn, StoreError> {
             Some(Response::Range(range)) => first_kv(range),
             _ => None,
         });
-    Ok(Txn {
+    Txn {
         succeeded: answer.succeeded,
         revision: revision_of(answer.header),
         found,
-    })
+    }
 }
 
 /// A read's key, if it exists: its value and `mod_revision`.
@@ -325,6 +362,30 @@ pub(super) struct LeaseGrantResponse {
     pub id: i64,
     #[prost(string, tag = "4")]
     pub error: String,
+}
+
+/// A `TxnRequest` with no compare, whose `success` holds only `RequestOp.request_txn`s: each
+/// already encoded, as a nested message is on the wire.
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct BatchRequest {
+    #[prost(message, repeated, tag = "2")]
+    pub success: Vec<Nested>,
+}
+
+/// A `RequestOp.request_txn` or a `ResponseOp.response_txn`, still encoded.
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct Nested {
+    #[prost(bytes = "vec", tag = "4")]
+    pub txn: Vec<u8>,
+}
+
+/// A batch's `TxnResponse`: its header and the nested transactions' answers.
+#[derive(Clone, PartialEq, Message)]
+pub(super) struct BatchResponse {
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<ResponseHeader>,
+    #[prost(message, repeated, tag = "3")]
+    pub responses: Vec<Nested>,
 }
 
 // envoy.config.core.v3.GrpcService, with only its `envoy_grpc`.

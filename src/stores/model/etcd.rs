@@ -137,17 +137,28 @@ impl Run {
         Ok(())
     }
 
-    /// etcd applies call `call`'s request; checks what it changed. Its answer.
+    /// etcd applies call `call`'s request; checks what it changed at each key it is about. Its
+    /// answer.
     fn apply(&mut self, call: CallId) -> Result<Vec<u8>, String> {
         let (method, message) = self.world.calls.get(call);
-        let key = FakeEtcd::key_of(method, &message);
-        let before = key
-            .as_ref()
-            .and_then(|k| self.world.etcd.keys.get(k).cloned());
+        let keys = FakeEtcd::keys_of(method, &message);
+        let etcd = &self.world.etcd;
+        let before: Vec<_> = keys.iter().map(|k| etcd.keys.get(k).cloned()).collect();
         let answer = self.world.etcd.answer(method, &message);
-        let after = key
-            .as_ref()
-            .and_then(|k| self.world.etcd.keys.get(k).cloned());
+        for (key, before) in keys.iter().zip(before) {
+            let after = self.world.etcd.keys.get(key).cloned();
+            self.changed(call, before, after)?;
+        }
+        Ok(answer)
+    }
+
+    /// Checks one key's change by call `call`.
+    fn changed(
+        &mut self,
+        call: CallId,
+        before: Option<(Vec<u8>, u64)>,
+        after: Option<(Vec<u8>, u64)>,
+    ) -> Result<(), String> {
         if before != after {
             let decode = |v: &Option<(Vec<u8>, u64)>| {
                 v.as_ref().map(|(bytes, _)| {
@@ -187,7 +198,7 @@ impl Run {
                 }
             }
         }
-        Ok(answer)
+        Ok(())
     }
 
     /// Hands `response` to the Envoy that made `call`, and checks what it gives.
