@@ -11,6 +11,7 @@
 use crate::core::config::{Config, ConfigError};
 use crate::core::counters::Counter;
 use crate::core::exchange::{self, Answered, Exchange, Outgoing, Step};
+use crate::core::lifecycle::{Ending, Verdict};
 use crate::core::problem::LocalReply;
 use crate::core::store::{Answer, CallId, CallResponse, ClaimReply, Resumed, Store, StoreError};
 use crate::core::Millis;
@@ -350,6 +351,17 @@ impl<H: Host> Worker<H> {
         now: Millis,
     ) {
         let Some(waiter) = self.awaiting.borrow_mut().remove(&call) else {
+            // Its request left before hearing (a claim sent for it from the root context goes
+            // on without it): the work never ran, so a retry may claim at once.
+            if let Answer::Now(Ok(Verdict::Claimed(ticket))) = answer {
+                let released = self
+                    .store
+                    .borrow_mut()
+                    .finish(ticket, Ending::Released, now);
+                if let Answer::Now(reply) = released {
+                    self.ended(Resumed::Finish(Answer::Now(reply)));
+                }
+            }
             return;
         };
         let step = match answer {

@@ -2,7 +2,7 @@ use super::*;
 use crate::core::exchange::StreamEnd;
 use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
 use crate::core::record::StoredResponse;
-use crate::core::store::{CallFailed, Ticket};
+use crate::core::store::{CallFailed, Handle, Ticket};
 use crate::stores::table::Table;
 use crate::stores::testkit::{config, MemoryKv};
 
@@ -282,10 +282,13 @@ fn a_full_waiting_room_answers_at_once_and_a_request_that_ended_is_never_acted_f
     assert!(run.host.resumed.borrow().is_empty());
 }
 
-/// A remote store: every claim is a call, answered `Claimed` when its response comes.
+/// A remote store: every claim is a call, answered when its response comes: `Claimed` if it
+/// says so, else a conflict.
 #[derive(Default)]
 struct Remote {
     calls: u32,
+    /// The endings of the finishes asked for.
+    finished: Rc<RefCell<Vec<String>>>,
 }
 
 impl Store for Remote {
@@ -306,15 +309,30 @@ impl Store for Remote {
     fn finish(
         &mut self,
         _: Ticket,
-        _: Ending<StoredResponse>,
+        ending: Ending<StoredResponse>,
         _: Millis,
     ) -> Answer<Result<Finished, StoreError>> {
+        self.finished
+            .borrow_mut()
+            .push(format!("{:?}", ending.recorded()));
         Answer::Queued
     }
 
     fn resume(&mut self, call: CallId, response: CallResponse, _: Millis) -> Option<Resumed> {
         let reply = response
-            .map(|_| Verdict::Blocked(Block::Conflict))
+            .map(|message| match &message[..] {
+                b"claimed" => Verdict::Claimed(Ticket {
+                    handle: Handle::Revision(7),
+                    claim: Claim {
+                        tuple: [1; 32],
+                        fingerprint: [1; 16],
+                        token: 1,
+                        lease: 60_000,
+                        org: 1,
+                    },
+                }),
+                _ => Verdict::Blocked(Block::Conflict),
+            })
             .map_err(|failed| StoreError::Remote(failed.to_string()));
         (call <= self.calls).then_some(Resumed::Claim(Answer::Now(reply)))
     }
@@ -337,6 +355,18 @@ fn a_remote_store_s_answer_reaches_the_request_whose_call_it_is() {
     run.worker.leave(1);
     run.worker.on_call_response(1, Ok(Vec::new()));
     assert_eq!(run.replies().len(), 1);
+}
+
+#[test]
+fn a_claim_answered_after_its_request_left_is_released() {
+    let remote = Remote::default();
+    let finished = Rc::clone(&remote.finished);
+    let mut run = Run::new(DEFAULTS, |_| Box::new(remote));
+    assert_eq!(run.arrive("a"), (1, Flow::Pause));
+    run.worker.leave(1);
+    run.worker.on_call_response(1, Ok(b"claimed".to_vec()));
+    assert_eq!(*finished.borrow(), ["Recorded(Released)"]);
+    assert!(run.replies().is_empty());
 }
 
 fn down() -> CallFailed {

@@ -205,6 +205,8 @@ pub struct World {
     pub calls: &'static Calls,
     pub etcd: FakeEtcd,
     pub answered: usize,
+    /// What went on inside a store, by the id it waited under, until asked for.
+    moved: HashMap<CallId, Resumed>,
 }
 
 pub type Envoy = Etcd<&'static Calls, &'static MemoryKv>;
@@ -215,6 +217,7 @@ impl World {
             calls: Box::leak(Box::default()),
             etcd: FakeEtcd::default(),
             answered: 0,
+            moved: HashMap::new(),
         }
     }
 
@@ -296,13 +299,27 @@ impl World {
         assert!(matches!(resumed, Resumed::Claim(Answer::Later(_))));
     }
 
-    /// The operation parked under `call` on `store`, once a tick has granted its lease.
+    /// The operation waiting under `call` inside `store`, once it went on: after a tick has
+    /// granted its lease, or sent it in a batch of claims that etcd answers.
     fn went_on<S: Store>(&mut self, store: &mut S, call: CallId, now: Millis) -> Resumed {
+        if let Some(resumed) = self.moved.remove(&call) {
+            return resumed;
+        }
+        let before = self.calls.sent.borrow().len();
         let (_, moved) = self.tick_granting(store, now);
-        moved
-            .into_iter()
-            .find_map(|(id, resumed)| (id == call).then_some(resumed))
-            .expect("the parked operation went on")
+        self.moved.extend(moved);
+        let after = self.calls.sent.borrow().len();
+        for batch in (before..after).map(Calls::id) {
+            let (method, message) = self.calls.get(batch);
+            if method == wire::TXN && FakeEtcd::key_of(method, &message).is_none() {
+                let answer = self.etcd.answer(method, &message);
+                store.resume(batch, Ok(answer), now);
+                self.moved.extend(store.take_moved_on());
+            }
+        }
+        self.moved
+            .remove(&call)
+            .expect("the waiting operation went on")
     }
 
     pub fn last_method(&self) -> Method {

@@ -487,16 +487,24 @@ fn claims_that_find_no_lease_wait_for_one_grant_and_the_next_is_granted_ahead() 
 }
 
 #[test]
-fn a_failed_grant_fails_the_claims_waiting_for_it_and_for_a_moment_those_after() {
+fn a_grant_failed_twice_fails_the_claims_waiting_for_it_and_for_a_moment_those_after() {
     let world = World::new();
     let mut a = world.envoy(JSON);
     let Answer::Later(waiting) = a.claim(&claim_of(1, 10), 0) else {
         panic!("expected to wait for a lease");
     };
+    // The first failure (a member refusing, say) is asked again on the next tick.
     a.tick(20);
     assert_eq!(world.last_method(), wire::GRANT);
     assert_eq!(
         a.resume(world.calls.last(), Err(lost()), 30),
+        Some(Resumed::Nothing)
+    );
+    assert_eq!(a.take_moved_on(), vec![], "still waiting");
+    a.tick(40);
+    assert_eq!(world.calls.sent.borrow().len(), 2, "asked again");
+    assert_eq!(
+        a.resume(world.calls.last(), Err(lost()), 50),
         Some(Resumed::Nothing)
     );
     let moved = a.take_moved_on();
@@ -511,7 +519,7 @@ fn a_failed_grant_fails_the_claims_waiting_for_it_and_for_a_moment_those_after()
     a.tick(200);
     assert_eq!(
         world.calls.sent.borrow().len(),
-        1,
+        2,
         "no grant within the backoff"
     );
     assert!(matches!(a.claim(&claim_of(1, 12), 300), Answer::Later(call) if parked(call)));
@@ -593,12 +601,83 @@ fn a_batch_etcd_refuses_whole_goes_out_again_finish_by_finish() {
         message: "etcdserver: request is too large".into(),
     };
     assert_eq!(a.resume(batch, Err(too_large), 30), Some(Resumed::Nothing));
-    assert_eq!(a.take_moved_on(), vec![], "nothing ended yet");
-    assert_eq!(world.calls.sent.borrow().len(), sent + 2, "one call each");
-    for call in [Calls::id(sent), Calls::id(sent + 1)] {
+    let resent: Vec<CallId> = (a.take_moved_on().into_iter())
+        .map(|(_, resumed)| match resumed {
+            Resumed::Finish(Answer::Later(call)) => call,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        resent,
+        [Calls::id(sent), Calls::id(sent + 1)],
+        "one call each"
+    );
+    for call in resent {
         let released = world.settle(&mut a, Resumed::Finish(Answer::Later(call)), 40);
         let done = Resumed::Finish(Answer::Now(Ok(Finished::Recorded(Ending::Released))));
         assert_eq!(released, done);
     }
     assert!(world.etcd.keys.is_empty(), "both released");
+}
+
+#[test]
+fn claims_made_while_four_claim_calls_are_out_go_out_together_from_the_root_context_s_tick() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let claim = |n: u8, token: u64| Claim {
+        tuple: [n; 32],
+        ..claim_of(1, token)
+    };
+    tickets(&mut world, &mut a, 1); // the claim lease, granted
+    let sent = world.calls.sent.borrow().len();
+    for n in 2..6 {
+        assert!(matches!(a.claim(&claim(n, n.into()), 10), Answer::Later(call) if !parked(call)));
+    }
+    assert_eq!(
+        world.calls.sent.borrow().len(),
+        sent + 4,
+        "four claim calls"
+    );
+    // Three more wait, one of them a second claim of a key already waiting.
+    let waiting: Vec<CallId> = [(6, 6), (7, 7), (6, 66)]
+        .map(|(n, token)| match a.claim(&claim(n, token), 10) {
+            Answer::Later(call) if parked(call) => call,
+            other => panic!("{other:?}"),
+        })
+        .to_vec();
+    assert_eq!(world.calls.sent.borrow().len(), sent + 4, "no call yet");
+    // A claim call ends, in its request's callback: nothing is sent from there, where a call
+    // would end with that request.
+    let first = Resumed::Claim(Answer::Later(Calls::id(sent)));
+    claimed(world.settle(&mut a, first, 15));
+    assert_eq!(world.calls.sent.borrow().len(), sent + 4);
+    // The tick sends them, though three claim calls are still unanswered (their requests may
+    // have left, taking the calls with them): keys 6 and 7 in one batch, then the second
+    // claim of key 6 alone.
+    let (_, moved) = world.tick_granting(&mut a, 20);
+    assert_eq!(world.calls.sent.borrow().len(), sent + 6);
+    let batch = Calls::id(sent + 4);
+    assert_eq!(
+        FakeEtcd::keys_of(wire::TXN, &world.calls.get(batch).1).len(),
+        2
+    );
+    let [(id, second)] = <[_; 1]>::try_from(moved).unwrap();
+    assert_eq!(id, waiting[2]);
+    let (method, message) = world.calls.get(batch);
+    let answer = world.etcd.answer(method, &message);
+    assert_eq!(a.resume(batch, Ok(answer), 30), Some(Resumed::Nothing));
+    let moved = a.take_moved_on();
+    let answered: Vec<CallId> = moved.iter().map(|(id, _)| *id).collect();
+    assert_eq!(answered, waiting[..2]);
+    let revision = world.etcd.keys[&a.key(&[6; 32])].1;
+    for (_, resumed) in moved {
+        assert_eq!(claimed(resumed).handle, Handle::Revision(revision));
+    }
+    // The second claim of key 6 finds the first's (sent at 20, for a lease of 60 s).
+    assert_eq!(
+        world.settle(&mut a, second, 40),
+        Resumed::Claim(Answer::Now(Ok(Verdict::Blocked(Block::InFlight {
+            remaining: 59_980
+        }))))
+    );
 }

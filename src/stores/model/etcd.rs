@@ -78,15 +78,18 @@ impl Run {
         }
     }
 
-    /// Checks what the claims parked on `envoy` that went on give.
-    fn moved_on(&mut self, envoy: usize) -> Result<(), String> {
+    /// Checks what the claims waiting inside `envoy` that went on give; `lease_ends` when
+    /// those answered were sent in a batch whose claims' leases end then.
+    fn moved_on(&mut self, envoy: usize, lease_ends: Option<Millis>) -> Result<(), String> {
         for (call, resumed) in self.envoys[envoy].take_moved_on() {
             let Some((n, fp)) = self.parked.remove(&(envoy, call)) else {
                 continue;
             };
             match resumed {
                 Resumed::Claim(Answer::Later(next)) => self.waits(envoy, next, Some((n, fp))),
-                Resumed::Claim(Answer::Now(reply)) => self.answered(envoy, n, fp, &reply, None)?,
+                Resumed::Claim(Answer::Now(reply)) => {
+                    self.answered(envoy, n, fp, &reply, lease_ends)?
+                }
                 other => return Err(format!("a parked claim went on as {other:?}")),
             }
         }
@@ -219,7 +222,7 @@ impl Run {
             None => return Err(format!("Envoy {} did not know its call {call}", made.envoy)),
             Some(_) => {}
         }
-        self.moved_on(made.envoy)
+        self.moved_on(made.envoy, Some(made.sent + LEASE))
     }
 }
 
@@ -274,7 +277,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
             let before = run.sent();
             run.envoys[e].tick(run.now);
             run.made(e, before, None);
-            run.moved_on(e)
+            run.moved_on(e, None)
         } else if choice < 90 && !run.calls.is_empty() {
             // Any call in flight, in any order: answered, lost either way, or answered twice.
             let mut pending: Vec<CallId> = run.calls.keys().copied().collect();
