@@ -948,25 +948,15 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
         let mut ended = Vec::new();
         // Calls whose answers never came (their context went away) have failed.
         let horizon = self.settings.timeout.saturating_mul(4);
-        let silent: Vec<CallId> = self
-            .pending
-            .iter()
-            .filter(|(_, pending)| now.saturating_sub(pending.since) > horizon)
-            .map(|(call, _)| *call)
-            .collect();
+        let silent = |since: Millis| now.saturating_sub(since) > horizon;
+        let unanswered = silent_calls(&self.pending, |p| silent(p.since));
         let error = StoreError::Remote("etcd never answered".into());
-        for call in silent {
+        for call in unanswered {
             if let Some(pending) = self.pending.remove(&call) {
                 ended.push(self.call_failed(pending, error.clone(), true, now));
             }
         }
-        let silent: Vec<CallId> = self
-            .batches
-            .iter()
-            .filter(|(_, batch)| now.saturating_sub(batch.since) > horizon)
-            .map(|(call, _)| *call)
-            .collect();
-        for call in silent {
+        for call in silent_calls(&self.batches, |batch| silent(batch.since)) {
             if let Some(batch) = self.batches.remove(&call) {
                 for member in batch.members {
                     let pending = Pending {
@@ -979,13 +969,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                 }
             }
         }
-        let silent: Vec<CallId> = self
-            .grants
-            .iter()
-            .filter(|(_, (_, _, since))| now.saturating_sub(*since) > horizon)
-            .map(|(call, _)| *call)
-            .collect();
-        for call in silent {
+        for call in silent_calls(&self.grants, |(_, _, since)| silent(*since)) {
             if let Some((kind, ..)) = self.grants.remove(&call) {
                 let error = StoreError::Remote("etcd never answered a lease grant".into());
                 self.granted(kind, Err(error), now);
@@ -1048,6 +1032,12 @@ fn claim_answer(resumed: Resumed) -> Answer<Result<ClaimReply, StoreError>> {
             Answer::Now(Err(StoreError::Remote("mixed-up operation".into())))
         }
     }
+}
+
+/// The calls of `calls` that `silent` says have gone unanswered too long.
+fn silent_calls<V>(calls: &HashMap<CallId, V>, silent: impl Fn(&V) -> bool) -> Vec<CallId> {
+    let silent = calls.iter().filter(|(_, value)| silent(value));
+    silent.map(|(call, _)| *call).collect()
 }
 
 /// Whether a call with `sent` is a claim's transaction.
