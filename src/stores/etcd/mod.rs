@@ -3,8 +3,8 @@
 //!
 //! - Claim: one transaction, "create the key if absent, else read it back"; the loser decides on
 //!   the record it read with the same [`lifecycle`] as the embedded table. An expired record is taken
-//!   over by a compare-and-swap on its `mod_revision`. A worker keeps at most `CLAIM_CALLS`
-//!   claim calls in flight; the claims made meanwhile wait, and go out together from the root
+//!   over by a compare-and-swap on its `mod_revision`. While a worker has `CLAIM_CALLS` claim
+//!   calls in flight, the claims made meanwhile wait, and go out together from the root
 //!   context (its tick, or a batch's answer), each a transaction nested in one call: etcd then
 //!   applies many claims in one raft round, at a quarter of the CPU each.
 //! - Lost answers: a claim whose transaction got no answer (a timeout, a reset) may still have
@@ -67,8 +67,8 @@ const GRANT_BACKOFF_MILLIS: Millis = 250;
 /// Operations sent in one transaction at most (etcd refuses more operations in one than its
 /// `--max-txn-ops`, 128 by default).
 const MAX_BATCH: usize = 64;
-/// Claim calls a worker keeps in flight; the claims made meanwhile wait for one to end, and go
-/// out together.
+/// Claim calls a worker sends alone; past them, new claims wait and go out together, in at
+/// most this many batches in flight.
 const CLAIM_CALLS: usize = 4;
 
 /// What an operation is waiting for.
