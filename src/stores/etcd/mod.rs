@@ -50,7 +50,8 @@ use crate::core::config::{Config, EtcdConfig};
 use crate::core::lifecycle::{self, Claim, Ending, Finished, Room, Verdict};
 use crate::core::record::{Bucket, Entry, State, StoredResponse, REMOTE_ENTRY_LEN};
 use crate::core::store::{
-    Answer, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError, Ticket,
+    Answer, CallFailed, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError,
+    Ticket,
 };
 use crate::core::Millis;
 use crate::stores::table::Table;
@@ -67,6 +68,8 @@ const GRANT_BACKOFF_MILLIS: Millis = 250;
 /// Operations sent in one transaction at most (etcd refuses more operations in one than its
 /// `--max-txn-ops`, 128 by default).
 const MAX_BATCH: usize = 64;
+/// gRPC's status for a call that ran out of time: not a refusal, so it may have been applied.
+const DEADLINE_EXCEEDED: u32 = 4;
 /// Claim calls a worker sends alone; past them, new claims wait and go out together, in at
 /// most this many batches in flight.
 const CLAIM_CALLS: usize = 4;
@@ -429,15 +432,6 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         Ok((op, message, sent))
     }
 
-    /// What became of an operation, to the request waiting under `waiter`, or else among what
-    /// the tick ended.
-    fn hand_over(&mut self, waiter: Option<CallId>, resumed: Resumed, ended: &mut Vec<Resumed>) {
-        match waiter {
-            Some(id) => self.moved_on.push((id, resumed)),
-            None => ended.extend(went_out(resumed)),
-        }
-    }
-
     /// Claim calls in flight: claims sent alone, and batches of claims.
     fn claim_calls(&self) -> usize {
         let alone = self.pending.values().filter(|p| claiming(&p.sent)).count();
@@ -474,26 +468,40 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 }
             }
             self.waiting = next;
-            for (waiter, resumed) in self.send_batch(batching, now) {
-                self.moved_on.push((waiter.unwrap_or_default(), resumed));
-            }
+            self.send_batch(batching, now);
         }
     }
 
     /// Sends what was gathered: one operation in a call of its own, several as one batch. What
-    /// became of each at once, with the id its request waits under.
-    fn send_batch(&mut self, batching: Batching, now: Millis) -> Vec<(Option<CallId>, Resumed)> {
+    /// became of each at once goes to the request waiting under its id; the rest (finishes
+    /// that ended at once) is returned.
+    fn send_batch(&mut self, batching: Batching, now: Millis) -> Vec<Resumed> {
         let mut members = batching.members;
-        if members.len() <= 1 {
-            return members
-                .pop()
-                .map(|(member, txn)| {
-                    let resumed = self.send(wire::TXN, &txn, member.op, member.sent, now);
-                    (member.waiter, resumed)
-                })
-                .into_iter()
-                .collect();
+        let sent: Vec<(Option<CallId>, Resumed)> = if members.len() <= 1 {
+            let alone = members.pop().map(|(member, txn)| {
+                let resumed = self.send(wire::TXN, &txn, member.op, member.sent, now);
+                (member.waiter, resumed)
+            });
+            alone.into_iter().collect()
+        } else {
+            self.send_together(members, now)
+        };
+        let mut ended = Vec::new();
+        for (waiter, resumed) in sent {
+            match waiter {
+                Some(id) => self.moved_on.push((id, resumed)),
+                None => ended.extend(went_out(resumed)),
+            }
         }
+        ended
+    }
+
+    /// Several operations in one call: what became of those that failed at once.
+    fn send_together(
+        &mut self,
+        members: Vec<(Member, Vec<u8>)>,
+        now: Millis,
+    ) -> Vec<(Option<CallId>, Resumed)> {
         let txns: Vec<Vec<u8>> = members.iter().map(|(_, txn)| txn.clone()).collect();
         let members = members.into_iter().map(|(member, _)| member);
         match self.caller.call(wire::TXN, &wire::batch(&txns)) {
@@ -958,15 +966,11 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
         }
         for call in silent_calls(&self.batches, |batch| silent(batch.since)) {
             if let Some(batch) = self.batches.remove(&call) {
-                for member in batch.members {
-                    let pending = Pending {
-                        op: member.op,
-                        sent: member.sent,
-                        since: batch.since,
-                    };
-                    let resumed = self.call_failed(pending, error.clone(), true, now);
-                    self.hand_over(member.waiter, resumed, &mut ended);
-                }
+                let never = CallFailed {
+                    status: DEADLINE_EXCEEDED,
+                    message: "no answer came".into(),
+                };
+                self.batch_answered(call, batch, Err(never), now);
             }
         }
         for call in silent_calls(&self.grants, |(_, _, since)| silent(*since)) {
@@ -986,9 +990,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                     let max_bytes = self.settings.max_value_bytes;
                     if !batching.fits(op.tuple(), txn.len(), max_bytes) {
                         let full = std::mem::take(&mut batching);
-                        for (waiter, resumed) in self.send_batch(full, now) {
-                            self.hand_over(waiter, resumed, &mut ended);
-                        }
+                        ended.extend(self.send_batch(full, now));
                     }
                     let sent = Sent::Finish;
                     batching.push(
@@ -1006,9 +1008,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
                 Err(resumed) => ended.extend(went_out(resumed)),
             }
         }
-        for (waiter, resumed) in self.send_batch(batching, now) {
-            self.hand_over(waiter, resumed, &mut ended);
-        }
+        ended.extend(self.send_batch(batching, now));
         self.grant_wanted(now);
         ended.extend(self.cache.tick(now));
         ended
