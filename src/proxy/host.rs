@@ -159,10 +159,6 @@ pub fn log_level() -> Option<proxy_wasm::types::LogLevel> {
     hostcalls::get_log_level().ok()
 }
 
-pub fn request_header(name: &str) -> Option<Vec<u8>> {
-    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).unwrap_or_default()
-}
-
 pub fn headers(map: MapType) -> Vec<(String, Vec<u8>)> {
     match hostcalls::get_map_bytes(map) {
         Ok(headers) => headers,

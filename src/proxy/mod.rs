@@ -171,18 +171,18 @@ impl HttpContext for Filter {
         let Some(worker) = &self.worker else {
             return Action::Continue;
         };
+        // One read of the whole map: a host call that returns bytes costs more than the bytes
+        // (the host calls back into the VM to allocate them), so the method comes from it too.
+        let headers = host::headers(MapType::HttpRequestHeaders);
+        let value = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
         #[cfg(feature = "fault-injection")]
-        if host::request_header("x-idempotency-fault").is_some() {
+        if value("x-idempotency-fault").is_some() {
             ::core::arch::wasm32::unreachable();
         }
-        // One header read decides whether the request is covered at all.
-        let method = host::request_header(":method").unwrap_or_default();
-        let method = String::from_utf8_lossy(&method);
+        let method = String::from_utf8_lossy(value(":method").map_or(&[][..], |m| m.as_slice()));
         if !worker.config().covers(&method) {
             return Action::Continue;
         }
-        let headers = host::headers(MapType::HttpRequestHeaders);
-        let value = |name: &str| headers.iter().find(|(n, _)| n == name).map(|(_, v)| v);
         let path = value(":path").cloned().unwrap_or_default();
         let request_id = value("x-request-id").map(|id| String::from_utf8_lossy(id).into_owned());
         let route = host::route_from_root(worker.config())
