@@ -5,12 +5,12 @@
 //! - `op`: none, header, headers, body, sha256, xxh3, blake3, shared_get, shared_set, time,
 //!   metric, property, alloc, reply; or `floor`: once per request, only the host operations
 //!   that any Idempotency-Key filter over shared data needs for a first POST (read the headers,
-//!   the method among them, pause for the body and read it, claim with a read and a compare-and-swap
-//!   of a `size`-byte bucket, read whether the answer came from the upstream, its headers and
-//!   its body, then write the response and the bucket again), with no work of its own. Each
-//!   request's bucket is one of `buckets` keys and its response one of 16 times as many, taken
-//!   in a scattered order, as a table's keys are for new keys. `replay`: likewise the host
-//!   operations a replay needs (headers, body, a bucket and a response read, the
+//!   the method among them, pause for the body and read it, claim with a read and a
+//!   compare-and-swap of a `size`-byte bucket, read whether the answer came from the upstream,
+//!   its headers and its body, then write the response and the bucket again), with no work of
+//!   its own. Each request's bucket is one of `buckets` keys and its response one of 16 times as
+//!   many, taken in a scattered order, as a table's keys are for new keys. `replay`: likewise
+//!   the host operations a replay needs (headers, body, a bucket and a response read, the
 //!   answer sent with `send_http_response`). `etcd`: the calls any filter over etcd needs for a
 //!   first POST, with no work of its own: once the body is complete, a claim transaction to
 //!   etcd's `KV.Txn` over gRPC (put a new key if absent), the request paused until it answers;
