@@ -3,7 +3,8 @@ under each policy, eviction and fair shares, one organisation's flood of distinc
 Envoy's resident memory under far more distinct keys than the store holds.
 
 The memory test sends IDEMPOTENCY_LOAD_REQUESTS requests per regime (default 100000, ten times
-the store's capacity); set it lower for a quick run. Its figures are printed (run pytest with -s to see them)."""
+the store's capacity); set it lower for a quick run. Its figures are printed (run pytest with -s
+to see them)."""
 
 import os
 import threading
