@@ -84,7 +84,8 @@ def cpu_per_request(envoy, upstream, scenario, workdir, seconds, tag):
     for attempt in range(3):
         if attempt:
             run.wait_for_quiet()
-        figures = run.one_run(envoy, upstream, script, seconds, run.CONNECTIONS)
+        figures = run.one_run(envoy, [upstream], script, seconds, run.CONNECTIONS,
+                              run.path_of(None))
         if best is None or figures["other_load"] < best["other_load"]:
             best = figures
         if figures["other_load"] < run.NOISY:
