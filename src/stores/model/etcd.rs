@@ -326,7 +326,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
                 run.kvs
                     .iter()
                     .zip(&run.envoys)
-                    .try_for_each(|(kv, envoy)| audit(kv, cache_of(envoy), 64))
+                    .try_for_each(|(kv, envoy)| audit(kv, &[cache_of(envoy)], 64))
             })
             .map_err(|why| format!("step {step}: {why}"))?;
     }

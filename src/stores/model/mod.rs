@@ -8,7 +8,8 @@
 //!   counted as evicted);
 //! - a conflict never alters a record;
 //! - nothing replays into another scope (every tuple's responses name the tuple);
-//! - the bytes and records the ledgers and shares account are the ones the table holds.
+//! - the bytes and records the ledgers and shares account are the ones the table holds, with
+//!   what each worker counted ahead of need.
 //!
 //! `MODEL_STEPS` sets the steps of each test (`make fuzz` runs many more); a failure names its
 //! run's seed, and `MODEL_SEED=<seed> cargo test <test>` replays that run alone.
@@ -22,7 +23,7 @@ use crate::core::identity::Digest32;
 use crate::core::lifecycle::Claim;
 use crate::core::record::{Bucket, Ledger, Share, State, StoredResponse, BUCKET_ENTRIES};
 use crate::core::Millis;
-use crate::stores::table::Table;
+use crate::stores::table::{Table, Tally};
 use crate::stores::testkit::MemoryKv;
 use crate::stores::Kv;
 use std::collections::HashMap;
@@ -87,9 +88,17 @@ pub fn response(n: u64, token: u64, rng: &mut Garbage) -> StoredResponse {
 }
 
 /// What a table holds, read back key by key: each ledger shard must account exactly the bytes
-/// of its buckets' complete records, each response key must hold them, and each organisation's
-/// share must count exactly its records and their bytes. No sweep is half-done between steps.
-pub fn audit(kv: &MemoryKv, table: &Table<&MemoryKv>, capacity: u64) -> Result<(), String> {
+/// of its buckets' complete records and each organisation's share exactly its records and their
+/// bytes, with what every worker's table (`tables`, over `kv`) reserved of them; each response
+/// key must hold its record's bytes. No sweep is half-done between steps.
+pub fn audit(kv: &MemoryKv, tables: &[&Table<&MemoryKv>], capacity: u64) -> Result<(), String> {
+    let table = tables.first().ok_or("no table to audit")?;
+    let reserved = |tally| {
+        tables.iter().fold((0, 0), |(records, bytes), table| {
+            let held = table.reserved(tally);
+            (records + held.records, bytes + held.bytes)
+        })
+    };
     let read = |key: String| (&kv).get(&key).map_err(|e| e.to_string());
     let mut ledgers = [0u64; LEDGER_SHARDS];
     let mut shares: HashMap<u16, Share> = HashMap::new();
@@ -124,9 +133,11 @@ pub fn audit(kv: &MemoryKv, table: &Table<&MemoryKv>, capacity: u64) -> Result<(
     for (shard, held) in ledgers.iter().enumerate() {
         let ledger = read(table.key("l", shard as u64))?;
         let counted = ledger.map_or(Ok(0), |(v, _)| Ledger::decode(&v).map(|l| l.total));
-        if counted != Ok(*held) {
+        let (_, reserved) = reserved(Tally::Ledger(shard as u64));
+        if counted != Ok(*held + reserved) {
             return Err(format!(
-                "ledger {shard} counts {counted:?}, its buckets hold {held}"
+                "ledger {shard} counts {counted:?}, its buckets hold {held}, the tables reserved \
+                 {reserved}"
             ));
         }
     }
@@ -136,9 +147,16 @@ pub fn audit(kv: &MemoryKv, table: &Table<&MemoryKv>, capacity: u64) -> Result<(
             Some((v, _)) => Share::decode(&v).map_err(|e| format!("share {org}: {e:?}"))?,
             None => Share::default(),
         };
-        if (counted.records, counted.bytes) != (held.records, held.bytes) {
+        let (records, bytes) = reserved(Tally::Share(u64::from(org)));
+        let held = if table.counts(Tally::Share(0)) {
+            held
+        } else {
+            Share::default()
+        };
+        if (counted.records, counted.bytes) != (held.records + records, held.bytes + bytes) {
             return Err(format!(
-                "organisation {org}'s share counts {counted:?}, holds {held:?}"
+                "organisation {org}'s share counts {counted:?}, holds {held:?}, the tables \
+                 reserved {records} records and {bytes} B"
             ));
         }
     }

@@ -218,12 +218,13 @@ impl Model {
     }
 }
 
-fn tables(json: &str) -> (&'static MemoryKv, Tables, Config) {
+/// The workers' tables, each counting `reserve` records and bytes ahead of need.
+fn tables(json: &str, reserve: (u64, u64)) -> (&'static MemoryKv, Tables, Config) {
     let kv: &'static MemoryKv = Box::leak(Box::default());
     let config = config(json);
     let tables = (0..WORKERS)
         .map(|_| {
-            let mut table = Table::new(kv, &config);
+            let mut table = Table::new(kv, &config).reserving(reserve.0, reserve.1);
             table.boot().unwrap();
             Rc::new(RefCell::new(table))
         })
@@ -243,7 +244,9 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
         let json = r#"{"capacity_records": 64, "max_share": 1.0, "lease": "2s", "ttl": "20s"}"#;
         (json, 48)
     };
-    let (kv, tables, config) = tables(json);
+    // Counts exact, or reserves of a few records and bytes ahead.
+    let reserve = [(0, 0), (3, 700)][rng.below(2)];
+    let (kv, tables, config) = tables(json, reserve);
     let mut model = Model {
         tight,
         records: HashMap::new(),
@@ -325,7 +328,11 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
             return Err("a roomy table evicted".into());
         }
         outcome
-            .and_then(|()| audit(kv, &tables[0].borrow(), config.capacity_records as u64))
+            .and_then(|()| {
+                let tables: Vec<_> = tables.iter().map(|t| t.borrow()).collect();
+                let tables: Vec<_> = tables.iter().map(|t| &**t).collect();
+                audit(kv, &tables, config.capacity_records as u64)
+            })
             .map_err(|why| {
                 format!(
                     "step {step} ({} table): {why}",

@@ -10,17 +10,19 @@
 //!
 //! Only the entry's owner (the claim whose token the entry holds, or the sweeper holding it as
 //! `Sweeping`) writes its response key, so that write needs no compare-and-swap of its own; the
-//! ledger and share counters are shared and do.
+//! ledger and share counters are shared and do ([`tally`]).
+
+mod tally;
 
 use crate::core::config::{Config, WhenFull, LEDGER_SHARDS};
 use crate::core::lifecycle::Room;
 use crate::core::lifecycle::{self, Block, Claim, Ending, Finished, Taken, Verdict};
-use crate::core::record::{
-    Bucket, DecodeError, Entry, Ledger, Share, State, StoredResponse, BUCKET_ENTRIES,
-};
+use crate::core::record::{Bucket, DecodeError, Entry, State, StoredResponse, BUCKET_ENTRIES};
 use crate::core::store::{Answer, ClaimReply, Handle, Resumed, Store, StoreError, Ticket};
 use crate::core::Millis;
 use crate::stores::Kv;
+pub use tally::{count, Amount, Tally};
+use tally::{Limits, Reserves};
 
 /// Organisations' tags map onto this many share counters: two organisations whose tags share a
 /// slot share one share (a collision can only over-count).
@@ -65,10 +67,12 @@ pub struct Table<K: Kv> {
     buckets: u64,
     /// Entries in all: the last bucket may use fewer than `BUCKET_ENTRIES`.
     capacity: u64,
-    shard_budget: u64,
-    /// What one organisation may hold.
-    share_records: u64,
-    share_bytes: u64,
+    /// What a ledger shard and one organisation may hold.
+    limits: Limits,
+    /// What this worker counted in them ahead of need.
+    reserves: Reserves,
+    /// Whether organisations' shares are counted (`max_share` below 1).
+    shares: bool,
     /// A full bucket makes way for a new record by evicting its completed record nearest expiry.
     evict: bool,
     /// How long a new record is safe from eviction.
@@ -86,6 +90,15 @@ pub struct Table<K: Kv> {
 impl<K: Kv> Table<K> {
     pub fn new(kv: K, config: &Config) -> Self {
         let buckets = config.capacity_records.div_ceil(BUCKET_ENTRIES) as u64;
+        let limits = Limits {
+            shard_bytes: (config.capacity_bytes / LEDGER_SHARDS) as u64,
+            share: Amount {
+                records: ((config.capacity_records as f64 * config.max_share) as u64).max(1),
+                // Any storable response fits in one organisation's share.
+                bytes: ((config.capacity_bytes as f64 * config.max_share) as u64)
+                    .max(config.max_response_body_bytes as u64),
+            },
+        };
         Table {
             kv,
             prefix: config.key_prefix.clone(),
@@ -95,11 +108,9 @@ impl<K: Kv> Table<K> {
             ),
             buckets,
             capacity: config.capacity_records as u64,
-            shard_budget: (config.capacity_bytes / LEDGER_SHARDS) as u64,
-            share_records: ((config.capacity_records as f64 * config.max_share) as u64).max(1),
-            // Any storable response fits in one organisation's share.
-            share_bytes: ((config.capacity_bytes as f64 * config.max_share) as u64)
-                .max(config.max_response_body_bytes as u64),
+            limits,
+            reserves: Reserves::new(&limits),
+            shares: config.max_share < 1.0,
             evict: config.when_full == WhenFull::Evict,
             grace: EVICTION_GRACE.min(config.ttl / 2),
             compress: config.compress_responses,
@@ -140,8 +151,23 @@ impl<K: Kv> Table<K> {
         Err(StoreError::Contended)
     }
 
+    /// Counts `records` and `bytes` ahead of need in every counter, whatever its limit.
+    #[cfg(test)]
+    pub(crate) fn reserving(self, records: u64, bytes: u64) -> Self {
+        Table {
+            reserves: self.reserves.with_blocks(records, bytes),
+            ..self
+        }
+    }
+
+    /// What this worker holds of a counter ahead of need.
+    #[cfg(test)]
+    pub(crate) fn reserved(&self, tally: Tally) -> Amount {
+        self.reserves.held(tally)
+    }
+
     pub(crate) fn key(&self, kind: &str, n: u64) -> String {
-        format!("{}{kind}/{n}", self.space)
+        key_in(&self.space, kind, n)
     }
 
     fn bucket_of(&self, tuple: &[u8; 32]) -> u64 {
@@ -195,44 +221,52 @@ impl<K: Kv> Table<K> {
         }
     }
 
-    /// Adds `delta` response bytes to the ledger shard of `slot`'s bucket; refuses (false) an
-    /// addition that would take the shard past its part of `capacity_bytes`.
-    fn account(&self, slot: u64, delta: i64) -> Result<bool, StoreError> {
-        let shard = slot / BUCKET_ENTRIES as u64 % LEDGER_SHARDS as u64;
-        count(
-            &self.kv,
-            &self.key("l", shard),
-            Ledger::decode,
-            Ledger::encode,
-            |ledger| {
-                let total = ledger.map_or(0, |l| l.total).saturating_add_signed(delta);
-                (delta <= 0 || total <= self.shard_budget).then_some(Ledger { total })
-            },
-        )
+    /// The ledger shard that accounts the responses of `slot`'s bucket.
+    fn ledger_of(slot: u64) -> Tally {
+        Tally::Ledger(slot / BUCKET_ENTRIES as u64 % LEDGER_SHARDS as u64)
     }
 
-    /// Adds to what organisation `org` holds; refuses (false) an addition past its share.
-    fn share(&self, org: u16, records: i64, bytes: i64) -> Result<bool, StoreError> {
-        let key = self.key("s", u64::from(org % SHARE_SLOTS));
-        count(&self.kv, &key, Share::decode, Share::encode, |share| {
-            let share = share.unwrap_or_default();
-            let next = Share {
-                records: share.records.saturating_add_signed(records),
-                bytes: share.bytes.saturating_add_signed(bytes),
-            };
-            let over = (records > 0 && next.records > self.share_records)
-                || (bytes > 0 && next.bytes > self.share_bytes);
-            (!over).then_some(next)
+    /// The share counter of organisation `org`.
+    fn share_of(org: u16) -> Tally {
+        Tally::Share(u64::from(org % SHARE_SLOTS))
+    }
+
+    /// Whether the table keeps the counter: with `max_share` 1 a share can never bind before the
+    /// store's own limits do, and counting it would only let blocks held elsewhere refuse early.
+    pub(crate) fn counts(&self, tally: Tally) -> bool {
+        self.shares || matches!(tally, Tally::Ledger(_))
+    }
+
+    /// Takes `records` and `bytes` off a shared counter.
+    fn give(&self, tally: Tally, records: u64, bytes: u64) -> Result<(), StoreError> {
+        if !self.counts(tally) {
+            return Ok(());
+        }
+        let key = tally.key(&self.space);
+        let (records, bytes) = (-(records as i64), -(bytes as i64));
+        tally::add(&self.kv, &key, tally, &self.limits, records, bytes).map(drop)
+    }
+
+    /// Counts `need` in a counter, out of this worker's reserve where it can; refuses (false)
+    /// what would take the counter past its limit.
+    fn take(&mut self, tally: Tally, need: Amount, now: Millis) -> Result<bool, StoreError> {
+        if !self.counts(tally) {
+            return Ok(true);
+        }
+        let (kv, space, limits) = (&self.kv, &self.space, &self.limits);
+        self.reserves.take(tally, need, now, |more| {
+            let (records, bytes) = (more.records as i64, more.bytes as i64);
+            tally::add(kv, &tally.key(space), tally, limits, records, bytes)
         })
     }
 
     /// Gives back what a record that left `slot` held: its response and bytes if it was
     /// complete, and its place in its organisation's share. The caller owns the entry.
     fn give_back(&self, slot: u64, record: &Entry) -> Result<(), StoreError> {
-        let len = i64::from(record.response_len);
+        let len = u64::from(record.response_len);
         if record.state == State::Complete {
             self.kv.set(&self.key("r", slot), b"", None)?;
-            self.account(slot, -len)?;
+            self.give(Self::ledger_of(slot), 0, len)?;
         }
         if record.state.is_record() {
             let bytes = if record.state == State::Complete {
@@ -240,7 +274,7 @@ impl<K: Kv> Table<K> {
             } else {
                 0
             };
-            self.share(record.org, -1, -bytes)?;
+            self.give(Self::share_of(record.org), 1, bytes)?;
         }
         Ok(())
     }
@@ -354,7 +388,7 @@ impl<K: Kv> Table<K> {
         let org = owner.claim.org;
         let home = owner.slot / BUCKET_ENTRIES as u64;
         let mut probe = 0;
-        while !self.share(org, 1, 0)? {
+        while !self.take(Self::share_of(org), Amount::records(1), now)? {
             let own = |e: &Entry| e.org == org;
             let made_way = loop {
                 if probe == SHARE_PROBES.min(self.buckets) {
@@ -380,19 +414,21 @@ impl<K: Kv> Table<K> {
     /// full store evicts, the bucket's completed record nearest expiry makes way) and in its
     /// organisation's share (its own record makes way). False when there is none to be made.
     fn make_room(&mut self, owner: Owner, len: u32, now: Millis) -> Result<bool, StoreError> {
-        let (org, len) = (owner.claim.org, i64::from(len));
+        let org = owner.claim.org;
+        let (ledger, share) = (Self::ledger_of(owner.slot), Self::share_of(org));
+        let bytes = Amount::bytes(u64::from(len));
         let bucket = owner.slot / BUCKET_ENTRIES as u64;
         let complete = |e: &Entry| e.state == State::Complete;
         for _ in 0..=BUCKET_ENTRIES {
-            let evicted = if !self.account(owner.slot, len)? {
+            let evicted = if !self.take(ledger, bytes, now)? {
                 if !self.evict {
                     return Ok(false);
                 }
                 self.evict_in(bucket, now, complete)?
-            } else if self.share(org, 0, len)? {
+            } else if self.take(share, bytes, now)? {
                 return Ok(true);
             } else {
-                self.account(owner.slot, -len)?;
+                self.give(ledger, 0, bytes.bytes)?;
                 self.evict_in(bucket, now, |e| complete(e) && e.org == org)?
             };
             if evicted.is_none() {
@@ -482,8 +518,8 @@ impl<K: Kv> Table<K> {
         let finished = self.end(owner, Ending::Stored(len), ttl, now)?;
         if finished == Finished::Lost {
             // The entry is another claim's now: its completion overwrites these bytes.
-            self.account(owner.slot, -i64::from(len))?;
-            self.share(owner.claim.org, 0, -i64::from(len))?;
+            self.give(Self::ledger_of(owner.slot), 0, u64::from(len))?;
+            self.give(Self::share_of(owner.claim.org), 0, u64::from(len))?;
         }
         Ok(finished)
     }
@@ -552,20 +588,26 @@ impl<K: Kv> Store for Table<K> {
             }
             Ending::Released => match self.end(owner, Ending::Released, self.ttl, now) {
                 Ok(Finished::Recorded(ended)) => self
-                    .share(owner.claim.org, -1, 0)
-                    .map(|_| Finished::Recorded(ended)),
+                    .give(Self::share_of(owner.claim.org), 1, 0)
+                    .map(|()| Finished::Recorded(ended)),
                 other => other,
             },
             Ending::Held => self.end(owner, Ending::Held, self.ttl, now),
         })
     }
 
-    /// Sweeps one bucket a tick.
+    /// Sweeps one bucket a tick, and gives back reserves gone idle.
     fn tick(&mut self, now: Millis) -> Vec<Resumed> {
         let bucket = self.sweep_cursor;
         self.sweep_cursor = bucket.wrapping_add(1);
         if let Err(error) = self.sweep(bucket, now) {
             log::warn!("sweeping expired records failed: {error}");
+        }
+        for (tally, held) in self.reserves.idle(now) {
+            if let Err(error) = self.give(tally, held.records, held.bytes) {
+                log::warn!("giving back a reserve of {tally:?} failed: {error}");
+                self.reserves.keep(tally, held, now);
+            }
         }
         Vec::new()
     }
@@ -575,28 +617,9 @@ impl<K: Kv> Store for Table<K> {
     }
 }
 
-/// Reads a counter in shared data, lets `change` compute its next value (`None`: refused), and
-/// writes it under compare-and-swap; whether it was written.
-pub fn count<T>(
-    kv: &impl Kv,
-    key: &str,
-    decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
-    encode: impl Fn(&T) -> Vec<u8>,
-    change: impl Fn(Option<T>) -> Option<T>,
-) -> Result<bool, StoreError> {
-    for _ in 0..MAX_ATTEMPTS {
-        let (current, cas) = match kv.get(key)? {
-            Some((bytes, cas)) => (Some(decode(&bytes).map_err(unreadable)?), Some(cas)),
-            None => (None, INSERT_IF_ABSENT),
-        };
-        let Some(next) = change(current) else {
-            return Ok(false);
-        };
-        if kv.set(key, &encode(&next), cas)? {
-            return Ok(true);
-        }
-    }
-    Err(StoreError::Contended)
+/// The key of the `n`th of a `kind` of the table's keys, in its `space`.
+fn key_in(space: &str, kind: &str, n: u64) -> String {
+    format!("{space}{kind}/{n}")
 }
 
 fn unreadable(error: DecodeError) -> StoreError {

@@ -1,4 +1,6 @@
+use super::tally::RESERVE_IDLE;
 use super::*;
+use crate::core::record::{Ledger, Share};
 use crate::stores::testkit::{config, MemoryKv};
 
 /// With the default TTL, how long a record is safe from eviction.
@@ -213,23 +215,29 @@ fn store(table: &mut Table<&MemoryKv>, claim: &Claim, now: Millis) {
     assert_eq!(reply, Finished::Recorded(Ending::Stored(())));
 }
 
-/// The bytes ledger shard `shard` counts.
+/// The bytes ledger shard `shard` counts for records: all it counts but `table`'s reserve.
 fn ledger(table: &Table<&MemoryKv>, shard: u64) -> u64 {
-    table
+    let counted = table
         .kv
         .get(&table.key("l", shard))
         .unwrap()
-        .map_or(0, |(bytes, _)| Ledger::decode(&bytes).unwrap().total)
+        .map_or(0, |(bytes, _)| Ledger::decode(&bytes).unwrap().total);
+    counted - table.reserved(Tally::Ledger(shard)).bytes
 }
 
-/// What the share counters say organisation `org` holds.
+/// What the share counters say organisation `org`'s records hold (less `table`'s reserve).
 fn held(table: &Table<&MemoryKv>, org: u16) -> Share {
-    table
+    let counted = table
         .kv
         .get(&table.key("s", u64::from(org % SHARE_SLOTS)))
         .unwrap()
         .map(|(bytes, _)| Share::decode(&bytes).unwrap())
-        .unwrap_or_default()
+        .unwrap_or_default();
+    let reserved = table.reserved(Table::<&MemoryKv>::share_of(org));
+    Share {
+        records: counted.records - reserved.records,
+        bytes: counted.bytes - reserved.bytes,
+    }
 }
 
 #[test]
@@ -385,7 +393,7 @@ fn an_organisation_at_its_share_finds_its_own_record_in_the_next_buckets() {
 #[test]
 fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() {
     let kv = MemoryKv::default();
-    let json = r#"{"capacity_records": 16, "ttl": "1s", "max_share": 1}"#;
+    let json = r#"{"capacity_records": 16, "ttl": "1s", "max_share": 0.5}"#;
     let mut table = table(&kv, json);
     let released = ticket(claim_now(&mut table, &of_org(1, 1, 1), 0));
     finish_now(&mut table, released, Ending::Released, 1);
@@ -409,6 +417,58 @@ fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() 
     assert_eq!(held(&table, 1), Share::default());
     assert_eq!(held(&table, 2), Share::default());
     assert_eq!(ledger(&table, 0), 0);
+}
+
+#[test]
+fn workers_count_a_block_ahead_within_the_share_and_give_back_what_idles() {
+    let kv = MemoryKv::default();
+    // A share of 256 records: blocks of one record.
+    let json = r#"{"capacity_records": 100000, "max_share": 0.00256}"#;
+    let (mut one, mut two) = (table(&kv, json), table(&kv, json));
+    let counted = |table: &Table<&MemoryKv>| {
+        let key = table.key("s", 2);
+        let (bytes, _) = table.kv.get(&key).unwrap().unwrap();
+        Share::decode(&bytes).unwrap().records
+    };
+    ticket(claim_now(&mut one, &of_org(2, 0, 1), 0));
+    assert_eq!(counted(&one), 2, "a claim and a block ahead");
+    ticket(claim_now(&mut one, &of_org(2, 1, 2), 0));
+    assert_eq!(counted(&one), 2, "the second claim came out of the reserve");
+    ticket(claim_now(&mut one, &of_org(2, 2, 3), 0));
+    for n in 3..=254u8 {
+        ticket(claim_now(&mut two, &of_org(2, n, u64::from(n) + 1), 500));
+    }
+    // 255 records and one's reserve: the share is full, a record early.
+    assert_eq!(counted(&two), 256);
+    assert_eq!(
+        claim_now(&mut two, &of_org(2, 255, 300), 500),
+        Verdict::Blocked(Block::QuotaExceeded)
+    );
+    // One's reserve has been idle since its last claim; two's claims are more recent.
+    one.tick(RESERVE_IDLE);
+    assert_eq!(counted(&one), 255, "the idle reserve went back");
+    ticket(claim_now(&mut two, &of_org(2, 255, 301), RESERVE_IDLE));
+    assert_eq!(counted(&two), 256);
+}
+
+#[test]
+fn a_single_tenant_table_fills_every_entry_whatever_another_worker_holds_ahead() {
+    let kv = MemoryKv::default();
+    // 32 buckets; tuple n lands in bucket n % 32, so 512 tuples fill every entry.
+    let json = r#"{"capacity_records": 512, "max_share": 1}"#;
+    let (mut one, mut two) = (table(&kv, json), table(&kv, json));
+    let claim = |n: u64| {
+        let mut tuple = [0; 32];
+        tuple[..8].copy_from_slice(&n.to_le_bytes());
+        Claim {
+            tuple,
+            ..request(0, 1, n + 1)
+        }
+    };
+    ticket(claim_now(&mut one, &claim(0), 0));
+    for n in 1..512 {
+        ticket(claim_now(&mut two, &claim(n), 0));
+    }
 }
 
 #[test]

@@ -1,0 +1,240 @@
+//! The table's shared counters (the ledger shards and the organisations' shares), and what this
+//! worker holds of them ahead of need.
+//!
+//! Every record counts in its organisation's share and every stored response in a ledger shard,
+//! each by a compare-and-swap on a key all workers write. A worker that must count takes a block
+//! more than it needs (a 256th of the counter's limit) and counts its next claims and stores out
+//! of that reserve, touching no shared counter. A counter then holds what its records hold plus
+//! every worker's reserve: never more than its limit, and more than its records by at most a
+//! block per worker, so a limit can refuse or evict that much early. Whatever is given back goes
+//! straight to the counter, and a reserve unused for `RESERVE_IDLE` goes back from the tick.
+
+use super::{unreadable, INSERT_IF_ABSENT, MAX_ATTEMPTS};
+use crate::core::record::{DecodeError, Ledger, Share};
+use crate::core::store::StoreError;
+use crate::core::Millis;
+use crate::stores::Kv;
+use std::collections::HashMap;
+
+/// A reserve is at most this part of its counter's limit, so limits too small to part keep
+/// exact counts.
+const BLOCK_PART: u64 = 256;
+const MAX_BLOCK_RECORDS: u64 = 64;
+const MAX_BLOCK_BYTES: u64 = 256 << 10;
+/// A reserve untouched this long goes back. A VM that stops (a trap, or torn down within this
+/// of its last request) leaves its reserves counted until Envoy restarts.
+pub const RESERVE_IDLE: Millis = 1_000;
+/// Idle reserves given back in one tick, so that the tick after a burst over many organisations
+/// stays short.
+const RETURNS_PER_TICK: usize = 16;
+
+/// One shared counter: a ledger shard, or a slot of the share table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Tally {
+    Ledger(u64),
+    Share(u64),
+}
+
+impl Tally {
+    /// Its key in shared data, under the table's `space`.
+    pub fn key(self, space: &str) -> String {
+        match self {
+            Tally::Ledger(shard) => super::key_in(space, "l", shard),
+            Tally::Share(slot) => super::key_in(space, "s", slot),
+        }
+    }
+}
+
+/// Records and response bytes (a ledger shard counts bytes only).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Amount {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl Amount {
+    pub fn bytes(bytes: u64) -> Amount {
+        Amount { records: 0, bytes }
+    }
+
+    pub fn records(records: u64) -> Amount {
+        Amount { records, bytes: 0 }
+    }
+
+    fn short_of(self, need: Amount) -> Amount {
+        Amount {
+            records: need.records.saturating_sub(self.records),
+            bytes: need.bytes.saturating_sub(self.bytes),
+        }
+    }
+
+    /// `self` and a block more, in what `self` has any of.
+    fn ahead(self, block: Amount) -> Amount {
+        let more = |short: u64, block: u64| if short > 0 { short + block } else { 0 };
+        Amount {
+            records: more(self.records, block.records),
+            bytes: more(self.bytes, block.bytes),
+        }
+    }
+}
+
+/// What each counter may reach.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub shard_bytes: u64,
+    pub share: Amount,
+}
+
+/// Adds `records` and `bytes` (either may be negative) to counter `tally` at `key`; refuses
+/// (false) an addition past `limits`. Taking off is never refused.
+pub fn add(
+    kv: &impl Kv,
+    key: &str,
+    tally: Tally,
+    limits: &Limits,
+    records: i64,
+    bytes: i64,
+) -> Result<bool, StoreError> {
+    match tally {
+        Tally::Ledger(_) => count(kv, key, Ledger::decode, Ledger::encode, |ledger| {
+            let total = ledger.map_or(0, |l| l.total).saturating_add_signed(bytes);
+            (bytes <= 0 || total <= limits.shard_bytes).then_some(Ledger { total })
+        }),
+        Tally::Share(_) => count(kv, key, Share::decode, Share::encode, |share| {
+            let share = share.unwrap_or_default();
+            let next = Share {
+                records: share.records.saturating_add_signed(records),
+                bytes: share.bytes.saturating_add_signed(bytes),
+            };
+            let over = (records > 0 && next.records > limits.share.records)
+                || (bytes > 0 && next.bytes > limits.share.bytes);
+            (!over).then_some(next)
+        }),
+    }
+}
+
+/// Reads a counter in shared data, lets `change` compute its next value (`None`: refused), and
+/// writes it under compare-and-swap; whether it was written.
+pub fn count<T>(
+    kv: &impl Kv,
+    key: &str,
+    decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+    encode: impl Fn(&T) -> Vec<u8>,
+    change: impl Fn(Option<T>) -> Option<T>,
+) -> Result<bool, StoreError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let (current, cas) = match kv.get(key)? {
+            Some((bytes, cas)) => (Some(decode(&bytes).map_err(unreadable)?), Some(cas)),
+            None => (None, INSERT_IF_ABSENT),
+        };
+        let Some(next) = change(current) else {
+            return Ok(false);
+        };
+        if kv.set(key, &encode(&next), cas)? {
+            return Ok(true);
+        }
+    }
+    Err(StoreError::Contended)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Reserve {
+    held: Amount,
+    used: Millis,
+}
+
+/// This worker's reserves, at most one per counter.
+#[derive(Debug)]
+pub struct Reserves {
+    ledger_block: Amount,
+    share_block: Amount,
+    held: HashMap<Tally, Reserve>,
+}
+
+impl Reserves {
+    pub fn new(limits: &Limits) -> Reserves {
+        let part = |limit: u64, max: u64| (limit / BLOCK_PART).min(max);
+        Reserves {
+            ledger_block: Amount::bytes(part(limits.shard_bytes, MAX_BLOCK_BYTES)),
+            share_block: Amount {
+                records: part(limits.share.records, MAX_BLOCK_RECORDS),
+                bytes: part(limits.share.bytes, MAX_BLOCK_BYTES),
+            },
+            held: HashMap::new(),
+        }
+    }
+
+    /// Counts `need` in `tally`: out of the reserve where it covers it, else by `add` to the
+    /// shared counter (false: refused past its limit), a block ahead where the limit allows.
+    /// False when the counter cannot take `need`.
+    pub fn take<E>(
+        &mut self,
+        tally: Tally,
+        need: Amount,
+        now: Millis,
+        mut add: impl FnMut(Amount) -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        let block = match tally {
+            Tally::Ledger(_) => self.ledger_block,
+            Tally::Share(_) => self.share_block,
+        };
+        let mut held = self
+            .held
+            .get(&tally)
+            .map_or_else(Amount::default, |r| r.held);
+        let short = held.short_of(need);
+        if short != Amount::default() {
+            let ahead = short.ahead(block);
+            let got = if ahead != short && add(ahead)? {
+                ahead
+            } else if add(short)? {
+                short
+            } else {
+                return Ok(false);
+            };
+            held.records += got.records;
+            held.bytes += got.bytes;
+        }
+        held.records -= need.records;
+        held.bytes -= need.bytes;
+        self.held.insert(tally, Reserve { held, used: now });
+        Ok(true)
+    }
+
+    /// Takes out some of the reserves unused for `RESERVE_IDLE`, to be given back.
+    pub fn idle(&mut self, now: Millis) -> Vec<(Tally, Amount)> {
+        let idle: Vec<Tally> = self
+            .held
+            .iter()
+            .filter(|(_, r)| now.saturating_sub(r.used) >= RESERVE_IDLE)
+            .map(|(tally, _)| *tally)
+            .take(RETURNS_PER_TICK)
+            .collect();
+        idle.into_iter()
+            .filter_map(|tally| Some((tally, self.held.remove(&tally)?.held)))
+            .filter(|(_, held)| *held != Amount::default())
+            .collect()
+    }
+
+    /// Keeps a reserve that could not be given back, to give it back later.
+    pub fn keep(&mut self, tally: Tally, held: Amount, now: Millis) {
+        self.held.insert(tally, Reserve { held, used: now });
+    }
+
+    #[cfg(test)]
+    pub fn held(&self, tally: Tally) -> Amount {
+        self.held
+            .get(&tally)
+            .map_or_else(Amount::default, |r| r.held)
+    }
+
+    /// Blocks of `records` and `bytes` for every counter, whatever its limit.
+    #[cfg(test)]
+    pub fn with_blocks(self, records: u64, bytes: u64) -> Reserves {
+        Reserves {
+            ledger_block: Amount::bytes(bytes),
+            share_block: Amount { records, bytes },
+            ..self
+        }
+    }
+}
