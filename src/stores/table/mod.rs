@@ -242,9 +242,8 @@ impl<K: Kv> Table<K> {
         if !self.counts(tally) {
             return Ok(());
         }
-        let key = tally.key(&self.space);
         let (records, bytes) = (-(records as i64), -(bytes as i64));
-        tally::add(&self.kv, &key, tally, &self.limits, records, bytes).map(drop)
+        tally::add(&self.kv, &self.space, tally, &self.limits, records, bytes).map(drop)
     }
 
     /// Counts `need` in a counter, out of this worker's reserve where it can; refuses (false)
@@ -256,7 +255,7 @@ impl<K: Kv> Table<K> {
         let (kv, space, limits) = (&self.kv, &self.space, &self.limits);
         self.reserves.take(tally, need, now, |more| {
             let (records, bytes) = (more.records as i64, more.bytes as i64);
-            tally::add(kv, &tally.key(space), tally, limits, records, bytes)
+            tally::add(kv, space, tally, limits, records, bytes)
         })
     }
 

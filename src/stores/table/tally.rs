@@ -37,7 +37,7 @@ pub enum Tally {
 
 impl Tally {
     /// Its key in shared data, under the table's `space`.
-    pub fn key(self, space: &str) -> String {
+    fn key(self, space: &str) -> String {
         match self {
             Tally::Ledger(shard) => super::key_in(space, "l", shard),
             Tally::Share(slot) => super::key_in(space, "s", slot),
@@ -85,16 +85,17 @@ pub struct Limits {
     pub share: Amount,
 }
 
-/// Adds `records` and `bytes` (either may be negative) to counter `tally` at `key`; refuses
-/// (false) an addition past `limits`. Taking off is never refused.
+/// Adds `records` and `bytes` (either may be negative) to counter `tally` of the table in
+/// `space`; refuses (false) an addition past `limits`. Taking off is never refused.
 pub fn add(
     kv: &impl Kv,
-    key: &str,
+    space: &str,
     tally: Tally,
     limits: &Limits,
     records: i64,
     bytes: i64,
 ) -> Result<bool, StoreError> {
+    let key = &tally.key(space);
     match tally {
         Tally::Ledger(_) => count(kv, key, Ledger::decode, Ledger::encode, |ledger| {
             let total = ledger.map_or(0, |l| l.total).saturating_add_signed(bytes);
@@ -178,10 +179,11 @@ impl Reserves {
             Tally::Ledger(_) => self.ledger_block,
             Tally::Share(_) => self.share_block,
         };
-        let mut held = self
-            .held
-            .get(&tally)
-            .map_or_else(Amount::default, |r| r.held);
+        let reserve = self.held.entry(tally).or_insert(Reserve {
+            held: Amount::default(),
+            used: now,
+        });
+        let held = &mut reserve.held;
         let short = held.short_of(need);
         if short != Amount::default() {
             let ahead = short.ahead(block);
@@ -197,7 +199,7 @@ impl Reserves {
         }
         held.records -= need.records;
         held.bytes -= need.bytes;
-        self.held.insert(tally, Reserve { held, used: now });
+        reserve.used = now;
         Ok(true)
     }
 
