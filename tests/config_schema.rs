@@ -84,11 +84,21 @@ fn all_properties(schema: &Value) -> Vec<(Vec<&str>, &Value)> {
     out
 }
 
+/// The listener's fields as the parser holds them: its own, and its policy's (less what the
+/// policy derives from `outlive_client`).
+fn listener_fields(dump: &str) -> BTreeSet<String> {
+    let mut fields = debug_fields(dump, 4);
+    fields.remove("policy");
+    fields.extend(debug_fields(dump, 8));
+    fields.remove("send_from_root");
+    fields
+}
+
 #[test]
 fn the_schema_names_exactly_the_parsers_fields() {
     let schema = schema();
     let top: BTreeSet<String> = properties(&schema).keys().cloned().collect();
-    assert_eq!(debug_fields(&debug(&json!({})), 4), top);
+    assert_eq!(listener_fields(&debug(&json!({}))), top);
 
     for object in ["etcd", "outlive_client"] {
         let fields: BTreeSet<String> = properties(&schema["properties"][object])
@@ -230,4 +240,56 @@ fn the_shared_cases_are_judged_alike() {
             assert!(parse(&document).is_err(), "{key}: {document} is accepted");
         }
     }
+}
+
+/// A route policy as the filter reads it under a listener that lets routes have their say.
+fn route(fields: &Value) -> Result<(), String> {
+    let listener = json!({ "route_metadata": true, "outlive_client": {"routes": "marked"} });
+    let config = parse(&listener).unwrap_or_else(|e| panic!("{e}"));
+    let fields = fields.as_object().cloned().unwrap_or_default();
+    config
+        .route_policy(fields)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn the_route_policy_schema_names_exactly_what_a_route_may_say() {
+    let schema = schema();
+    let route_policy = &schema["$defs"]["route_policy"];
+    for example in route_policy["examples"].as_array().into_iter().flatten() {
+        route(example).unwrap_or_else(|e| panic!("example {example} is refused: {e}"));
+    }
+    for (name, property) in properties(route_policy) {
+        // A listener field the route shares points at it, examples and all.
+        let property = match property["$ref"].as_str() {
+            Some(pointer) => {
+                assert_eq!(pointer, format!("#/properties/{name}"));
+                &schema["properties"][name]
+            }
+            None => property,
+        };
+        for example in property["examples"].as_array().into_iter().flatten() {
+            let fields = json!({ name.as_str(): example });
+            route(&fields).unwrap_or_else(|e| panic!("route {fields} is refused: {e}"));
+        }
+        assert!(
+            route(&json!({ name.as_str(): {"not": "a value"} })).is_err(),
+            "{name}"
+        );
+    }
+    let listener_only = properties(&schema)
+        .iter()
+        .filter(|(name, _)| !properties(route_policy).contains_key(*name));
+    let mut refused = 0;
+    for (name, property) in listener_only {
+        let example = &property["examples"][0];
+        assert!(
+            route(&json!({ name.as_str(): example })).is_err(),
+            "a route may not say {name}"
+        );
+        refused += 1;
+    }
+    assert!(refused >= 11, "only {refused} listener fields refused");
+    assert!(route(&json!({ "no_such_field": 1 })).is_err());
 }

@@ -110,6 +110,20 @@ def table(properties, prefix=""):
     return "\n".join(lines)
 
 
+def route_table(route):
+    lines = ["| field | type | default | bounds |", "|---|---|---|---|"]
+    for name, prop in route["properties"].items():
+        if "$ref" in prop:
+            lines.append(f"| `{name}` | as the listener's | the listener's | as the listener's |")
+        else:
+            default = render_value(prop["default"]) if "default" in prop else "none"
+            lines.append(f"| `{name}` | {type_of(prop)} | {default} | {bounds_of(prop)} |")
+    lines.append("")
+    lines += [f"`{name}`: {prop['description']}" + "\n" for name, prop in route["properties"].items()
+              if "$ref" not in prop]
+    return "\n".join(lines)
+
+
 def section(name, prop):
     lines = [f"### `{name}`", "", prop["description"], ""]
     lines.append(f"- type: {type_of(prop)}")
@@ -134,6 +148,10 @@ def render(schema):
     etcd = props.get("etcd")
     if etcd:
         parts += ["\nThe `etcd` object:\n\n", table(etcd["properties"], "etcd."), "\n"]
+    route = schema.get("$defs", {}).get("route_policy")
+    if route:
+        parts += ["\n## Route policy\n\n", route["description"], "\n\n", route_table(route), "\n"]
+        parts += [f"- example: `{json.dumps(example)}`\n" for example in route["examples"]]
     parts.append("\n## Each field\n\n")
     for name, prop in props.items():
         parts.append(section(name, prop) + "\n")

@@ -43,10 +43,12 @@ pub enum Counter {
     SentFromRoot,
     /// Such a request's answer came after its client had left: stored all the same.
     OutlivedClient,
+    /// `500 idempotency_route_misconfigured` answered: the route's metadata is invalid.
+    RouteMisconfigured,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 24] = [
+    pub const ALL: [Counter; 25] = [
         Counter::Claimed,
         Counter::Replayed,
         Counter::Stored,
@@ -71,6 +73,7 @@ impl Counter {
         Counter::QuotaExceeded,
         Counter::SentFromRoot,
         Counter::OutlivedClient,
+        Counter::RouteMisconfigured,
     ];
 
     pub fn name(self) -> &'static str {
@@ -99,6 +102,7 @@ impl Counter {
             Counter::QuotaExceeded => "idempotency.quota_exceeded",
             Counter::SentFromRoot => "idempotency.sent_from_root",
             Counter::OutlivedClient => "idempotency.outlived_client",
+            Counter::RouteMisconfigured => "idempotency.route_misconfigured",
         }
     }
 

@@ -14,6 +14,8 @@ pub struct Claim {
     /// Unique per attempt: it proves ownership when the attempt ends.
     pub token: u64,
     pub lease: Millis,
+    /// How long the record lives once complete: its route's `ttl`.
+    pub ttl: Millis,
     /// The organisation's tag, whose share the record counts in.
     pub org: u16,
 }
@@ -117,13 +119,20 @@ impl<R> Ending<R> {
 }
 
 /// Where a claim may take an entry: the first `usable` of the bucket (the table's last bucket
-/// may be partly beyond its capacity), and whether a full bucket evicts: `Some(by)` evicts only
-/// a record whose deadline is at or before `by`, so that a record stored a moment ago, whose
-/// client may be retrying now, is never the one to go.
+/// may be partly beyond its capacity), and whether a full bucket evicts: `Some(grace)` evicts
+/// only a record that [`evictable`] says has been stored long enough.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Room {
     pub usable: usize,
     pub evict: Option<Millis>,
+}
+
+/// Whether a completed record may be evicted: once stored `grace` ago, or half its own `ttl`
+/// if that is less, so that a record stored a moment ago, whose client may be retrying now, is
+/// never the one to go.
+pub fn evictable(entry: &Entry, grace: Millis, now: Millis) -> bool {
+    let ttl = entry.deadline.saturating_sub(entry.stored);
+    now.saturating_sub(entry.stored) >= grace.min(ttl / 2)
 }
 
 /// Looks the claim up in a bucket and, where nothing live matches, takes an entry: an empty one,
@@ -158,8 +167,8 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Ver
         .position(|e| e.state == State::Empty)
         .or_else(|| entries.iter().position(|e| !e.is_live(now)))
         .or_else(|| {
-            let by = room.evict?;
-            victim(bucket, usable, now, |e| e.deadline <= by)
+            let grace = room.evict?;
+            victim(bucket, usable, now, |e| evictable(e, grace, now))
         });
     let Some(slot) = free else {
         return Verdict::Blocked(Block::Full);
@@ -174,6 +183,7 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Ver
         deadline: lease_ends,
         response_len: 0,
         org: claim.org,
+        stored: 0,
     };
     let displaced = previous.state.is_record().then_some(Displaced {
         entry: previous,
@@ -224,11 +234,13 @@ pub fn finish(
         Ending::Stored(len) => {
             entry.state = State::Complete;
             entry.deadline = now.saturating_add(ttl);
+            entry.stored = now;
             entry.response_len = len;
         }
         Ending::Unstored { .. } => {
             entry.state = State::Unstored;
             entry.deadline = now.saturating_add(ttl);
+            entry.stored = now;
         }
         Ending::Released => *entry = Entry::EMPTY,
         Ending::Held => entry.state = State::Held,
@@ -294,6 +306,7 @@ mod tests {
             fingerprint: [fingerprint; 16],
             token,
             lease: LEASE,
+            ttl: TTL,
             org: 1,
         }
     }

@@ -10,6 +10,7 @@ pub mod identity;
 pub mod lifecycle;
 pub mod problem;
 pub mod record;
+pub mod route;
 pub mod store;
 pub mod worker;
 

@@ -23,6 +23,8 @@ pub enum Problem {
     StoreFull,
     StoreUnavailable,
     QuotaExceeded,
+    /// The request's route has metadata the filter cannot follow.
+    RouteMisconfigured,
 }
 
 impl Problem {
@@ -46,6 +48,11 @@ impl Problem {
                 429,
                 "idempotency_quota_exceeded",
                 "Idempotency store share used up",
+            ),
+            Problem::RouteMisconfigured => (
+                500,
+                "idempotency_route_misconfigured",
+                "Route's idempotency policy invalid",
             ),
             Problem::StoreUnavailable => (
                 503,

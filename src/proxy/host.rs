@@ -1,7 +1,7 @@
 //! The host, through `proxy_wasm::hostcalls` only: every call's error is handled here, so the
 //! rest of the glue never meets a host `Status` (the SDK's trait helpers would panic on one).
 
-use crate::core::config::{Config, ConfigError, EtcdConfig};
+use crate::core::config::EtcdConfig;
 use crate::core::counters::Counter;
 use crate::core::exchange::{Answered, Outgoing, StreamEnd};
 use crate::core::problem::LocalReply;
@@ -104,36 +104,25 @@ pub fn upstream_answer(headers: usize, body_size: usize, max_body: usize) -> Ans
     }
 }
 
-/// Where the request in flight goes if it is sent from the root context: the route's cluster
-/// and timeout, unless the route's metadata (`filter_metadata.idempotency`) keeps it on the
-/// router or gives a timeout that cannot be used.
-pub fn route_from_root(config: &Config) -> Result<Option<(String, Millis)>, ConfigError> {
-    let Some(outlive) = &config.outlive_client else {
-        return Ok(None);
-    };
-    let metadata = |key| {
-        property(vec![
-            "xds",
-            "route_metadata",
-            "filter_metadata",
-            "idempotency",
-            key,
-        ])
-    };
-    let marked = metadata("outlive_client").map(|value| matches!(value.as_slice(), [1] | b"true"));
-    if !outlive.covers_route(marked) {
-        return Ok(None);
-    }
-    let Some(cluster) = property(vec!["xds", "cluster_name"]) else {
-        return Ok(None);
-    };
-    let timeout = metadata("timeout");
-    let timeout =
-        config.outlive_timeout(timeout.as_deref().map(String::from_utf8_lossy).as_deref())?;
-    Ok(Some((
-        String::from_utf8_lossy(&cluster).into_owned(),
-        timeout,
-    )))
+/// The matched route's metadata, as Envoy serialises it (`envoy.config.core.v3.Metadata`);
+/// empty when the route has none.
+pub fn route_metadata() -> Vec<u8> {
+    property(vec!["xds", "route_metadata"]).unwrap_or_default()
+}
+
+/// The matched route's name, for what is said of it; `(unnamed)` without one.
+pub fn route_name() -> String {
+    property(vec!["xds", "route_name"])
+        .filter(|name| !name.is_empty())
+        .map_or_else(
+            || "(unnamed)".into(),
+            |name| String::from_utf8_lossy(&name).into_owned(),
+        )
+}
+
+/// The matched route's cluster, where a request sent from the root context goes.
+pub fn route_cluster() -> Option<String> {
+    property(vec!["xds", "cluster_name"]).map(|name| String::from_utf8_lossy(&name).into_owned())
 }
 
 fn host_error(call: &str, status: Status) -> StoreError {

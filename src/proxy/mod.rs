@@ -5,6 +5,7 @@ mod host;
 
 use crate::core::config::Config;
 use crate::core::exchange::{Exchange, Step};
+use crate::core::route::Routed;
 use crate::core::worker::{Flow, Worker};
 use crate::stores;
 use host::{EtcdCalls, Proxy, SharedData};
@@ -43,7 +44,7 @@ impl Root {
 fn http_call_answered(worker: &Option<Rc<Worker<Proxy>>>, call: u32, headers: usize, body: usize) {
     if let Some(worker) = worker {
         if worker.sent_from_root(call) {
-            let max_body = worker.config().max_response_body_bytes;
+            let max_body = worker.max_answer_bytes(call);
             worker.on_upstream_answer(call, host::upstream_answer(headers, body, max_body));
         }
     }
@@ -180,19 +181,31 @@ impl HttpContext for Filter {
             ::core::arch::wasm32::unreachable();
         }
         let method = String::from_utf8_lossy(value(":method").map_or(&[][..], |m| m.as_slice()));
-        if !worker.config().covers(&method) {
+        let route = worker.route(host::route_metadata);
+        if !route.covers(&method) {
             return Action::Continue;
         }
-        let path = value(":path").cloned().unwrap_or_default();
         let request_id = value("x-request-id").map(|id| String::from_utf8_lossy(id).into_owned());
-        let route = host::route_from_root(worker.config())
-            .unwrap_or_else(|error| {
-                worker.route_refused(&error);
-                None
-            })
-            .filter(|_| worker.room_to_send_from_root());
+        let policy = match route {
+            Routed::Policy(policy) => policy,
+            Routed::Misconfigured(refused) => {
+                let name = host::route_name();
+                worker.route_misconfigured(&name, &refused.error);
+                return self.hand(|exchange| {
+                    exchange.set_request_id(request_id.unwrap_or_default());
+                    exchange.refuse_route(&name, &refused.error)
+                });
+            }
+            Routed::Disabled => return Action::Continue,
+        };
+        let path = value(":path").cloned().unwrap_or_default();
+        let upstream = policy
+            .send_from_root
+            .filter(|_| worker.room_to_send_from_root())
+            .and_then(|timeout| Some((host::route_cluster()?, timeout)));
         self.hand(|exchange| {
-            if let Some((cluster, timeout)) = route {
+            exchange.follow(policy);
+            if let Some((cluster, timeout)) = upstream {
                 exchange.send_from_root(cluster, timeout);
             }
             exchange.set_request_id(request_id.unwrap_or_default());

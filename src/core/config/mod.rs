@@ -2,10 +2,18 @@
 //!
 //! Every field has a default, so `{}` is a complete configuration. Anything unknown or out of
 //! range is refused with an error that names the field, and the filter then refuses to load.
+//! The fields that decide one request ([`Policy`]) may also come from a route's metadata
+//! ([`Config::route_policy`]); the rest are the store's and the listener's alone.
+
+mod policy;
 
 use crate::core::Millis;
 use serde::Deserialize;
 use std::fmt;
+use std::rc::Rc;
+
+use policy::field;
+pub use policy::Policy;
 
 /// The shared-data table accounts `capacity_bytes` in this many ledgers; each must hold any
 /// storable response.
@@ -22,44 +30,13 @@ pub enum WhenFull {
     Pass,
 }
 
-/// Which upstream statuses are not stored (their claim is released so a retry runs the work).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StatusRule {
-    Exact(u16),
-    /// `5xx`: every status in the hundred.
-    Class(u16),
-}
-
-impl StatusRule {
-    fn matches(&self, status: u16) -> bool {
-        match self {
-            StatusRule::Exact(code) => *code == status,
-            StatusRule::Class(hundred) => status / 100 == *hundred,
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Upper-case method names whose requests are covered.
-    pub methods: Vec<String>,
-    /// Lower-case header name carrying the key.
-    pub key_header: String,
-    pub require_key: bool,
-    /// Lower-case header whose value (hashed) is the organisation.
-    pub scope_header: String,
-    pub ttl: Millis,
-    pub lease: Millis,
-    pub max_wait: Millis,
+    /// The listener's policy: every covered request's, unless its route gives its own.
+    pub policy: Rc<Policy>,
+    /// Routes may give their own policy in their metadata (`filter_metadata.idempotency`).
+    pub route_metadata: bool,
     pub max_waiting: usize,
-    /// The status of `idempotency_in_progress`: 503 for clients that retry 5xx answers (the
-    /// seed's loop), 409 for clients written to the IETF draft or Stripe.
-    pub in_progress_status: u16,
-    /// The status of `idempotency_conflict`: 409 (the seed's), or 422 (the IETF draft's).
-    pub conflict_status: u16,
-    pub max_request_body_bytes: usize,
-    pub max_response_body_bytes: usize,
-    pub unstored_statuses: Vec<StatusRule>,
     pub capacity_records: usize,
     pub capacity_bytes: usize,
     /// The part of `capacity_records` and `capacity_bytes` one organisation may hold.
@@ -145,25 +122,8 @@ impl RawOutlive {
                 ))
             }
         };
-        if lease == 0 {
-            return Err(invalid(
-                "lease",
-                "must be longer than 0s with outlive_client: the claim must outlast the attempt",
-            ));
-        }
         let timeout = duration("outlive_client.timeout", &self.timeout)?;
-        if timeout == 0 {
-            return Err(invalid("outlive_client.timeout", "must be longer than 0s"));
-        }
-        if timeout >= lease.saturating_sub(finish) {
-            return Err(invalid(
-                "outlive_client.timeout",
-                format!(
-                    "must be shorter than lease ({lease}ms) less the store's finish ({finish}ms): \
-                     a claim that ends before its attempt lets a retry run the work again"
-                ),
-            ));
-        }
+        let timeout = send_timeout("outlive_client.timeout", timeout, lease, finish)?;
         if self.max_in_flight == 0 || self.max_in_flight > MAX_OUTLIVE_IN_FLIGHT {
             return Err(invalid(
                 "outlive_client.max_in_flight",
@@ -301,28 +261,41 @@ fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawStatus {
-    Code(u16),
-    Text(String),
+/// A timeout for a request sent from the root context: the claim (`lease`) must outlast it and
+/// the store's finish after it, or a retry could run the work again while it is still running.
+fn send_timeout(
+    field: &str,
+    timeout: Millis,
+    lease: Millis,
+    finish: Millis,
+) -> Result<Millis, ConfigError> {
+    if lease == 0 {
+        return Err(invalid(
+            "lease",
+            "must be longer than 0s with outlive_client: the claim must outlast the attempt",
+        ));
+    }
+    if timeout == 0 {
+        return Err(invalid(field, "must be longer than 0s"));
+    }
+    if timeout >= lease.saturating_sub(finish) {
+        return Err(invalid(
+            field,
+            format!(
+                "must be shorter than lease ({lease}ms) less the store's finish ({finish}ms): \
+                 a claim that ends before its attempt lets a retry run the work again"
+            ),
+        ));
+    }
+    Ok(timeout)
 }
 
-/// The document as written, before its meaning is checked.
+/// The listener's own fields as written, before their meaning is checked; the policy's fields
+/// are checked as they are read.
 struct Raw {
-    methods: Vec<String>,
-    key_header: String,
-    require_key: bool,
-    scope_header: String,
-    ttl: String,
-    lease: String,
-    max_wait: String,
+    policy: Policy,
+    route_metadata: bool,
     max_waiting: usize,
-    in_progress_status: u16,
-    conflict_status: u16,
-    max_request_body_bytes: usize,
-    max_response_body_bytes: usize,
-    unstored_statuses: Vec<RawStatus>,
     capacity_records: usize,
     capacity_bytes: usize,
     max_share: f64,
@@ -335,57 +308,59 @@ struct Raw {
     outlive_client: Option<RawOutlive>,
 }
 
-/// Reads one field, naming it in the error (serde alone names the position, not the field).
-fn field<T: serde::de::DeserializeOwned>(
-    name: &'static str,
-    value: serde_json::Value,
-) -> Result<T, ConfigError> {
-    serde_json::from_value(value).map_err(|e| invalid(name, e.to_string()))
+/// The fields only the listener may set: a route that names one is misconfigured.
+const LISTENER_FIELDS: [&str; 11] = [
+    "route_metadata",
+    "max_waiting",
+    "capacity_records",
+    "capacity_bytes",
+    "max_share",
+    "compress_responses",
+    "when_full",
+    "key_prefix",
+    "include_paths",
+    "exclude_paths",
+    "etcd",
+];
+
+/// The fields of a JSON document that must be an object.
+fn object(json: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
+    let document: serde_json::Value =
+        serde_json::from_slice(json).map_err(|e| invalid("(document)", e.to_string()))?;
+    match document {
+        serde_json::Value::Object(fields) => Ok(fields),
+        _ => Err(invalid("(document)", "expected a JSON object")),
+    }
+}
+
+fn unknown(name: &str) -> ConfigError {
+    match name {
+        "" => invalid("\"\"", "unknown field (an empty name)"),
+        _ => invalid(name, "unknown field"),
+    }
 }
 
 impl Raw {
     fn from_json(json: &[u8]) -> Result<Raw, ConfigError> {
-        let document: serde_json::Value =
-            serde_json::from_slice(json).map_err(|e| invalid("(document)", e.to_string()))?;
-        let serde_json::Value::Object(fields) = document else {
-            return Err(invalid("(document)", "expected a JSON object"));
-        };
         let mut raw = Raw::default();
-        for (name, value) in fields {
+        for (name, value) in object(json)? {
+            if raw.policy.set(&name, value.clone())? {
+                continue;
+            }
             match name.as_str() {
-                "methods" => raw.methods = field("methods", value)?,
-                "key_header" => raw.key_header = field("key_header", value)?,
-                "require_key" => raw.require_key = field("require_key", value)?,
-                "scope_header" => raw.scope_header = field("scope_header", value)?,
-                "ttl" => raw.ttl = field("ttl", value)?,
-                "lease" => raw.lease = field("lease", value)?,
-                "max_wait" => raw.max_wait = field("max_wait", value)?,
-                "max_waiting" => raw.max_waiting = field("max_waiting", value)?,
-                "in_progress_status" => {
-                    raw.in_progress_status = field("in_progress_status", value)?
-                }
-                "conflict_status" => raw.conflict_status = field("conflict_status", value)?,
-                "max_request_body_bytes" => {
-                    raw.max_request_body_bytes = field("max_request_body_bytes", value)?
-                }
-                "max_response_body_bytes" => {
-                    raw.max_response_body_bytes = field("max_response_body_bytes", value)?
-                }
-                "unstored_statuses" => raw.unstored_statuses = field("unstored_statuses", value)?,
-                "capacity_records" => raw.capacity_records = field("capacity_records", value)?,
-                "capacity_bytes" => raw.capacity_bytes = field("capacity_bytes", value)?,
-                "max_share" => raw.max_share = field("max_share", value)?,
-                "compress_responses" => {
-                    raw.compress_responses = field("compress_responses", value)?
-                }
-                "when_full" => raw.when_full = field("when_full", value)?,
-                "key_prefix" => raw.key_prefix = field("key_prefix", value)?,
-                "include_paths" => raw.include_paths = field("include_paths", value)?,
-                "exclude_paths" => raw.exclude_paths = field("exclude_paths", value)?,
-                "etcd" => raw.etcd = field("etcd", value)?,
-                "outlive_client" => raw.outlive_client = field("outlive_client", value)?,
-                "" => return Err(invalid("\"\"", "unknown field (an empty name)")),
-                _ => return Err(invalid(&name, "unknown field")),
+                "route_metadata" => raw.route_metadata = field(&name, value)?,
+                "max_waiting" => raw.max_waiting = field(&name, value)?,
+                "capacity_records" => raw.capacity_records = field(&name, value)?,
+                "capacity_bytes" => raw.capacity_bytes = field(&name, value)?,
+                "max_share" => raw.max_share = field(&name, value)?,
+                "compress_responses" => raw.compress_responses = field(&name, value)?,
+                "when_full" => raw.when_full = field(&name, value)?,
+                "key_prefix" => raw.key_prefix = field(&name, value)?,
+                "include_paths" => raw.include_paths = field(&name, value)?,
+                "exclude_paths" => raw.exclude_paths = field(&name, value)?,
+                "etcd" => raw.etcd = field(&name, value)?,
+                "outlive_client" => raw.outlive_client = field(&name, value)?,
+                _ => return Err(unknown(&name)),
             }
         }
         Ok(raw)
@@ -395,24 +370,9 @@ impl Raw {
 impl Default for Raw {
     fn default() -> Self {
         Raw {
-            methods: vec!["POST".into(), "PATCH".into()],
-            key_header: "idempotency-key".into(),
-            require_key: false,
-            scope_header: "authorization".into(),
-            ttl: "24h".into(),
-            lease: "60s".into(),
-            max_wait: "10s".into(),
+            policy: Policy::default(),
+            route_metadata: false,
             max_waiting: 1000,
-            in_progress_status: 503,
-            conflict_status: 409,
-            max_request_body_bytes: 1 << 20,
-            max_response_body_bytes: 1 << 20,
-            unstored_statuses: vec![
-                RawStatus::Text("5xx".into()),
-                RawStatus::Code(408),
-                RawStatus::Code(425),
-                RawStatus::Code(429),
-            ],
             capacity_records: 100_000,
             capacity_bytes: 128 << 20,
             max_share: 0.1,
@@ -427,11 +387,8 @@ impl Default for Raw {
     }
 }
 
-const DEFAULT_LEASE: Millis = 60_000;
-
 /// Limits that keep one misconfiguration from exhausting the host.
 const MAX_CAPACITY_RECORDS: usize = 10_000_000;
-const MAX_BODY_BYTES: usize = 64 << 20;
 
 impl Config {
     pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
@@ -444,52 +401,13 @@ impl Config {
     }
 
     fn validate(raw: Raw) -> Result<Config, ConfigError> {
-        if raw.methods.is_empty() {
-            return Err(invalid("methods", "must name at least one method"));
-        }
-        let mut methods = Vec::with_capacity(raw.methods.len());
-        for method in &raw.methods {
-            if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                return Err(invalid(
-                    "methods",
-                    format!("`{method}` is not a method name"),
-                ));
-            }
-            methods.push(method.to_ascii_uppercase());
-        }
-        let key_header = header_name("key_header", &raw.key_header)?;
-        let scope_header = header_name("scope_header", &raw.scope_header)?;
-        let ttl = duration("ttl", &raw.ttl)?;
-        if ttl == 0 {
-            return Err(invalid("ttl", "must be longer than 0s"));
-        }
-        let lease = duration("lease", &raw.lease)?;
-        let max_wait = duration("max_wait", &raw.max_wait)?;
-        if raw.max_request_body_bytes > MAX_BODY_BYTES {
-            return Err(invalid(
-                "max_request_body_bytes",
-                format!("at most {MAX_BODY_BYTES}"),
-            ));
-        }
-        if raw.max_response_body_bytes > MAX_BODY_BYTES {
-            return Err(invalid(
-                "max_response_body_bytes",
-                format!("at most {MAX_BODY_BYTES}"),
-            ));
-        }
-        let unstored_statuses = raw
-            .unstored_statuses
-            .iter()
-            .map(status_rule)
-            .collect::<Result<Vec<_>, _>>()?;
         if raw.capacity_records == 0 || raw.capacity_records > MAX_CAPACITY_RECORDS {
             return Err(invalid(
                 "capacity_records",
                 format!("must be between 1 and {MAX_CAPACITY_RECORDS}"),
             ));
         }
-        let shard_bytes = raw.capacity_bytes / LEDGER_SHARDS;
-        if shard_bytes < raw.max_response_body_bytes.max(1) {
+        if raw.capacity_bytes / LEDGER_SHARDS < raw.policy.max_response_body_bytes.max(1) {
             return Err(invalid(
                 "capacity_bytes",
                 format!(
@@ -521,18 +439,6 @@ impl Config {
                 "must not be empty: shared data is shared by every plugin of the VM",
             ));
         }
-        if ![409, 503].contains(&raw.in_progress_status) {
-            return Err(invalid(
-                "in_progress_status",
-                "must be 503 (clients that retry 5xx answers) or 409 (IETF draft, Stripe)",
-            ));
-        }
-        if ![409, 422].contains(&raw.conflict_status) {
-            return Err(invalid(
-                "conflict_status",
-                "must be 409 (the seed document's) or 422 (the IETF draft's)",
-            ));
-        }
         for (field, prefixes) in [
             ("include_paths", &raw.include_paths),
             ("exclude_paths", &raw.exclude_paths),
@@ -546,24 +452,20 @@ impl Config {
         }
         let etcd = raw.etcd.map(RawEtcd::validate).transpose()?;
         let finish = etcd.as_ref().map_or(0, |etcd| etcd.timeout);
+        let lease = raw.policy.lease;
         let outlive_client = raw
             .outlive_client
             .map(|raw| raw.validate(lease, finish))
             .transpose()?;
+        let mut policy = raw.policy;
+        policy.send_from_root = outlive_client
+            .as_ref()
+            .filter(|outlive| outlive.covers_route(None))
+            .map(|outlive| outlive.timeout);
         Ok(Config {
-            methods,
-            key_header,
-            require_key: raw.require_key,
-            scope_header,
-            ttl,
-            lease,
-            max_wait,
+            policy: Rc::new(policy),
+            route_metadata: raw.route_metadata,
             max_waiting: raw.max_waiting,
-            in_progress_status: raw.in_progress_status,
-            conflict_status: raw.conflict_status,
-            max_request_body_bytes: raw.max_request_body_bytes,
-            max_response_body_bytes: raw.max_response_body_bytes,
-            unstored_statuses,
             capacity_records: raw.capacity_records,
             capacity_bytes: raw.capacity_bytes,
             max_share: raw.max_share,
@@ -577,10 +479,6 @@ impl Config {
         })
     }
 
-    pub fn covers(&self, method: &str) -> bool {
-        self.methods.iter().any(|m| m == method)
-    }
-
     /// Whether requests to `path` (without its query) are covered.
     pub fn covers_path(&self, path: &[u8]) -> bool {
         let under = |prefix: &String| path.starts_with(prefix.as_bytes());
@@ -588,78 +486,113 @@ impl Config {
             && !self.exclude_paths.iter().any(under)
     }
 
-    /// How long a claim in flight is protected. With `lease: 0s` unknown endings release at
-    /// once, but a claim whose owner vanishes must still expire: it then uses the default.
-    pub fn claim_lease(&self) -> Millis {
-        if self.lease == 0 {
-            DEFAULT_LEASE
-        } else {
-            self.lease
-        }
+    /// What one organisation's records may hold in bytes (`max_share` of `capacity_bytes`),
+    /// and at least the listener's largest storable response.
+    pub fn share_bytes(&self) -> usize {
+        ((self.capacity_bytes as f64 * self.max_share) as usize)
+            .max(self.policy.max_response_body_bytes)
     }
 
-    /// The timeout of a request sent from the root context on a route whose metadata gives
-    /// `route_timeout`, if any; `Err` says why that one cannot be used. Like
-    /// `outlive_client.timeout`, it must end before the claim's lease, less the store's finish.
-    pub fn outlive_timeout(&self, route_timeout: Option<&str>) -> Result<Millis, ConfigError> {
-        let field = "route metadata idempotency.timeout";
-        let default = self.outlive_client.as_ref().map_or(0, |o| o.timeout);
-        let Some(text) = route_timeout else {
-            return Ok(default);
-        };
-        let finish = self.etcd.as_ref().map_or(0, |etcd| etcd.timeout);
-        let max = self.lease.saturating_sub(finish);
-        match duration(field, text)? {
-            0 => Err(invalid(field, "must be longer than 0s")),
-            timeout if timeout >= max => Err(invalid(
-                field,
-                format!("must be shorter than {max}ms (the lease, less the store's finish)"),
-            )),
-            timeout => Ok(timeout),
-        }
+    /// Whether routes' metadata is read at all: for route policies, or for `outlive_client`'s
+    /// word per route.
+    pub fn reads_routes(&self) -> bool {
+        self.route_metadata || self.outlive_client.is_some()
     }
 
-    pub fn stores_status(&self, status: u16) -> bool {
-        !self
-            .unstored_statuses
-            .iter()
-            .any(|rule| rule.matches(status))
-    }
-}
-
-fn header_name(field: &'static str, name: &str) -> Result<String, ConfigError> {
-    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
-    if name.is_empty() || !name.bytes().all(token) {
-        return Err(invalid(field, format!("`{name}` is not a header name")));
-    }
-    Ok(name.to_ascii_lowercase())
-}
-
-fn status_rule(raw: &RawStatus) -> Result<StatusRule, ConfigError> {
-    let field = "unstored_statuses";
-    match raw {
-        RawStatus::Code(code) if (100..=599).contains(code) => Ok(StatusRule::Exact(*code)),
-        RawStatus::Code(code) => Err(invalid(field, format!("{code} is not an HTTP status"))),
-        RawStatus::Text(text) => {
-            let bytes = text.as_bytes();
-            match bytes {
-                [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
-                    Ok(StatusRule::Class(u16::from(d - b'0')))
+    /// The policy of a route whose metadata holds `fields` (its `filter_metadata.idempotency`):
+    /// the listener's, with the route's fields laid over it and checked as the listener's are,
+    /// or `None` if the route says `enabled: false`. Without `route_metadata` only
+    /// `outlive_client` and `timeout` are taken; a policy field is then an error, never ignored.
+    pub fn route_policy(
+        &self,
+        fields: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<Policy>, ConfigError> {
+        let mut policy = Policy::clone(&self.policy);
+        let (mut enabled, mut marked, mut timeout) = (true, None, None);
+        for (name, value) in fields {
+            if policy::FIELDS.contains(&name.as_str()) && !self.route_metadata {
+                return Err(invalid(
+                    &name,
+                    "a route policy field, but the listener does not set route_metadata: true",
+                ));
+            }
+            if policy.set(&name, value.clone())? {
+                continue;
+            }
+            match name.as_str() {
+                "enabled" if !self.route_metadata => {
+                    return Err(invalid(
+                        &name,
+                        "the listener does not set route_metadata: true",
+                    ))
                 }
-                _ => match text.parse::<u16>() {
-                    Ok(code) if (100..=599).contains(&code) => Ok(StatusRule::Exact(code)),
-                    _ => Err(invalid(
-                        field,
-                        format!("`{text}`: expected a status like 429 or a class like \"5xx\""),
-                    )),
-                },
+                "enabled" => enabled = field(&name, value)?,
+                "outlive_client" | "timeout" if self.outlive_client.is_none() => {
+                    return Err(invalid(
+                        &name,
+                        "the listener does not set outlive_client, which this needs",
+                    ))
+                }
+                "outlive_client" => marked = Some(field(&name, value)?),
+                "timeout" => timeout = Some(duration(&name, &field::<String>(&name, value)?)?),
+                listener if LISTENER_FIELDS.contains(&listener) => {
+                    return Err(invalid(listener, "is the listener's alone, not a route's"))
+                }
+                _ => return Err(unknown(&name)),
             }
         }
+        self.check_route(&policy)?;
+        policy.send_from_root = match &self.outlive_client {
+            Some(outlive) if outlive.covers_route(marked) => {
+                let finish = self.etcd.as_ref().map_or(0, |etcd| etcd.timeout);
+                let timeout = timeout.unwrap_or(outlive.timeout);
+                Some(send_timeout("timeout", timeout, policy.lease, finish)?)
+            }
+            _ => None,
+        };
+        Ok(enabled.then_some(policy))
+    }
+
+    /// What a route's policy must hold that the listener's store decides: any storable
+    /// response fits in a ledger and a share; on etcd, whose leases are granted for the listener's `ttl`
+    /// and `lease`, a record or claim lives no longer than they do.
+    fn check_route(&self, policy: &Policy) -> Result<(), ConfigError> {
+        let largest = (self.capacity_bytes / LEDGER_SHARDS).min(self.share_bytes());
+        if policy.max_response_body_bytes > largest {
+            return Err(invalid(
+                "max_response_body_bytes",
+                format!(
+                    "at most {largest}, what one ledger of capacity_bytes and one organisation's \
+                     share of it hold"
+                ),
+            ));
+        }
+        if self.etcd.is_some() {
+            if policy.ttl > self.policy.ttl {
+                return Err(invalid(
+                    "ttl",
+                    format!(
+                        "at most the listener's ttl ({}ms) with the etcd store, whose leases last that long",
+                        self.policy.ttl
+                    ),
+                ));
+            }
+            if policy.claim_lease() > self.policy.claim_lease() {
+                return Err(invalid(
+                    "lease",
+                    format!(
+                        "at most the listener's lease ({}ms) with the etcd store, whose leases last that long",
+                        self.policy.claim_lease()
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
 /// Parses "250ms", "30s", "5m", "24h" (and "0s").
-pub fn duration(field: &'static str, text: &str) -> Result<Millis, ConfigError> {
+pub fn duration(field: &str, text: &str) -> Result<Millis, ConfigError> {
     let split = text
         .find(|c: char| !c.is_ascii_digit())
         .unwrap_or(text.len());

@@ -10,23 +10,26 @@ fn field_of(json: &str) -> String {
 #[test]
 fn empty_document_gives_the_contract_defaults() {
     let config = Config::parse(b"{}").unwrap();
-    assert_eq!(config.methods, ["POST", "PATCH"]);
-    assert_eq!(config.key_header, "idempotency-key");
-    assert!(!config.require_key);
-    assert_eq!(config.scope_header, "authorization");
-    assert_eq!(config.ttl, 86_400_000);
-    assert_eq!(config.lease, 60_000);
+    assert_eq!(config.policy.methods, ["POST", "PATCH"]);
+    assert_eq!(config.policy.key_header, "idempotency-key");
+    assert!(!config.policy.require_key);
+    assert_eq!(config.policy.scope_header, "authorization");
+    assert_eq!(config.policy.ttl, 86_400_000);
+    assert_eq!(config.policy.lease, 60_000);
     assert_eq!(config.when_full, WhenFull::Evict);
     assert_eq!(config.max_share, 0.1);
     assert_eq!(
-        (config.in_progress_status, config.conflict_status),
+        (
+            config.policy.in_progress_status,
+            config.policy.conflict_status
+        ),
         (503, 409)
     );
     for status in [500, 503, 599, 408, 425, 429] {
-        assert!(!config.stores_status(status), "{status}");
+        assert!(!config.policy.stores_status(status), "{status}");
     }
     for status in [200, 201, 204, 301, 400, 404, 409, 422] {
-        assert!(config.stores_status(status), "{status}");
+        assert!(config.policy.stores_status(status), "{status}");
     }
 }
 
@@ -87,11 +90,11 @@ fn durations_take_the_usual_units() {
 #[test]
 fn status_rules_take_codes_and_classes() {
     let config = Config::parse(br#"{"unstored_statuses":["4xx", 503, "302"]}"#).unwrap();
-    assert!(!config.stores_status(404));
-    assert!(!config.stores_status(503));
-    assert!(!config.stores_status(302));
-    assert!(config.stores_status(500));
-    assert!(config.stores_status(200));
+    assert!(!config.policy.stores_status(404));
+    assert!(!config.policy.stores_status(503));
+    assert!(!config.policy.stores_status(302));
+    assert!(config.policy.stores_status(500));
+    assert!(config.policy.stores_status(200));
 }
 
 #[test]
@@ -136,10 +139,10 @@ fn the_etcd_store_needs_a_cluster_and_takes_defaults_for_the_rest() {
 #[test]
 fn methods_and_headers_are_normalised() {
     let config = Config::parse(br#"{"methods":["post","Put"],"key_header":"X-Idem-Key"}"#).unwrap();
-    assert!(config.covers("POST"));
-    assert!(config.covers("PUT"));
-    assert!(!config.covers("PATCH"));
-    assert_eq!(config.key_header, "x-idem-key");
+    assert!(config.policy.covers("POST"));
+    assert!(config.policy.covers("PUT"));
+    assert!(!config.policy.covers("PATCH"));
+    assert_eq!(config.policy.key_header, "x-idem-key");
 }
 
 #[test]
@@ -158,11 +161,12 @@ fn outlive_client_needs_a_timeout_that_ends_before_the_claim() {
     let config = Config::parse(marked.as_bytes()).unwrap();
     let marked = config.outlive_client.as_ref().unwrap();
     assert!(!marked.covers_route(None) && marked.covers_route(Some(true)));
-    // A route's metadata may give its own timeout, held to the same rule.
-    assert_eq!(config.outlive_timeout(None), Ok(30_000));
-    assert_eq!(config.outlive_timeout(Some("5s")), Ok(5_000));
-    assert!(config.outlive_timeout(Some("60s")).is_err());
-    assert!(config.outlive_timeout(Some("soon")).is_err());
+    assert_eq!(
+        config.policy.send_from_root, None,
+        "marked: no route is unless it says so"
+    );
+    let all = Config::parse(br#"{"outlive_client": {"timeout": "30s"}}"#).unwrap();
+    assert_eq!(all.policy.send_from_root, Some(30_000));
 
     for (json, field) in [
         (
@@ -219,4 +223,153 @@ fn garbage_and_mutated_configurations_are_refused_naming_a_field() {
             );
         }
     });
+}
+
+/// The policy a route whose metadata holds `fields` gets under the listener `listener`.
+fn route_of(listener: &str, fields: &str) -> Result<Option<Policy>, ConfigError> {
+    let config = Config::parse(listener.as_bytes()).unwrap();
+    match serde_json::from_str(fields).unwrap() {
+        serde_json::Value::Object(fields) => config.route_policy(fields),
+        other => panic!("not an object: {other}"),
+    }
+}
+
+const ROUTES: &str = r#"{"route_metadata": true, "ttl": "12h", "require_key": true}"#;
+
+#[test]
+fn a_route_lays_its_fields_over_the_listener_s_policy() {
+    let listener = Config::parse(ROUTES.as_bytes()).unwrap();
+    assert_eq!(
+        route_of(ROUTES, "{}"),
+        Ok(Some(Policy::clone(&listener.policy)))
+    );
+    let policy = route_of(
+        ROUTES,
+        r#"{"ttl": "1h", "lease": "5s", "methods": ["put"], "in_progress_status": 409,
+            "conflict_status": 422, "unstored_statuses": ["4xx"], "max_wait": "0s",
+            "key_header": "X-Key", "scope_header": "x-org", "max_request_body_bytes": 10,
+            "max_response_body_bytes": 20}"#,
+    )
+    .unwrap()
+    .unwrap();
+    assert_eq!(
+        (policy.ttl, policy.lease, policy.max_wait),
+        (3_600_000, 5_000, 0)
+    );
+    assert_eq!(policy.methods, ["PUT"]);
+    assert_eq!(
+        (policy.in_progress_status, policy.conflict_status),
+        (409, 422)
+    );
+    assert!(!policy.stores_status(404) && policy.stores_status(500));
+    assert_eq!(
+        (policy.key_header.as_str(), policy.scope_header.as_str()),
+        ("x-key", "x-org")
+    );
+    assert_eq!(
+        (
+            policy.max_request_body_bytes,
+            policy.max_response_body_bytes
+        ),
+        (10, 20)
+    );
+    assert!(
+        policy.require_key,
+        "what the route does not say is the listener's"
+    );
+    assert_eq!(route_of(ROUTES, r#"{"enabled": false}"#), Ok(None));
+}
+
+#[test]
+fn a_route_that_says_what_it_may_not_is_refused_naming_the_field() {
+    for (fields, field) in [
+        (r#"{"ttl": "soon"}"#, "ttl"),
+        (r#"{"ttl": 3600}"#, "ttl"),
+        (r#"{"methods": []}"#, "methods"),
+        (r#"{"enabled": "no"}"#, "enabled"),
+        (r#"{"in_progress_status": 500}"#, "in_progress_status"),
+        (r#"{"capacity_records": 10}"#, "capacity_records"),
+        (r#"{"when_full": "pass"}"#, "when_full"),
+        (r#"{"etcd": {"cluster": "etcd"}}"#, "etcd"),
+        (r#"{"route_metadata": false}"#, "route_metadata"),
+        (r#"{"tll": "1h"}"#, "tll"),
+        (r#"{"outlive_client": true}"#, "outlive_client"),
+        (r#"{"timeout": "1s"}"#, "timeout"),
+        // Any storable response must fit one ledger (an eighth of capacity_bytes) and a share.
+        (
+            r#"{"max_response_body_bytes": 20000000}"#,
+            "max_response_body_bytes",
+        ),
+    ] {
+        assert_eq!(
+            route_of(ROUTES, fields).map_err(|e| e.field),
+            Err(field.into()),
+            "{fields}"
+        );
+    }
+}
+
+#[test]
+fn without_route_metadata_a_route_may_only_say_how_it_sends() {
+    let outlive = r#"{"outlive_client": {"routes": "marked", "timeout": "5s"}}"#;
+    let marked = route_of(outlive, r#"{"outlive_client": true, "timeout": "2s"}"#);
+    assert_eq!(marked.unwrap().unwrap().send_from_root, Some(2_000));
+    let unmarked = route_of(outlive, r#"{}"#).unwrap().unwrap();
+    assert_eq!(unmarked.send_from_root, None);
+    for fields in [r#"{"ttl": "1h"}"#, r#"{"enabled": false}"#] {
+        assert!(
+            route_of(outlive, fields).is_err(),
+            "{fields} is never silently ignored"
+        );
+    }
+    // A route's timeout, like the listener's, must end before its claim's lease does.
+    let all = r#"{"route_metadata": true, "outlive_client": {}}"#;
+    assert_eq!(
+        route_of(all, "{}").unwrap().unwrap().send_from_root,
+        Some(15_000)
+    );
+    assert_eq!(
+        route_of(all, r#"{"timeout": "90s"}"#).unwrap_err().field,
+        "timeout"
+    );
+    assert_eq!(
+        route_of(all, r#"{"lease": "10s"}"#).unwrap_err().field,
+        "timeout"
+    );
+    assert_eq!(
+        route_of(all, r#"{"lease": "0s"}"#).unwrap_err().field,
+        "lease"
+    );
+    let own = route_of(all, r#"{"lease": "10s", "timeout": "5s"}"#)
+        .unwrap()
+        .unwrap();
+    assert_eq!(own.send_from_root, Some(5_000));
+    assert_eq!(
+        route_of(all, r#"{"outlive_client": false}"#)
+            .unwrap()
+            .unwrap()
+            .send_from_root,
+        None
+    );
+}
+
+#[test]
+fn on_etcd_a_route_s_records_live_no_longer_than_the_listener_s_leases() {
+    let etcd = r#"{"route_metadata": true, "ttl": "1h", "lease": "30s", "etcd": {"cluster": "e"}}"#;
+    assert!(route_of(etcd, r#"{"ttl": "10m", "lease": "5s"}"#).is_ok());
+    assert_eq!(route_of(etcd, r#"{"ttl": "2h"}"#).unwrap_err().field, "ttl");
+    assert_eq!(
+        route_of(etcd, r#"{"lease": "60s"}"#).unwrap_err().field,
+        "lease"
+    );
+    // A zero lease holds a vanished owner's claim for the default 60 s.
+    assert_eq!(
+        route_of(etcd, r#"{"lease": "0s"}"#).unwrap_err().field,
+        "lease"
+    );
+    let table = r#"{"route_metadata": true, "ttl": "1h"}"#;
+    assert!(
+        route_of(table, r#"{"ttl": "48h"}"#).is_ok(),
+        "the table keeps any ttl"
+    );
 }

@@ -4,7 +4,7 @@
 //! end of the stream) and gets back a [`Step`] to carry out. Store operations are steps too, so
 //! a store that answers later (by callback) drives the same machine as one that answers now.
 
-use crate::core::config::{Config, WhenFull};
+use crate::core::config::{Config, ConfigError, Policy, WhenFull};
 use crate::core::counters::Counter;
 use crate::core::identity::{self, Digest32, Fingerprinter, InvalidKey};
 use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
@@ -236,6 +236,8 @@ fn as_reply(headers: &[(String, Vec<u8>)], body: Vec<u8>) -> LocalReply {
 
 pub struct Exchange {
     config: Rc<Config>,
+    /// The policy of the request's route: the listener's unless the route gives its own.
+    policy: Rc<Policy>,
     phase: Phase,
     capture: Capture,
     counts: Vec<Counter>,
@@ -260,6 +262,7 @@ impl Exchange {
     /// `token` must be unique to this attempt across every worker of the process.
     pub fn new(config: Rc<Config>, token: u64) -> Exchange {
         Exchange {
+            policy: Rc::clone(&config.policy),
             config,
             phase: Phase::New,
             capture: Capture::default(),
@@ -272,6 +275,29 @@ impl Exchange {
             client_reply: None,
             client_left: false,
         }
+    }
+
+    /// Decides the request by its route's `policy` instead of the listener's. Must come before
+    /// the request headers.
+    pub fn follow(&mut self, policy: Rc<Policy>) {
+        self.policy = policy;
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Refuses a covered request on a route whose metadata the filter cannot follow (its
+    /// `error`): it never runs with less protection than its route meant it to have.
+    pub fn refuse_route(&mut self, route: &str, error: &ConfigError) -> Step {
+        let detail = format!(
+            "route `{route}` has an idempotency policy this filter cannot follow: `{}`: {}",
+            error.field, error.reason
+        );
+        self.answer(
+            Counter::RouteMisconfigured,
+            Problem::RouteMisconfigured.reply(&detail, None),
+        )
     }
 
     /// Sends the request, if its claim is won, from the root context to `cluster` (the route's)
@@ -325,13 +351,13 @@ impl Exchange {
         end_of_stream: bool,
     ) -> Step {
         let (path, query) = identity::split_path(path);
-        if !self.config.covers(method) || !self.config.covers_path(path) {
+        if !self.policy.covers(method) || !self.config.covers_path(path) {
             self.phase = Phase::Out;
             return Step::Pass;
         }
-        let key = match identity::key_of(headers, &self.config.key_header) {
+        let key = match identity::key_of(headers, &self.policy.key_header) {
             Ok(Some(key)) => key,
-            Ok(None) if self.config.require_key => {
+            Ok(None) if self.policy.require_key => {
                 let detail = format!("{} requests need an Idempotency-Key header", method);
                 return self.answer(
                     Counter::KeyMissing,
@@ -352,7 +378,7 @@ impl Exchange {
         };
         let scope = headers
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(&self.config.scope_header))
+            .find(|(n, _)| n.eq_ignore_ascii_case(&self.policy.scope_header))
             .and_then(|(_, value)| identity::scope_of_header(value));
         let Some(scope) = scope else {
             // No organisation to keep records apart: never share one record between strangers.
@@ -399,10 +425,10 @@ impl Exchange {
         else {
             return Step::Pass;
         };
-        if size > self.config.max_request_body_bytes {
+        if size > self.policy.max_request_body_bytes {
             let detail = format!(
                 "the request body is larger than {} bytes",
-                self.config.max_request_body_bytes
+                self.policy.max_request_body_bytes
             );
             return self.answer(
                 Counter::RequestTooLarge,
@@ -446,7 +472,8 @@ impl Exchange {
             tuple,
             fingerprint: fingerprinter.finish(),
             token: self.token,
-            lease: self.config.claim_lease(),
+            lease: self.policy.claim_lease(),
+            ttl: self.policy.ttl,
             org,
         };
         self.phase = Phase::Claiming {
@@ -526,7 +553,7 @@ impl Exchange {
             Verdict::Blocked(Block::Conflict) => self.answer(
                 Counter::Conflict,
                 Problem::Conflict.reply_as(
-                    self.config.conflict_status,
+                    self.policy.conflict_status,
                     "this Idempotency-Key was used with a different request body or query string",
                     None,
                 ),
@@ -534,7 +561,7 @@ impl Exchange {
             Verdict::Blocked(Block::InFlight { .. }) if waiting_since.is_some() => {
                 self.keep_waiting(claim, waiting_since, now)
             }
-            Verdict::Blocked(Block::InFlight { .. }) if room_to_wait && self.config.max_wait > 0 => {
+            Verdict::Blocked(Block::InFlight { .. }) if room_to_wait && self.policy.max_wait > 0 => {
                 self.count(Counter::Waited);
                 self.keep_waiting(claim, Some(now), now)
             }
@@ -542,7 +569,7 @@ impl Exchange {
             Verdict::Blocked(Block::Held { remaining }) => self.answer(
                 Counter::InProgress,
                 Problem::InProgress.reply_as(
-                    self.config.in_progress_status,
+                    self.policy.in_progress_status,
                     "an earlier request with this Idempotency-Key ended without a known outcome; \
                      retry after its lease ends",
                     Some(whole_seconds(remaining)),
@@ -612,7 +639,7 @@ impl Exchange {
     pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) {
         if self.wants_response_body() {
             self.capture
-                .body(chunk, self.config.max_response_body_bytes);
+                .body(chunk, self.policy.max_response_body_bytes);
         }
         self.capture.complete |= end_of_stream;
     }
@@ -650,7 +677,7 @@ impl Exchange {
                 let via_upstream = !is_envoy_reply(&headers);
                 self.capture.headers(&headers, via_upstream, false);
                 self.capture
-                    .body(&body, self.config.max_response_body_bytes);
+                    .body(&body, self.policy.max_response_body_bytes);
                 self.capture.complete = true;
                 let end = match via_upstream || never_reached_upstream(&body) {
                     true => StreamEnd::Unflagged,
@@ -666,7 +693,7 @@ impl Exchange {
                 let detail = format!(
                     "the upstream answered with more than {} bytes, more than a request sent \
                      from the root context brings back; its work ran",
-                    self.config.max_response_body_bytes
+                    self.policy.max_response_body_bytes
                 );
                 (
                     StreamEnd::Unflagged,
@@ -675,9 +702,9 @@ impl Exchange {
             }
             Answered::Nothing => {
                 let reply = Problem::InProgress.reply_as(
-                    self.config.in_progress_status,
+                    self.policy.in_progress_status,
                     "this request ended without a known outcome; retry after its lease ends",
-                    Some(whole_seconds(self.config.lease)),
+                    Some(whole_seconds(self.policy.lease)),
                 );
                 (StreamEnd::Interrupted, reply)
             }
@@ -712,7 +739,7 @@ impl Exchange {
     fn ending(&mut self, end: StreamEnd) -> Ending<StoredResponse> {
         let capture = std::mem::take(&mut self.capture);
         let outcome = match capture.status {
-            Some(status) if !self.config.stores_status(status) => Ending::Released,
+            Some(status) if !self.policy.stores_status(status) => Ending::Released,
             Some(_) if !capture.complete => Ending::Held,
             Some(_) if capture.unstorable => Ending::Unstored { no_room: false },
             Some(status) => {
@@ -733,7 +760,7 @@ impl Exchange {
             None => Ending::Held,
         };
         match outcome {
-            Ending::Held if self.config.lease == 0 => Ending::Released,
+            Ending::Held if self.policy.lease == 0 => Ending::Released,
             outcome => outcome,
         }
     }
@@ -746,7 +773,7 @@ impl Exchange {
     /// Holds a request that waits for its original, unless it has waited `max_wait`.
     fn keep_waiting(&mut self, claim: Claim, since: Option<Millis>, now: Millis) -> Step {
         let since = since.unwrap_or(now);
-        if now.saturating_sub(since) >= self.config.max_wait {
+        if now.saturating_sub(since) >= self.policy.max_wait {
             return self.give_up_waiting();
         }
         self.phase = Phase::Claiming {
@@ -765,7 +792,7 @@ impl Exchange {
         self.answer(
             Counter::InProgress,
             Problem::InProgress.reply_as(
-                self.config.in_progress_status,
+                self.policy.in_progress_status,
                 "a request with this Idempotency-Key is still being processed",
                 Some(1),
             ),
@@ -786,7 +813,7 @@ impl Exchange {
             Phase::Claiming {
                 waiting_since: Some(since),
                 ..
-            } => now.saturating_sub(since) >= self.config.max_wait,
+            } => now.saturating_sub(since) >= self.policy.max_wait,
             _ => false,
         }
     }

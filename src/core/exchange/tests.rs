@@ -450,6 +450,61 @@ fn the_in_progress_and_conflict_statuses_are_the_configured_ones() {
     assert_eq!(code_of(step), (422, "idempotency_conflict".into()));
 }
 
+#[test]
+fn a_route_s_policy_decides_its_requests_and_its_records_lifetimes() {
+    let mut run = Run::new(r#"{"route_metadata": true}"#);
+    let fields = serde_json::json!({"ttl": "1h", "lease": "5s", "require_key": true});
+    let route = run
+        .config
+        .route_policy(fields.as_object().cloned().unwrap());
+    let route = Rc::new(route.unwrap().unwrap());
+    let mut keyless = run.exchange();
+    keyless.follow(Rc::clone(&route));
+    let step = keyless.on_request_headers("POST", b"/v1", &headers(&[]), true);
+    assert_eq!(code_of(step), (400, "idempotency_key_missing".into()));
+    let mut exchange = run.exchange();
+    exchange.follow(route);
+    let step = exchange.on_request_headers("POST", b"/v1", &headers(&POST_HEADERS), true);
+    let Step::Claim(claim) = step else {
+        panic!("expected a claim, got {step:?}");
+    };
+    assert_eq!((claim.ttl, claim.lease), (3_600_000, 5_000));
+    // The listener's own requests keep the listener's.
+    let mut listener = run.exchange();
+    let step = listener.on_request_headers("POST", b"/v1", &headers(&POST_HEADERS), true);
+    assert!(matches!(
+        step,
+        Step::Claim(Claim {
+            ttl: 86_400_000,
+            lease: 60_000,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn a_request_on_a_misconfigured_route_is_refused_naming_the_route_and_field() {
+    let mut run = Run::new("{}");
+    let mut exchange = run.exchange();
+    let error = ConfigError {
+        field: "ttl".into(),
+        reason: "must be longer than 0s".into(),
+    };
+    let reply = reply_of(exchange.refuse_route("payments", &error));
+    let body: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(
+        (reply.status, body["code"].as_str()),
+        (500, Some("idempotency_route_misconfigured"))
+    );
+    let detail = body["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("`payments`") && detail.contains("`ttl`"),
+        "{detail}"
+    );
+    assert_eq!(exchange.take_counts(), [Counter::RouteMisconfigured]);
+    assert_eq!(run.kv.keys(), 1, "nothing was claimed");
+}
+
 const OUTLIVE: &str = r#"{"outlive_client": {"timeout": "20s"}}"#;
 
 impl Run {

@@ -16,7 +16,9 @@ const WRITTEN_MAGIC: [u8; 2] = *b"IW";
 const VERSION: u8 = 1;
 /// Version 2 added each entry's organisation tag; version 3 holds a 16-byte fingerprint
 /// (XXH3-128) where version 2 held a SHA-256: an old fingerprint is never compared with a new.
-const BUCKET_VERSION: u8 = 3;
+/// Version 4 adds when each record was stored: records of routes with other `ttl`s sit side by
+/// side, so a record's age can no longer be told from its deadline.
+const BUCKET_VERSION: u8 = 4;
 /// Version 2: the 16-byte fingerprint, as in buckets of version 3.
 const REMOTE_VERSION: u8 = 2;
 /// A stored response keeps its body as it came (version 3), or LZ4-compressed (version 4), so
@@ -28,7 +30,7 @@ const COMPRESSED_VERSION: u8 = 4;
 const COMPRESS_FROM: usize = 256;
 const HEADER_LEN: usize = 4;
 const ENTRY_LEN: usize = 1 + 32 + 16 + 8 + 8 + 4;
-const BUCKET_ENTRY_LEN: usize = ENTRY_LEN + 2;
+const BUCKET_ENTRY_LEN: usize = ENTRY_LEN + 2 + 8;
 /// A remote record's length before its stored response.
 pub const REMOTE_ENTRY_LEN: usize = HEADER_LEN + ENTRY_LEN;
 
@@ -89,6 +91,9 @@ pub struct Entry {
     pub response_len: u32,
     /// The organisation's tag ([`crate::core::identity::org_tag`]), whose share this record counts in.
     pub org: u16,
+    /// When a `Complete` or `Unstored` record was stored (kept in buckets only: a remote
+    /// record reads 0).
+    pub stored: Millis,
 }
 
 impl Entry {
@@ -100,6 +105,7 @@ impl Entry {
         deadline: 0,
         response_len: 0,
         org: 0,
+        stored: 0,
     };
 
     fn encode_into(&self, out: &mut Vec<u8>) {
@@ -120,6 +126,7 @@ impl Entry {
             deadline: reader.u64()?,
             response_len: reader.u32()?,
             org: 0,
+            stored: 0,
         })
     }
 
@@ -176,6 +183,7 @@ impl Bucket {
         for entry in &self.entries {
             entry.encode_into(&mut out);
             out.extend_from_slice(&entry.org.to_le_bytes());
+            out.extend_from_slice(&entry.stored.to_le_bytes());
         }
         out
     }
@@ -192,6 +200,7 @@ impl Bucket {
         for entry in bucket.entries.iter_mut() {
             *entry = Entry::read(&mut reader)?;
             entry.org = reader.u16()?;
+            entry.stored = reader.u64()?;
         }
         Ok(bucket)
     }

@@ -9,6 +9,7 @@ fn sample_entry() -> Entry {
         deadline: 1_700_000_000_000,
         response_len: 1234,
         org: 0,
+        stored: 1_699_999_000_000,
     }
 }
 
@@ -25,7 +26,11 @@ fn buckets_round_trip() {
 
 #[test]
 fn remote_records_round_trip_with_and_without_a_response() {
-    let entry = sample_entry();
+    // When a record was stored is kept in buckets only.
+    let entry = Entry {
+        stored: 0,
+        ..sample_entry()
+    };
     assert_eq!(
         entry.encode_remote(Some(b"abc")).len(),
         REMOTE_ENTRY_LEN + 3

@@ -13,6 +13,7 @@ use crate::core::counters::Counter;
 use crate::core::exchange::{self, Answered, Exchange, Outgoing, Step};
 use crate::core::lifecycle::{Ending, Verdict};
 use crate::core::problem::LocalReply;
+use crate::core::route::{Routed, Routes};
 use crate::core::store::{Answer, CallId, CallResponse, ClaimReply, Resumed, Store, StoreError};
 use crate::core::Millis;
 use log::Level;
@@ -26,8 +27,11 @@ use std::rc::Rc;
 pub const REMOTE_POLL_TICKS: u64 = 5;
 /// Store failures are logged at most this often per worker (the counters count every one).
 const FAILURE_LOG_MILLIS: Millis = 1_000;
-/// A store evicting or refusing is logged at most this often per worker.
+/// A store evicting or refusing, or a misconfigured route, is logged at most this often per
+/// worker.
 const PRESSURE_LOG_MILLIS: Millis = 60_000;
+/// Misconfigured routes a worker remembers having warned of.
+const MISCONFIGURED_ROUTES_KEPT: usize = 256;
 
 /// What the worker asks of the proxy.
 pub trait Host {
@@ -83,9 +87,12 @@ pub struct Worker<H: Host> {
     /// Waiting requests ask the store itself every this many ticks: every tick for shared
     /// data, less often for a remote store, where each such poll is a call.
     poll_every: u64,
+    /// The policies of the routes this worker has seen.
+    routes: RefCell<Routes>,
     failure_quiet_until: Cell<Millis>,
     pressure_quiet_until: Cell<Millis>,
-    route_quiet_until: Cell<Millis>,
+    /// When each misconfigured route may be warned of again, by name.
+    route_quiet_until: RefCell<HashMap<String, Millis>>,
 }
 
 impl<H: Host> Worker<H> {
@@ -98,6 +105,7 @@ impl<H: Host> Worker<H> {
         };
         Worker {
             host,
+            routes: RefCell::new(Routes::new(&config)),
             config,
             store: RefCell::new(store),
             number,
@@ -110,12 +118,26 @@ impl<H: Host> Worker<H> {
             poll_every,
             failure_quiet_until: Cell::new(0),
             pressure_quiet_until: Cell::new(0),
-            route_quiet_until: Cell::new(0),
+            route_quiet_until: RefCell::new(HashMap::new()),
         }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// What a request's route gives it; `metadata` reads the route's metadata, and is called
+    /// only when the listener lets routes have their say.
+    pub fn route(&self, metadata: impl FnOnce() -> Vec<u8>) -> Routed {
+        let mut routes = self.routes.borrow_mut();
+        if !self.config.reads_routes() {
+            return routes.listener().clone();
+        }
+        routes.resolve(&self.config, &metadata())
+    }
+
+    /// The largest answer a request sent from the root context under `call` may bring back:
+    /// its route's `max_response_body_bytes`.
+    pub fn max_answer_bytes(&self, call: CallId) -> usize {
+        self.sent.borrow().get(&call).map_or(0, |sent| {
+            sent.exchange.borrow().policy().max_response_body_bytes
+        })
     }
 
     /// A new request's exchange, with a claim token no other attempt in the process has.
@@ -442,23 +464,31 @@ impl<H: Host> Worker<H> {
             None => "raise capacity_records",
         };
         self.store_pressure(&format!(
-            "evicting records before their ttl, the youngest after {}s of {}s: {raise}",
-            youngest / 1_000,
-            self.config.ttl / 1_000
+            "evicting records before their ttl, the youngest after {}s: {raise}",
+            youngest / 1_000
         ));
     }
 
-    /// A route whose metadata the filter cannot follow is logged at most once a minute; its
-    /// requests go through the router meanwhile.
-    pub fn route_refused(&self, error: &ConfigError) {
-        if self.quiet(&self.route_quiet_until, PRESSURE_LOG_MILLIS) {
-            self.host.log(
-                Level::Warn,
-                format_args!(
-                    "idempotency filter: {error}; the route's requests go through the router"
-                ),
-            );
+    /// A route whose metadata the filter cannot follow is logged at most once a minute per
+    /// route; its covered requests are refused meanwhile (and counted, every one).
+    pub fn route_misconfigured(&self, route: &str, error: &ConfigError) {
+        let now = self.host.now();
+        let mut quiet = self.route_quiet_until.borrow_mut();
+        if quiet.get(route).is_some_and(|until| now < *until) {
+            return;
         }
+        // A listener has few routes; should names churn, forgetting them only logs sooner.
+        if quiet.len() >= MISCONFIGURED_ROUTES_KEPT {
+            quiet.clear();
+        }
+        quiet.insert(route.to_string(), now + PRESSURE_LOG_MILLIS);
+        self.host.log(
+            Level::Warn,
+            format_args!(
+                "idempotency filter: route `{route}`: {error} (in filter_metadata.idempotency); \
+                 its covered requests get 500 idempotency_route_misconfigured"
+            ),
+        );
     }
 
     /// The store evicting or refusing is logged at most once a minute, so that an operator

@@ -328,6 +328,7 @@ impl Store for Remote {
                         fingerprint: [1; 16],
                         token: 1,
                         lease: 60_000,
+                        ttl: 86_400_000,
                         org: 1,
                     },
                 }),
@@ -469,4 +470,34 @@ fn after_answering_a_waiting_request_a_tick_acts_as_the_root_again() {
     run.tick_at(1_000_020);
     assert_eq!(run.replies(), [(2, 201, String::new())]);
     assert_eq!(run.host.acting.get(), ROOT);
+}
+
+#[test]
+fn a_listener_without_route_metadata_never_reads_a_route() {
+    let run = Run::table("{}");
+    let routed = run
+        .worker
+        .route(|| unreachable!("the route's metadata was read"));
+    assert!(routed.covers("POST") && !routed.covers("GET"));
+}
+
+#[test]
+fn each_misconfigured_route_is_warned_of_once_a_minute() {
+    let run = Run::table(r#"{"route_metadata": true}"#);
+    let error = ConfigError {
+        field: "ttl".into(),
+        reason: "bad".into(),
+    };
+    for _ in 0..3 {
+        run.worker.route_misconfigured("payments", &error);
+        run.worker.route_misconfigured("exports", &error);
+    }
+    assert_eq!(run.host.warnings(), 2, "one for each route");
+    run.host.now.set(run.host.now.get() + PRESSURE_LOG_MILLIS);
+    run.worker.route_misconfigured("payments", &error);
+    assert_eq!(run.host.warnings(), 3);
+    let logs = run.host.logs.borrow();
+    assert!(logs
+        .iter()
+        .any(|(_, line)| line.contains("route `exports`") && line.contains("`ttl`")));
 }

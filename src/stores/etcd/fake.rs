@@ -376,6 +376,7 @@ pub fn claim_of(fingerprint: u8, token: u64) -> Claim {
         fingerprint: [fingerprint; 16],
         token,
         lease: 60_000,
+        ttl: 86_400_000,
         org: 1,
     }
 }

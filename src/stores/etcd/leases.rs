@@ -49,8 +49,8 @@ impl<K: Kv> Leases<K> {
         Leases {
             shared,
             prefix: format!("{}etcd/", config.key_prefix),
-            ttl: config.ttl,
-            claim_lease: config.claim_lease(),
+            ttl: config.policy.ttl,
+            claim_lease: config.policy.claim_lease(),
             max_share_bytes: settings.max_share_bytes as u64,
         }
     }

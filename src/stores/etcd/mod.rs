@@ -157,6 +157,7 @@ fn claim_value(claim: &Claim, now: Millis) -> Vec<u8> {
         deadline: now + claim.lease,
         response_len: 0,
         org: claim.org,
+        stored: 0,
     };
     entry.encode_remote(None)
 }
@@ -220,8 +221,6 @@ pub struct Etcd<C: Caller, K: Kv> {
     leases: Leases<K>,
     cache: Table<K>,
     settings: EtcdConfig,
-    ttl: Millis,
-    claim_lease: Millis,
     compress: bool,
     pending: HashMap<CallId, Pending>,
     batches: HashMap<CallId, Batch>,
@@ -259,8 +258,6 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             leases: Leases::new(shared, config, &settings),
             cache,
             settings,
-            ttl: config.ttl,
-            claim_lease: config.claim_lease(),
             compress: config.compress_responses,
             pending: HashMap::new(),
             batches: HashMap::new(),
@@ -812,6 +809,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             deadline,
             response_len,
             org: claim.org,
+            stored: now,
         };
         let recorded = ending.recorded();
         let give_up = now + claim.lease;
@@ -845,23 +843,26 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             }
             Ending::Released => op(None, LeaseKind::Claim, None),
             Ending::Held => {
-                let value = entry(State::Held, now + self.claim_lease, 0).encode_remote(None);
+                let value = entry(State::Held, now + claim.lease, 0).encode_remote(None);
                 op(Some(value), LeaseKind::Claim, None)
             }
         }
     }
 
     /// The lease a record whose value is `written` bytes long goes under, and when it expires:
-    /// its `ttl` within its organisation's share, else `lease` (an eviction at that age).
+    /// its `ttl` within its organisation's share, else `lease` (an eviction at that age) unless
+    /// its `ttl` is shorter. The claim's `ttl` and `lease` are at most the listener's, which
+    /// the leases of their kinds last.
     fn record_lease(&mut self, claim: &Claim, written: usize, now: Millis) -> (LeaseKind, Millis) {
         let key =
             self.settings.key_prefix.len() + wire::RECORD_FORMAT.len() + 2 * claim.tuple.len();
         let bytes = (key + written) as u64;
         if self.leases.within_share(claim.org, bytes, now) {
-            (LeaseKind::Record, now + self.ttl)
+            (LeaseKind::Record, now + claim.ttl)
         } else {
-            self.evictions.push(self.claim_lease);
-            (LeaseKind::Claim, now + self.claim_lease)
+            let lives = claim.lease.min(claim.ttl);
+            self.evictions.push(lives);
+            (LeaseKind::Claim, now + lives)
         }
     }
 }

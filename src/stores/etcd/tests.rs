@@ -59,6 +59,8 @@ fn past_its_share_an_organisation_s_records_live_a_lease_and_count_as_evicted() 
         let claim = Claim {
             tuple: [n; 32],
             org,
+            ttl: 3_600_000,
+            lease: 10_000,
             ..claim_of(1, u64::from(n))
         };
         let first = Resumed::Claim(envoy.claim(&claim, now));
@@ -86,6 +88,53 @@ fn past_its_share_an_organisation_s_records_live_a_lease_and_count_as_evicted() 
     // Once the first records' leases have surely ended, the share has room again.
     let later = hour + 5 * hour / 8;
     assert_eq!(store(&mut world, 1, 11, later), (hour, vec![]));
+}
+
+#[test]
+fn a_route_s_own_ttl_and_lease_decide_its_records_deadlines() {
+    let mut world = World::new();
+    let mut envoy = world.envoy(r#"{"ttl": "1h", "lease": "10s", "etcd": {"cluster": "etcd"}}"#);
+    let deadline = |world: &World, envoy: &Envoy, claim: &Claim| {
+        let key = envoy.key(&claim.tuple);
+        Entry::decode_remote(&world.etcd.keys[&key].0)
+            .unwrap()
+            .0
+            .deadline
+    };
+    let route = |n: u8| Claim {
+        tuple: [n; 32],
+        ttl: 600_000,
+        lease: 5_000,
+        ..claim_of(1, u64::from(n))
+    };
+    let (stored, held) = (route(1), route(2));
+    let first = Resumed::Claim(envoy.claim(&stored, 0));
+    let ticket = claimed(world.settle(&mut envoy, first, 0));
+    assert_eq!(
+        deadline(&world, &envoy, &stored),
+        5_000,
+        "claimed for the route's lease"
+    );
+    finish(
+        &mut world,
+        &mut envoy,
+        ticket,
+        Ending::Stored(response()),
+        100,
+    );
+    assert_eq!(
+        deadline(&world, &envoy, &stored),
+        600_100,
+        "kept for the route's ttl"
+    );
+    let first = Resumed::Claim(envoy.claim(&held, 200));
+    let ticket = claimed(world.settle(&mut envoy, first, 200));
+    finish(&mut world, &mut envoy, ticket, Ending::Held, 300);
+    assert_eq!(
+        deadline(&world, &envoy, &held),
+        5_300,
+        "held for the route's lease"
+    );
 }
 
 #[test]
@@ -405,6 +454,7 @@ fn garbage_answers_from_etcd_fail_the_claim_without_panicking() {
         deadline: 10_000_000,
         response_len: 0,
         org: 1,
+        stored: 0,
     }
     .encode_remote(Some(&response().encode(9, true)));
     use super::wire::{KeyValue, RangeResponse, Response, ResponseOp, TxnResponse};

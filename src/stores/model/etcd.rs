@@ -247,7 +247,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
         let choice = rng.below(100);
         let outcome = if choice < 30 {
             token += 1;
-            let (n, fp, claim) = claim_of(rng, TUPLES, token, LEASE);
+            let (n, fp, claim) = claim_of(rng, TUPLES, token, |_| (LEASE, TTL));
             let before = run.sent();
             // A first attempt, or a duplicate waiting for it that looks again.
             let answer = match rng.below(3) {

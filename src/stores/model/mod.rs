@@ -55,16 +55,23 @@ fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok()?.parse().ok()
 }
 
-/// A claim of one of `universe` tuples, with one of two fingerprints: the tuple's number, the
-/// fingerprint's, and the claim.
-pub fn claim_of(rng: &mut Garbage, universe: u64, token: u64, lease: Millis) -> (u64, u8, Claim) {
+/// A claim of one of `universe` tuples, with one of two fingerprints, under the `(lease, ttl)`
+/// that `policy` gives the tuple's route: the tuple's number, the fingerprint's, and the claim.
+pub fn claim_of(
+    rng: &mut Garbage,
+    universe: u64,
+    token: u64,
+    policy: impl Fn(u64) -> (Millis, Millis),
+) -> (u64, u8, Claim) {
     let n = rng.below(universe as usize) as u64;
+    let (lease, ttl) = policy(n);
     let fp = 1 + rng.below(2) as u8;
     let claim = Claim {
         tuple: tuple(n),
         fingerprint: [fp; 16],
         token,
         lease,
+        ttl,
         org: (n % u64::from(ORGS)) as u16,
     };
     (n, fp, claim)

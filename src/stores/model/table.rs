@@ -25,8 +25,18 @@ const LEASE: Millis = 2_000;
 const TTL: Millis = 20_000;
 /// An owner keeps this much of its lease to store its response (the table's margin).
 const COMPLETION_MARGIN: Millis = 250;
-/// No record is evicted sooner than this after it was stored (half the TTL here).
-const GRACE: Millis = TTL / 2;
+/// No record is evicted sooner than this after it was stored: half the shorter route's TTL.
+const GRACE: Millis = TTL / 8;
+
+/// The `(lease, ttl)` of tuple `n`'s route: the even tuples' route keeps the listener's, the
+/// odd ones' has its own, shorter, so records of both live side by side in every bucket.
+fn policy_of(n: u64) -> (Millis, Millis) {
+    if n.is_multiple_of(2) {
+        (LEASE, TTL)
+    } else {
+        (LEASE / 2, TTL / 4)
+    }
+}
 
 /// What the model says a tuple's record is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,7 +146,7 @@ impl Model {
             let Handle::Entry { lease_ends, .. } = ticket.handle else {
                 return Err(format!("a table ticket without an entry: {ticket:?}"));
             };
-            if lease_ends != now + LEASE || ticket.claim.token != token {
+            if lease_ends != now + policy_of(n).0 || ticket.claim.token != token {
                 return Err(format!("tuple {n}: ticket {ticket:?} at {now}"));
             }
             let until = lease_ends;
@@ -181,12 +191,12 @@ impl Model {
             (Ending::Stored(_), a) if a == unstored(false) && until - now < COMPLETION_MARGIN => {
                 Record::Unstored {
                     fp,
-                    until: now + TTL,
+                    until: now + policy_of(n).1,
                 }
             }
             (Ending::Stored(_), a) if a == unstored(true) && self.tight => Record::Unstored {
                 fp,
-                until: now + TTL,
+                until: now + policy_of(n).1,
             },
             (Ending::Stored(response), Finished::Recorded(Ending::Stored(())))
                 if until - now >= COMPLETION_MARGIN =>
@@ -195,12 +205,12 @@ impl Model {
                 Record::Complete {
                     fp,
                     response,
-                    until: now + TTL,
+                    until: now + policy_of(n).1,
                 }
             }
             (Ending::Unstored { .. }, a) if a == ending.recorded() => Record::Unstored {
                 fp,
-                until: now + TTL,
+                until: now + policy_of(n).1,
             },
             (Ending::Held, Finished::Recorded(Ending::Held)) => Record::Held { fp, until },
             (Ending::Released, Finished::Recorded(Ending::Released)) => {
@@ -264,7 +274,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
         if racing {
             token += 1;
             let other = tables[(w + 1 + rng.below(WORKERS - 1)) % WORKERS].clone();
-            let (n, fp, claim) = claim_of(rng, universe, token, LEASE);
+            let (n, fp, claim) = claim_of(rng, universe, token, policy_of);
             let raced = raced.clone();
             *kv.interleave.borrow_mut() = Some(Box::new(move |_| {
                 let answer = other.borrow_mut().claim(&claim, now);
@@ -274,7 +284,7 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
         let choice = rng.below(100);
         let outcome = if choice < 45 {
             token += 1;
-            let (n, fp, claim) = claim_of(rng, universe, token, LEASE);
+            let (n, fp, claim) = claim_of(rng, universe, token, policy_of);
             let answer = tables[w].borrow_mut().claim(&claim, now);
             kv.interleave.borrow_mut().take();
             settle_races(&mut model, &raced, &mut tickets, now)?;

@@ -30,7 +30,7 @@ const SHARE_SLOTS: u16 = 4096;
 /// The table's keys live under this, after `key_prefix` and before its capacity: a filter with
 /// another table format, or another `capacity_records` (whose buckets a key hashes onto), starts
 /// a table of its own instead of misreading this one or leaving its counters half-used.
-const TABLE_FORMAT: &str = "t3/";
+const TABLE_FORMAT: &str = "t4/";
 /// Compare-and-swap attempts before an operation gives up as contended.
 const MAX_ATTEMPTS: usize = 64;
 /// Shared data writes an absent key whatever CAS is passed, and fails a present key unless its CAS
@@ -45,7 +45,7 @@ const SWEEP_LEASE: Millis = 5_000;
 /// Buckets an organisation at its share looks through, from the new key's own, for one of its
 /// completed records to make way.
 const SHARE_PROBES: u64 = 8;
-/// A record stored less than this long ago (or half the TTL, if less) is never evicted: its
+/// A record stored less than this long ago (or half its TTL, if less) is never evicted: its
 /// client may be retrying right now (the API document's loop retries within about 8 s). Where
 /// nothing older can make way, the new key is refused with `Retry-After` instead.
 const EVICTION_GRACE: Millis = 10_000;
@@ -75,11 +75,10 @@ pub struct Table<K: Kv> {
     shares: bool,
     /// A full bucket makes way for a new record by evicting its completed record nearest expiry.
     evict: bool,
-    /// How long a new record is safe from eviction.
+    /// How long a new record is safe from eviction ([`lifecycle::evictable`]).
     grace: Millis,
     /// Stored responses are compressed where that saves space.
     compress: bool,
-    ttl: Millis,
     /// The next bucket this VM sweeps, and the token its sweeps and evictions hold entries with.
     sweep_cursor: u64,
     sweep_token: u64,
@@ -95,8 +94,7 @@ impl<K: Kv> Table<K> {
             share: Amount {
                 records: ((config.capacity_records as f64 * config.max_share) as u64).max(1),
                 // Any storable response fits in one organisation's share.
-                bytes: ((config.capacity_bytes as f64 * config.max_share) as u64)
-                    .max(config.max_response_body_bytes as u64),
+                bytes: config.share_bytes() as u64,
             },
         };
         Table {
@@ -112,9 +110,8 @@ impl<K: Kv> Table<K> {
             reserves: Reserves::new(&limits),
             shares: config.max_share < 1.0,
             evict: config.when_full == WhenFull::Evict,
-            grace: EVICTION_GRACE.min(config.ttl / 2),
+            grace: EVICTION_GRACE,
             compress: config.compress_responses,
-            ttl: config.ttl,
             sweep_cursor: 0,
             sweep_token: 0,
             evictions: Vec::new(),
@@ -181,16 +178,11 @@ impl<K: Kv> Table<K> {
         (self.capacity - bucket * BUCKET_ENTRIES as u64).min(BUCKET_ENTRIES as u64) as usize
     }
 
-    fn room(&self, bucket: u64, now: Millis) -> Room {
+    fn room(&self, bucket: u64) -> Room {
         Room {
             usable: self.usable(bucket),
-            evict: self.evict.then(|| self.evictable_by(now)),
+            evict: self.evict.then_some(self.grace),
         }
-    }
-
-    /// The latest deadline of a record that may be evicted now: one stored `grace` ago.
-    fn evictable_by(&self, now: Millis) -> Millis {
-        now.saturating_add(self.ttl.saturating_sub(self.grace))
     }
 
     /// Reads a bucket, lets `change` decide, and writes the bucket back if it says so; retries
@@ -279,8 +271,7 @@ impl<K: Kv> Table<K> {
     }
 
     fn note_eviction(&mut self, record: &Entry, now: Millis) {
-        let left = record.deadline.saturating_sub(now);
-        self.evictions.push(self.ttl.saturating_sub(left));
+        self.evictions.push(now.saturating_sub(record.stored));
     }
 
     /// Evicts the completed record nearest its expiry that `which` accepts from `bucket`, if it
@@ -293,8 +284,8 @@ impl<K: Kv> Table<K> {
     ) -> Result<Option<Entry>, StoreError> {
         let usable = self.usable(bucket);
         let (token, until) = (self.sweep_token, now + SWEEP_LEASE);
-        let by = self.evictable_by(now);
-        let which = |e: &Entry| e.deadline <= by && which(e);
+        let grace = self.grace;
+        let which = |e: &Entry| lifecycle::evictable(e, grace, now) && which(e);
         let taken = self.update(bucket, |entries| {
             let taken = lifecycle::victim(entries, usable, now, which)
                 .map(|slot| (slot, lifecycle::take(entries, slot, token, until)));
@@ -334,7 +325,7 @@ impl<K: Kv> Table<K> {
 
     fn try_claim(&mut self, claim: &Claim, now: Millis) -> Result<Option<ClaimReply>, StoreError> {
         let bucket = self.bucket_of(&claim.tuple);
-        let room = self.room(bucket, now);
+        let room = self.room(bucket);
         let verdict = self.update(bucket, |entries| {
             let verdict = lifecycle::claim(entries, claim, room, now);
             (verdict, verdict.writes())
@@ -402,7 +393,7 @@ impl<K: Kv> Table<K> {
                 probe += 1;
             };
             if !made_way {
-                self.end(owner, Ending::Released, self.ttl, now)?;
+                self.end(owner, Ending::Released, 0, now)?;
                 return Ok(false);
             }
         }
@@ -580,18 +571,18 @@ impl<K: Kv> Store for Table<K> {
             Ok(owner) => owner,
             Err(error) => return Answer::Now(Err(error)),
         };
+        // The record lives as long as its claim's route says.
+        let ttl = owner.claim.ttl;
         Answer::Now(match ending {
-            Ending::Stored(response) => self.store_response(owner, &response, self.ttl, now),
-            Ending::Unstored { no_room } => {
-                self.end(owner, Ending::Unstored { no_room }, self.ttl, now)
-            }
-            Ending::Released => match self.end(owner, Ending::Released, self.ttl, now) {
+            Ending::Stored(response) => self.store_response(owner, &response, ttl, now),
+            Ending::Unstored { no_room } => self.end(owner, Ending::Unstored { no_room }, ttl, now),
+            Ending::Released => match self.end(owner, Ending::Released, ttl, now) {
                 Ok(Finished::Recorded(ended)) => self
                     .give(Self::share_of(owner.claim.org), 1, 0)
                     .map(|()| Finished::Recorded(ended)),
                 other => other,
             },
-            Ending::Held => self.end(owner, Ending::Held, self.ttl, now),
+            Ending::Held => self.end(owner, Ending::Held, ttl, now),
         })
     }
 

@@ -18,6 +18,7 @@ fn request(tuple: u8, fingerprint: u8, token: u64) -> Claim {
         fingerprint: [fingerprint; 16],
         token,
         lease: 60_000,
+        ttl: 86_400_000,
         org: 1,
     }
 }
@@ -123,8 +124,11 @@ fn a_response_that_does_not_fit_keeps_the_record_without_it() {
 #[test]
 fn expired_records_give_their_bytes_back_to_the_sweeper() {
     let kv = MemoryKv::default();
-    let json = r#"{"capacity_records": 16, "ttl": "1s"}"#;
-    let mut table = table(&kv, json);
+    let mut table = table(&kv, r#"{"capacity_records": 16}"#);
+    let request = |tuple, fingerprint, token| Claim {
+        ttl: 1_000,
+        ..request(tuple, fingerprint, token)
+    };
     let owner = ticket(claim_now(&mut table, &request(1, 1, 10), 0));
     finish_now(&mut table, owner, Ending::Stored(response(50_000)), 0);
     let full = kv.bytes();
@@ -141,12 +145,15 @@ fn expired_records_give_their_bytes_back_to_the_sweeper() {
 fn memory_stays_bounded_by_the_capacity_whatever_the_number_of_keys() {
     let kv = MemoryKv::default();
     let json = r#"{"capacity_records": 64, "capacity_bytes": 80000, "max_response_body_bytes": 10000,
-                   "ttl": "300ms", "max_share": 1}"#;
+                   "max_share": 1}"#;
     let mut table = table(&kv, json);
     let mut stored = 0;
     let mut full = 0;
     for n in 0..5_000u64 {
-        let mut claim = request(0, 1, n + 1);
+        let mut claim = Claim {
+            ttl: 300,
+            ..request(0, 1, n + 1)
+        };
         claim.tuple[..8].copy_from_slice(&n.to_le_bytes());
         claim.tuple[8] = (n % 251) as u8;
         let now = n * 10;
@@ -273,6 +280,45 @@ fn a_full_bucket_evicts_the_completed_record_nearest_expiry_never_a_claim_in_fli
 }
 
 #[test]
+fn records_of_routes_with_other_ttls_each_live_and_are_evicted_by_their_own() {
+    let kv = MemoryKv::default();
+    let mut table = table(&kv, r#"{"capacity_records": 16, "max_share": 1}"#);
+    let with_ttl = |n: u8, ttl| Claim {
+        ttl,
+        ..of_org(1, n, u64::from(n) + 1)
+    };
+    // Eight records of a day and eight of four seconds, all stored at 0.
+    for n in 0..16u8 {
+        let ttl = if n < 8 { 86_400_000 } else { 4_000 };
+        store(&mut table, &with_ttl(n, ttl), 0);
+    }
+    // A four-second record is safe for half its ttl, then the nearest expiry makes way.
+    assert_eq!(
+        claim_now(&mut table, &of_org(1, 99, 99), 1_999),
+        Verdict::Blocked(Block::Full)
+    );
+    ticket(claim_now(&mut table, &of_org(1, 99, 100), 2_000));
+    assert_eq!(table.take_evictions(), [2_000], "evicted at its own age");
+    assert!(matches!(
+        claim_now(&mut table, &with_ttl(0, 0), 3_999),
+        Verdict::Replay(_)
+    ));
+    // Past their four seconds the short records are gone, the day-long ones replay.
+    assert!(matches!(
+        claim_now(&mut table, &with_ttl(9, 0), 4_000),
+        Verdict::Claimed(_)
+    ));
+    assert!(matches!(
+        claim_now(&mut table, &with_ttl(1, 0), 4_000),
+        Verdict::Replay(_)
+    ));
+    assert!(
+        table.take_evictions().is_empty(),
+        "an expired record is not evicted"
+    );
+}
+
+#[test]
 fn a_bucket_of_claims_in_flight_is_full_and_reject_never_evicts() {
     let kv = MemoryKv::default();
     let mut evicting = table(&kv, r#"{"capacity_records": 16, "max_share": 1}"#);
@@ -393,8 +439,12 @@ fn an_organisation_at_its_share_finds_its_own_record_in_the_next_buckets() {
 #[test]
 fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() {
     let kv = MemoryKv::default();
-    let json = r#"{"capacity_records": 16, "ttl": "1s", "max_share": 0.5}"#;
+    let json = r#"{"capacity_records": 16, "max_share": 0.5}"#;
     let mut table = table(&kv, json);
+    let of_org = |org, n, token| Claim {
+        ttl: 1_000,
+        ..of_org(org, n, token)
+    };
     let released = ticket(claim_now(&mut table, &of_org(1, 1, 1), 0));
     finish_now(&mut table, released, Ending::Released, 1);
     assert_eq!(held(&table, 1), Share::default());
