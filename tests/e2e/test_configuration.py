@@ -82,6 +82,18 @@ def test_every_example_and_default_validates(path, prop):
         assert errors(document(path, prop["default"])) == [], path
 
 
+def test_the_route_policy_schema_takes_its_examples_and_refuses_what_only_a_listener_says():
+    route_policy = VALIDATOR.evolve(schema=SCHEMA["$defs"]["route_policy"])
+    for example in SCHEMA["$defs"]["route_policy"]["examples"]:
+        assert list(route_policy.iter_errors(example)) == [], example
+    for name, prop in route_policy.schema["properties"].items():
+        assert "$ref" in prop or prop.get("examples"), name
+    assert list(route_policy.iter_errors({"ttl": "soon"})) != []
+    for listener_only in ("capacity_records", "when_full", "etcd", "route_metadata"):
+        example = SCHEMA["properties"][listener_only]["examples"][0]
+        assert list(route_policy.iter_errors({listener_only: example})) != [], listener_only
+
+
 def test_the_defaults_together_are_a_valid_configuration():
     defaults = {name: prop["default"] for name, prop in SCHEMA["properties"].items() if "default" in prop}
     assert errors(defaults) == []
@@ -275,7 +287,8 @@ def test_the_example_disables_the_filter_on_a_route_by_its_http_filter_name():
     assert off[0]["typed_per_filter_config"][wasm_name] == {
         "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}
     assert plugin_configuration(config) == {
-        "require_key": True, "include_paths": ["/v1/"], "exclude_paths": ["/v1/uploads/"]}
+        "require_key": True, "include_paths": ["/v1/"], "exclude_paths": ["/v1/uploads/"],
+        "route_metadata": True}
 
 
 def test_duplicates_are_replayed_where_the_filter_is_on(routes_envoy, upstream):
@@ -316,3 +329,16 @@ def test_an_exclusion_is_a_prefix_and_wins_only_under_it(routes_envoy, upstream)
     first, second = twice(routes_envoy, "/v1/uploads-archive", key)
     assert second.header("idempotent-replayed") == "true", second
     assert upstream.count(key=key) == 1
+
+
+def test_the_example_s_route_policies_decide_their_routes(routes_envoy, upstream):
+    """/v1/exports answers as the IETF draft says; /v1/search is left alone, key or not, although
+    the plugin requires a key everywhere else under /v1/."""
+    key = f"routes-{uuid.uuid4()}"
+    first, _ = twice(routes_envoy, "/v1/exports", key)
+    conflict = routes_envoy.request("POST", "/v1/exports", {"authorization": "Bearer routes",
+                                                             "idempotency-key": key}, b'{"n":2}')
+    assert first.status == 200 and conflict.status == 422, conflict
+    assert conflict.json()["code"] == "idempotency_conflict"
+    path = f"/v1/search/{uuid.uuid4()}"
+    assert_executed_twice(upstream, twice(routes_envoy, path, None), path)

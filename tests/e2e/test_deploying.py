@@ -536,7 +536,7 @@ def upgraded_envoy(tmp_path, upstream):
 
 def test_an_upgrade_to_another_record_format_never_misreads_a_record(upgraded_envoy, upstream):
     """Format 2 fingerprints with SHA-256, format 3 with XXH3-128: the new build must never
-    compare an old fingerprint with a new one. Records live under their format (t2/, t3/), so
+    compare an old fingerprint with a new one. Records live under their format (t2/, t4/), so
     across the upgrade a retry runs its work again (the README says so), and a rollback finds
     the old records again; no answer is ever another request's, and no store error is seen."""
     envoy = upgraded_envoy

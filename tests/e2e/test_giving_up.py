@@ -10,7 +10,7 @@ import pytest
 from support.checks import (assert_original, assert_problem, assert_replay_of, assert_retry_after,
                             assert_stat_deltas)
 from support.client import burst, call, send_and_vanish
-from support.envoy import Envoy
+from support.envoy import Envoy, route_to
 from support.retry_loop import compact, run_retry_loop
 
 CUSTOMER = {"externalId": "crm-7741", "fullName": "Jane Doe", "email": "jane@example.com"}
@@ -102,26 +102,11 @@ def test_a_client_that_stays_gets_the_original_as_through_the_router(envoy_with,
 
 # -- which routes: the route's metadata -----------------------------------------------------------
 
-class RoutesEnvoy(Envoy):
-    """The test bootstrap with routes whose metadata (filter_metadata.idempotency) says how they
-    send: /v1/marked (outlive_client: true, its own 1s timeout), /v1/router (false), /v1/slow (a
-    timeout longer than the lease allows), and every other path (nothing said)."""
-
-    def bootstrap(self):
-        config = super().bootstrap()
-        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-        vhost = hcm["route_config"]["virtual_hosts"][0]
-        default = vhost["routes"][0]
-
-        def route(prefix, metadata):
-            return {**default, "match": {"prefix": prefix},
-                    "metadata": {"filter_metadata": {"idempotency": metadata}}}
-
-        vhost["routes"] = [route("/v1/marked", {"outlive_client": True, "timeout": "1s"}),
-                           route("/v1/router", {"outlive_client": False}),
-                           route("/v1/slow", {"outlive_client": True, "timeout": "90s"}),
-                           default]
-        return config
+# /v1/marked (outlive_client: true, its own 1s timeout), /v1/router (false), /v1/slow (a timeout
+# longer than the lease allows), and every other path (nothing said).
+SENDING_ROUTES = [route_to("/v1/marked", {"outlive_client": True, "timeout": "1s"}),
+                  route_to("/v1/router", {"outlive_client": False}),
+                  route_to("/v1/slow", {"outlive_client": True, "timeout": "90s"}, name="slow")]
 
 
 @pytest.fixture
@@ -129,7 +114,8 @@ def routes_envoy(run_dir, upstream):
     envoys = []
 
     def start(routes):
-        envoy = RoutesEnvoy(run_dir, {"outlive_client": {"routes": routes}}, upstream.port).start()
+        envoy = Envoy(run_dir, {"outlive_client": {"routes": routes}}, upstream.port,
+                      routes=SENDING_ROUTES).start()
         envoys.append(envoy)
         return envoy
 
@@ -151,9 +137,11 @@ def test_routes_marked_sends_only_from_the_routes_that_say_so_with_their_own_tim
     assert sent_from_root(envoy, "/v1/router")[1] is False
     response, from_root = sent_from_root(envoy, "/v1/marked", headers=[("x-test-delay-ms", "2000")])
     assert from_root and response.status == 504, response
-    # A route whose own timeout would outlast the claim goes through the router, with a warning.
-    assert sent_from_root(envoy, "/v1/slow")[1] is False
-    assert "idempotency.timeout" in envoy.log_text()
+    # A route whose own timeout would outlast the claim is misconfigured: never sent at all.
+    response, from_root = sent_from_root(envoy, "/v1/slow")
+    assert not from_root
+    doc = assert_problem(response, 500, "idempotency_route_misconfigured")
+    assert "`slow`" in doc["detail"] and "`timeout`" in doc["detail"], doc
 
 
 def test_routes_all_sends_from_every_route_but_those_that_say_no(routes_envoy):

@@ -3,7 +3,7 @@
 The pieces tests use (through the fixtures in conftest.py):
 
     Envoy(workdir, plugin_config, upstream_port, route_timeout="5s", failure_policy="FAIL_CLOSED",
-          concurrency=2)
+          concurrency=2, routes=())
         .start() / .stop()            start (and wait until ready) / always kill
         .port, .admin_port            the listener and admin ports (both picked by the kernel)
         .request(method, path, headers=None, body=None, timeout=30, http2=False) -> Response
@@ -44,12 +44,23 @@ _live = set()  # every Envoy started and not yet stopped, killed at exit whateve
 BUFFER_LIMIT_BYTES = 2 * 1024 * 1024
 
 
+def route_to(prefix, idempotency=None, name=None, route_timeout="5s"):
+    """A route to the upstream for paths under ``prefix``, named ``name`` (the prefix if not
+    given), whose metadata holds ``idempotency`` (filter_metadata.idempotency) if given."""
+    route = {"name": name or prefix, "match": {"prefix": prefix},
+             "route": {"cluster": "upstream", "timeout": route_timeout}}
+    if idempotency is not None:
+        route["metadata"] = {"filter_metadata": {"idempotency": idempotency}}
+    return route
+
+
 def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s",
-                 failure_policy="FAIL_CLOSED"):
+                 failure_policy="FAIL_CLOSED", routes=()):
     """The Envoy bootstrap: one listener (kernel-picked port) -> [wasm filter] -> router ->
     cluster ``upstream`` on 127.0.0.1:upstream_port. ``plugin_config`` is the plugin's JSON
     configuration as a dict (or a raw string, to send it verbatim); with ``wasm_path=None``
-    the filter is left out (plain Envoy)."""
+    the filter is left out (plain Envoy). ``routes`` (see ``route_to``) come before the route
+    of every other path, which says nothing."""
     http_filters = []
     if wasm_path is not None:
         configuration = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
@@ -98,10 +109,8 @@ def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s",
                             "virtual_hosts": [{
                                 "name": "all",
                                 "domains": ["*"],
-                                "routes": [{
-                                    "match": {"prefix": "/"},
-                                    "route": {"cluster": "upstream", "timeout": route_timeout},
-                                }],
+                                "routes": [*routes, route_to("/", name="default",
+                                                             route_timeout=route_timeout)],
                             }],
                         },
                         "http_filters": http_filters,
@@ -130,7 +139,7 @@ class EnvoyError(RuntimeError):
 class Envoy(LogFile):
     def __init__(self, workdir, plugin_config=None, upstream_port=None, route_timeout="5s",
                  wasm_path=WASM_PATH, expect_upstream=True, failure_policy="FAIL_CLOSED",
-                 concurrency=2):
+                 concurrency=2, routes=()):
         self.number = next(_instance_numbers)
         self.workdir = Path(workdir) / f"envoy-{self.number}"
         self.plugin_config = {} if plugin_config is None else plugin_config
@@ -140,6 +149,7 @@ class Envoy(LogFile):
         self.expect_upstream = expect_upstream
         self.failure_policy = failure_policy
         self.concurrency = concurrency
+        self.routes = list(routes)
         # Unique per instance and per test process, so several Envoys (and several test
         # runs) can share the machine's hot-restart shared memory namespace.
         self.base_id = 1000 + (os.getpid() % 100_000) * 64 + self.number % 64
@@ -155,7 +165,7 @@ class Envoy(LogFile):
     def bootstrap(self):
         """The bootstrap this instance runs; a subclass may extend it (another cluster, say)."""
         return envoy_config(self.upstream_port, self.plugin_config, self.wasm_path, self.route_timeout,
-                            self.failure_policy)
+                            self.failure_policy, self.routes)
 
     def start(self):
         if self.wasm_path is not None and not Path(self.wasm_path).is_file():
