@@ -5,6 +5,8 @@
     PATCH /v1/customers/<id>   update fields (200), 404 if unknown
     GET   /v1/customers/<id>   read one (200/404)
     GET   /v1/customers        list all
+    POST  /v1/exports          queue an export of the customers (202)
+    POST  /v1/search           customers whose name or email holds "q" (200; changes nothing)
 
 Every request that reaches this server is logged as an EXECUTED line, so when a
 client retries with the same Idempotency-Key you can see that the replay came
@@ -31,6 +33,7 @@ class Store:
         self.customers = {}
         self.ids = itertools.count(1)
         self.executions = itertools.count(1)
+        self.exports = itertools.count(1)
 
     def new_id(self):
         return "cus_%06d" % next(self.ids)
@@ -85,6 +88,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         data = self._read_json()  # always drain the body: the connection is kept alive
         seg = self._segments()
+        if seg in (["v1", "exports"], ["v1", "search"]) and data is not None:
+            self._reply(*(self._export(data) if seg[1] == "exports" else self._search(data)))
+            return
         if seg != ["v1", "customers"]:
             self._reply(404, {"error": "not_found"})
             return
@@ -109,6 +115,18 @@ class Handler(BaseHTTPRequestHandler):
                 STORE.customers[customer["id"]] = customer
                 customer, status = dict(customer), 201
         self._reply(status, customer, customer["id"])
+
+    def _export(self, data):
+        export = {"id": "exp_%06d" % next(STORE.exports), "format": data.get("format", "csv"),
+                  "status": "queued", "createdAt": _now()}
+        return 202, export, export["id"]
+
+    def _search(self, data):
+        q = str(data.get("q", "")).lower()
+        with STORE.lock:
+            found = [c for c in STORE.customers.values()
+                     if q in str(c.get("fullName", "")).lower() or q in str(c.get("email", "")).lower()]
+        return 200, {"data": found}, "%d found" % len(found)
 
     def do_PATCH(self):
         data = self._read_json()
