@@ -133,14 +133,20 @@ VARIANTS = {
     "routes": "Envoy + this filter, off by route",
     "etcd": "Envoy + this filter, etcd store",
     "outlive": "Envoy + this filter, outlive_client",
+    "policy-listener": "Envoy + this filter, route_metadata, route without a policy",
+    "policy-route": "Envoy + this filter, route_metadata, route with its own policy",
     "floor": "Envoy + the host operations a first POST needs",
     "pausing": "Envoy + a filter pausing for the body",
     "replay-floor": "Envoy + the host operations a replay needs",
     "etcd-floor": "Envoy + the etcd calls a first POST needs",
 }
 DEFAULT_VARIANTS = ["plain", "empty", "pausing", "floor", "replay-floor", "filter", "raw", "skip", "matcher", "direct", "etcd",
-                    "etcd-floor", "outlive"]
-FILTERS = ("filter", "raw", "skip", "matcher", "routes", "etcd", "outlive")
+                    "etcd-floor", "outlive", "policy-listener", "policy-route"]
+FILTERS = ("filter", "raw", "skip", "matcher", "routes", "etcd", "outlive", "policy-listener", "policy-route")
+
+# The policy-route variant's route policy (filter_metadata.idempotency): a few fields of the
+# listener's, as a payments route might set them.
+ROUTE_POLICY = {"ttl": "12h", "lease": "30s", "require_key": False, "conflict_status": 409}
 
 # The etcd variant's store: every call through the Envoy cluster "etcd".
 ETCD_STORE = {"cluster": "etcd", "timeout": "500ms"}
@@ -194,6 +200,9 @@ MATRIX = {
     "etcd-floor": ["first-1k"],
     # What sending from the root context changes: first POSTs (a replay never goes upstream).
     "outlive": ["first-1k", "first-64k", "replay-1k"],
+    # What reading the route's metadata costs every request, covered or not.
+    "policy-listener": ["get", "first-1k", "replay-1k"],
+    "policy-route": ["get", "first-1k", "replay-1k"],
     # The least a first POST can cost: the same requests through the floor probe.
     "floor": ["first-1k", "first-64k"],
     "pausing": ["first-1k"],
@@ -415,6 +424,11 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, e
         plugin_config = dict(plugin_config, compress_responses=False)
     if variant == "outlive":
         plugin_config = dict(plugin_config, outlive_client={})
+    if variant in ("policy-listener", "policy-route"):
+        plugin_config = dict(plugin_config, route_metadata=True)
+        if variant == "policy-route":
+            to_upstream = [dict(to_upstream[0], metadata={
+                "filter_metadata": {"idempotency": ROUTE_POLICY}})]
     idempotency = wasm_filter("idempotency", FILTER_WASM, plugin_config)
     if variant == "direct":
         # Like a replay, the answer comes once the whole request has been read.
@@ -441,6 +455,8 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, e
         "skip": [skip_unless_covered(idempotency)],
         "matcher": [run_when_covered(idempotency)],
         "outlive": [idempotency],
+        "policy-listener": [idempotency],
+        "policy-route": [idempotency],
         "floor": [wasm_filter("floor", PROBE_WASM, FLOOR_PROBE)],
         "pausing": [wasm_filter("pausing", PROBE_WASM, "op=none phase=body")],
         "replay-floor": [wasm_filter("replay_floor", PROBE_WASM, "op=replay phase=body size=1140")],
@@ -1071,7 +1087,9 @@ def compacted_in_use(etcd):
     """etcd's database bytes in use, once compacted to its current revision."""
     revision = etcd.post("/v3/kv/range", {"key": "AA=="})["header"]["revision"]
     try:
-        etcd.post("/v3/kv/compaction", {"revision": revision, "physical": True})
+        # Physical: it answers once the compaction is on disk, which after a whole bench of
+        # records takes etcd far longer than any other call.
+        etcd.post("/v3/kv/compaction", {"revision": revision, "physical": True}, timeout=120)
     except EtcdError as error:
         if "has been compacted" not in str(error):  # nothing written since
             raise
@@ -1167,6 +1185,9 @@ def targets():
 
 # The proxy CPU a first POST of 1 KiB may spend above a filter that only pauses for the body.
 CPU_ABOVE_PAUSING_US = 15
+# The proxy CPU a covered request may spend above the filter without route_metadata: on a route
+# without a policy of its own, and on one with it (a GET, not covered, reads the route too).
+CPU_ROUTE_POLICY_US = {"policy-listener": 10, "policy-route": 15}
 
 
 def cpu_target_row(label, values, limit, blank_columns=0):
@@ -1176,9 +1197,9 @@ def cpu_target_row(label, values, limit, blank_columns=0):
             + " |" * blank_columns + f" {'yes' if median <= limit else 'no'} |")
 
 
-def cpu_above_pausing(summary, variant):
-    """Proxy CPU µs per first POST of `variant` above the pausing filter's, round by round."""
-    mine, theirs = figure_for(summary, variant, "first-1k"), figure_for(summary, "pausing", "first-1k")
+def cpu_above(summary, scenario, variant, against):
+    """Proxy CPU µs per request of `variant` above `against`'s in `scenario`, round by round."""
+    mine, theirs = figure_for(summary, variant, scenario), figure_for(summary, against, scenario)
     if not mine or not theirs:
         return []
     return [a["cpu_us_per_request"] - b["cpu_us_per_request"]
@@ -1285,11 +1306,19 @@ def report(summary, mem, storage, args, elapsed, machine_text):
         lines.append(f"| {label} | {fmt_ratio(r)} | {spread} | {fmt_ratio(c)} | "
                      f"{'yes' if r is not None and r >= least else 'no'} |")
     for variant in ("filter", "floor"):
-        above = cpu_above_pausing(summary, variant)
+        above = cpu_above(summary, "first-1k", variant, "pausing")
         if above:
             lines.append(cpu_target_row(f"proxy CPU of a first POST, 1 KiB, ≤ {CPU_ABOVE_PAUSING_US} "
                                         f"µs above a pausing filter ({WHO[variant]})",
                                         above, CPU_ABOVE_PAUSING_US, blank_columns=1))
+    for variant, limit in CPU_ROUTE_POLICY_US.items():
+        for scenario in ("get", "first-1k", "replay-1k"):
+            above = cpu_above(summary, scenario, variant, "filter")
+            if above:
+                lines.append(cpu_target_row(
+                    f"proxy CPU of a {SCENARIOS[scenario][3]} ≤ {limit} µs above the filter "
+                    f"without route_metadata ({VARIANTS[variant].split(', ', 1)[1]})",
+                    above, limit, blank_columns=1))
     for m in mem:
         limit = m["body_bytes"] + 256
         lines.append(f"| memory ≤ record + 256 B, {m['label']} record (RSS) | "
@@ -1505,7 +1534,7 @@ def svg_chart(summary, args):
                "skip": "#ff9da6", "matcher": "#e45756", "direct": "#54a24b",
                "routes": "#b279a2", "etcd": "#72b7b2", "outlive": "#9d755d",
                "floor": "#bab0ac", "pausing": "#d6d6d6", "replay-floor": "#8c8c8c",
-               "etcd-floor": "#a5d5d0"}
+               "etcd-floor": "#a5d5d0", "policy-listener": "#d8b5a5", "policy-route": "#79706e"}
     rows = []
     for scenario in args.scenarios:
         group = []
