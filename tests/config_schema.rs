@@ -58,9 +58,30 @@ fn minimal(object: &str) -> Value {
 }
 
 /// A document with one field set, inside its object for an object's own fields.
+/// The fields a field means something only beside (the schema's top-level `if` names it, and
+/// its `then` says what they must be), with those values.
+fn needs(field: &str) -> serde_json::Map<String, Value> {
+    let schema = schema();
+    let required = schema["if"]["required"].as_array().into_iter().flatten();
+    if !required.into_iter().any(|name| name == field) {
+        return serde_json::Map::new();
+    }
+    let needed = schema["then"]["properties"]
+        .as_object()
+        .into_iter()
+        .flatten();
+    needed
+        .map(|(name, rule)| (name.clone(), rule["const"].clone()))
+        .collect()
+}
+
 fn with_field(path: &[&str], value: &Value) -> Value {
     match path {
-        [field] => json!({ *field: value }),
+        [field] => {
+            let mut document = needs(field);
+            document.insert(field.to_string(), value.clone());
+            Value::Object(document)
+        }
         [object, field] => {
             let mut document = minimal(object);
             document[*object][*field] = value.clone();
@@ -127,6 +148,10 @@ fn every_example_parses() {
             if let Err(error) = parse(&document) {
                 panic!("example {document} of {path:?} is refused: {error}");
             }
+            if path.len() == 1 && !needs(path[0]).is_empty() {
+                let alone = json!({ path[0]: example });
+                assert!(parse(&alone).is_err(), "{alone} needs nothing after all");
+            }
         }
     }
 }
@@ -148,7 +173,7 @@ fn every_default_is_the_parsers_default() {
             continue;
         };
         let expected = match path[..] {
-            [_] => debug(&json!({})),
+            [field] => debug(&Value::Object(needs(field))),
             [object, _] => debug(&minimal(object)),
             _ => unreachable!(),
         };
@@ -270,7 +295,9 @@ fn the_route_policy_schema_names_exactly_what_a_route_may_say() {
             None => property,
         };
         for example in property["examples"].as_array().into_iter().flatten() {
-            let fields = json!({ name.as_str(): example });
+            let mut fields = needs(name);
+            fields.insert(name.clone(), example.clone());
+            let fields = Value::Object(fields);
             route(&fields).unwrap_or_else(|e| panic!("route {fields} is refused: {e}"));
         }
         assert!(

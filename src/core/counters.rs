@@ -45,10 +45,13 @@ pub enum Counter {
     OutlivedClient,
     /// `500 idempotency_route_misconfigured` answered: the route's metadata is invalid.
     RouteMisconfigured,
+    /// With `fingerprint: "json"`, a body was fingerprinted by its bytes: not JSON or a form by
+    /// its content type, or without a canonical form.
+    FingerprintedAsBytes,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 25] = [
+    pub const ALL: [Counter; 26] = [
         Counter::Claimed,
         Counter::Replayed,
         Counter::Stored,
@@ -74,6 +77,7 @@ impl Counter {
         Counter::SentFromRoot,
         Counter::OutlivedClient,
         Counter::RouteMisconfigured,
+        Counter::FingerprintedAsBytes,
     ];
 
     pub fn name(self) -> &'static str {
@@ -103,6 +107,7 @@ impl Counter {
             Counter::SentFromRoot => "idempotency.sent_from_root",
             Counter::OutlivedClient => "idempotency.outlived_client",
             Counter::RouteMisconfigured => "idempotency.route_misconfigured",
+            Counter::FingerprintedAsBytes => "idempotency.fingerprinted_as_bytes",
         }
     }
 

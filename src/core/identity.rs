@@ -130,6 +130,10 @@ impl Fingerprinter {
         self.body_len += chunk.len() as u64;
     }
 
+    pub fn body_len(&self) -> u64 {
+        self.body_len
+    }
+
     /// The body's length goes last, so that no query and body share an input with another.
     pub fn finish(mut self) -> Fingerprint {
         self.hasher.update(&self.body_len.to_le_bytes());

@@ -1,6 +1,7 @@
 //! The pure core: what the filter decides, with time passed in and no proxy-wasm in sight.
 //! `cargo test` runs all of it on the host.
 
+pub mod body;
 pub mod config;
 pub mod counters;
 pub mod exchange;

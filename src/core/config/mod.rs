@@ -436,6 +436,7 @@ impl Config {
                 ));
             }
         }
+        raw.policy.check()?;
         let etcd = raw.etcd.map(RawEtcd::validate).transpose()?;
         let finish = etcd.as_ref().map_or(0, |etcd| etcd.timeout);
         let lease = raw.policy.lease;

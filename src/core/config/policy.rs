@@ -6,6 +6,7 @@
 //! route's go through the same code and name their fields the same way.
 
 use super::{duration, invalid, ConfigError};
+use crate::core::body::{json, Asked, Fingerprinting, Pointer};
 use crate::core::Millis;
 use serde::Deserialize;
 
@@ -53,6 +54,12 @@ pub struct Policy {
     pub max_request_body_bytes: usize,
     pub max_response_body_bytes: usize,
     pub unstored_statuses: Vec<StatusRule>,
+    /// Whether a JSON or form body counts by its bytes or by its canonical form.
+    pub fingerprint: Fingerprinting,
+    /// What a canonical form leaves out.
+    pub fingerprint_ignore: Vec<Pointer>,
+    /// Where in a JSON body the key is, instead of `key_header`.
+    pub key_from_body: Option<Pointer>,
     /// Covered requests go upstream from the root context with this timeout (`outlive_client`
     /// and the route's word on it), or, when `None`, through the router.
     pub send_from_root: Option<Millis>,
@@ -78,15 +85,19 @@ impl Default for Policy {
                 StatusRule::Exact(425),
                 StatusRule::Exact(429),
             ],
+            fingerprint: Fingerprinting::Bytes,
+            fingerprint_ignore: Vec::new(),
+            key_from_body: None,
             send_from_root: None,
         }
     }
 }
 
 /// The names [`Policy::set`] takes, in the order the documentation lists them.
-pub const FIELDS: [&str; 12] = [
+pub const FIELDS: [&str; 15] = [
     "methods",
     "key_header",
+    "key_from_body",
     "require_key",
     "scope_header",
     "ttl",
@@ -97,6 +108,8 @@ pub const FIELDS: [&str; 12] = [
     "max_request_body_bytes",
     "max_response_body_bytes",
     "unstored_statuses",
+    "fingerprint",
+    "fingerprint_ignore",
 ];
 
 #[derive(Deserialize)]
@@ -160,9 +173,58 @@ impl Policy {
                 let rules: Vec<RawStatus> = field(name, value)?;
                 self.unstored_statuses = rules.iter().map(status_rule).collect::<Result<_, _>>()?;
             }
+            "fingerprint" => match text(value)?.as_str() {
+                "bytes" => self.fingerprint = Fingerprinting::Bytes,
+                "json" => self.fingerprint = Fingerprinting::Json,
+                other => {
+                    return Err(invalid(
+                        name,
+                        format!("`{other}`: expected `bytes` or `json`"),
+                    ))
+                }
+            },
+            "fingerprint_ignore" => {
+                let texts: Vec<String> = field(name, value)?;
+                if texts.len() > json::MAX_IGNORED {
+                    return Err(invalid(
+                        name,
+                        format!("at most {} pointers", json::MAX_IGNORED),
+                    ));
+                }
+                self.fingerprint_ignore = texts
+                    .iter()
+                    .map(|text| pointer_into_body(name, text))
+                    .collect::<Result<_, _>>()?;
+            }
+            "key_from_body" => {
+                self.key_from_body = field::<Option<String>>(name, value)?
+                    .map(|text| pointer_into_body(name, &text))
+                    .transpose()?;
+            }
             _ => return Ok(false),
         }
         Ok(true)
+    }
+
+    /// What one field cannot say alone: `fingerprint_ignore` means something only to
+    /// `fingerprint: "json"`.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !self.fingerprint_ignore.is_empty() && self.fingerprint != Fingerprinting::Json {
+            return Err(invalid(
+                "fingerprint_ignore",
+                "only with fingerprint: \"json\"; bytes are never left out of a fingerprint",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What this policy asks of a request's body.
+    pub fn asked(&self) -> Asked<'_> {
+        Asked {
+            fingerprint: self.fingerprint,
+            ignore: &self.fingerprint_ignore,
+            key: self.key_from_body.as_ref(),
+        }
     }
 
     pub fn covers(&self, method: &str) -> bool {
@@ -211,6 +273,19 @@ fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
         return Err(invalid(field, format!("`{name}` is not a header name")));
     }
     Ok(name.to_ascii_lowercase())
+}
+
+/// A JSON Pointer to a part of the body: the whole of it (`""`) is never a key, and leaving it
+/// out would make every body the same.
+fn pointer_into_body(field: &str, text: &str) -> Result<Pointer, ConfigError> {
+    let pointer = Pointer::parse(text).map_err(|why| invalid(field, why))?;
+    if pointer.is_root() {
+        return Err(invalid(
+            field,
+            "`\"\"` is the whole body; point into it, like \"/id\"",
+        ));
+    }
+    Ok(pointer)
 }
 
 fn status_rule(raw: &RawStatus) -> Result<StatusRule, ConfigError> {

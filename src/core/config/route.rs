@@ -78,6 +78,7 @@ impl Config {
     /// response fits in a ledger and a share; on etcd, whose leases are granted for the
     /// listener's `ttl` and `lease`, a record or claim lives no longer than they do.
     fn check_route(&self, policy: &Policy) -> Result<(), ConfigError> {
+        policy.check()?;
         let largest = (self.capacity_bytes / LEDGER_SHARDS).min(self.share_bytes());
         if policy.max_response_body_bytes > largest {
             return Err(invalid(

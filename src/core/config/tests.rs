@@ -1,4 +1,5 @@
 use super::*;
+use crate::core::body::{Fingerprinting, Pointer};
 
 fn field_of(json: &str) -> String {
     match Config::parse(json.as_bytes()) {
@@ -73,6 +74,51 @@ fn bad_values_name_their_field() {
     assert_eq!(field_of(r#"{"key_prefix":""}"#), "key_prefix");
     assert_eq!(field_of(r#"{"require_key":"yes"}"#), "require_key");
     assert_eq!(field_of(r#"{"max_waiting":-1}"#), "max_waiting");
+}
+
+#[test]
+fn bodies_are_read_as_fingerprint_and_its_pointers_say() {
+    let config = Config::parse(br#"{"fingerprint": "json", "fingerprint_ignore": ["/a~1b", "/m/0"], "key_from_body": "/data/id"}"#).unwrap();
+    assert_eq!(config.policy.fingerprint, Fingerprinting::Json);
+    assert_eq!(config.policy.fingerprint_ignore.len(), 2);
+    assert_eq!(config.policy.key_from_body, Pointer::parse("/data/id").ok());
+    let defaults = Config::parse(b"{}").unwrap().policy;
+    assert_eq!(
+        (defaults.fingerprint, &defaults.key_from_body),
+        (Fingerprinting::Bytes, &None)
+    );
+    for (json, field) in [
+        (r#"{"fingerprint": "xml"}"#, "fingerprint"),
+        (r#"{"fingerprint_ignore": ["/a"]}"#, "fingerprint_ignore"),
+        (
+            r#"{"fingerprint": "bytes", "fingerprint_ignore": ["/a"]}"#,
+            "fingerprint_ignore",
+        ),
+        (
+            r#"{"fingerprint": "json", "fingerprint_ignore": ["a"]}"#,
+            "fingerprint_ignore",
+        ),
+        (
+            r#"{"fingerprint": "json", "fingerprint_ignore": [""]}"#,
+            "fingerprint_ignore",
+        ),
+        (
+            r#"{"fingerprint": "json", "fingerprint_ignore": ["/~2"]}"#,
+            "fingerprint_ignore",
+        ),
+        (
+            r#"{"fingerprint": "json", "fingerprint_ignore": "/a"}"#,
+            "fingerprint_ignore",
+        ),
+        (r#"{"key_from_body": ""}"#, "key_from_body"),
+        (r#"{"key_from_body": "id"}"#, "key_from_body"),
+        (r#"{"key_from_body": 1}"#, "key_from_body"),
+    ] {
+        assert_eq!(field_of(json), field, "{json}");
+    }
+    let many: Vec<String> = (0..65).map(|n| format!("/f{n}")).collect();
+    let json = serde_json::json!({"fingerprint": "json", "fingerprint_ignore": many});
+    assert_eq!(field_of(&json.to_string()), "fingerprint_ignore");
 }
 
 #[test]
@@ -258,7 +304,8 @@ fn a_route_lays_its_fields_over_the_listener_s_policy() {
         r#"{"ttl": "1h", "lease": "5s", "methods": ["put"], "in_progress_status": 409,
             "conflict_status": 422, "unstored_statuses": ["4xx"], "max_wait": "0s",
             "key_header": "X-Key", "scope_header": "x-org", "max_request_body_bytes": 10,
-            "max_response_body_bytes": 20}"#,
+            "max_response_body_bytes": 20, "fingerprint": "json",
+            "fingerprint_ignore": ["/sent_at"], "key_from_body": "/id"}"#,
     )
     .unwrap()
     .unwrap();
@@ -283,6 +330,12 @@ fn a_route_lays_its_fields_over_the_listener_s_policy() {
         ),
         (10, 20)
     );
+    assert_eq!(policy.fingerprint, Fingerprinting::Json);
+    assert_eq!(
+        policy.fingerprint_ignore,
+        [Pointer::parse("/sent_at").unwrap()]
+    );
+    assert_eq!(policy.key_from_body, Pointer::parse("/id").ok());
     assert!(
         policy.require_key,
         "what the route does not say is the listener's"
@@ -292,6 +345,19 @@ fn a_route_lays_its_fields_over_the_listener_s_policy() {
 
 #[test]
 fn a_route_that_says_what_it_may_not_is_refused_naming_the_field() {
+    let ignoring =
+        r#"{"route_metadata": true, "fingerprint": "json", "fingerprint_ignore": ["/a"]}"#;
+    assert_eq!(
+        refused(ignoring, r#"{"fingerprint": "bytes"}"#),
+        "fingerprint_ignore"
+    );
+    assert_eq!(
+        refused(
+            ignoring,
+            r#"{"fingerprint": "bytes", "fingerprint_ignore": []}"#
+        ),
+        "(accepted)"
+    );
     for (fields, field) in [
         (r#"{"ttl": "soon"}"#, "ttl"),
         (r#"{"ttl": 3600}"#, "ttl"),

@@ -4,9 +4,10 @@
 //! end of the stream) and gets back a [`Step`] to carry out. Store operations are steps too, so
 //! a store that answers later (by callback) drives the same machine as one that answers now.
 
+use crate::core::body::{Body, Found, Kind};
 use crate::core::config::{Config, ConfigError, Policy, WhenFull};
 use crate::core::counters::Counter;
-use crate::core::identity::{self, Digest32, Fingerprinter, InvalidKey};
+use crate::core::identity::{self, Digest32, InvalidKey};
 use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
 use crate::core::problem::{self, whole_seconds, LocalReply, Problem};
 use crate::core::record::StoredResponse;
@@ -112,10 +113,10 @@ enum Phase {
     New,
     /// Covered; its body is being buffered, and fingerprinted as it comes.
     Buffering {
-        tuple: Digest32,
+        tuple: Tuple,
         org: u16,
-        fingerprinter: Fingerprinter,
-        /// Body bytes fingerprinted so far.
+        body: Body,
+        /// Body bytes read so far.
         read: usize,
     },
     /// Waiting for the store's answer to `claim`.
@@ -130,6 +131,17 @@ enum Phase {
     SentFromRoot { ticket: Ticket },
     /// Finished with idempotency (passed, answered locally, or ended).
     Out,
+}
+
+/// The record's identity, or what makes it once the body gives the key (`key_from_body`).
+#[derive(Debug)]
+enum Tuple {
+    Known(Digest32),
+    KeyInBody {
+        scope: Digest32,
+        method: String,
+        path: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -355,38 +367,38 @@ impl Exchange {
             self.phase = Phase::Out;
             return Step::Pass;
         }
-        let key = match identity::key_of(headers, &self.policy.key_header) {
-            Ok(Some(key)) => key,
-            Ok(None) if self.policy.require_key => {
-                let detail = format!("{} requests need an Idempotency-Key header", method);
-                return self.answer(
-                    Counter::KeyMissing,
-                    Problem::KeyMissing.reply(&detail, None),
-                );
-            }
-            Ok(None) => {
-                self.phase = Phase::Out;
-                return Step::Pass;
-            }
-            Err(InvalidKey(why)) => {
-                let detail = format!("{why}; a key is 1 to 255 visible ASCII characters");
-                return self.answer(
-                    Counter::KeyInvalid,
-                    Problem::KeyInvalid.reply(&detail, None),
-                );
-            }
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                .map(|(_, value)| value.as_slice())
         };
-        let scope = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(&self.policy.scope_header))
-            .and_then(|(_, value)| identity::scope_of_header(value));
-        let Some(scope) = scope else {
+        let kind = Kind::of(header("content-type"));
+        let key = match &self.policy.key_from_body {
+            // The key comes with the body, which a bodiless or non-JSON request has not.
+            Some(_) if kind != Kind::Json || end_of_stream => return self.keyless(method),
+            Some(_) => None,
+            None => match identity::key_of(headers, &self.policy.key_header) {
+                Ok(Some(key)) => Some(key),
+                Ok(None) => return self.keyless(method),
+                Err(why) => return self.refuse_key(why),
+            },
+        };
+        let Some(scope) = header(&self.policy.scope_header).and_then(identity::scope_of_header)
+        else {
             // No organisation to keep records apart: never share one record between strangers.
             self.count(Counter::Bypassed);
             self.phase = Phase::Out;
             return Step::Pass;
         };
-        let tuple = identity::tuple_of(&scope, method, path, key);
+        let tuple = match key {
+            Some(key) => Tuple::Known(identity::tuple_of(&scope, method, path, key)),
+            None => Tuple::KeyInBody {
+                scope,
+                method: method.to_string(),
+                path: path.to_vec(),
+            },
+        };
         if let Some((cluster, timeout)) = self.route.take() {
             self.outgoing = sendable(headers).map(|headers| Outgoing {
                 cluster,
@@ -398,7 +410,7 @@ impl Exchange {
         self.phase = Phase::Buffering {
             tuple,
             org: identity::org_tag(&scope),
-            fingerprinter: Fingerprinter::new(query),
+            body: Body::new(query, kind, self.policy.asked()),
             read: 0,
         };
         if end_of_stream {
@@ -406,6 +418,33 @@ impl Exchange {
         } else {
             Step::Buffer
         }
+    }
+
+    /// A covered request with no key: refused under `require_key`, else passed untouched.
+    fn keyless(&mut self, method: &str) -> Step {
+        self.outgoing = None;
+        self.phase = Phase::Out;
+        if !self.policy.require_key {
+            return Step::Pass;
+        }
+        let detail = match &self.policy.key_from_body {
+            Some(pointer) => {
+                format!("{method} requests need an idempotency key at `{pointer}` in a JSON body")
+            }
+            None => format!("{method} requests need an Idempotency-Key header"),
+        };
+        self.answer(
+            Counter::KeyMissing,
+            Problem::KeyMissing.reply(&detail, None),
+        )
+    }
+
+    fn refuse_key(&mut self, InvalidKey(why): InvalidKey) -> Step {
+        let detail = format!("{why}; a key is 1 to 255 visible ASCII characters");
+        self.answer(
+            Counter::KeyInvalid,
+            Problem::KeyInvalid.reply(&detail, None),
+        )
     }
 
     /// The request body: `size` bytes buffered so far, of which `read` gives those from an
@@ -418,9 +457,7 @@ impl Exchange {
         read: impl FnOnce(usize) -> Vec<u8>,
     ) -> Step {
         let Phase::Buffering {
-            fingerprinter,
-            read: done,
-            ..
+            body, read: done, ..
         } = &mut self.phase
         else {
             return Step::Pass;
@@ -438,9 +475,10 @@ impl Exchange {
         if size > *done {
             let chunk = read(*done);
             *done += chunk.len();
-            fingerprinter.update(&chunk);
-            if let Some(outgoing) = &mut self.outgoing {
-                outgoing.body.extend_from_slice(&chunk);
+            body.update(&chunk);
+            match &mut self.outgoing {
+                Some(outgoing) if !body.holds() => outgoing.body.extend_from_slice(&chunk),
+                _ => {}
             }
         }
         if end_of_stream {
@@ -460,17 +498,45 @@ impl Exchange {
     /// The whole body has come: the claim to ask the store for.
     fn claim(&mut self) -> Step {
         let Phase::Buffering {
-            tuple,
-            org,
-            fingerprinter,
-            ..
+            tuple, org, body, ..
         } = std::mem::replace(&mut self.phase, Phase::Out)
         else {
             return Step::Pass;
         };
+        let whole = body.finish(self.policy.asked());
+        if let Some(why) = whole.as_bytes {
+            log::debug!(
+                "request {}: fingerprinted by its bytes: {}",
+                self.request_id,
+                why.why()
+            );
+            self.count(Counter::FingerprintedAsBytes);
+        }
+        if let (Some(outgoing), Some(held)) = (&mut self.outgoing, whole.held) {
+            outgoing.body = held;
+        }
+        let tuple = match tuple {
+            Tuple::Known(tuple) => tuple,
+            Tuple::KeyInBody {
+                scope,
+                method,
+                path,
+            } => match whole.key {
+                None => return self.keyless(&method),
+                Some(Found::NotText) => {
+                    return self.refuse_key(InvalidKey(
+                        "the key in the body is not a string or a number",
+                    ))
+                }
+                Some(Found::Text(key)) => match identity::validate_key(identity::trim_ows(&key)) {
+                    Ok(key) => identity::tuple_of(&scope, &method, &path, key),
+                    Err(why) => return self.refuse_key(why),
+                },
+            },
+        };
         let claim = Claim {
             tuple,
-            fingerprint: fingerprinter.finish(),
+            fingerprint: whole.fingerprint,
             token: self.token,
             lease: self.policy.claim_lease(),
             ttl: self.policy.ttl,

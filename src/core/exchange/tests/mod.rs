@@ -713,3 +713,5 @@ fn each_body_callback_reads_only_the_bytes_that_are_new() {
     }
     assert_eq!(reads, [0..5, 5..11, 11..body.len()]);
 }
+
+mod body;
