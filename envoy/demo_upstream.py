@@ -7,6 +7,7 @@
     GET   /v1/customers        list all
     POST  /v1/exports          queue an export of the customers (202)
     POST  /v1/search           customers whose name or email holds "q" (200; changes nothing)
+    POST  /v1/events           a provider's webhook event {"id": ..., "type": ...} (200)
 
 Every request that reaches this server is logged as an EXECUTED line, so when a
 client retries with the same Idempotency-Key you can see that the replay came
@@ -88,8 +89,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self):
         data = self._read_json()  # always drain the body: the connection is kept alive
         seg = self._segments()
-        if seg in (["v1", "exports"], ["v1", "search"]) and data is not None:
-            self._reply(*(self._export(data) if seg[1] == "exports" else self._search(data)))
+        handlers = {"exports": self._export, "search": self._search, "events": self._event}
+        if len(seg) == 2 and seg[0] == "v1" and seg[1] in handlers and data is not None:
+            self._reply(*handlers[seg[1]](data))
             return
         if seg != ["v1", "customers"]:
             self._reply(404, {"error": "not_found"})
@@ -120,6 +122,10 @@ class Handler(BaseHTTPRequestHandler):
         export = {"id": "exp_%06d" % next(STORE.exports), "format": data.get("format", "csv"),
                   "status": "queued", "createdAt": _now()}
         return 202, export, export["id"]
+
+    def _event(self, data):
+        received = {"received": data.get("id"), "type": data.get("type"), "at": _now()}
+        return 200, received, "event %s" % data.get("id")
 
     def _search(self, data):
         q = str(data.get("q", "")).lower()

@@ -8,7 +8,8 @@
   reference documents every field.
 - A bad configuration is refused at load, with a log line naming the field.
 - The configurable parts of request selection and matching, in the real Envoy.
-- Per-route control, with the shipped envoy/envoy-routes.yaml: it turns the filter off on
+- Per-route control, with the shipped envoy/envoy-routes.yaml (its events route taking the key
+  from a webhook's body): it turns the filter off on
   /webhooks/ with Envoy's generic per-route FilterConfig (disabled: true), and its plugin
   configuration covers /v1/ except /v1/uploads/ (include_paths / exclude_paths) with require_key
   on. Duplicates execute twice where the filter is off or the path is not covered, and are
@@ -47,11 +48,18 @@ def properties(node=SCHEMA):
                 yield f"{name}.{sub}", sub_prop
 
 
+def needs(field):
+    """What the schema's top-level if/then asks beside ``field``."""
+    if field not in SCHEMA["if"]["required"]:
+        return {}
+    return {name: rule["const"] for name, rule in SCHEMA["then"]["properties"].items()}
+
+
 def document(path, value):
     if "." in path:
         parent, field = path.split(".")
         return {parent: {**({"cluster": "etcd"} if parent == "etcd" else {}), field: value}}
-    return {path: value}
+    return {**needs(path), path: value}
 
 
 def errors(doc):
@@ -78,6 +86,8 @@ def test_every_example_and_default_validates(path, prop):
     for example in prop["examples"]:
         doc = {path: example} if isinstance(example, dict) else document(path, example)
         assert errors(doc) == [], (path, example)
+        if needs(path):
+            assert errors({path: example}) != [], f"{path} needs nothing after all"
     if "default" in prop:
         assert errors(document(path, prop["default"])) == [], path
 
@@ -342,3 +352,18 @@ def test_the_example_s_route_policies_decide_their_routes(routes_envoy, upstream
     assert conflict.json()["code"] == "idempotency_conflict"
     path = f"/v1/search/{uuid.uuid4()}"
     assert_executed_twice(upstream, twice(routes_envoy, path, None), path)
+
+
+def test_the_example_s_events_route_replays_a_redelivered_webhook_by_its_body_s_id(routes_envoy, upstream):
+    """/v1/events takes the key from the event's id, with no key header; a redelivery written
+    another way replays; an event without an id is refused, as require_key says."""
+    provider = {"user-agent": "Provider-Webhooks/1.0", "content-type": "application/json"}
+    event_id = f"evt_{uuid.uuid4().hex}"
+    path = f"/v1/events/{event_id}"
+    first = routes_envoy.request("POST", path, provider, json.dumps({"id": event_id, "type": "paid"}).encode())
+    again = routes_envoy.request("POST", path, provider, json.dumps({"type": "paid", "id": event_id}, indent=1).encode())
+    assert first.status == 200 and first.header("idempotent-replayed") is None, first
+    assert again.header("idempotent-replayed") == "true" and again.body == first.body, again
+    assert upstream.count(path=path) == 1
+    keyless = routes_envoy.request("POST", path, provider, b'{"type": "ping"}')
+    assert keyless.status == 400 and keyless.json()["code"] == "idempotency_key_missing", keyless

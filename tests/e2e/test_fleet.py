@@ -272,6 +272,30 @@ def test_a_different_body_on_the_other_envoy_conflicts(pair, upstream, key):
     assert upstream.count(key=in_flight) == 1
 
 
+def test_a_webhook_redelivered_to_the_other_envoy_replays_by_the_event_id_in_its_body(started, upstream, etcd,
+                                                                                      key):
+    """A provider redelivers event evt_... with no Idempotency-Key header; its second delivery
+    lands on the other Envoy of the fleet, re-serialised, and while the first is still running."""
+    a, b = started.pair(upstream, etcd, fleet_config(key_from_body="/id", scope_header="user-agent",
+                                                     fingerprint="json"))
+    path = f"/v1/webhooks/{key}"
+    provider = [("user-agent", "Provider-Webhooks/1.0"), ("x-test-status", "200")]
+    event = {"id": f"evt_{key}", "type": "invoice.paid", "data": {"amount": 1250, "currency": "eur"}}
+    compact = json.dumps(event, separators=(",", ":")).encode()
+    box = {}
+    thread = threading.Thread(target=lambda: box.setdefault("first", call(
+        a, None, auth=None, body=compact, path=path, headers=provider + [("x-test-delay-ms", "500")])))
+    thread.start()
+    assert wait_for(lambda: upstream.count(path=path) == 1), "the first delivery never reached the upstream"
+    redelivered = json.dumps(dict(reversed(list(event.items()))), indent=2).encode()
+    waited = call(b, None, auth=None, body=redelivered, path=path, headers=provider)
+    thread.join()
+    assert_original(box["first"], 200)
+    assert_replay_of(waited, box["first"])
+    assert_replay_of(call(a, None, auth=None, body=redelivered, path=path, headers=provider), box["first"])
+    assert upstream.count(path=path) == 1
+
+
 def test_a_5xx_on_one_envoy_releases_so_a_retry_on_the_other_runs(pair, upstream, key):
     a, b = pair
     before = settled_stats(a)
