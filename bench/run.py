@@ -135,14 +135,19 @@ VARIANTS = {
     "outlive": "Envoy + this filter, outlive_client",
     "policy-listener": "Envoy + this filter, route_metadata, route without a policy",
     "policy-route": "Envoy + this filter, route_metadata, route with its own policy",
+    "json": "Envoy + this filter, fingerprint json",
     "floor": "Envoy + the host operations a first POST needs",
     "pausing": "Envoy + a filter pausing for the body",
     "replay-floor": "Envoy + the host operations a replay needs",
     "etcd-floor": "Envoy + the etcd calls a first POST needs",
 }
 DEFAULT_VARIANTS = ["plain", "empty", "pausing", "floor", "replay-floor", "filter", "raw", "skip", "matcher", "direct", "etcd",
-                    "etcd-floor", "outlive", "policy-listener", "policy-route"]
-FILTERS = ("filter", "raw", "skip", "matcher", "routes", "etcd", "outlive", "policy-listener", "policy-route")
+                    "etcd-floor", "outlive", "policy-listener", "policy-route", "json"]
+FILTERS = ("filter", "raw", "skip", "matcher", "routes", "etcd", "outlive", "policy-listener", "policy-route",
+           "json")
+
+# The json variant's matching: canonical JSON, less the client's own timestamp.
+JSON_MATCHING = {"fingerprint": "json", "fingerprint_ignore": ["/sent_at"]}
 
 # The policy-route variant's route policy (filter_metadata.idempotency): a few fields of the
 # listener's, as a payments route might set them.
@@ -203,6 +208,8 @@ MATRIX = {
     # What reading the route's metadata costs every request, covered or not.
     "policy-listener": ["get", "first-1k", "replay-1k"],
     "policy-route": ["get", "first-1k", "replay-1k"],
+    # What canonicalising a JSON body costs, once per covered request.
+    "json": ["first-1k", "first-64k", "replay-1k", "replay-64k"],
     # The least a first POST can cost: the same requests through the floor probe.
     "floor": ["first-1k", "first-64k"],
     "pausing": ["first-1k"],
@@ -424,6 +431,8 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, e
         plugin_config = dict(plugin_config, compress_responses=False)
     if variant == "outlive":
         plugin_config = dict(plugin_config, outlive_client={})
+    if variant == "json":
+        plugin_config = dict(plugin_config, **JSON_MATCHING)
     if variant in ("policy-listener", "policy-route"):
         plugin_config = dict(plugin_config, route_metadata=True)
         if variant == "policy-route":
@@ -457,6 +466,7 @@ def proxy_config(variant, port, admin_port, upstream_port, plugin_config=None, e
         "outlive": [idempotency],
         "policy-listener": [idempotency],
         "policy-route": [idempotency],
+        "json": [idempotency],
         "floor": [wasm_filter("floor", PROBE_WASM, FLOOR_PROBE)],
         "pausing": [wasm_filter("pausing", PROBE_WASM, "op=none phase=body")],
         "replay-floor": [wasm_filter("replay_floor", PROBE_WASM, "op=replay phase=body size=1140")],
@@ -611,9 +621,22 @@ class PinnedEtcd(Etcd):
 
 
 def body_of(size, variant="a"):
-    """A JSON request body of exactly `size` bytes."""
-    head = '{"amount":1250,"currency":"eur","note":"'
-    return (head + variant * (size - len(head) - 2) + '"}').encode()
+    """A JSON request body of exactly `size` bytes, shaped as an API's are: an order's members,
+    a list of line items (objects of strings and numbers), and a note that pads it out."""
+    head = '{"amount":1250,"currency":"eur","sent_at":"2026-12-07T09:00:00Z","customer":{"id":"cus_1","email":"jane@example.com"},"items":['
+    tail = '],"note":"'
+    item = '{{"sku":"{v}-{n:05d}","qty":{q},"price":12.5,"name":"Caf\\u00e9 item {n}"}}'
+    items, length = [], len(head) + len(tail) + 2 + 16
+    while True:
+        next_item = item.format(v=variant, n=len(items), q=len(items) % 7 + 1)
+        length += len(next_item) + (1 if items else 0)
+        if length > size:
+            break
+        items.append(next_item)
+    body = head + ",".join(items) + tail
+    body += variant * (size - len(body) - 2) + '"}'
+    assert len(body) == size, (len(body), size)
+    return body.encode()
 
 
 def headers_for(scenario, key):
@@ -1188,6 +1211,8 @@ CPU_ABOVE_PAUSING_US = 15
 # The proxy CPU a covered request may spend above the filter without route_metadata: on a route
 # without a policy of its own, and on one with it (a GET, not covered, reads the route too).
 CPU_ROUTE_POLICY_US = {"policy-listener": 10, "policy-route": 15}
+# The proxy CPU a covered request may spend with fingerprint json above the filter's bytes.
+CPU_JSON_US = {"1k": 15, "64k": 250}
 
 
 def cpu_target_row(label, values, limit, blank_columns=0):
@@ -1319,6 +1344,13 @@ def report(summary, mem, storage, args, elapsed, machine_text):
                     f"proxy CPU of a {SCENARIOS[scenario][3]} ≤ {limit} µs above the filter "
                     f"without route_metadata ({VARIANTS[variant].split(', ', 1)[1]})",
                     above, limit, blank_columns=1))
+    for size, limit in CPU_JSON_US.items():
+        for kind in ("first", "replay"):
+            above = cpu_above(summary, f"{kind}-{size}", "json", "filter")
+            if above:
+                lines.append(cpu_target_row(
+                    f"proxy CPU of a {SCENARIOS[f'{kind}-{size}'][3]} ≤ {limit} µs above the filter "
+                    f"with fingerprint bytes (fingerprint json)", above, limit, blank_columns=1))
     for m in mem:
         limit = m["body_bytes"] + 256
         lines.append(f"| memory ≤ record + 256 B, {m['label']} record (RSS) | "
@@ -1517,6 +1549,13 @@ def update_readme(path, summary, mem, args):
     block += ["| target | measured | met |", "|---|---:|:---:|"]
     block += [f"| {label} | {fmt_ratio(r)} | {'yes' if r is not None and r >= least else 'no'} |"
               for label, r, least in met]
+    for size, limit in CPU_JSON_US.items():
+        for kind in ("first", "replay"):
+            above = cpu_above(summary, f"{kind}-{size}", "json", "filter")
+            if above:
+                lines.append(cpu_target_row(
+                    f"proxy CPU of a {SCENARIOS[f'{kind}-{size}'][3]} ≤ {limit} µs above the filter "
+                    f"with fingerprint bytes (fingerprint json)", above, limit, blank_columns=1))
     for m in mem:
         limit = m["body_bytes"] + 256
         block.append(f"| memory ≤ record + 256 B, {m['label']} record | "

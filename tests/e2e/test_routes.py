@@ -292,7 +292,7 @@ def istio_route_patches():
 
 def test_the_istio_route_policies_are_route_policies_by_the_schema():
     patches = istio_route_patches()
-    assert set(patches) == {"payments", "exports", "search"}
+    assert set(patches) == {"payments", "exports", "search", "events"}
     for name, metadata in patches.items():
         assert list(metadata["filter_metadata"]) == ["idempotency"], name
         errors = [e.message for e in ROUTE_POLICY.iter_errors(metadata["filter_metadata"]["idempotency"])]
@@ -318,6 +318,12 @@ def test_the_istio_route_policies_merged_into_routes_run_as_they_say(run_dir, up
         for resp in twice(envoy, "/v1/search", searched):
             assert_original(resp)
         assert upstream.count(key=searched) == 2
+        provider = [("user-agent", "Provider-Webhooks/1.0")]
+        event = f'{{"id": "evt-{fresh_key()}", "type": "invoice.paid"}}'.encode()
+        delivered = call(envoy, None, auth=None, body=event, path="/v1/events", headers=provider)
+        assert_replay_of(call(envoy, None, auth=None, body=event.replace(b": ", b":"), path="/v1/events",
+                              headers=provider), delivered)
+        assert upstream.count(path="/v1/events") == 1
         assert envoy.counter("idempotency.route_misconfigured") == 0
     finally:
         envoy.stop()

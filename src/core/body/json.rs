@@ -40,10 +40,14 @@ pub struct Read {
 
 /// Reads `body`, leaving out what `ignore` points at and picking out what `key` points at.
 pub fn read(body: &[u8], ignore: &[Pointer], key: Option<&Pointer>) -> Result<Read, NotCanonical> {
-    if std::str::from_utf8(body).is_err() || ignore.len() > MAX_IGNORED {
+    let Ok(text) = std::str::from_utf8(body) else {
+        return Err(NotCanonical::Invalid);
+    };
+    if ignore.len() > MAX_IGNORED {
         return Err(NotCanonical::Invalid);
     }
     let mut parser = Parser {
+        text,
         input: body,
         at: 0,
         out: Vec::with_capacity(body.len()),
@@ -52,6 +56,7 @@ pub fn read(body: &[u8], ignore: &[Pointer], key: Option<&Pointer>) -> Result<Re
         key,
         found: None,
         members: Vec::new(),
+        scratch: Vec::new(),
     };
     let all = match ignore.len() {
         MAX_IGNORED => u64::MAX,
@@ -94,9 +99,15 @@ struct Member {
     start: usize,
     name_end: usize,
     end: usize,
+    /// Its name orders by its bytes ([`prefix_of`]): then this holds their first eight,
+    /// big-endian and padded with zeros (which a plain name never holds), so that most names
+    /// order by one comparison.
+    prefix: Option<u64>,
 }
 
 struct Parser<'a> {
+    /// The body, known to be UTF-8, and its bytes.
+    text: &'a str,
     input: &'a [u8],
     at: usize,
     out: Vec<u8>,
@@ -106,20 +117,25 @@ struct Parser<'a> {
     found: Option<Found>,
     /// The members of every object being read, innermost last.
     members: Vec<Member>,
+    /// Where an object's members wait while they are written back in order.
+    scratch: Vec<u8>,
 }
 
 impl Parser<'_> {
+    #[inline(always)]
     fn skip_whitespace(&mut self) {
         while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.input.get(self.at) {
             self.at += 1;
         }
     }
 
+    #[inline(always)]
     fn peek(&mut self) -> Option<u8> {
         self.skip_whitespace();
         self.input.get(self.at).copied()
     }
 
+    #[inline(always)]
     fn expect(&mut self, byte: u8) -> Result<(), NotCanonical> {
         if self.peek() != Some(byte) {
             return Err(NotCanonical::Invalid);
@@ -146,6 +162,7 @@ impl Parser<'_> {
     }
 
     /// What the pointers make of `step`, taken from a value at `depth` that `track` reaches.
+    #[inline(always)]
     fn fate(&self, depth: usize, track: Track, step: Step) -> Fate {
         let mut fate = Fate::default();
         let mut bits = track.ignore;
@@ -170,6 +187,7 @@ impl Parser<'_> {
 
     /// Reads one member or element at `fate`: written, picked as the key, or left out. Returns
     /// whether it stays.
+    #[inline(always)]
     fn entry(&mut self, depth: usize, fate: Fate, mark: usize) -> Result<bool, NotCanonical> {
         let start = self.out.len();
         self.value(depth + 1, fate.below)?;
@@ -215,10 +233,12 @@ impl Parser<'_> {
             };
             if self.entry(depth, fate, mark)? {
                 let end = self.out.len();
+                let prefix = prefix_of(&self.out[start + 1..name_end - 1]);
                 self.members.push(Member {
                     start,
                     name_end,
                     end,
+                    prefix,
                 });
             }
             match self.peek() {
@@ -239,36 +259,52 @@ impl Parser<'_> {
     /// code units. Two members of one name make the body ambiguous (parsers disagree on which
     /// wins), so it has no canonical form.
     fn sort_members(&mut self, open: usize, base: usize) -> Result<(), NotCanonical> {
-        let out = &self.out;
         let members = &mut self.members[base..];
-        let name = |m: &Member| &out[m.start + 1..m.name_end - 1];
-        let mut in_order = true;
-        for pair in members.windows(2) {
-            match name_order(name(&pair[0]), name(&pair[1])) {
-                Ordering::Less => {}
-                Ordering::Equal => return Err(NotCanonical::DuplicateName),
-                Ordering::Greater => in_order = false,
-            }
-        }
-        if in_order {
+        // Plain names with distinct prefixes order by their prefixes alone, and cannot repeat.
+        let by_prefix = |members: &[Member]| {
+            members
+                .windows(2)
+                .all(|pair| match (pair[0].prefix, pair[1].prefix) {
+                    (Some(p), Some(q)) => p < q,
+                    _ => false,
+                })
+        };
+        if by_prefix(members) {
             return Ok(());
         }
-        members.sort_by(|a, b| name_order(name(a), name(b)));
-        if members
-            .windows(2)
-            .any(|pair| name_order(name(&pair[0]), name(&pair[1])) == Ordering::Equal)
-        {
-            return Err(NotCanonical::DuplicateName);
+        members.sort_unstable_by_key(|member| member.prefix);
+        if !by_prefix(members) {
+            let out = &self.out;
+            let name = |m: &Member| &out[m.start + 1..m.name_end - 1];
+            let order = |a: &Member, b: &Member| match (a.prefix, b.prefix) {
+                (Some(_), Some(_)) => name(a).cmp(name(b)),
+                _ => utf16_order(name(a), name(b)),
+            };
+            // Two equal names are refused below, so a stable sort would change nothing.
+            members.sort_unstable_by(order);
+            if members
+                .windows(2)
+                .any(|pair| order(&pair[0], &pair[1]) == Ordering::Equal)
+            {
+                return Err(NotCanonical::DuplicateName);
+            }
         }
-        let written = self.out.split_off(open);
+        self.scratch.clear();
         for (i, member) in members.iter().enumerate() {
             if i > 0 {
-                self.out.push(b',');
+                self.scratch.push(b',');
             }
-            self.out
-                .extend_from_slice(&written[member.start - open..member.end - open]);
+            self.scratch
+                .extend_from_slice(&self.out[member.start..member.end]);
         }
-        Ok(())
+        // The members and the commas between them: as many bytes as they were written in.
+        match self.out.get_mut(open..) {
+            Some(written) if written.len() == self.scratch.len() => {
+                written.copy_from_slice(&self.scratch);
+                Ok(())
+            }
+            _ => Err(NotCanonical::Invalid),
+        }
     }
 
     fn array(&mut self, depth: usize, track: Track) -> Result<(), NotCanonical> {
@@ -288,7 +324,11 @@ impl Parser<'_> {
             if kept > 0 {
                 self.out.push(b',');
             }
-            let fate = self.fate(depth, track, Step::Element(index));
+            let fate = if track.ignore != 0 || track.key {
+                self.fate(depth, track, Step::Element(index))
+            } else {
+                Fate::default()
+            };
             if self.entry(depth, fate, mark)? {
                 kept += 1;
             }
@@ -303,6 +343,7 @@ impl Parser<'_> {
         Ok(())
     }
 
+    #[inline(always)]
     fn literal(&mut self, word: &[u8]) -> Result<(), NotCanonical> {
         if !self.input[self.at..].starts_with(word) {
             return Err(NotCanonical::Invalid);
@@ -312,14 +353,17 @@ impl Parser<'_> {
         Ok(())
     }
 
+    #[inline(always)]
     fn number(&mut self) -> Result<(), NotCanonical> {
         let start = self.at;
         let digits = |parser: &mut Self| {
-            let from = parser.at;
-            while parser.input.get(parser.at).is_some_and(u8::is_ascii_digit) {
-                parser.at += 1;
-            }
-            parser.at - from
+            let rest = &parser.input[parser.at..];
+            let n = rest
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .unwrap_or(rest.len());
+            parser.at += n;
+            n
         };
         if self.input.get(self.at) == Some(&b'-') {
             self.at += 1;
@@ -330,13 +374,18 @@ impl Parser<'_> {
             n if n > 1 && leading_zero => return Err(NotCanonical::Invalid),
             _ => {}
         }
+        let mut shape = number::Shape::Integer;
         if self.input.get(self.at) == Some(&b'.') {
+            shape = number::Shape::Decimal {
+                dot: self.at - start,
+            };
             self.at += 1;
             if digits(self) == 0 {
                 return Err(NotCanonical::Invalid);
             }
         }
         if let Some(b'e' | b'E') = self.input.get(self.at) {
+            shape = number::Shape::Exponent;
             self.at += 1;
             if let Some(b'+' | b'-') = self.input.get(self.at) {
                 self.at += 1;
@@ -345,28 +394,36 @@ impl Parser<'_> {
                 return Err(NotCanonical::Invalid);
             }
         }
-        // Only ASCII digits and signs were taken: the slice is text.
-        let literal =
-            std::str::from_utf8(&self.input[start..self.at]).map_err(|_| NotCanonical::Invalid)?;
-        number::canonical(literal, &mut self.out).ok_or(NotCanonical::Invalid)
+        let literal = self.text.get(start..self.at).ok_or(NotCanonical::Invalid)?;
+        number::canonical(literal, shape, &mut self.out).ok_or(NotCanonical::Invalid)
     }
 
     /// A string, written in JCS's escaping: `\"`, `\\`, the short escapes for controls that
     /// have one, `\u00xx` for the other controls, every other character as itself. The body is
     /// known to be UTF-8, so runs of plain bytes are copied whole.
     fn string(&mut self) -> Result<(), NotCanonical> {
+        let open = self.at;
         self.at += 1;
+        let rest = &self.input[self.at..];
+        let run = rest
+            .iter()
+            .position(|b| SPECIAL_IN_STRINGS[usize::from(*b)])
+            .unwrap_or(rest.len());
+        if rest.get(run) == Some(&b'"') {
+            // Most strings have nothing to rewrite: quotes and all, copied at once.
+            self.at += run + 1;
+            self.out.extend_from_slice(&self.input[open..self.at]);
+            return Ok(());
+        }
         self.out.push(b'"');
         loop {
-            let run = self.at;
-            while self
-                .input
-                .get(self.at)
-                .is_some_and(|b| *b >= 0x20 && *b != b'"' && *b != b'\\')
-            {
-                self.at += 1;
-            }
-            self.out.extend_from_slice(&self.input[run..self.at]);
+            let rest = &self.input[self.at..];
+            let run = rest
+                .iter()
+                .position(|b| SPECIAL_IN_STRINGS[usize::from(*b)])
+                .unwrap_or(rest.len());
+            self.out.extend_from_slice(&rest[..run]);
+            self.at += run;
             match self.input.get(self.at) {
                 Some(b'"') => {
                     self.at += 1;
@@ -429,6 +486,19 @@ impl Parser<'_> {
     }
 }
 
+/// The bytes that end a run of a string's plain bytes: its quote, an escape, a control.
+const SPECIAL_IN_STRINGS: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
 fn write_char(c: char, out: &mut Vec<u8>) {
     match c {
         '"' => out.extend_from_slice(b"\\\""),
@@ -481,14 +551,26 @@ fn unescape(canonical: &[u8]) -> Cow<'_, str> {
     Cow::Owned(String::from_utf8_lossy(&out).into_owned())
 }
 
-/// RFC 8785's order of member names: by UTF-16 code units. UTF-8's byte order is the same
-/// except where a character from U+E000 meets one past U+FFFF, and escapes, so only names
-/// holding those are decoded.
-fn name_order(a: &[u8], b: &[u8]) -> Ordering {
-    let plain = |name: &[u8]| !name.iter().any(|b| *b == b'\\' || *b >= 0xee);
-    if plain(a) && plain(b) {
-        return a.cmp(b);
+/// A plain name's first eight bytes, big-endian and padded with zeros; `None` for a name that
+/// is not plain. A name (in canonical escaping) is plain when it orders by its bytes: UTF-8's
+/// byte order is UTF-16's except where a character from U+E000 meets one past U+FFFF, and
+/// escapes change the bytes.
+#[inline(always)]
+fn prefix_of(name: &[u8]) -> Option<u64> {
+    let mut prefix = 0u64;
+    for (i, b) in name.iter().enumerate() {
+        if *b == b'\\' || *b >= 0xee {
+            return None;
+        }
+        if i < 8 {
+            prefix |= u64::from(*b) << (56 - 8 * i);
+        }
     }
+    Some(prefix)
+}
+
+/// RFC 8785's order of member names: by UTF-16 code units.
+fn utf16_order(a: &[u8], b: &[u8]) -> Ordering {
     unescape(a).encode_utf16().cmp(unescape(b).encode_utf16())
 }
 

@@ -133,10 +133,12 @@ impl Body {
         self.held.is_some()
     }
 
-    pub fn update(&mut self, chunk: &[u8]) {
+    pub fn update(&mut self, chunk: Vec<u8>) {
         match &mut self.held {
-            Some(held) => held.extend_from_slice(chunk),
-            None => self.fingerprinter.update(chunk),
+            // The first chunk is often the whole body: kept as it is, not copied.
+            Some(held) if held.is_empty() => *held = chunk,
+            Some(held) => held.extend_from_slice(&chunk),
+            None => self.fingerprinter.update(&chunk),
         }
     }
 

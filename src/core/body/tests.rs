@@ -266,7 +266,7 @@ fn content_types_say_which_bodies_are_read() {
 fn whole(query: &[u8], kind: Kind, asked: Asked, chunks: &[&[u8]]) -> Whole {
     let mut body = Body::new(query, kind, asked);
     for chunk in chunks {
-        body.update(chunk);
+        body.update(chunk.to_vec());
     }
     body.finish(asked)
 }
@@ -583,5 +583,31 @@ fn the_readers_survive_garbage() {
         if let Ok(out) = form::canonical(&body, &ignore) {
             assert_eq!(form::canonical(&out, &[]).unwrap(), out);
         }
+    });
+}
+
+#[test]
+fn short_decimals_are_written_as_their_doubles_are() {
+    garbage::run("short_decimals_are_written_as_their_doubles_are", |g| {
+        let digits = |g: &mut Garbage, n: usize| -> String {
+            (0..n)
+                .map(|_| char::from(b'0' + g.below(10) as u8))
+                .collect()
+        };
+        let int = match g.below(3) {
+            0 => "0".to_string(),
+            _ => {
+                let (lead, more) = (1 + g.below(9), g.below(12));
+                format!("{lead}{}", digits(g, more))
+            }
+        };
+        let sign = if g.below(2) == 0 { "" } else { "-" };
+        let places = 1 + g.below(20);
+        let literal = format!("{sign}{int}.{}", digits(g, places));
+        let (mut fast, mut slow) = (Vec::new(), Vec::new());
+        let dot = literal.find('.').unwrap();
+        number::canonical(&literal, number::Shape::Decimal { dot }, &mut fast).unwrap();
+        number::write_double(literal.parse().unwrap(), &mut slow);
+        assert_eq!(fast, slow, "{literal}");
     });
 }

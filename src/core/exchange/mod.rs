@@ -475,11 +475,11 @@ impl Exchange {
         if size > *done {
             let chunk = read(*done);
             *done += chunk.len();
-            body.update(&chunk);
             match &mut self.outgoing {
                 Some(outgoing) if !body.holds() => outgoing.body.extend_from_slice(&chunk),
                 _ => {}
             }
+            body.update(chunk);
         }
         if end_of_stream {
             self.claim()
