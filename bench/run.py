@@ -1573,7 +1573,8 @@ def svg_chart(summary, args):
                "skip": "#ff9da6", "matcher": "#e45756", "direct": "#54a24b",
                "routes": "#b279a2", "etcd": "#72b7b2", "outlive": "#9d755d",
                "floor": "#bab0ac", "pausing": "#d6d6d6", "replay-floor": "#8c8c8c",
-               "etcd-floor": "#a5d5d0", "policy-listener": "#d8b5a5", "policy-route": "#79706e"}
+               "etcd-floor": "#a5d5d0", "policy-listener": "#d8b5a5", "policy-route": "#79706e",
+               "json": "#c7a0cb"}
     rows = []
     for scenario in args.scenarios:
         group = []
@@ -1733,9 +1734,7 @@ def write_results(out, runs, mem, storage, args, elapsed, machine_text):
     summary = summarise(runs)
     out.mkdir(parents=True, exist_ok=True)
     text = report(summary, mem, storage, args, elapsed, machine_text)
-    (out / "results.md").write_text(text + "\n")
-    (out / "results.svg").write_text(svg_chart(summary, args))
-    update_readme(out / "README.md", summary, mem, args)
+    # The measurements first: whatever fails in rendering them, `--render` can redo from them.
     (out / "results.json").write_text(json.dumps({
         "machine": machine_text,
         "elapsed_s": None if elapsed is None else round(elapsed),
@@ -1744,6 +1743,9 @@ def write_results(out, runs, mem, storage, args, elapsed, machine_text):
         "memory": mem,
         "etcd_storage": storage,
     }, indent=1) + "\n")
+    (out / "results.md").write_text(text + "\n")
+    (out / "results.svg").write_text(svg_chart(summary, args))
+    update_readme(out / "README.md", summary, mem, args)
     print()
     print(text)
 

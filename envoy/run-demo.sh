@@ -27,7 +27,7 @@ trap cleanup EXIT INT TERM
 # Quiet Envoy except for the filter's own log lines (LOG_LEVEL=info for everything).
 envoy() {
   "$ENVOY" "$@" --concurrency 2 --log-level "${LOG_LEVEL:-warn}" \
-    --component-log-level "wasm:${WASM_LOG_LEVEL:-info}" &
+    --component-log-level "wasm:${WASM_LOG_LEVEL:-info}" --file-flush-interval-msec 1000 &
   pids+=($!)
 }
 

@@ -114,6 +114,28 @@ impl Counter {
     pub fn index(self) -> usize {
         self as usize
     }
+
+    /// What the request's client got, for access logs (`claimed`, `replayed`, `conflict`, ...),
+    /// if this counter says it; the last such counter of a request is its outcome.
+    pub fn outcome(self) -> Option<&'static str> {
+        match self {
+            Counter::Claimed
+            | Counter::TakenOver
+            | Counter::Replayed
+            | Counter::Conflict
+            | Counter::InProgress
+            | Counter::Waited
+            | Counter::Bypassed
+            | Counter::Rejected
+            | Counter::KeyInvalid
+            | Counter::KeyMissing
+            | Counter::RequestTooLarge
+            | Counter::ResponseNotStored
+            | Counter::QuotaExceeded
+            | Counter::RouteMisconfigured => self.name().strip_prefix("idempotency."),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use crate::core::worker::Host;
 use crate::core::Millis;
 use crate::stores::etcd::{self, Method};
 use crate::stores::{Caller, Kv};
-use log::{warn, Level};
+use log::{debug, warn, Level};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 use std::fmt::Arguments;
@@ -287,6 +287,15 @@ impl Host for Proxy {
     fn resume(&self) {
         if let Err(status) = hostcalls::resume_http_request() {
             warn!("resume_http_request failed: {status:?}");
+        }
+    }
+
+    fn mark_outcome(&self, outcome: &str) {
+        // Envoy keeps it as filter state `wasm.idempotency_outcome`, which access logs print with
+        // %FILTER_STATE(wasm.idempotency_outcome:PLAIN)%.
+        let path = vec!["idempotency_outcome"];
+        if let Err(status) = hostcalls::set_property(path, Some(outcome.as_bytes())) {
+            debug!("set_property(idempotency_outcome) failed: {status:?}");
         }
     }
 

@@ -3,7 +3,7 @@ the deploying guide under both names Envoy gives it."""
 
 from support.checks import (assert_original, assert_problem, assert_replay_of, filter_counters, stat_deltas,
                             wait_for)
-from support.client import call
+from support.client import call, in_background, unique_path
 from support.processes import ROOT
 
 
@@ -29,3 +29,32 @@ def test_the_deploying_guide_lists_every_counter_under_both_names():
     for name in filter_counters():
         row = f"| `wasmcustom.{name}` | `{name.replace('.', '_')}` |"
         assert row in guide, f"docs/deploying.md has no row for {name}"
+
+
+def test_each_request_s_outcome_is_in_the_access_log(envoy_with, upstream, key):
+    """The filter marks its outcome as filter state, which the access log prints as
+    %FILTER_STATE(wasm.idempotency_outcome:PLAIN)%; a request the filter does not cover has none."""
+    envoy = envoy_with({"max_wait": "0s"})
+    same, slow, invalid, anonymous, read = (unique_path() for _ in range(5))
+    original = call(envoy, key, path=same)
+    assert_replay_of(call(envoy, key, path=same), original)
+    assert_problem(call(envoy, key, path=same, body=b"{}"), 409, "idempotency_conflict")
+    thread, box = in_background(lambda: call(envoy, key, path=slow, headers=[("x-test-delay-ms", "1500")]))
+    assert wait_for(lambda: upstream.count(path=slow) == 1)
+    assert_problem(call(envoy, key, path=slow), 503, "idempotency_in_progress")
+    thread.join()
+    assert_original(box["result"])
+    assert_problem(call(envoy, None, path=invalid, headers=[("idempotency-key", "")]), 400,
+                   "idempotency_key_invalid")
+    assert_original(call(envoy, key, path=anonymous, auth=None))
+    assert envoy.request("GET", read).status == 200
+
+    expected = sorted([(same, "claimed"), (same, "replayed"), (same, "conflict"), (slow, "claimed"),
+                       (slow, "in_progress"), (invalid, "key_invalid"), (anonymous, "bypassed"),
+                       (read, None)], key=str)
+    paths = {path for path, _ in expected}
+
+    def logged():
+        lines = [line for line in envoy.access_log() if line["path"] in paths]
+        return sorted(((line["path"], line["idempotency"]) for line in lines), key=str)
+    assert wait_for(lambda: logged() == expected, timeout=5), logged()

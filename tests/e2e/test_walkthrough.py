@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from support.checks import filter_counters
+from support.checks import filter_counters, wait_for
 from support.envoy import WASM_PATH
 from support.processes import free_port
 from support.shipped import (DEMO_CONFIG, ENVOY_DIR, WASM_RELATIVE, compose, load, localise, option,
@@ -94,6 +94,12 @@ def test_compose_command_line_runs_the_demo_walkthrough(compose_demo):
 
     executed = [line for line in up_log.read_text().splitlines() if "EXECUTED" in line and key in line]
     assert len(executed) == 2, executed  # the POST once (not its replay, not the conflict), the PATCH
+
+    # Envoy's access log says what the filter did with each (written out within a second).
+    def outcomes():
+        lines = [line for line in envoy.log_path.read_text().splitlines() if f"key={key}" in line]
+        return [line.split("idempotency=", 1)[1].split()[0] for line in lines]
+    assert wait_for(lambda: outcomes() == ["claimed", "replayed", "conflict", "claimed"], timeout=5), outcomes()
 
     # The counters under the names the docs give, in /stats and in Prometheus' exposition.
     stats = envoy.stats()

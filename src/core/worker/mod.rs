@@ -46,6 +46,9 @@ pub trait Host {
     /// Lets the paused request acted for go on.
     fn resume(&self);
     fn count(&self, counter: Counter, n: u64);
+    /// Records what the request acted for got ([`Counter::outcome`]) where Envoy's access log
+    /// reads it.
+    fn mark_outcome(&self, outcome: &str);
     /// Formats `line` only if `level` is logged.
     fn log(&self, level: Level, line: Arguments);
     /// Asks for [`Worker::on_wake`] from the root context, soon.
@@ -211,6 +214,9 @@ impl<H: Host> Worker<H> {
         let id = id.request_id();
         for counter in counts {
             self.host.count(counter, 1);
+            if let Some(outcome) = counter.outcome() {
+                self.host.mark_outcome(outcome);
+            }
             self.host
                 .log(Level::Debug, format_args!("[{id}] {}", counter.name()));
             match counter {

@@ -16,6 +16,8 @@ struct FakeHost {
     replies: RefCell<Vec<(u32, u16, String)>>,
     resumed: RefCell<Vec<u32>>,
     counts: RefCell<Vec<(Counter, u64)>>,
+    /// Outcomes marked, with the context the host acted for.
+    outcomes: RefCell<Vec<(u32, String)>>,
     logs: RefCell<Vec<(Level, String)>>,
     wakes: Cell<u32>,
     /// Requests sent upstream, with the context the host acted for when each was sent.
@@ -50,6 +52,13 @@ impl Host for Rc<FakeHost> {
 
     fn count(&self, counter: Counter, n: u64) {
         self.counts.borrow_mut().push((counter, n));
+    }
+
+    fn mark_outcome(&self, outcome: &str) {
+        let context = self.acting.get();
+        self.outcomes
+            .borrow_mut()
+            .push((context, outcome.to_string()));
     }
 
     fn log(&self, level: Level, line: Arguments) {
@@ -233,6 +242,31 @@ fn a_waiting_duplicate_is_replayed_on_the_tick_after_its_original_stores() {
         "a replay is not resumed"
     );
     assert_eq!(run.host.count_of(Counter::Replayed), 1);
+}
+
+#[test]
+fn each_request_s_outcome_is_marked_on_its_own_stream_for_the_access_log() {
+    let mut run = Run::table(DEFAULTS);
+    run.arrive("k");
+    run.arrive("k");
+    run.respond(1, "201");
+    run.tick_at(1_000_020);
+    let outcomes = run.host.outcomes.borrow().clone();
+    let marked = |context: u32| -> Vec<String> {
+        let of = outcomes.iter().filter(|(c, _)| *c == context);
+        of.map(|(_, outcome)| outcome.clone()).collect()
+    };
+    assert_eq!(
+        marked(1),
+        ["claimed"],
+        "stored is the record's ending, not an outcome"
+    );
+    assert_eq!(
+        marked(2),
+        ["waited", "replayed"],
+        "the last one marked is what the log prints"
+    );
+    assert_eq!(marked(ROOT), [] as [String; 0]);
 }
 
 #[test]

@@ -54,13 +54,26 @@ def route_to(prefix, idempotency=None, name=None, route_timeout="5s"):
     return route
 
 
+# What every test Envoy's access log says of a request: the filter's outcome as the shipped
+# configs print it (envoy/envoy.yaml), beside what identifies the request.
+ACCESS_LOG_FORMAT = {
+    "request_id": "%REQ(X-REQUEST-ID)%",
+    "method": "%REQ(:METHOD)%",
+    "path": "%REQ(:PATH)%",
+    "status": "%RESPONSE_CODE%",
+    "idempotency_key": "%REQ(IDEMPOTENCY-KEY)%",
+    "idempotency": "%FILTER_STATE(wasm.idempotency_outcome:PLAIN)%",
+}
+
+
 def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s",
-                 failure_policy="FAIL_CLOSED", routes=()):
+                 failure_policy="FAIL_CLOSED", routes=(), access_log_path=None):
     """The Envoy bootstrap: one listener (kernel-picked port) -> [wasm filter] -> router ->
     cluster ``upstream`` on 127.0.0.1:upstream_port. ``plugin_config`` is the plugin's JSON
     configuration as a dict (or a raw string, to send it verbatim); with ``wasm_path=None``
     the filter is left out (plain Envoy). ``routes`` (see ``route_to``) come before the route
-    of every other path, which says nothing."""
+    of every other path, which says nothing. With ``access_log_path`` each request is logged
+    there as a line of JSON (``ACCESS_LOG_FORMAT``)."""
     http_filters = []
     if wasm_path is not None:
         configuration = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
@@ -114,6 +127,15 @@ def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s",
                             }],
                         },
                         "http_filters": http_filters,
+                        "access_log": [] if access_log_path is None else [{
+                            "name": "envoy.access_loggers.file",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3."
+                                         "FileAccessLog",
+                                "path": str(access_log_path),
+                                "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                            },
+                        }],
                     },
                 }]}],
             }],
@@ -157,6 +179,7 @@ class Envoy(LogFile):
         self.port = None
         self.admin_port = None
         self.log_path = self.workdir / "envoy.log"
+        self.access_log_path = self.workdir / "access.log"
 
     def __repr__(self):
         return f"<Envoy #{self.number} port={self.port} config={self.plugin_config!r} log={self.log_path}>"
@@ -165,7 +188,7 @@ class Envoy(LogFile):
     def bootstrap(self):
         """The bootstrap this instance runs; a subclass may extend it (another cluster, say)."""
         return envoy_config(self.upstream_port, self.plugin_config, self.wasm_path, self.route_timeout,
-                            self.failure_policy, self.routes)
+                            self.failure_policy, self.routes, self.access_log_path)
 
     def start(self):
         if self.wasm_path is not None and not Path(self.wasm_path).is_file():
@@ -174,8 +197,10 @@ class Envoy(LogFile):
         config_path = self.workdir / "envoy.json"
         config = self.bootstrap()
         config_path.write_text(json.dumps(config, indent=2))
+        # The access log is written out every 100 ms, for the tests that read it.
         self._launch([ENVOY_BIN, "-c", str(config_path), "--concurrency", str(self.concurrency),
-                      "--log-level", "info", "--component-log-level", "wasm:debug"])
+                      "--log-level", "info", "--component-log-level", "wasm:debug",
+                      "--file-flush-interval-msec", "100"])
         return self
 
     def _launch(self, cmd, cwd=None):
@@ -268,6 +293,13 @@ class Envoy(LogFile):
 
     def counter(self, name):
         return self.stats().get(name, 0)
+
+    def access_log(self):
+        """The access log's lines so far, as dicts (``ACCESS_LOG_FORMAT``); Envoy writes them
+        out within its flush interval."""
+        if not self.access_log_path.exists():
+            return []
+        return [json.loads(line) for line in self.access_log_path.read_text().splitlines() if line]
 
 
 def worker_connections(envoy):
