@@ -1549,13 +1549,6 @@ def update_readme(path, summary, mem, args):
     block += ["| target | measured | met |", "|---|---:|:---:|"]
     block += [f"| {label} | {fmt_ratio(r)} | {'yes' if r is not None and r >= least else 'no'} |"
               for label, r, least in met]
-    for size, limit in CPU_JSON_US.items():
-        for kind in ("first", "replay"):
-            above = cpu_above(summary, f"{kind}-{size}", "json", "filter")
-            if above:
-                lines.append(cpu_target_row(
-                    f"proxy CPU of a {SCENARIOS[f'{kind}-{size}'][3]} ≤ {limit} µs above the filter "
-                    f"with fingerprint bytes (fingerprint json)", above, limit, blank_columns=1))
     for m in mem:
         limit = m["body_bytes"] + 256
         block.append(f"| memory ≤ record + 256 B, {m['label']} record | "

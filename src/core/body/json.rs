@@ -2,22 +2,19 @@
 //! with the members and elements the policy ignores left out, and the value at the key's
 //! pointer.
 //!
-//! The parser writes the canonical form as it goes and sorts each object's members in place
-//! when the object closes, so nothing but the output and one object's members is held. Nesting
-//! is bounded, so no body can exhaust the VM's stack, and the output is bounded by the body's
-//! size, so no body can exhaust its memory.
+//! The parser writes the canonical form as it goes and reorders an object's members when the
+//! object closes, through one scratch copy of them: the output, that copy and the open objects'
+//! member lists are all it holds. Nesting is bounded, so no body can exhaust the VM's stack,
+//! and the output is bounded by the body's size, so no body can exhaust its memory.
 
 use super::number;
 use super::pointer::{Pointer, Reach, Step};
-use super::NotCanonical;
+use super::{NotCanonical, GROWTH};
 use std::borrow::Cow;
 use std::cmp::Ordering;
 
 /// Containers nested deeper than this are not read (serde_json's own limit).
 pub const MAX_DEPTH: usize = 128;
-
-/// The canonical form may be at most this many times the body (numbers like `1e20` grow).
-pub const GROWTH: usize = 2;
 
 /// At most this many pointers in `fingerprint_ignore`: each is one bit of a mask.
 pub const MAX_IGNORED: usize = 64;
@@ -121,6 +118,7 @@ struct Parser<'a> {
     scratch: Vec<u8>,
 }
 
+// The small steps of every value are inlined: in V8, a call for each cost a third of the time.
 impl Parser<'_> {
     #[inline(always)]
     fn skip_whitespace(&mut self) {
