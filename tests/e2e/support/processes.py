@@ -25,11 +25,22 @@ def die_with_parent():
         pass
 
 
+_given = set()
+_given_lock = threading.Lock()
+
+
 def free_port():
-    """A loopback port free right now (for processes that cannot be given port 0)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port free right now (for processes that cannot be given port 0), and never one
+    this process was given before: the kernel may hand the same port out twice in a row once the
+    probing socket closes, and an etcd given it for both its client and peer URLs cannot start."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with _given_lock:
+            if port not in _given:
+                _given.add(port)
+                return port
 
 
 class LogFile:
