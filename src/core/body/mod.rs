@@ -13,6 +13,8 @@ mod number;
 pub mod pointer;
 
 #[cfg(test)]
+mod properties;
+#[cfg(test)]
 mod tests;
 
 use crate::core::identity::{Fingerprint, Fingerprinter};
