@@ -3,12 +3,12 @@
 
 pub mod body;
 pub mod config;
-pub mod counters;
 pub mod exchange;
 #[cfg(test)]
 pub mod garbage;
 pub mod identity;
 pub mod lifecycle;
+pub mod metrics;
 pub mod problem;
 pub mod record;
 pub mod route;

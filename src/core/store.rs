@@ -5,6 +5,7 @@
 //! against [`Answer`], so either kind drives it without change.
 
 use crate::core::lifecycle::{Claim, Ending, Finished, Verdict};
+use crate::core::metrics::{Gauge, Histogram};
 use crate::core::record::StoredResponse;
 use crate::core::Millis;
 use std::fmt;
@@ -138,6 +139,17 @@ pub trait Store {
 
     /// How long each record evicted since the last call had been stored.
     fn take_evictions(&mut self) -> Vec<Millis> {
+        Vec::new()
+    }
+
+    /// What the store measured since the last call.
+    fn take_samples(&mut self) -> Vec<(Histogram, u64)> {
+        Vec::new()
+    }
+
+    /// The store's gauges, asked once a second from the root context: whole-process levels
+    /// ([`Gauge::is_whole`]) and this worker's part of the others.
+    fn levels(&mut self, _now: Millis) -> Vec<(Gauge, u64)> {
         Vec::new()
     }
 }

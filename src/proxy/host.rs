@@ -2,8 +2,8 @@
 //! rest of the glue never meets a host `Status` (the SDK's trait helpers would panic on one).
 
 use crate::core::config::EtcdConfig;
-use crate::core::counters::Counter;
 use crate::core::exchange::{Answered, Outgoing, StreamEnd};
+use crate::core::metrics::{Counter, Gauge, Histogram};
 use crate::core::problem::LocalReply;
 use crate::core::store::{CallFailed, CallId, CallResponse, StoreError};
 use crate::core::worker::Host;
@@ -73,6 +73,10 @@ impl Caller for EtcdCalls {
         )
         .map_err(|status| host_error("dispatch_grpc_call", status))
     }
+
+    fn micros(&self) -> u64 {
+        micros()
+    }
 }
 
 /// The answer to a gRPC call, read in the callback that delivers it.
@@ -132,10 +136,15 @@ fn host_error(call: &str, status: Status) -> StoreError {
 /// Wall-clock milliseconds; records compare deadlines written by other workers, so this is the
 /// host's clock, not a monotonic one.
 pub fn now() -> Millis {
+    micros() / 1_000
+}
+
+/// Wall-clock microseconds.
+fn micros() -> u64 {
     match hostcalls::get_current_time() {
         Ok(time) => time
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as Millis)
+            .map(|d| d.as_micros() as u64)
             .unwrap_or_default(),
         Err(status) => {
             warn!("get_current_time failed: {status:?}");
@@ -231,9 +240,11 @@ pub fn set_tick_period(millis: u64) {
     }
 }
 
-/// The worker's [`Host`]: the hostcalls above, and the counters, defined once per VM.
+/// The worker's [`Host`]: the hostcalls above, and the metrics, defined once per VM.
 pub struct Proxy {
     counters: Vec<Option<u32>>,
+    gauges: Vec<Option<u32>>,
+    histograms: Vec<Option<u32>>,
     root: u32,
     /// The shared queue that wakes the root context (with `outlive_client` only).
     wake_queue: Option<u32>,
@@ -242,14 +253,18 @@ pub struct Proxy {
 impl Proxy {
     /// `root` is the root context's id; `wake_queue`, a queue it consumes.
     pub fn define(root: u32, wake_queue: Option<u32>) -> Proxy {
-        let define = |counter: &Counter| {
-            hostcalls::define_metric(MetricType::Counter, counter.name())
-                .map_err(|status| warn!("define_metric({}) failed: {status:?}", counter.name()))
+        let define = |kind: MetricType, name: &str| {
+            hostcalls::define_metric(kind, name)
+                .map_err(|status| warn!("define_metric({name}) failed: {status:?}"))
                 .ok()
         };
-        let counters = Counter::ALL.iter().map(define).collect();
+        let counters = Counter::ALL.map(|c| define(MetricType::Counter, c.name()));
+        let gauges = Gauge::ALL.map(|g| define(MetricType::Gauge, g.name()));
+        let histograms = Histogram::ALL.map(|h| define(MetricType::Histogram, h.name()));
         Proxy {
-            counters,
+            counters: counters.to_vec(),
+            gauges: gauges.to_vec(),
+            histograms: histograms.to_vec(),
             root,
             wake_queue,
         }
@@ -301,14 +316,21 @@ impl Host for Proxy {
 
     fn count(&self, counter: Counter, n: u64) {
         // Envoy refuses to add 0 to a counter.
-        let Ok(n @ 1..) = i64::try_from(n) else {
-            return;
-        };
-        if let Some(Some(id)) = self.counters.get(counter.index()) {
-            if let Err(status) = hostcalls::increment_metric(*id, n) {
-                warn!("increment_metric({}) failed: {status:?}", counter.name());
-            }
+        if let Ok(n @ 1..) = i64::try_from(n) {
+            increment(&self.counters, counter.index(), counter.name(), n);
         }
+    }
+
+    fn set_gauge(&self, gauge: Gauge, level: u64) {
+        record(&self.gauges, gauge.index(), gauge.name(), level);
+    }
+
+    fn add_to_gauge(&self, gauge: Gauge, change: i64) {
+        increment(&self.gauges, gauge.index(), gauge.name(), change);
+    }
+
+    fn record(&self, histogram: Histogram, value: u64) {
+        record(&self.histograms, histogram.index(), histogram.name(), value);
     }
 
     fn log(&self, level: Level, line: Arguments) {
@@ -340,6 +362,24 @@ impl Host for Proxy {
         let timeout = std::time::Duration::from_millis(request.timeout);
         hostcalls::dispatch_http_call(&request.cluster, headers, body, vec![], timeout)
             .map_err(|status| host_error("dispatch_http_call", status))
+    }
+}
+
+/// Adds `by` to metric `index` of `ids` (a counter or a gauge), if Envoy defined it.
+fn increment(ids: &[Option<u32>], index: usize, name: &str, by: i64) {
+    if let Some(Some(id)) = ids.get(index) {
+        if let Err(status) = hostcalls::increment_metric(*id, by) {
+            warn!("increment_metric({name}) failed: {status:?}");
+        }
+    }
+}
+
+/// Sets a gauge, or records a histogram's sample, if Envoy defined it.
+fn record(ids: &[Option<u32>], index: usize, name: &str, value: u64) {
+    if let Some(Some(id)) = ids.get(index) {
+        if let Err(status) = hostcalls::record_metric(*id, value) {
+            warn!("record_metric({name}) failed: {status:?}");
+        }
     }
 }
 

@@ -57,4 +57,7 @@ pub trait Kv {
 /// [`Store::resume`] under the returned id.
 pub trait Caller {
     fn call(&self, method: etcd::Method, message: &[u8]) -> Result<CallId, StoreError>;
+    /// The host's clock in microseconds, to time calls by: a round trip on loopback is tens of
+    /// them.
+    fn micros(&self) -> u64;
 }

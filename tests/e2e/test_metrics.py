@@ -1,14 +1,16 @@
-"""The README's "Metrics": every outcome is counted, and every counter the filter defines is in
-the deploying guide under both names Envoy gives it; each request's outcome is in the access log;
-the shipped alert rules watch only what the filter exports."""
+"""The README's "Metrics": every outcome is counted; the gauges are the whole Envoy's and the
+histograms measure what they say; every metric the filter defines is in the deploying guide under
+both names Envoy gives it; each request's outcome is in the access log; the shipped alert rules
+watch only what the filter exports."""
 
 import re
 
 import yaml
 
-from support.checks import (assert_original, assert_problem, assert_replay_of, filter_counters, stat_deltas,
-                            wait_for)
-from support.client import call, in_background, unique_path
+from support.checks import (assert_original, assert_problem, assert_replay_of, exported_series, filter_metrics,
+                            stat_deltas, wait_for)
+from support.client import CUSTOMER, call, in_background, unique_path
+from support.envoy import worker_connections
 from support.processes import ROOT
 
 
@@ -29,11 +31,67 @@ def test_stats_count_each_outcome(envoy, upstream, key):
     assert stat_deltas(envoy, before, names) == expected
 
 
-def test_the_deploying_guide_lists_every_counter_under_both_names():
+def test_the_gauges_are_the_whole_envoy_s_and_the_histograms_measure_waits_and_responses(envoy_with, upstream,
+                                                                                          key):
+    """Records made by both workers count once in records_held (read from shared data, not one
+    worker's view); in-flight claims and waiting duplicates are the sum of the workers' parts."""
+    envoy = envoy_with({"capacity_records": 1000, "max_wait": "10s"}, fresh=True)
+    keys = [f"{key}-{n}" for n in range(40)]
+    for each in keys:
+        assert_original(call(envoy, each))
+    assert len(worker_connections(envoy)) == 2, "both workers made records"
+
+    def level(name):
+        return envoy.prometheus()[0].get(f"idempotency_{name}{{}}")
+    assert wait_for(lambda: level("records_held") == 40, timeout=5), level("records_held")
+    assert level("capacity_records") == 1000
+    assert level("capacity_bytes") == 128 << 20
+    assert 40 * len(CUSTOMER) <= level("bytes_held") < 40 * 4096
+
+    slow = f"{key}-slow"
+    original = in_background(lambda: call(envoy, slow, headers=[("x-test-delay-ms", "2500")]))
+    assert wait_for(lambda: upstream.count(key=slow) == 1)
+    duplicate = in_background(lambda: call(envoy, slow))
+    assert wait_for(lambda: (level("claims_in_flight"), level("waiting")) == (1, 1), timeout=5)
+    for thread, _ in (original, duplicate):
+        thread.join()
+    assert_replay_of(duplicate[1]["result"], original[1]["result"])
+    assert wait_for(lambda: (level("claims_in_flight"), level("waiting"), level("records_held")) == (0, 0, 41),
+                    timeout=5)
+
+    def histogram():
+        samples = envoy.prometheus()[0]
+        return {series: value for series, value in samples.items()
+                if series.startswith(("idempotency_wait_ms", "idempotency_stored_response_bytes"))}
+    assert wait_for(lambda: histogram().get("idempotency_stored_response_bytes_count{}") == 41, timeout=5)
+    seen = histogram()
+    assert seen["idempotency_wait_ms_count{}"] == 1
+    # The duplicate came once the original was running, and waited for the rest of its 2.5 s.
+    assert seen['idempotency_wait_ms_bucket{le="100"}'] == 0
+    assert seen['idempotency_wait_ms_bucket{le="10000"}'] == 1
+    # Envoy keeps a histogram's values to two significant digits.
+    assert abs(seen["idempotency_stored_response_bytes_sum{}"] / 41 - len(CUSTOMER)) <= 1
+    assert seen['idempotency_stored_response_bytes_bucket{le="128"}'] == 41, "the upstream echoes the body"
+
+
+def test_the_deploying_guide_lists_every_metric_under_both_names():
     guide = (ROOT / "docs" / "deploying.md").read_text()
-    for name in filter_counters():
+    for name in filter_metrics():
         row = f"| `wasmcustom.{name}` | `{name.replace('.', '_')}` |"
         assert row in guide, f"docs/deploying.md has no row for {name}"
+
+
+def test_every_shipped_envoy_config_buckets_each_histogram_as_the_guide_says():
+    guide = (ROOT / "docs" / "deploying.md").read_text()
+    shipped = sorted((ROOT / "envoy").glob("envoy*.yaml"))
+    assert len(shipped) >= 5
+    for path in shipped:
+        settings = yaml.safe_load(path.read_text())["stats_config"]["histogram_bucket_settings"]
+        buckets = {setting["match"]["suffix"]: setting["buckets"] for setting in settings}
+        assert set(buckets) == set(filter_metrics("histogram")), path.name
+        for name, bounds in buckets.items():
+            row = re.search(rf"\| `wasmcustom\.{re.escape(name)}` \| `[a-z_]+` \| ([^|]+) \|", guide)
+            assert bounds == [int(bound) for bound in row.group(1).split(", ")], (path.name, name)
 
 
 def test_each_request_s_outcome_is_in_the_access_log(envoy_with, upstream, key):
@@ -70,7 +128,7 @@ def test_every_alert_rule_names_only_the_filter_s_counters_and_has_a_firing_and_
     tests leave no alert out and that no rule watches a series the filter never exports."""
     folder = ROOT / "envoy" / "observability"
     rules = yaml.safe_load((folder / "alerts.yaml").read_text())["groups"][0]["rules"]
-    exported = {name.replace(".", "_") for name in filter_counters()}
+    exported = exported_series()
     for rule in rules:
         watched = set(re.findall(r"\bidempotency_[a-z_]+", rule["expr"]))
         assert watched and watched <= exported, (rule["alert"], watched - exported)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from support.checks import assert_original, assert_problem, assert_replay_of, filter_counters, wait_for
+from support.checks import assert_original, assert_problem, assert_replay_of, exported_series, wait_for
 from support.client import call, unique_path
 from support.envoy import Envoy
 from support.processes import ROOT
@@ -77,7 +77,7 @@ def test_the_dashboard_s_figures_say_what_the_traffic_did(scraped):
 
 
 def test_no_dashboard_query_names_a_metric_the_filter_does_not_export():
-    exported = {name.replace(".", "_") for name in filter_counters()}
+    exported = exported_series()
     for title, expr in dashboard_queries():
         named = set(re.findall(r"\bidempotency_[a-z_]+", expr))
         assert named and named <= exported, (title, named - exported)

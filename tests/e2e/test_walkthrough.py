@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from support.checks import filter_counters, wait_for
+from support.checks import filter_metrics, wait_for
 from support.envoy import WASM_PATH
 from support.processes import free_port
 from support.shipped import (DEMO_CONFIG, ENVOY_DIR, WASM_RELATIVE, compose, load, localise, option,
@@ -105,14 +105,14 @@ def test_compose_command_line_runs_the_demo_walkthrough(compose_demo):
     stats = envoy.stats()
     assert stats["wasmcustom.idempotency.replayed"] == 1
     assert stats["wasmcustom.idempotency.conflict"] == 1
-    status, text = envoy.admin_get("/stats/prometheus")
-    assert status == 200
-    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-    assert samples["idempotency_replayed{}"] == "1"
-    assert samples["idempotency_conflict{}"] == "1"
-    assert samples["idempotency_claimed{}"] == "2"
-    # Every counter the filter defines, under the Prometheus name docs/deploying.md gives it.
-    for name in filter_counters():
+    samples, types = envoy.prometheus()
+    assert samples["idempotency_replayed{}"] == 1
+    assert samples["idempotency_conflict{}"] == 1
+    assert samples["idempotency_claimed{}"] == 2
+    # Every metric the filter defines, of its kind, under the Prometheus name docs/deploying.md
+    # gives it.
+    for name, kind in filter_metrics().items():
         prometheus = name.replace(".", "_")
-        assert f"{prometheus}{{}}" in samples, prometheus
-        assert f"# TYPE {prometheus} counter" in text
+        assert types.get(prometheus) == kind, (prometheus, types.get(prometheus))
+        series = f"{prometheus}_count{{}}" if kind == "histogram" else f"{prometheus}{{}}"
+        assert series in samples, series

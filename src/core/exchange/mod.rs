@@ -6,9 +6,9 @@
 
 use crate::core::body::{Body, Found, Kind};
 use crate::core::config::{Config, ConfigError, Policy, WhenFull};
-use crate::core::counters::Counter;
 use crate::core::identity::{self, Digest32, InvalidKey};
 use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
+use crate::core::metrics::{Counter, Histogram};
 use crate::core::problem::{self, whole_seconds, LocalReply, Problem};
 use crate::core::record::StoredResponse;
 use crate::core::store::{ClaimReply, StoreError, Ticket};
@@ -253,6 +253,7 @@ pub struct Exchange {
     phase: Phase,
     capture: Capture,
     counts: Vec<Counter>,
+    samples: Vec<(Histogram, u64)>,
     token: u64,
     /// Envoy's `x-request-id`, for log lines.
     request_id: String,
@@ -279,6 +280,7 @@ impl Exchange {
             phase: Phase::New,
             capture: Capture::default(),
             counts: Vec::new(),
+            samples: Vec::new(),
             token,
             request_id: String::new(),
             restore: Vec::new(),
@@ -334,6 +336,11 @@ impl Exchange {
 
     fn count(&mut self, counter: Counter) {
         self.counts.push(counter);
+    }
+
+    /// What this exchange measured since the last call.
+    pub fn take_samples(&mut self) -> Vec<(Histogram, u64)> {
+        std::mem::take(&mut self.samples)
     }
 
     fn answer(&mut self, counter: Counter, reply: LocalReply) -> Step {
@@ -568,6 +575,24 @@ impl Exchange {
         room_to_wait: bool,
         now: Millis,
     ) -> Step {
+        let waited_since = match self.phase {
+            Phase::Claiming { waiting_since, .. } => waiting_since,
+            _ => None,
+        };
+        let step = self.decide(reply, room_to_wait, now);
+        if let (Some(since), false) = (waited_since, matches!(step, Step::Wait)) {
+            self.samples
+                .push((Histogram::WaitMillis, now.saturating_sub(since)));
+        }
+        step
+    }
+
+    fn decide(
+        &mut self,
+        reply: Result<ClaimReply, StoreError>,
+        room_to_wait: bool,
+        now: Millis,
+    ) -> Step {
         let Phase::Claiming {
             claim,
             waiting_since,
@@ -631,7 +656,7 @@ impl Exchange {
                 self.count(Counter::Waited);
                 self.keep_waiting(claim, Some(now), now)
             }
-            Verdict::Blocked(Block::InFlight { .. }) => self.give_up_waiting(),
+            Verdict::Blocked(Block::InFlight { .. }) => self.refuse_in_progress(),
             Verdict::Blocked(Block::Held { remaining }) => self.answer(
                 Counter::InProgress,
                 Problem::InProgress.reply_as(
@@ -813,6 +838,8 @@ impl Exchange {
                 if capture.declared_empty && capture.body.is_empty() {
                     headers.push(("content-length".to_string(), "0".to_string()));
                 }
+                let size = capture.body.len() as u64;
+                self.samples.push((Histogram::StoredResponseBytes, size));
                 Ending::Stored(StoredResponse {
                     status,
                     headers,
@@ -840,7 +867,7 @@ impl Exchange {
     fn keep_waiting(&mut self, claim: Claim, since: Option<Millis>, now: Millis) -> Step {
         let since = since.unwrap_or(now);
         if now.saturating_sub(since) >= self.policy.max_wait {
-            return self.give_up_waiting();
+            return self.refuse_in_progress();
         }
         self.phase = Phase::Claiming {
             claim,
@@ -849,9 +876,22 @@ impl Exchange {
         Step::Wait
     }
 
-    /// The original is still running and this request waits no longer (`max_wait` over, or no
-    /// room in the waiting room).
-    pub fn give_up_waiting(&mut self) -> Step {
+    /// The original is still running and this request, which has waited `max_wait`, waits no
+    /// longer.
+    pub fn give_up_waiting(&mut self, now: Millis) -> Step {
+        if let Phase::Claiming {
+            waiting_since: Some(since),
+            ..
+        } = self.phase
+        {
+            self.samples
+                .push((Histogram::WaitMillis, now.saturating_sub(since)));
+        }
+        self.refuse_in_progress()
+    }
+
+    /// The original is still running and this request does not wait for it (any longer).
+    fn refuse_in_progress(&mut self) -> Step {
         if !matches!(self.phase, Phase::Claiming { .. }) {
             return Step::Done;
         }

@@ -9,9 +9,9 @@
 //! glue (the reply's own response callbacks, the stream's end) before the send returns.
 
 use crate::core::config::{Config, ConfigError};
-use crate::core::counters::Counter;
 use crate::core::exchange::{self, Answered, Exchange, Outgoing, Step};
 use crate::core::lifecycle::{Ending, Verdict};
+use crate::core::metrics::{Counter, Gauge, Histogram};
 use crate::core::problem::LocalReply;
 use crate::core::route::{Routed, Routes};
 use crate::core::store::{Answer, CallId, CallResponse, ClaimReply, Resumed, Store, StoreError};
@@ -32,6 +32,8 @@ const FAILURE_LOG_MILLIS: Millis = 1_000;
 const PRESSURE_LOG_MILLIS: Millis = 60_000;
 /// Misconfigured routes a worker remembers having warned of.
 const MISCONFIGURED_ROUTES_KEPT: usize = 256;
+/// Gauges are reported every this many ticks (a second), not per request.
+pub const GAUGE_TICKS: u64 = 50;
 
 /// What the worker asks of the proxy.
 pub trait Host {
@@ -46,6 +48,11 @@ pub trait Host {
     /// Lets the paused request acted for go on.
     fn resume(&self);
     fn count(&self, counter: Counter, n: u64);
+    /// Sets a gauge of the whole process ([`Gauge::is_whole`]).
+    fn set_gauge(&self, gauge: Gauge, level: u64);
+    /// Adds the change in this worker's part to a gauge summed over workers.
+    fn add_to_gauge(&self, gauge: Gauge, change: i64);
+    fn record(&self, histogram: Histogram, value: u64);
     /// Records what the request acted for got ([`Counter::outcome`]) where Envoy's access log
     /// reads it.
     fn mark_outcome(&self, outcome: &str);
@@ -96,6 +103,10 @@ pub struct Worker<H: Host> {
     pressure_quiet_until: Cell<Millis>,
     /// When each misconfigured route may be warned of again, by name.
     route_quiet_until: RefCell<HashMap<String, Millis>>,
+    /// Requests of this worker running upstream under a claim.
+    owners: Cell<u64>,
+    /// This worker's part of each summed gauge, as last added to Envoy's.
+    reported: RefCell<[u64; Gauge::ALL.len()]>,
 }
 
 impl<H: Host> Worker<H> {
@@ -122,6 +133,8 @@ impl<H: Host> Worker<H> {
             failure_quiet_until: Cell::new(0),
             pressure_quiet_until: Cell::new(0),
             route_quiet_until: RefCell::new(HashMap::new()),
+            owners: Cell::new(0),
+            reported: RefCell::new([0; Gauge::ALL.len()]),
         }
     }
 
@@ -196,6 +209,7 @@ impl<H: Host> Worker<H> {
                     break Flow::Pause;
                 }
                 Step::Finish(ticket, outcome) => {
+                    self.owners.set(self.owners.get().saturating_sub(1));
                     let now = self.host.now();
                     let answer = self.store.borrow_mut().finish(ticket, outcome, now);
                     if let Answer::Now(reply) = answer {
@@ -210,10 +224,17 @@ impl<H: Host> Worker<H> {
             }
         };
         let counts = exchange.borrow_mut().take_counts();
+        let samples = exchange.borrow_mut().take_samples();
+        for (histogram, value) in samples {
+            self.host.record(histogram, value);
+        }
         let id = exchange.borrow();
         let id = id.request_id();
         for counter in counts {
             self.host.count(counter, 1);
+            if counter == Counter::Claimed {
+                self.owners.set(self.owners.get() + 1);
+            }
             if let Some(outcome) = counter.outcome() {
                 self.host.mark_outcome(outcome);
             }
@@ -231,7 +252,7 @@ impl<H: Host> Worker<H> {
                 _ => {}
             }
         }
-        self.count_evictions();
+        self.observe_store();
         flow
     }
 
@@ -346,7 +367,32 @@ impl<H: Host> Worker<H> {
             self.ended(resumed);
         }
         self.moved_on(now);
-        self.count_evictions();
+        self.observe_store();
+        if ticks.is_multiple_of(GAUGE_TICKS) {
+            self.report_levels(now);
+        }
+    }
+
+    /// Sets the gauges: the store's levels, and this worker's own.
+    fn report_levels(&self, now: Millis) {
+        let mut levels = self.store.borrow_mut().levels(now);
+        let sent = self.sent.borrow().len() + self.outgoing.borrow().len();
+        levels.extend([
+            (Gauge::ClaimsInFlight, self.owners.get()),
+            (Gauge::Waiting, self.waiting.borrow().len() as u64),
+            (Gauge::SentFromRootInFlight, sent as u64),
+        ]);
+        let mut reported = self.reported.borrow_mut();
+        for (gauge, level) in levels {
+            if gauge.is_whole() {
+                self.host.set_gauge(gauge, level);
+                continue;
+            }
+            let last = std::mem::replace(&mut reported[gauge.index()], level);
+            if level != last {
+                self.host.add_to_gauge(gauge, level as i64 - last as i64);
+            }
+        }
     }
 
     fn on_claim(
@@ -432,7 +478,7 @@ impl<H: Host> Worker<H> {
             let step = {
                 let mut exchange = waiter.exchange.borrow_mut();
                 if exchange.wait_is_over(now) {
-                    exchange.give_up_waiting()
+                    exchange.give_up_waiting(now)
                 } else if let Some(claim) = exchange.pending_claim() {
                     let answer = self.store.borrow_mut().poll(&claim, far, now);
                     match answer {
@@ -457,7 +503,11 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    fn count_evictions(&self) {
+    /// What the store saw since last asked: its samples, and the records it evicted.
+    fn observe_store(&self) {
+        for (histogram, value) in self.store.borrow_mut().take_samples() {
+            self.host.record(histogram, value);
+        }
         let ages = self.store.borrow_mut().take_evictions();
         let Some(youngest) = ages.iter().min() else {
             return;

@@ -16,6 +16,9 @@ struct FakeHost {
     replies: RefCell<Vec<(u32, u16, String)>>,
     resumed: RefCell<Vec<u32>>,
     counts: RefCell<Vec<(Counter, u64)>>,
+    /// Each gauge as Envoy would hold it: set, or summed from the changes added.
+    gauges: RefCell<[i64; Gauge::ALL.len()]>,
+    samples: RefCell<Vec<(Histogram, u64)>>,
     /// Outcomes marked, with the context the host acted for.
     outcomes: RefCell<Vec<(u32, String)>>,
     logs: RefCell<Vec<(Level, String)>>,
@@ -52,6 +55,18 @@ impl Host for Rc<FakeHost> {
 
     fn count(&self, counter: Counter, n: u64) {
         self.counts.borrow_mut().push((counter, n));
+    }
+
+    fn set_gauge(&self, gauge: Gauge, level: u64) {
+        self.gauges.borrow_mut()[gauge.index()] = level as i64;
+    }
+
+    fn add_to_gauge(&self, gauge: Gauge, change: i64) {
+        self.gauges.borrow_mut()[gauge.index()] += change;
+    }
+
+    fn record(&self, histogram: Histogram, value: u64) {
+        self.samples.borrow_mut().push((histogram, value));
     }
 
     fn mark_outcome(&self, outcome: &str) {
@@ -108,9 +123,19 @@ impl Run {
     fn new(json: &str, store: impl FnOnce(&Config) -> Box<dyn Store>) -> Self {
         let host = Rc::new(FakeHost::default());
         host.now.set(1_000_000);
+        Run::on(host, 1, json, store)
+    }
+
+    /// Worker `number` on `host`, which other workers of the same Envoy may share.
+    fn on(
+        host: Rc<FakeHost>,
+        number: u64,
+        json: &str,
+        store: impl FnOnce(&Config) -> Box<dyn Store>,
+    ) -> Self {
         let config = config(json);
         let store = store(&config);
-        let worker = Worker::new(Rc::clone(&host), Rc::new(config), store, 1);
+        let worker = Worker::new(Rc::clone(&host), Rc::new(config), store, number);
         Run {
             host,
             worker,
@@ -120,12 +145,14 @@ impl Run {
 
     /// A worker over the shared-data table.
     fn table(json: &str) -> Self {
-        Run::new(json, |config| {
-            let kv: &'static MemoryKv = Box::leak(Box::default());
-            let mut table = Table::new(kv, config);
-            table.boot().unwrap();
-            Box::new(table)
-        })
+        let kv: &'static MemoryKv = Box::leak(Box::default());
+        Run::new(json, |config| Run::table_in(kv, config))
+    }
+
+    fn table_in(kv: &'static MemoryKv, config: &Config) -> Box<dyn Store> {
+        let mut table = Table::new(kv, config);
+        table.boot().unwrap();
+        Box::new(table)
     }
 
     /// Request `context` (from 1, in order) arrives: a covered POST with `key`.
@@ -221,6 +248,47 @@ impl Run {
 }
 
 const DEFAULTS: &str = "{}";
+
+#[test]
+fn gauges_hold_the_whole_table_and_the_sum_of_every_worker_s_part() {
+    let kv: &'static MemoryKv = Box::leak(Box::default());
+    let mut one = Run::new(DEFAULTS, |c| Run::table_in(kv, c));
+    let host = Rc::clone(&one.host);
+    let mut two = Run::on(Rc::clone(&host), 2, DEFAULTS, |c| Run::table_in(kv, c));
+    let gauge = |gauge: Gauge| host.gauges.borrow()[gauge.index()];
+    let a_second = |one: &Run, two: &Run, from: Millis| {
+        for tick in 1..=GAUGE_TICKS {
+            one.tick_at(from + tick * 20);
+            two.tick_at(from + tick * 20);
+        }
+    };
+    one.arrive("a");
+    one.arrive("b");
+    two.arrive("a");
+    two.arrive("c");
+    a_second(&one, &two, 1_000_000);
+    assert_eq!(
+        gauge(Gauge::RecordsHeld),
+        3,
+        "every worker's records, not one's"
+    );
+    assert_eq!(gauge(Gauge::ClaimsInFlight), 3);
+    assert_eq!(gauge(Gauge::Waiting), 1);
+    assert_eq!(gauge(Gauge::BytesHeld), 0);
+    assert_eq!(gauge(Gauge::CapacityRecords), 100_000);
+
+    one.respond(1, "201");
+    a_second(&one, &two, 1_001_000);
+    assert_eq!(gauge(Gauge::RecordsHeld), 3);
+    assert_eq!(gauge(Gauge::ClaimsInFlight), 2);
+    assert_eq!(gauge(Gauge::Waiting), 0, "the duplicate was replayed");
+    assert!(gauge(Gauge::BytesHeld) > 0);
+    assert_eq!(two.replies(), [(1, 201, String::new())]);
+    let waits = host.samples.borrow().clone();
+    assert!(waits
+        .iter()
+        .any(|(h, ms)| *h == Histogram::WaitMillis && *ms > 0));
+}
 
 #[test]
 fn a_waiting_duplicate_is_replayed_on_the_tick_after_its_original_stores() {

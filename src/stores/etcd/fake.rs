@@ -15,6 +15,8 @@ use std::cell::RefCell;
 #[derive(Default)]
 pub struct Calls {
     pub sent: RefCell<Vec<(Method, Vec<u8>)>>,
+    /// The host's clock, in microseconds.
+    pub micros: std::cell::Cell<u64>,
 }
 
 impl Calls {
@@ -36,6 +38,10 @@ impl Caller for &Calls {
         let mut sent = self.sent.borrow_mut();
         sent.push((method, message.to_vec()));
         Ok(Calls::id(sent.len() - 1))
+    }
+
+    fn micros(&self) -> u64 {
+        self.micros.get()
     }
 }
 

@@ -48,6 +48,7 @@ pub use wire::Method;
 
 use crate::core::config::{Config, EtcdConfig};
 use crate::core::lifecycle::{self, Claim, Ending, Finished, Room, Verdict};
+use crate::core::metrics::{Gauge, Histogram};
 use crate::core::record::{Bucket, Entry, State, StoredResponse, REMOTE_ENTRY_LEN};
 use crate::core::store::{
     Answer, CallFailed, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError,
@@ -243,6 +244,10 @@ pub struct Etcd<C: Caller, K: Kv> {
     /// Ages the records stored since [`Store::take_evictions`] was last asked will be evicted
     /// at: those of organisations past their share.
     evictions: Vec<Millis>,
+    /// When each call in flight was made, in microseconds.
+    dispatched: HashMap<CallId, u64>,
+    /// Call latencies and batch sizes, for [`Store::take_samples`].
+    samples: Vec<(Histogram, u64)>,
 }
 
 impl<C: Caller, K: Kv> Etcd<C, K> {
@@ -272,6 +277,31 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             queued: Vec::new(),
             retries: Retries::default(),
             evictions: Vec::new(),
+            dispatched: HashMap::new(),
+            samples: Vec::new(),
+        }
+    }
+
+    /// Makes a call carrying `ops` operations, timed until [`Etcd::answered`].
+    fn dispatch(
+        &mut self,
+        method: Method,
+        message: &[u8],
+        ops: usize,
+    ) -> Result<CallId, StoreError> {
+        let call = self.caller.call(method, message)?;
+        self.dispatched.insert(call, self.caller.micros());
+        self.samples.push((Histogram::EtcdBatchOps, ops as u64));
+        Ok(call)
+    }
+
+    /// A call was answered, or given up on (`timed` false: its time says nothing).
+    fn answered(&mut self, call: CallId, timed: bool) {
+        if let Some(at) = self.dispatched.remove(&call) {
+            if timed {
+                let micros = self.caller.micros().saturating_sub(at);
+                self.samples.push((Histogram::EtcdCallMicros, micros));
+            }
         }
     }
 
@@ -337,7 +367,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     }
 
     fn send(&mut self, method: Method, message: &[u8], op: Op, sent: Sent, now: Millis) -> Resumed {
-        match self.caller.call(method, message) {
+        match self.dispatch(method, message, 1) {
             Ok(call) => {
                 let resumed = later(&op, call);
                 self.pending.insert(
@@ -501,7 +531,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     ) -> Vec<(Option<CallId>, Resumed)> {
         let txns: Vec<Vec<u8>> = members.iter().map(|(_, txn)| txn.clone()).collect();
         let members = members.into_iter().map(|(member, _)| member);
-        match self.caller.call(wire::TXN, &wire::batch(&txns)) {
+        match self.dispatch(wire::TXN, &wire::batch(&txns), txns.len()) {
             Ok(call) => {
                 let members = members.collect();
                 self.batches.insert(
@@ -590,7 +620,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 window + 1
             };
             let (_, length) = self.leases.shape(kind);
-            match self.caller.call(wire::GRANT, &wire::grant(length)) {
+            match self.dispatch(wire::GRANT, &wire::grant(length), 1) {
                 Ok(call) => {
                     self.grants.insert(call, (kind, window, now));
                 }
@@ -910,6 +940,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
     }
 
     fn resume(&mut self, call: CallId, response: CallResponse, now: Millis) -> Option<Resumed> {
+        self.answered(call, true);
         if let Some(batch) = self.batches.remove(&call) {
             // Batches go out from the root context, so their answers come back to it: what
             // the claims that waited send now will not end with some request.
@@ -961,11 +992,13 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
         let unanswered = silent_calls(&self.pending, |p| silent(p.since));
         let error = StoreError::Remote("etcd never answered".into());
         for call in unanswered {
+            self.answered(call, false);
             if let Some(pending) = self.pending.remove(&call) {
                 ended.push(self.call_failed(pending, error.clone(), true, now));
             }
         }
         for call in silent_calls(&self.batches, |batch| silent(batch.since)) {
+            self.answered(call, false);
             if let Some(batch) = self.batches.remove(&call) {
                 let never = CallFailed {
                     status: DEADLINE_EXCEEDED,
@@ -975,6 +1008,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             }
         }
         for call in silent_calls(&self.grants, |(_, _, since)| silent(*since)) {
+            self.answered(call, false);
             if let Some((kind, ..)) = self.grants.remove(&call) {
                 let error = StoreError::Remote("etcd never answered a lease grant".into());
                 self.granted(kind, Err(error), now);
@@ -1017,6 +1051,26 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
 
     fn take_moved_on(&mut self) -> Vec<(CallId, Resumed)> {
         std::mem::take(&mut self.moved_on)
+    }
+
+    fn take_samples(&mut self) -> Vec<(Histogram, u64)> {
+        std::mem::take(&mut self.samples)
+    }
+
+    /// This worker's queues and calls; the records are etcd's, and etcd's own metrics count them.
+    fn levels(&mut self, _now: Millis) -> Vec<(Gauge, u64)> {
+        let parked_claims = self
+            .parked
+            .iter()
+            .filter(|p| matches!(p.op, Op::Claim { .. }));
+        let claims = self.waiting.len() + parked_claims.count();
+        let finishes = self.queued.len() + self.retries.finishes();
+        let calls = self.pending.len() + self.batches.len() + self.grants.len();
+        vec![
+            (Gauge::EtcdClaimsQueued, claims as u64),
+            (Gauge::EtcdFinishesQueued, finishes as u64),
+            (Gauge::EtcdCallsInFlight, calls as u64),
+        ]
     }
 
     /// The local copies' evictions are not the records' (etcd still holds those): dropped.

@@ -61,6 +61,13 @@ impl Retries {
         self.revokes = self.revokes.saturating_sub(1);
     }
 
+    /// Finishes kept to send again.
+    pub fn finishes(&self) -> usize {
+        let kept = self.kept.iter();
+        kept.filter(|(_, op)| matches!(op, Op::Finish { .. }))
+            .count()
+    }
+
     /// The operations due by `now`, no longer kept.
     pub fn due(&mut self, now: Millis) -> Vec<Op> {
         let (due, later) = std::mem::take(&mut self.kept)

@@ -731,3 +731,46 @@ fn claims_made_while_four_claim_calls_are_out_go_out_together_from_the_root_cont
         }))))
     );
 }
+
+#[test]
+fn every_call_is_timed_and_sized_and_what_waits_is_gauged() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    tickets(&mut world, &mut a, 1); // the claim lease, granted
+    a.take_samples();
+    let sent = world.calls.sent.borrow().len();
+    for n in 2..8 {
+        let claim = Claim {
+            tuple: [n; 32],
+            ..claim_of(1, n.into())
+        };
+        a.claim(&claim, 10);
+    }
+    let level = |a: &mut Envoy, gauge| {
+        let levels = a.levels(10);
+        levels.iter().find(|(g, _)| *g == gauge).unwrap().1
+    };
+    assert_eq!(level(&mut a, Gauge::EtcdCallsInFlight), 4);
+    assert_eq!(
+        level(&mut a, Gauge::EtcdClaimsQueued),
+        2,
+        "past four calls, claims wait"
+    );
+    world.calls.micros.set(1_500);
+    let first = Resumed::Claim(Answer::Later(Calls::id(sent)));
+    claimed(world.settle(&mut a, first, 15));
+    world.tick_granting(&mut a, 20);
+    assert_eq!(level(&mut a, Gauge::EtcdClaimsQueued), 0);
+    assert_eq!(
+        a.take_samples(),
+        [
+            [(Histogram::EtcdBatchOps, 1); 4].as_slice(),
+            &[
+                (Histogram::EtcdCallMicros, 1_500),
+                (Histogram::EtcdBatchOps, 2)
+            ],
+        ]
+        .concat(),
+        "four calls of one claim each, one answered 1.5 ms later, then the two that waited"
+    );
+}

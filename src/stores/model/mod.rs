@@ -23,7 +23,7 @@ use crate::core::identity::Digest32;
 use crate::core::lifecycle::Claim;
 use crate::core::record::{Bucket, Ledger, Share, State, StoredResponse, BUCKET_ENTRIES};
 use crate::core::Millis;
-use crate::stores::table::{Table, Tally};
+use crate::stores::table::{Census, Table, Tally};
 use crate::stores::testkit::MemoryKv;
 use crate::stores::Kv;
 use std::collections::HashMap;
@@ -136,6 +136,18 @@ pub fn audit(kv: &MemoryKv, tables: &[&Table<&MemoryKv>], capacity: u64) -> Resu
                 }
             }
         }
+    }
+    // Once every worker has added its changes, the census is the table's exactly.
+    let mut census = None;
+    for table in tables {
+        census = Some(table.count_census().map_err(|e| e.to_string())?);
+    }
+    let records = shares.values().map(|share| share.records as i64).sum();
+    let bytes = ledgers.iter().sum::<u64>() as i64;
+    if census != Some(Census { records, bytes }) {
+        return Err(format!(
+            "the census counts {census:?}, the buckets hold {records} records and {bytes} B"
+        ));
     }
     for (shard, held) in ledgers.iter().enumerate() {
         let ledger = read(table.key("l", shard as u64))?;

@@ -17,10 +17,12 @@ mod tally;
 use crate::core::config::{Config, WhenFull, LEDGER_SHARDS};
 use crate::core::lifecycle::Room;
 use crate::core::lifecycle::{self, Block, Claim, Ending, Finished, Taken, Verdict};
+use crate::core::metrics::Gauge;
 use crate::core::record::{Bucket, DecodeError, Entry, State, StoredResponse, BUCKET_ENTRIES};
 use crate::core::store::{Answer, ClaimReply, Handle, Resumed, Store, StoreError, Ticket};
 use crate::core::Millis;
 use crate::stores::Kv;
+use std::cell::Cell;
 pub use tally::{count, Amount, Tally};
 use tally::{Limits, Reserves};
 
@@ -84,6 +86,59 @@ pub struct Table<K: Kv> {
     sweep_token: u64,
     /// Ages of the records evicted since [`Store::take_evictions`] was last asked.
     evictions: Vec<Millis>,
+    capacity_bytes: u64,
+    /// What this worker's bucket writes changed in the records and bytes held, since it last
+    /// added that to the census key: one compare-and-swap a second instead of one per write.
+    census: Cell<Census>,
+}
+
+/// Records and stored response bytes, or a change in them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Census {
+    pub records: i64,
+    pub bytes: i64,
+}
+
+impl Census {
+    fn of(bucket: &Bucket) -> Census {
+        let mut census = Census::default();
+        for entry in &bucket.entries {
+            census.records += i64::from(entry.state.is_record());
+            if entry.state == State::Complete {
+                census.bytes += i64::from(entry.response_len);
+            }
+        }
+        census
+    }
+
+    fn plus(self, other: Census) -> Census {
+        Census {
+            records: self.records + other.records,
+            bytes: self.bytes + other.bytes,
+        }
+    }
+
+    fn minus(self, other: Census) -> Census {
+        self.plus(Census {
+            records: -other.records,
+            bytes: -other.bytes,
+        })
+    }
+
+    fn encode(self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..8].copy_from_slice(&self.records.to_le_bytes());
+        out[8..].copy_from_slice(&self.bytes.to_le_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Census> {
+        let half = |at: usize| Some(i64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
+        Some(Census {
+            records: half(0)?,
+            bytes: half(8)?,
+        })
+    }
 }
 
 impl<K: Kv> Table<K> {
@@ -115,6 +170,8 @@ impl<K: Kv> Table<K> {
             sweep_cursor: 0,
             sweep_token: 0,
             evictions: Vec::new(),
+            capacity_bytes: config.capacity_bytes as u64,
+            census: Cell::new(Census::default()),
         }
     }
 
@@ -198,8 +255,14 @@ impl<K: Kv> Table<K> {
                 Some((bytes, cas)) => (Bucket::decode(&bytes).map_err(unreadable)?, Some(cas)),
                 None => (Bucket::empty(), INSERT_IF_ABSENT),
             };
+            let before = Census::of(&entries);
             let (result, write) = change(&mut entries);
-            if !write || self.kv.set(&key, &entries.encode(), cas)? {
+            if !write {
+                return Ok(result);
+            }
+            if self.kv.set(&key, &entries.encode(), cas)? {
+                let changed = Census::of(&entries).minus(before);
+                self.census.set(self.census.get().plus(changed));
                 return Ok(result);
             }
         }
@@ -528,6 +591,27 @@ impl<K: Kv> Table<K> {
         }
     }
 
+    /// Adds what this worker changed to the census key; returns the table's census.
+    pub(crate) fn count_census(&self) -> Result<Census, StoreError> {
+        let key = self.key("g", 0);
+        let changed = self.census.get();
+        for _ in 0..MAX_ATTEMPTS {
+            let (whole, cas) = match self.kv.get(&key)? {
+                Some((bytes, cas)) => (Census::decode(&bytes).unwrap_or_default(), Some(cas)),
+                None => (Census::default(), INSERT_IF_ABSENT),
+            };
+            if changed == Census::default() {
+                return Ok(whole);
+            }
+            let whole = whole.plus(changed);
+            if self.kv.set(&key, &whole.encode(), cas)? {
+                self.census.set(Census::default());
+                return Ok(whole);
+            }
+        }
+        Err(StoreError::Contended)
+    }
+
     /// Gives back what the expired records of one bucket held; returns how many.
     pub fn sweep(&self, bucket: u64, now: Millis) -> Result<usize, StoreError> {
         let bucket = bucket % self.buckets;
@@ -604,6 +688,24 @@ impl<K: Kv> Store for Table<K> {
 
     fn take_evictions(&mut self) -> Vec<Millis> {
         std::mem::take(&mut self.evictions)
+    }
+
+    /// Adds this worker's changes to the census key, whose total every worker reports: the
+    /// whole table's, never one worker's view of it.
+    fn levels(&mut self, _now: Millis) -> Vec<(Gauge, u64)> {
+        let whole = match self.count_census() {
+            Ok(whole) => whole,
+            Err(error) => {
+                log::warn!("counting the records held failed: {error}");
+                return Vec::new();
+            }
+        };
+        vec![
+            (Gauge::RecordsHeld, whole.records.max(0) as u64),
+            (Gauge::BytesHeld, whole.bytes.max(0) as u64),
+            (Gauge::CapacityRecords, self.capacity),
+            (Gauge::CapacityBytes, self.capacity_bytes),
+        ]
     }
 }
 

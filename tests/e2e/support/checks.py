@@ -87,9 +87,22 @@ def assert_stat_deltas(envoy, before, expected, timeout=3.0):
     assert moved == expected, f"counters moved by {moved}, expected {expected}"
 
 
-def filter_counters():
-    """The counter names src/core/counters.rs defines (idempotency.<outcome>)."""
-    source = (ROOT / "src" / "core" / "counters.rs").read_text()
-    names = sorted(set(re.findall(r'=> "(idempotency\.[a-z_]+)"', source)))
-    assert len(names) >= 15, names
-    return names
+def filter_metrics(kind=None):
+    """{name: kind} of the metrics src/core/metrics.rs defines (idempotency.<name>), kind being
+    counter, gauge or histogram; only those of ``kind`` if given."""
+    source = (ROOT / "src" / "core" / "metrics.rs").read_text()
+    metrics = {name: kind.lower() for kind, name in
+               re.findall(r'(Counter|Gauge|Histogram)::\w+ => "(idempotency\.[a-z_]+)"', source)}
+    assert len(metrics) >= 30, metrics
+    return {name: k for name, k in sorted(metrics.items()) if kind in (None, k)}
+
+
+def exported_series():
+    """Every series name Envoy's /stats/prometheus gives the filter's metrics: a histogram's as
+    its _bucket, _sum and _count."""
+    series = set()
+    for name, kind in filter_metrics().items():
+        name = name.replace(".", "_")
+        suffixes = ("_bucket", "_sum", "_count") if kind == "histogram" else ("",)
+        series.update(name + suffix for suffix in suffixes)
+    return series

@@ -9,6 +9,7 @@ The pieces tests use (through the fixtures in conftest.py):
         .request(method, path, headers=None, body=None, timeout=30, http2=False) -> Response
         .stats() -> {name: int}       admin /stats, counters and gauges
         .counter(name) -> int         one stat, 0 when absent
+        .prometheus()                 admin /stats/prometheus: ({series: value}, {name: type})
         .log_path                     Envoy's log file
 
     worker_connections(envoy)         accepted connections per Envoy worker thread
@@ -26,6 +27,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import yaml
+
 from support.client import request
 from support.processes import ROOT, LogFile, die_with_parent
 
@@ -42,6 +45,12 @@ _live = set()  # every Envoy started and not yet stopped, killed at exit whateve
 # Must exceed the plugin's max_request_body_bytes (default 1 MiB): over this listener limit Envoy
 # answers 413 itself (text/plain) before the filter can answer with its problem document.
 BUFFER_LIMIT_BYTES = 2 * 1024 * 1024
+
+
+# The histograms' buckets, as every shipped config sets them; histograms merged every second
+# (Envoy's default is every 5 s), so that a test sees its samples soon.
+STATS_CONFIG = yaml.safe_load((ROOT / "envoy" / "envoy.yaml").read_text())["stats_config"]
+STATS_FLUSH_INTERVAL = "1s"
 
 
 def route_to(prefix, idempotency=None, name=None, route_timeout="5s"):
@@ -105,6 +114,8 @@ def envoy_config(upstream_port, plugin_config, wasm_path, route_timeout="5s",
     loopback = lambda port: {"socket_address": {"address": "127.0.0.1", "port_value": port}}  # noqa: E731
     return {
         "admin": {"address": loopback(0)},
+        "stats_config": STATS_CONFIG,
+        "stats_flush_interval": STATS_FLUSH_INTERVAL,
         "static_resources": {
             "listeners": [{
                 "name": "ingress",
@@ -293,6 +304,22 @@ class Envoy(LogFile):
 
     def counter(self, name):
         return self.stats().get(name, 0)
+
+    def prometheus(self):
+        """Admin /stats/prometheus as ({series{labels}: float}, {name: type}): what a scrape
+        reads."""
+        status, text = self.admin_get("/stats/prometheus")
+        if status != 200:
+            raise EnvoyError(f"/stats/prometheus answered {status}")
+        samples, types = {}, {}
+        for line in text.splitlines():
+            if line.startswith("# TYPE "):
+                _, _, name, kind = line.split()
+                types[name] = kind
+            elif line and not line.startswith("#"):
+                series, value = line.rsplit(" ", 1)
+                samples[series] = float(value)
+        return samples, types
 
     def access_log(self):
         """The access log's lines so far, as dicts (``ACCESS_LOG_FORMAT``); Envoy writes them

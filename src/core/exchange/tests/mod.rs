@@ -187,6 +187,7 @@ fn first_request_forwards_and_its_stored_response_replays_verbatim() {
     assert_eq!(run.request(&mut first, "POST", b"{}"), Step::Forward);
     run.respond(&mut first, "201", b"ok");
     assert_eq!(first.take_counts(), [Counter::Claimed, Counter::Stored]);
+    assert_eq!(first.take_samples(), [(Histogram::StoredResponseBytes, 2)]);
 
     let mut again = run.exchange();
     let reply = reply_of(run.request(&mut again, "POST", b"{}"));
@@ -266,6 +267,7 @@ fn a_duplicate_waits_then_replays_the_original() {
         duplicate.take_counts(),
         [Counter::Waited, Counter::Replayed]
     );
+    assert_eq!(duplicate.take_samples(), [(Histogram::WaitMillis, 20)]);
 }
 
 #[test]
@@ -295,9 +297,10 @@ fn waiting_ends_with_in_progress_after_max_wait() {
     assert_eq!(run.request(&mut duplicate, "POST", b"{}"), Step::Wait);
     run.now += 100;
     assert!(duplicate.wait_is_over(run.now));
-    let reply = reply_of(duplicate.give_up_waiting());
+    let reply = reply_of(duplicate.give_up_waiting(run.now));
     assert_eq!(reply.status, 503, "a status the seed's loop retries");
     assert!(reply.headers.iter().any(|(n, _)| n == "retry-after"));
+    assert_eq!(duplicate.take_samples(), [(Histogram::WaitMillis, 100)]);
 }
 
 #[test]
@@ -442,7 +445,7 @@ fn the_in_progress_and_conflict_statuses_are_the_configured_ones() {
     let step = run.request(&mut duplicate, "POST", b"{}");
     assert_eq!(step, Step::Wait);
     assert_eq!(
-        code_of(duplicate.give_up_waiting()),
+        code_of(duplicate.give_up_waiting(run.now)),
         (409, "idempotency_in_progress".into())
     );
     let mut other = run.exchange();

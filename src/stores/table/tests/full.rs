@@ -193,7 +193,7 @@ fn an_organisation_at_its_share_finds_its_own_record_in_the_next_buckets() {
 }
 
 #[test]
-fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() {
+fn shares_bytes_and_the_census_are_given_back_when_records_are_released_or_swept() {
     let kv = MemoryKv::default();
     let json = r#"{"capacity_records": 16, "max_share": 0.5}"#;
     let mut table = table(&kv, json);
@@ -202,8 +202,10 @@ fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() 
         ..of_org(org, n, token)
     };
     let released = ticket(claim_now(&mut table, &of_org(1, 1, 1), 0));
+    assert_eq!(census(&mut table), (1, 0), "a claim in flight is a record");
     finish_now(&mut table, released, Ending::Released, 1);
     assert_eq!(held(&table, 1), Share::default());
+    assert_eq!(census(&mut table), (0, 0));
     store(&mut table, &of_org(1, 2, 2), 0);
     let one = ledger(&table, 0);
     assert!(one > 100, "{one}");
@@ -216,6 +218,7 @@ fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() 
     );
     store(&mut table, &of_org(2, 3, 3), 0);
     assert_eq!(ledger(&table, 0), 2 * one);
+    assert_eq!(census(&mut table), (2, 2 * one));
     // A claim whose owner vanished and the stored records expire, and are swept.
     ticket(claim_now(&mut table, &of_org(1, 4, 4), 0));
     assert_eq!(held(&table, 1).records, 2);
@@ -223,6 +226,14 @@ fn shares_and_bytes_are_given_back_when_records_are_released_swept_or_evicted() 
     assert_eq!(held(&table, 1), Share::default());
     assert_eq!(held(&table, 2), Share::default());
     assert_eq!(ledger(&table, 0), 0);
+    assert_eq!(census(&mut table), (0, 0));
+}
+
+/// The records and bytes the table's gauges report.
+fn census(table: &mut Table<&MemoryKv>) -> (u64, u64) {
+    let levels = table.levels(0);
+    let level = |gauge| levels.iter().find(|(g, _)| *g == gauge).unwrap().1;
+    (level(Gauge::RecordsHeld), level(Gauge::BytesHeld))
 }
 
 #[test]

@@ -1,4 +1,5 @@
-//! The outcomes the filter counts. Each is an Envoy counter named `idempotency.<name>`.
+//! What the filter tells Envoy's stats: counters of outcomes, gauges of what is held and under
+//! way, histograms of waits, calls and sizes. Each is named `idempotency.<name>`.
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counter {
@@ -138,18 +139,130 @@ impl Counter {
     }
 }
 
+/// A level, set from the root context's tick (once a second), never per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gauge {
+    /// Records in the shared-data table, of every worker: in flight, held, complete, unstored.
+    RecordsHeld,
+    /// Stored response bytes in the shared-data table, as counted against `capacity_bytes`.
+    BytesHeld,
+    CapacityRecords,
+    CapacityBytes,
+    /// Requests this Envoy is running upstream under a claim (until their finish).
+    ClaimsInFlight,
+    /// Duplicates held for their original.
+    Waiting,
+    /// Requests sent upstream from the root context (`outlive_client`), or about to be.
+    SentFromRootInFlight,
+    /// Claims queued in the etcd store for a call to carry them.
+    EtcdClaimsQueued,
+    /// Finishes etcd did not take, waiting to be sent again.
+    EtcdFinishesQueued,
+    /// gRPC calls to etcd awaiting their answer.
+    EtcdCallsInFlight,
+}
+
+impl Gauge {
+    pub const ALL: [Gauge; 10] = [
+        Gauge::RecordsHeld,
+        Gauge::BytesHeld,
+        Gauge::CapacityRecords,
+        Gauge::CapacityBytes,
+        Gauge::ClaimsInFlight,
+        Gauge::Waiting,
+        Gauge::SentFromRootInFlight,
+        Gauge::EtcdClaimsQueued,
+        Gauge::EtcdFinishesQueued,
+        Gauge::EtcdCallsInFlight,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Gauge::RecordsHeld => "idempotency.records_held",
+            Gauge::BytesHeld => "idempotency.bytes_held",
+            Gauge::CapacityRecords => "idempotency.capacity_records",
+            Gauge::CapacityBytes => "idempotency.capacity_bytes",
+            Gauge::ClaimsInFlight => "idempotency.claims_in_flight",
+            Gauge::Waiting => "idempotency.waiting",
+            Gauge::SentFromRootInFlight => "idempotency.sent_from_root_in_flight",
+            Gauge::EtcdClaimsQueued => "idempotency.etcd_claims_queued",
+            Gauge::EtcdFinishesQueued => "idempotency.etcd_finishes_queued",
+            Gauge::EtcdCallsInFlight => "idempotency.etcd_calls_in_flight",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Whether the level is the whole process's, read from shared data (every worker sets the
+    /// same value), rather than one worker's part, which each worker adds to Envoy's gauge as
+    /// it changes, so that the gauge is the sum of the parts.
+    pub fn is_whole(self) -> bool {
+        matches!(
+            self,
+            Gauge::RecordsHeld | Gauge::BytesHeld | Gauge::CapacityRecords | Gauge::CapacityBytes
+        )
+    }
+}
+
+/// A distribution, whose buckets Envoy's `stats_config.histogram_bucket_settings` chooses (the
+/// shipped configs set them; README, "Metrics").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Histogram {
+    /// How long a duplicate waited for its original, in milliseconds, however its wait ended.
+    WaitMillis,
+    /// Body bytes of each response stored, before compression.
+    StoredResponseBytes,
+    /// Each gRPC call to etcd, from its dispatch to its answer, in microseconds.
+    EtcdCallMicros,
+    /// Operations each call to etcd carried (claims or finishes batched in one transaction).
+    EtcdBatchOps,
+}
+
+impl Histogram {
+    pub const ALL: [Histogram; 4] = [
+        Histogram::WaitMillis,
+        Histogram::StoredResponseBytes,
+        Histogram::EtcdCallMicros,
+        Histogram::EtcdBatchOps,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Histogram::WaitMillis => "idempotency.wait_ms",
+            Histogram::StoredResponseBytes => "idempotency.stored_response_bytes",
+            Histogram::EtcdCallMicros => "idempotency.etcd_call_us",
+            Histogram::EtcdBatchOps => "idempotency.etcd_batch_ops",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn every_counter_is_listed_once_at_its_index() {
+    fn every_metric_is_listed_once_at_its_index_under_a_name_of_its_own() {
         for (index, counter) in Counter::ALL.iter().enumerate() {
             assert_eq!(counter.index(), index);
         }
-        let mut names: Vec<_> = Counter::ALL.iter().map(|c| c.name()).collect();
+        for (index, gauge) in Gauge::ALL.iter().enumerate() {
+            assert_eq!(gauge.index(), index);
+        }
+        for (index, histogram) in Histogram::ALL.iter().enumerate() {
+            assert_eq!(histogram.index(), index);
+        }
+        let mut names: Vec<_> = Gauge::ALL.iter().map(|g| g.name()).collect();
+        names.extend(Histogram::ALL.iter().map(|h| h.name()));
+        names.extend(Counter::ALL.iter().map(|c| c.name()));
+        let all = names.len();
         names.sort();
         names.dedup();
-        assert_eq!(names.len(), Counter::ALL.len());
+        assert_eq!(names.len(), all);
     }
 }
