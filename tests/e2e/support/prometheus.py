@@ -49,7 +49,8 @@ class Prometheus(LogFile):
             if self.proc.poll() is not None:
                 raise RuntimeError(f"prometheus exited:\n{self.log_tail(30)}")
             try:
-                if self.query("up") and all(sample["value"][1] == "1" for sample in self.query("up")):
+                up = self.query("up")
+                if len(up) == len(self.targets) and all(sample["value"][1] == "1" for sample in up):
                     return self
             except OSError:
                 pass
