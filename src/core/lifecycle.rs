@@ -65,6 +65,7 @@ pub struct Found {
     pub slot: usize,
     pub token: u64,
     pub len: u32,
+    pub expires: Millis,
 }
 
 /// A record that gave up its entry.
@@ -155,6 +156,7 @@ pub fn claim(bucket: &mut Bucket, claim: &Claim, room: Room, now: Millis) -> Ver
                 slot,
                 token: entry.token,
                 len: entry.response_len,
+                expires: entry.deadline,
             }),
             State::Unstored | State::Empty | State::Sweeping => Verdict::Blocked(Block::NotStored),
         };
@@ -386,7 +388,8 @@ mod tests {
             Verdict::Replay(Found {
                 slot,
                 token: 10,
-                len: 99
+                len: 99,
+                expires: 100 + TTL
             })
         );
         assert!(

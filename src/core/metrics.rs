@@ -1,5 +1,11 @@
 //! What the filter tells Envoy's stats: counters of outcomes, gauges of what is held and under
-//! way, histograms of waits, calls and sizes. Each is named `idempotency.<name>`.
+//! way, histograms of waits, calls and sizes, each named `idempotency.<name>`; and what it tells
+//! the access log of each request, as filter state.
+
+/// Filter state `wasm.idempotency_outcome`: what the request's client got ([`Counter::outcome`]).
+pub const OUTCOME: &str = "idempotency_outcome";
+/// Filter state `wasm.idempotency_record_age_ms`: how old the record a replay came from was.
+pub const RECORD_AGE: &str = "idempotency_record_age_ms";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counter {
@@ -214,6 +220,8 @@ pub enum Histogram {
     WaitMillis,
     /// Body bytes of each response stored, before compression.
     StoredResponseBytes,
+    /// How old each record replayed was, in milliseconds: how late clients retry.
+    ReplayedAgeMillis,
     /// Each gRPC call to etcd, from its dispatch to its answer, in microseconds.
     EtcdCallMicros,
     /// Operations each call to etcd carried (claims or finishes batched in one transaction).
@@ -221,9 +229,10 @@ pub enum Histogram {
 }
 
 impl Histogram {
-    pub const ALL: [Histogram; 4] = [
+    pub const ALL: [Histogram; 5] = [
         Histogram::WaitMillis,
         Histogram::StoredResponseBytes,
+        Histogram::ReplayedAgeMillis,
         Histogram::EtcdCallMicros,
         Histogram::EtcdBatchOps,
     ];
@@ -232,6 +241,7 @@ impl Histogram {
         match self {
             Histogram::WaitMillis => "idempotency.wait_ms",
             Histogram::StoredResponseBytes => "idempotency.stored_response_bytes",
+            Histogram::ReplayedAgeMillis => "idempotency.replayed_age_ms",
             Histogram::EtcdCallMicros => "idempotency.etcd_call_us",
             Histogram::EtcdBatchOps => "idempotency.etcd_batch_ops",
         }

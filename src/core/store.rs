@@ -77,7 +77,15 @@ pub enum Resumed {
 }
 
 /// A store's answer to a claim: the ticket to the record, or the response to replay.
-pub type ClaimReply = Verdict<Ticket, StoredResponse>;
+pub type ClaimReply = Verdict<Ticket, Replay>;
+
+/// A complete record found: its stored response, and when the record expires (which, against
+/// the route's `ttl`, tells how old it is).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub response: StoredResponse,
+    pub expires: Millis,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StoreError {

@@ -305,12 +305,11 @@ impl Host for Proxy {
         }
     }
 
-    fn mark_outcome(&self, outcome: &str) {
-        // Envoy keeps it as filter state `wasm.idempotency_outcome`, which access logs print with
-        // %FILTER_STATE(wasm.idempotency_outcome:PLAIN)%.
-        let path = vec!["idempotency_outcome"];
-        if let Err(status) = hostcalls::set_property(path, Some(outcome.as_bytes())) {
-            debug!("set_property(idempotency_outcome) failed: {status:?}");
+    fn mark(&self, fact: &'static str, value: &str) {
+        // Envoy keeps it as filter state `wasm.<fact>`, which access logs print with
+        // %FILTER_STATE(wasm.<fact>:PLAIN)%.
+        if let Err(status) = hostcalls::set_property(vec![fact], Some(value.as_bytes())) {
+            debug!("set_property({fact}) failed: {status:?}");
         }
     }
 

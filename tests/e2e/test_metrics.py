@@ -62,10 +62,12 @@ def test_the_gauges_are_the_whole_envoy_s_and_the_histograms_measure_waits_and_r
     def histogram():
         samples = envoy.prometheus()[0]
         return {series: value for series, value in samples.items()
-                if series.startswith(("idempotency_wait_ms", "idempotency_stored_response_bytes"))}
+                if series.startswith(("idempotency_wait_ms", "idempotency_stored_response_bytes",
+                                       "idempotency_replayed_age_ms"))}
     assert wait_for(lambda: histogram().get("idempotency_stored_response_bytes_count{}") == 41, timeout=5)
     seen = histogram()
     assert seen["idempotency_wait_ms_count{}"] == 1
+    assert seen["idempotency_replayed_age_ms_count{}"] == 1, "the duplicate's replay"
     # The duplicate came once the original was running, and waited for the rest of its 2.5 s.
     assert seen['idempotency_wait_ms_bucket{le="100"}'] == 0
     assert seen['idempotency_wait_ms_bucket{le="10000"}'] == 1
@@ -100,13 +102,14 @@ def test_each_request_s_outcome_is_in_the_access_log(envoy_with, upstream, key):
     envoy = envoy_with({"max_wait": "0s"})
     same, slow, invalid, anonymous, read = (unique_path() for _ in range(5))
     original = call(envoy, key, path=same)
-    assert_replay_of(call(envoy, key, path=same), original)
     assert_problem(call(envoy, key, path=same, body=b"{}"), 409, "idempotency_conflict")
     thread, box = in_background(lambda: call(envoy, key, path=slow, headers=[("x-test-delay-ms", "1500")]))
     assert wait_for(lambda: upstream.count(path=slow) == 1)
     assert_problem(call(envoy, key, path=slow), 503, "idempotency_in_progress")
     thread.join()
     assert_original(box["result"])
+    # Replayed after the slow request, from a record at least 1.5 s old.
+    assert_replay_of(call(envoy, key, path=same), original)
     assert_problem(call(envoy, None, path=invalid, headers=[("idempotency-key", "")]), 400,
                    "idempotency_key_invalid")
     assert_original(call(envoy, key, path=anonymous, auth=None))
@@ -121,6 +124,10 @@ def test_each_request_s_outcome_is_in_the_access_log(envoy_with, upstream, key):
         lines = [line for line in envoy.access_log() if line["path"] in paths]
         return sorted(((line["path"], line["idempotency"]) for line in lines), key=str)
     assert wait_for(lambda: logged() == expected, timeout=5), logged()
+    # A replay also logs its record's age (wasm.idempotency_record_age_ms); nothing else does.
+    ages = {line["idempotency"]: line["record_age_ms"] for line in envoy.access_log() if line["path"] in paths}
+    assert 1500 <= int(ages.pop("replayed")) < 60_000
+    assert set(ages.values()) == {None}, ages
 
 
 def test_every_alert_rule_names_only_the_filter_s_counters_and_has_a_firing_and_a_quiet_test():

@@ -11,7 +11,7 @@ use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
 use crate::core::metrics::{Counter, Histogram};
 use crate::core::problem::{self, whole_seconds, LocalReply, Problem};
 use crate::core::record::StoredResponse;
-use crate::core::store::{ClaimReply, StoreError, Ticket};
+use crate::core::store::{ClaimReply, Replay, StoreError, Ticket};
 use crate::core::Millis;
 use std::rc::Rc;
 
@@ -254,6 +254,8 @@ pub struct Exchange {
     capture: Capture,
     counts: Vec<Counter>,
     samples: Vec<(Histogram, u64)>,
+    /// How old the record replayed was, for the access log.
+    record_age: Option<Millis>,
     token: u64,
     /// Envoy's `x-request-id`, for log lines.
     request_id: String,
@@ -281,6 +283,7 @@ impl Exchange {
             capture: Capture::default(),
             counts: Vec::new(),
             samples: Vec::new(),
+            record_age: None,
             token,
             request_id: String::new(),
             restore: Vec::new(),
@@ -341,6 +344,11 @@ impl Exchange {
     /// What this exchange measured since the last call.
     pub fn take_samples(&mut self) -> Vec<(Histogram, u64)> {
         std::mem::take(&mut self.samples)
+    }
+
+    /// How old the record a replay came from was, once.
+    pub fn take_record_age(&mut self) -> Option<Millis> {
+        self.record_age.take()
     }
 
     fn answer(&mut self, counter: Counter, reply: LocalReply) -> Step {
@@ -634,7 +642,11 @@ impl Exchange {
                     }
                 }
             }
-            Verdict::Replay(response) => {
+            Verdict::Replay(Replay { response, expires }) => {
+                // The record was stored its route's ttl before it expires.
+                let age = self.policy.ttl.saturating_sub(expires.saturating_sub(now));
+                self.samples.push((Histogram::ReplayedAgeMillis, age));
+                self.record_age = Some(age);
                 let reply = problem::replay(response);
                 if reply.body.is_empty() {
                     self.restore = reply.headers.clone();

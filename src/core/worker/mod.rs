@@ -11,7 +11,7 @@
 use crate::core::config::{Config, ConfigError};
 use crate::core::exchange::{self, Answered, Exchange, Outgoing, Step};
 use crate::core::lifecycle::{Ending, Verdict};
-use crate::core::metrics::{Counter, Gauge, Histogram};
+use crate::core::metrics::{self, Counter, Gauge, Histogram};
 use crate::core::problem::LocalReply;
 use crate::core::route::{Routed, Routes};
 use crate::core::store::{Answer, CallId, CallResponse, ClaimReply, Resumed, Store, StoreError};
@@ -53,9 +53,9 @@ pub trait Host {
     /// Adds the change in this worker's part to a gauge summed over workers.
     fn add_to_gauge(&self, gauge: Gauge, change: i64);
     fn record(&self, histogram: Histogram, value: u64);
-    /// Records what the request acted for got ([`Counter::outcome`]) where Envoy's access log
-    /// reads it.
-    fn mark_outcome(&self, outcome: &str);
+    /// Records a fact of the request acted for ([`metrics::OUTCOME`], [`metrics::RECORD_AGE`])
+    /// where Envoy's access log reads it.
+    fn mark(&self, fact: &'static str, value: &str);
     /// Formats `line` only if `level` is logged.
     fn log(&self, level: Level, line: Arguments);
     /// Asks for [`Worker::on_wake`] from the root context, soon.
@@ -225,6 +225,9 @@ impl<H: Host> Worker<H> {
         };
         let counts = exchange.borrow_mut().take_counts();
         let samples = exchange.borrow_mut().take_samples();
+        if let Some(age) = exchange.borrow_mut().take_record_age() {
+            self.host.mark(metrics::RECORD_AGE, &age.to_string());
+        }
         for (histogram, value) in samples {
             self.host.record(histogram, value);
         }
@@ -236,7 +239,7 @@ impl<H: Host> Worker<H> {
                 self.owners.set(self.owners.get() + 1);
             }
             if let Some(outcome) = counter.outcome() {
-                self.host.mark_outcome(outcome);
+                self.host.mark(metrics::OUTCOME, outcome);
             }
             self.host
                 .log(Level::Debug, format_args!("[{id}] {}", counter.name()));

@@ -19,8 +19,8 @@ struct FakeHost {
     /// Each gauge as Envoy would hold it: set, or summed from the changes added.
     gauges: RefCell<[i64; Gauge::ALL.len()]>,
     samples: RefCell<Vec<(Histogram, u64)>>,
-    /// Outcomes marked, with the context the host acted for.
-    outcomes: RefCell<Vec<(u32, String)>>,
+    /// Facts marked for the access log, with the context the host acted for.
+    marks: RefCell<Vec<(u32, &'static str, String)>>,
     logs: RefCell<Vec<(Level, String)>>,
     wakes: Cell<u32>,
     /// Requests sent upstream, with the context the host acted for when each was sent.
@@ -69,11 +69,11 @@ impl Host for Rc<FakeHost> {
         self.samples.borrow_mut().push((histogram, value));
     }
 
-    fn mark_outcome(&self, outcome: &str) {
+    fn mark(&self, fact: &'static str, value: &str) {
         let context = self.acting.get();
-        self.outcomes
+        self.marks
             .borrow_mut()
-            .push((context, outcome.to_string()));
+            .push((context, fact, value.to_string()));
     }
 
     fn log(&self, level: Level, line: Arguments) {
@@ -313,28 +313,37 @@ fn a_waiting_duplicate_is_replayed_on_the_tick_after_its_original_stores() {
 }
 
 #[test]
-fn each_request_s_outcome_is_marked_on_its_own_stream_for_the_access_log() {
+fn each_request_s_outcome_and_a_replay_s_record_age_are_marked_on_its_own_stream() {
     let mut run = Run::table(DEFAULTS);
     run.arrive("k");
     run.arrive("k");
     run.respond(1, "201");
     run.tick_at(1_000_020);
-    let outcomes = run.host.outcomes.borrow().clone();
-    let marked = |context: u32| -> Vec<String> {
-        let of = outcomes.iter().filter(|(c, _)| *c == context);
-        of.map(|(_, outcome)| outcome.clone()).collect()
+    run.host.now.set(1_005_000);
+    run.arrive("k");
+    let marks = run.host.marks.borrow().clone();
+    let marked = |context: u32, fact: &str| -> Vec<String> {
+        let of = marks.iter().filter(|(c, f, _)| *c == context && *f == fact);
+        of.map(|(_, _, value)| value.clone()).collect()
     };
     assert_eq!(
-        marked(1),
+        marked(1, metrics::OUTCOME),
         ["claimed"],
         "stored is the record's ending, not an outcome"
     );
     assert_eq!(
-        marked(2),
+        marked(2, metrics::OUTCOME),
         ["waited", "replayed"],
         "the last one marked is what the log prints"
     );
-    assert_eq!(marked(ROOT), [] as [String; 0]);
+    assert_eq!(
+        marked(2, metrics::RECORD_AGE),
+        ["20"],
+        "stored at 1_000_000"
+    );
+    assert_eq!(marked(3, metrics::RECORD_AGE), ["5000"]);
+    assert_eq!(marked(1, metrics::RECORD_AGE), [] as [String; 0]);
+    assert!(marks.iter().all(|(context, ..)| *context != ROOT));
 }
 
 #[test]

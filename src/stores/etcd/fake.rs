@@ -247,12 +247,12 @@ impl World {
         claimed(self.settle(store, first, now))
     }
 
-    /// The same request on `store` replays `response()`.
-    pub fn assert_replays(&mut self, store: &mut Envoy, token: u64, now: Millis) {
+    /// The same request on `store` replays `response()`, stored at `stored`.
+    pub fn assert_replays(&mut self, store: &mut Envoy, token: u64, now: Millis, stored: Millis) {
         let retry = Resumed::Claim(store.claim(&claim_of(1, token), now));
         assert_eq!(
             self.settle(store, retry, now),
-            Resumed::Claim(Answer::Now(Ok(Verdict::Replay(response()))))
+            Resumed::Claim(Answer::Now(Ok(replay_stored_at(stored))))
         );
     }
 
@@ -375,6 +375,14 @@ pub fn cache_of(envoy: &Envoy) -> &Table<&'static MemoryKv> {
 }
 
 pub const JSON: &str = r#"{"etcd": {"cluster": "etcd"}}"#;
+
+/// The replay of `response()`, stored at `stored` under `claim_of`'s day-long ttl.
+pub fn replay_stored_at(stored: Millis) -> ClaimReply {
+    Verdict::Replay(Replay {
+        response: response(),
+        expires: stored + 86_400_000,
+    })
+}
 
 pub fn claim_of(fingerprint: u8, token: u64) -> Claim {
     Claim {

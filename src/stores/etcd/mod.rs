@@ -51,8 +51,8 @@ use crate::core::lifecycle::{self, Claim, Ending, Finished, Room, Verdict};
 use crate::core::metrics::{Gauge, Histogram};
 use crate::core::record::{Bucket, Entry, State, StoredResponse, REMOTE_ENTRY_LEN};
 use crate::core::store::{
-    Answer, CallFailed, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError,
-    Ticket,
+    Answer, CallFailed, CallId, CallResponse, ClaimReply, Handle, Replay, Resumed, Store,
+    StoreError, Ticket,
 };
 use crate::core::Millis;
 use crate::stores::table::Table;
@@ -716,7 +716,10 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     {
                         log::warn!("caching a record locally failed: {error}");
                     }
-                    Verdict::Replay(response)
+                    Verdict::Replay(Replay {
+                        response,
+                        expires: entry.deadline,
+                    })
                 }
                 Err(error) => {
                     let error = StoreError::Unreadable(format!("etcd response: {error:?}"));

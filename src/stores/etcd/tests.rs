@@ -35,16 +35,16 @@ fn a_stored_record_replays_on_another_envoy_and_then_from_its_cache() {
         finish(&mut world, &mut a, ticket, Ending::Stored(response()), 10),
         Finished::Recorded(Ending::Stored(()))
     );
-    world.assert_replays(&mut b, 20, 20);
+    world.assert_replays(&mut b, 20, 20, 10);
     let before = world.answered;
     assert_eq!(
         b.claim(&claim_of(1, 21), 30),
-        Answer::Now(Ok(Verdict::Replay(response())))
+        Answer::Now(Ok(replay_stored_at(10)))
     );
     assert_eq!(world.answered, before, "served from the local cache");
     assert_eq!(
         a.claim(&claim_of(1, 22), 30),
-        Answer::Now(Ok(Verdict::Replay(response())))
+        Answer::Now(Ok(replay_stored_at(10)))
     );
 }
 
@@ -166,13 +166,13 @@ fn a_waiting_request_reads_the_record_and_claims_only_once_it_is_gone() {
     let sent = world.calls.sent.borrow().len();
     assert_eq!(
         a.poll(&claim_of(1, 11), false, 11),
-        Some(Answer::Now(Ok(Verdict::Replay(response()))))
+        Some(Answer::Now(Ok(replay_stored_at(10))))
     );
     assert_eq!(world.calls.sent.borrow().len(), sent);
     let look = Resumed::Claim(b.poll(&claim_of(1, 20), true, 12).unwrap());
     assert_eq!(
         world.settle(&mut b, look, 12),
-        Resumed::Claim(Answer::Now(Ok(Verdict::Replay(response()))))
+        Resumed::Claim(Answer::Now(Ok(replay_stored_at(10))))
     );
 }
 
@@ -232,7 +232,7 @@ fn a_finish_etcd_did_not_take_is_sent_again_while_the_claim_lasts() {
         resumed,
         Resumed::Finish(Answer::Now(Ok(Finished::Recorded(Ending::Stored(())))))
     );
-    world.assert_replays(&mut b, 20, 1_040);
+    world.assert_replays(&mut b, 20, 1_040, 10);
 }
 
 #[test]
@@ -631,7 +631,7 @@ fn the_finishes_of_a_tick_go_out_in_one_transaction_and_each_lands() {
         let replay = Resumed::Claim(b.claim(&retry, 40));
         assert_eq!(
             world.settle(&mut b, replay, 40),
-            Resumed::Claim(Answer::Now(Ok(Verdict::Replay(response()))))
+            Resumed::Claim(Answer::Now(Ok(replay_stored_at(10))))
         );
     }
 }

@@ -121,7 +121,7 @@ impl Run {
         let fits = match reply {
             Verdict::Replay(response) => held
                 .iter()
-                .any(|(f, r, until)| *f == fp && r == response && *until > now),
+                .any(|(f, r, until)| *f == fp && *r == response.response && *until > now),
             Verdict::Claimed(ticket) => {
                 self.tickets.push((n, envoy, *ticket));
                 let written = self.written.get(&ticket.claim.token).copied();

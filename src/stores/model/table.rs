@@ -12,7 +12,7 @@ use crate::core::config::Config;
 use crate::core::garbage::Garbage;
 use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
 use crate::core::record::StoredResponse;
-use crate::core::store::{Answer, ClaimReply, Handle, Store, StoreError, Ticket};
+use crate::core::store::{Answer, ClaimReply, Handle, Replay, Store, StoreError, Ticket};
 use crate::core::Millis;
 use crate::stores::table::Table;
 use crate::stores::testkit::{config, MemoryKv};
@@ -118,7 +118,12 @@ impl Model {
             Some(Record::Held { until, .. }) => Some(Verdict::Blocked(Block::Held {
                 remaining: until - now,
             })),
-            Some(Record::Complete { response, .. }) => Some(Verdict::Replay(response.clone())),
+            Some(Record::Complete {
+                response, until, ..
+            }) => Some(Verdict::Replay(Replay {
+                response: response.clone(),
+                expires: *until,
+            })),
             Some(Record::Unstored { .. }) => Some(Verdict::Blocked(Block::NotStored)),
         };
         let fits = match (&expected, reply) {

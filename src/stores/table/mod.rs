@@ -19,7 +19,7 @@ use crate::core::lifecycle::Room;
 use crate::core::lifecycle::{self, Block, Claim, Ending, Finished, Taken, Verdict};
 use crate::core::metrics::Gauge;
 use crate::core::record::{Bucket, DecodeError, Entry, State, StoredResponse, BUCKET_ENTRIES};
-use crate::core::store::{Answer, ClaimReply, Handle, Resumed, Store, StoreError, Ticket};
+use crate::core::store::{Answer, ClaimReply, Handle, Replay, Resumed, Store, StoreError, Ticket};
 use crate::core::Millis;
 use crate::stores::Kv;
 use std::cell::Cell;
@@ -425,7 +425,10 @@ impl<K: Kv> Table<K> {
             }
             Verdict::Replay(found) => {
                 match self.read_response(global(found.slot), found.token)? {
-                    Some(response) => Verdict::Replay(response),
+                    Some(response) => Verdict::Replay(Replay {
+                        response,
+                        expires: found.expires,
+                    }),
                     // The entry moved on between the two reads: decide again.
                     None => return Ok(None),
                 }
@@ -522,9 +525,10 @@ impl<K: Kv> Table<K> {
             return Ok(Some(Verdict::Blocked(Block::Conflict)));
         }
         let global = bucket * BUCKET_ENTRIES as u64 + slot as u64;
+        let expires = entry.deadline;
         Ok(self
             .read_response(global, entry.token)?
-            .map(Verdict::Replay))
+            .map(|response| Verdict::Replay(Replay { response, expires })))
     }
 
     /// Keeps a copy of a complete record (from a remote store) until `expires`; best effort.

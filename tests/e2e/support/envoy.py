@@ -72,6 +72,7 @@ ACCESS_LOG_FORMAT = {
     "status": "%RESPONSE_CODE%",
     "idempotency_key": "%REQ(IDEMPOTENCY-KEY)%",
     "idempotency": "%FILTER_STATE(wasm.idempotency_outcome:PLAIN)%",
+    "record_age_ms": "%FILTER_STATE(wasm.idempotency_record_age_ms:PLAIN)%",
 }
 
 

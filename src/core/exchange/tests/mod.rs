@@ -267,7 +267,15 @@ fn a_duplicate_waits_then_replays_the_original() {
         duplicate.take_counts(),
         [Counter::Waited, Counter::Replayed]
     );
-    assert_eq!(duplicate.take_samples(), [(Histogram::WaitMillis, 20)]);
+    assert_eq!(
+        duplicate.take_samples(),
+        [
+            (Histogram::ReplayedAgeMillis, 20),
+            (Histogram::WaitMillis, 20)
+        ],
+        "stored 20 ms before it replays, when the duplicate had waited 20 ms"
+    );
+    assert_eq!(duplicate.take_record_age(), Some(20));
 }
 
 #[test]

@@ -66,7 +66,10 @@ fn a_stored_response_replays_byte_for_byte() {
     assert_eq!(reply, Finished::Recorded(Ending::Stored(())));
     assert_eq!(
         claim_now(&mut table, &request(1, 1, 11), 6),
-        Verdict::Replay(response(300))
+        Verdict::Replay(Replay {
+            response: response(300),
+            expires: 5 + 86_400_000
+        })
     );
 }
 
