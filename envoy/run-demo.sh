@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Start the demo upstream (127.0.0.1:8080) and Envoy with envoy/envoy.yaml
-# (127.0.0.1:10000, admin 127.0.0.1:9901) in the foreground. Ctrl-C stops both.
+# Start the demo upstream (127.0.0.1:8080), Envoy with envoy/envoy.yaml (127.0.0.1:10000, admin
+# 127.0.0.1:9901) and Prometheus scraping it (127.0.0.1:9090) in the foreground. Ctrl-C stops
+# them all.
 #
 # With "fleet": etcd on 127.0.0.1:2379 (or the one already listening there) and two Envoys
 # with envoy/envoy-etcd.yaml sharing it: A on 10000 (admin 9901), B on 10001 (admin 9902).
@@ -33,6 +34,27 @@ envoy() {
 
 etcd_answers() {
   curl -sf -X POST http://127.0.0.1:2379/v3/kv/range -d '{"key":"AA=="}' >/dev/null 2>&1
+}
+
+# Prometheus on 127.0.0.1:9090 scraping the demo's Envoys, with the shipped alert rules loaded
+# (envoy/observability/alerts.yaml); PROMETHEUS=0 leaves it out.
+prometheus() {
+  [[ ${PROMETHEUS:-1} == 1 ]] || return 0
+  command -v prometheus >/dev/null || { echo "no prometheus on PATH: run 'make setup'" >&2; return 0; }
+  mkdir -p "$RUN_DIR/prometheus"
+  cat > "$RUN_DIR/prometheus/prometheus.yml" <<YAML
+global: { scrape_interval: 5s, evaluation_interval: 5s }
+rule_files: [ "$PWD/envoy/observability/alerts.yaml" ]
+scrape_configs:
+  - job_name: envoy
+    metrics_path: /stats/prometheus
+    static_configs: [ { targets: [ $1 ] } ]
+YAML
+  command prometheus --config.file="$RUN_DIR/prometheus/prometheus.yml" \
+    --storage.tsdb.path="$RUN_DIR/prometheus/data" --web.listen-address=127.0.0.1:9090 \
+    > "$RUN_DIR/prometheus/prometheus.log" 2>&1 &
+  pids+=($!)
+  echo "Prometheus: http://127.0.0.1:9090 (alerts: http://127.0.0.1:9090/alerts), log $RUN_DIR/prometheus/prometheus.log"
 }
 
 python3 -u envoy/demo_upstream.py --port 8080 &
@@ -79,6 +101,7 @@ Counters, and the calls each Envoy made to etcd:
 Ctrl-C stops the Envoys, etcd and the upstream.
 
 TRY
+  prometheus "'127.0.0.1:9901', '127.0.0.1:9902'"
   envoy -c envoy/envoy-etcd.yaml
   envoy -c "$RUN_DIR/envoy-etcd-b.yaml" --base-id 1
   wait -n "${pids[@]}" || true
@@ -105,9 +128,10 @@ Same key on a PATCH does not collide with the POST:
   curl -si -X PATCH localhost:10000/v1/customers/cus_000001 -H 'Authorization: Bearer ic_live_demo' \
     -H 'Idempotency-Key: demo-1' -H 'Content-Type: application/json' -d '{"email":"jane@doe.example"}'
 
-Filter counters:
+Filter metrics, and the alerts Prometheus evaluates on them:
 
   curl -s localhost:9901/stats?filter=idempotency
+  curl -s localhost:9090/api/v1/alerts
 
 Ctrl-C stops Envoy and the upstream.
 
@@ -125,6 +149,7 @@ assert text.count(old) == 1, "envoy/envoy.yaml: no configuration value {} to rep
 sys.stdout.write(text.replace(old, "value: %r" % os.environ["PLUGIN_CONFIG"]))' > "$config"
   echo "filter configuration: $PLUGIN_CONFIG"
 fi
+prometheus "'127.0.0.1:9901'"
 envoy -c "$config"
 # Exit as soon as any process ends (or on Ctrl-C, via the trap).
 wait -n "${pids[@]}" || true

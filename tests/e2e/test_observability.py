@@ -4,14 +4,17 @@ the shipped Grafana dashboard (envoy/observability/dashboard.json) returns data 
 
 import json
 import math
+import os
 import re
+import signal
+import subprocess
 import time
 
 import pytest
 
 from support.checks import assert_original, assert_problem, assert_replay_of, exported_series, wait_for
 from support.client import burst, call, in_background, unique_path
-from support.envoy import Envoy
+from support.envoy import ENVOY_BIN, Envoy
 from support.etcd import EtcdEnvoy, Started, fleet_config
 from support.processes import ROOT
 from support.prometheus import Prometheus
@@ -107,8 +110,29 @@ def test_no_dashboard_query_names_a_metric_the_filter_does_not_export():
         assert named and named <= exported, (title, named - exported)
 
 
+def shipped_alerts():
+    alerts = (ROOT / "envoy" / "observability" / "alerts.yaml").read_text()
+    return set(re.findall(r"^ *- alert: (\w+)", alerts, re.MULTILINE))
+
+
 def test_prometheus_loads_every_shipped_alert_rule(scraped):
     *_, prometheus = scraped
-    shipped = re.findall(r"^ *- alert: (\w+)", (ROOT / "envoy" / "observability" / "alerts.yaml").read_text(),
-                         re.MULTILINE)
-    assert len(shipped) >= 8 and prometheus.rule_names() == set(shipped)
+    assert len(shipped_alerts()) >= 10 and prometheus.rule_names() == shipped_alerts()
+
+
+def test_make_run_starts_prometheus_on_the_demo_envoy_with_the_shipped_rules(tmp_path):
+    """`make run` (envoy/run-demo.sh) also starts Prometheus on 127.0.0.1:9090, scraping the
+    demo Envoy (admin 127.0.0.1:9901) with the shipped alert rules loaded."""
+    env = {**os.environ, "RUN_DIR": str(tmp_path), "ENVOY": ENVOY_BIN}
+    with open(tmp_path / "demo.log", "wb") as log:
+        demo = subprocess.Popen(["envoy/run-demo.sh"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        prometheus = Prometheus.started_by(demo, 9090, ["127.0.0.1:9901"], tmp_path / "prometheus" / "prometheus.log")
+        assert prometheus.rule_names() == shipped_alerts()
+        # The demo Envoy's gauges, as Prometheus scraped them (every 5 s).
+        assert wait_for(lambda: [float(sample["value"][1]) for sample in
+                                 prometheus.query("idempotency_capacity_records")] == [100_000], timeout=20)
+    finally:
+        os.killpg(demo.pid, signal.SIGTERM)
+        demo.wait(timeout=20)

@@ -2,6 +2,7 @@
 loaded: what an operator's Prometheus sees of the filter.
 
     Prometheus(workdir, envoys).start()   Debian's prometheus, scraping every second
+    Prometheus.started_by(proc, port, targets, log_path)   one the demo started
     .query(expr)                          the instant vector of a PromQL expression
     .rule_names()                         the alerting rules it loaded
     .stop()
@@ -28,6 +29,16 @@ class Prometheus(LogFile):
         self.proc = None
         self.log_path = workdir / "prometheus.log"
 
+    @classmethod
+    def started_by(cls, proc, port, targets, log_path):
+        """A Prometheus another process (``proc``) started on ``port``, scraping ``targets``:
+        the demo's."""
+        prometheus = cls.__new__(cls)
+        prometheus.targets, prometheus.port, prometheus.log_path = targets, port, log_path
+        prometheus.proc = None
+        prometheus.wait_scraping(proc)
+        return prometheus
+
     def start(self):
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = {
@@ -44,14 +55,19 @@ class Prometheus(LogFile):
                  f"--storage.tsdb.path={self.workdir / 'data'}",
                  f"--web.listen-address=127.0.0.1:{self.port}"],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        self.wait_scraping(self.proc)
+        return self
+
+    def wait_scraping(self, proc):
+        """Until every target has been scraped, while ``proc`` runs."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise RuntimeError(f"prometheus exited:\n{self.log_tail(30)}")
             try:
                 up = self.query("up")
                 if len(up) == len(self.targets) and all(sample["value"][1] == "1" for sample in up):
-                    return self
+                    return
             except OSError:
                 pass
             time.sleep(0.2)
