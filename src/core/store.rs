@@ -139,6 +139,18 @@ pub trait Store {
     /// Periodic work from the root context; returns operations that ended without a call.
     fn tick(&mut self, now: Millis) -> Vec<Resumed>;
 
+    /// Whether operations wait for the root context to send them now, rather than on its next
+    /// tick: the worker then wakes it, and calls [`Store::root_woke`] there.
+    fn wants_root(&self) -> bool {
+        false
+    }
+
+    /// Sends, from the root context, what waits for it; returns operations that ended without
+    /// a call.
+    fn root_woke(&mut self, _now: Millis) -> Vec<Resumed> {
+        Vec::new()
+    }
+
     /// Operations that waited inside the store (for another's call) and have since gone on, each
     /// under the call id it gave its asker: asked after every [`Store::resume`] and tick.
     fn take_moved_on(&mut self) -> Vec<(CallId, Resumed)> {

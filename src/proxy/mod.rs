@@ -87,16 +87,17 @@ impl RootContext for Root {
                 return false;
             }
         };
-        let wake_queue = match config.outlive_client {
-            Some(_) => {
-                let Some(queue) = host::wake_queue(&format!("{}wake/{number}", config.key_prefix))
-                else {
-                    error!("idempotency filter cannot register its queue for outlive_client");
-                    return false;
-                };
-                Some(queue)
-            }
-            None => None,
+        // The root context is woken to send requests that outlive their clients, and etcd calls
+        // that carry several requests' operations.
+        let wake_queue = if config.outlive_client.is_some() || config.etcd.is_some() {
+            let Some(queue) = host::wake_queue(&format!("{}wake/{number}", config.key_prefix))
+            else {
+                error!("idempotency filter cannot register the queue that wakes its root context");
+                return false;
+            };
+            Some(queue)
+        } else {
+            None
         };
         let proxy = Proxy::define(self.context, wake_queue);
         let worker = Worker::new(proxy, Rc::new(config), store, number);

@@ -107,6 +107,8 @@ pub struct Worker<H: Host> {
     owners: Cell<u64>,
     /// This worker's part of each summed gauge, as last added to Envoy's.
     reported: RefCell<[u64; Gauge::ALL.len()]>,
+    /// The root context has been asked to wake and has not yet.
+    woken: Cell<bool>,
 }
 
 impl<H: Host> Worker<H> {
@@ -135,6 +137,7 @@ impl<H: Host> Worker<H> {
             route_quiet_until: RefCell::new(HashMap::new()),
             owners: Cell::new(0),
             reported: RefCell::new([0; Gauge::ALL.len()]),
+            woken: Cell::new(false),
         }
     }
 
@@ -200,12 +203,8 @@ impl<H: Host> Worker<H> {
                         context,
                         exchange: Rc::clone(exchange),
                     };
-                    let mut outgoing = self.outgoing.borrow_mut();
-                    outgoing.push((waiter, request));
-                    // One wake-up sends all that waits.
-                    if outgoing.len() == 1 {
-                        self.host.wake();
-                    }
+                    self.outgoing.borrow_mut().push((waiter, request));
+                    self.wake_root();
                     break Flow::Pause;
                 }
                 Step::Finish(ticket, outcome) => {
@@ -256,7 +255,17 @@ impl<H: Host> Worker<H> {
             }
         }
         self.observe_store();
+        if self.store.borrow().wants_root() {
+            self.wake_root();
+        }
         flow
+    }
+
+    /// Asks the root context to wake soon ([`Worker::on_wake`]): one wake-up does all that waits.
+    fn wake_root(&self) {
+        if !self.woken.replace(true) {
+            self.host.wake();
+        }
     }
 
     /// Request `context` ended: it waits for nothing any more. What was sent for it from the
@@ -278,6 +287,9 @@ impl<H: Host> Worker<H> {
             self.carried_on(call, resumed, now);
         }
         self.moved_on(now);
+        if self.store.borrow().wants_root() {
+            self.wake_root();
+        }
     }
 
     fn carried_on(&self, call: CallId, resumed: Resumed, now: Millis) {
@@ -295,8 +307,16 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    /// The root context woke: sends the requests that wait to go upstream from it.
+    /// The root context woke: sends what the store keeps for it, and the requests that wait to
+    /// go upstream from it.
     pub fn on_wake(&self) {
+        self.woken.set(false);
+        let now = self.host.now();
+        let ended = self.store.borrow_mut().root_woke(now);
+        for resumed in ended {
+            self.ended(resumed);
+        }
+        self.moved_on(now);
         let outgoing = std::mem::take(&mut *self.outgoing.borrow_mut());
         let mut unsent = Vec::new();
         for (sent, request) in outgoing {

@@ -612,3 +612,59 @@ fn each_misconfigured_route_is_warned_of_once_a_minute() {
         .iter()
         .any(|(_, line)| line.contains("route `exports`") && line.contains("`ttl`")));
 }
+
+/// A store whose claims wait for the root context, as etcd's do past their calls: `root_woke`
+/// sends them (here it only counts them).
+#[derive(Default)]
+struct RootBound {
+    waiting: Rc<Cell<u32>>,
+    sent: Rc<Cell<u32>>,
+}
+
+impl Store for RootBound {
+    fn claim(&mut self, _: &Claim, _: Millis) -> Answer<Result<ClaimReply, StoreError>> {
+        self.waiting.set(self.waiting.get() + 1);
+        Answer::Later(1_000 + self.waiting.get())
+    }
+
+    fn finish(
+        &mut self,
+        _: Ticket,
+        _: Ending<StoredResponse>,
+        _: Millis,
+    ) -> Answer<Result<Finished, StoreError>> {
+        Answer::Queued
+    }
+
+    fn tick(&mut self, _: Millis) -> Vec<Resumed> {
+        Vec::new()
+    }
+
+    fn wants_root(&self) -> bool {
+        self.waiting.get() > 0
+    }
+
+    fn root_woke(&mut self, _: Millis) -> Vec<Resumed> {
+        self.sent.set(self.sent.get() + self.waiting.replace(0));
+        Vec::new()
+    }
+}
+
+#[test]
+fn operations_waiting_for_the_root_context_wake_it_once_and_go_out_when_it_wakes() {
+    let store = RootBound::default();
+    let sent = Rc::clone(&store.sent);
+    let mut run = Run::new(DEFAULTS, |_| Box::new(store));
+    for key in ["a", "b", "c"] {
+        assert_eq!(run.arrive(key).1, Flow::Pause);
+    }
+    assert_eq!(run.host.wakes.get(), 1, "one wake-up for all that waits");
+    run.wake();
+    assert_eq!(
+        sent.get(),
+        3,
+        "sent when the root context woke, not on a tick"
+    );
+    run.arrive("d");
+    assert_eq!(run.host.wakes.get(), 2);
+}

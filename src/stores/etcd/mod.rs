@@ -5,8 +5,9 @@
 //!   the record it read with the same [`lifecycle`] as the embedded table. An expired record is taken
 //!   over by a compare-and-swap on its `mod_revision`. While a worker has `CLAIM_CALLS` claim
 //!   calls in flight, the claims made meanwhile wait, and go out together from the root
-//!   context (its tick, or a batch's answer), each a transaction nested in one call: etcd then
-//!   applies many claims in one raft round, at a quarter of the CPU each.
+//!   context as soon as it wakes (at most `CLAIM_CALLS` such batches in flight; the rest go
+//!   when one answers), each a transaction nested in one call: etcd then applies many claims
+//!   in one raft round, at a quarter of the CPU each.
 //! - Lost answers: a claim whose transaction got no answer (a timeout, a reset) may still have
 //!   been applied, and would then block its key for a lease with work that never ran. Such a
 //!   claim is revoked: deleted if the key still holds exactly what it wrote, tried again while the
@@ -20,8 +21,9 @@
 //!   has its answer, and without the record a retry after the lease would run the work again.
 //!   A finish sent again reads the key back when its compare fails, so an earlier attempt that
 //!   landed without its answer counts as done, not as a lost claim. Finishes go out from the
-//!   root context's tick, all those gathered since the last in one transaction (each nested,
-//!   with its own compare), so etcd takes one raft round for them and the proxy one call.
+//!   root context, woken for them while no finish is in flight; those gathered meanwhile go
+//!   in one transaction once it answers (each nested, with its own compare), so under load
+//!   etcd takes one raft round for many and the proxy one call.
 //! - Expiry: leases shared by time bucket, one for claims in flight and one for records, so a
 //!   crashed Envoy's claim frees itself and etcd drops records after their TTL. Only the root
 //!   context's tick grants them: an operation that finds none waits for the grant, and while
@@ -470,6 +472,50 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         batches
             .filter(|b| b.members.iter().any(|m| claiming(&m.sent)))
             .count()
+    }
+
+    /// Sends finishes (and revocations) together, as few transactions as etcd takes; the rest
+    /// one by one. Returns those that ended at once.
+    fn send_finishes(&mut self, ops: Vec<Op>, now: Millis) -> Vec<Resumed> {
+        let mut ended = Vec::new();
+        let mut batching = Batching::default();
+        for op in ops {
+            match self.next_txn(op, now) {
+                Ok((op, txn, Sent::Finish)) => {
+                    let max_bytes = self.settings.max_value_bytes;
+                    if !batching.fits(op.tuple(), txn.len(), max_bytes) {
+                        let full = std::mem::take(&mut batching);
+                        ended.extend(self.send_batch(full, now));
+                    }
+                    let sent = Sent::Finish;
+                    batching.push(
+                        Member {
+                            op,
+                            sent,
+                            waiter: None,
+                        },
+                        txn,
+                    );
+                }
+                Ok((op, txn, sent)) => {
+                    ended.extend(went_out(self.send(wire::TXN, &txn, op, sent, now)))
+                }
+                Err(resumed) => ended.extend(went_out(resumed)),
+            }
+        }
+        ended.extend(self.send_batch(batching, now));
+        ended
+    }
+
+    /// Calls in flight that carry finishes.
+    fn finish_calls(&self) -> usize {
+        let finishing = |sent: &Sent| matches!(sent, Sent::Finish);
+        let alone = self.pending.values().filter(|p| finishing(&p.sent)).count();
+        let batches = self.batches.values();
+        alone
+            + batches
+                .filter(|b| b.members.iter().any(|m| finishing(&m.sent)))
+                .count()
     }
 
     /// Sends the claims that waited, as few transactions as etcd takes, while fewer than
@@ -1018,38 +1064,29 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             }
         }
         self.send_waiting(now);
-        // Finishes go out together, as few transactions as etcd takes; the rest one by one.
         let mut queued = std::mem::take(&mut self.queued);
         queued.extend(self.retries.due(now));
-        let mut batching = Batching::default();
-        for op in queued {
-            match self.next_txn(op, now) {
-                Ok((op, txn, Sent::Finish)) => {
-                    let max_bytes = self.settings.max_value_bytes;
-                    if !batching.fits(op.tuple(), txn.len(), max_bytes) {
-                        let full = std::mem::take(&mut batching);
-                        ended.extend(self.send_batch(full, now));
-                    }
-                    let sent = Sent::Finish;
-                    batching.push(
-                        Member {
-                            op,
-                            sent,
-                            waiter: None,
-                        },
-                        txn,
-                    );
-                }
-                Ok((op, txn, sent)) => {
-                    ended.extend(went_out(self.send(wire::TXN, &txn, op, sent, now)))
-                }
-                Err(resumed) => ended.extend(went_out(resumed)),
-            }
-        }
-        ended.extend(self.send_batch(batching, now));
+        ended.extend(self.send_finishes(queued, now));
         self.grant_wanted(now);
         ended.extend(self.cache.tick(now));
         ended
+    }
+
+    /// Claims that wait while batches of claims have room, and finishes while none is in
+    /// flight, go out as soon as the root context can send them: under load they gather while
+    /// the calls before them are out, and a lone one never waits for a tick.
+    fn wants_root(&self) -> bool {
+        let claims = !self.waiting.is_empty() && self.claim_batches() < CLAIM_CALLS;
+        claims || (!self.queued.is_empty() && self.finish_calls() == 0)
+    }
+
+    fn root_woke(&mut self, now: Millis) -> Vec<Resumed> {
+        self.send_waiting(now);
+        if self.finish_calls() > 0 {
+            return Vec::new();
+        }
+        let queued = std::mem::take(&mut self.queued);
+        self.send_finishes(queued, now)
     }
 
     fn take_moved_on(&mut self) -> Vec<(CallId, Resumed)> {

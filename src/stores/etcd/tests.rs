@@ -774,3 +774,56 @@ fn every_call_is_timed_and_sized_and_what_waits_is_gauged() {
         "four calls of one claim each, one answered 1.5 ms later, then the two that waited"
     );
 }
+
+#[test]
+fn what_waits_for_the_root_context_goes_out_when_it_wakes_not_on_its_next_tick() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let claim = |n: u8| Claim {
+        tuple: [n; 32],
+        ..claim_of(1, n.into())
+    };
+    // The claim lease and the record lease, granted.
+    let mut owners = tickets(&mut world, &mut a, 1);
+    finish(
+        &mut world,
+        &mut a,
+        owners.remove(0),
+        Ending::Stored(response()),
+        5,
+    );
+    assert!(!a.wants_root(), "nothing waits");
+    for n in 2..8 {
+        a.claim(&claim(n), 10);
+    }
+    assert!(a.wants_root(), "two claims wait past four calls");
+    let sent = world.calls.sent.borrow().len();
+    assert_eq!(a.root_woke(11), vec![]);
+    assert_eq!(
+        world.calls.sent.borrow().len(),
+        sent + 1,
+        "both in one call"
+    );
+    assert!(!a.wants_root());
+    let batch = world.calls.last();
+    let owners: Vec<Ticket> = finishes_of(&mut world, &mut a, batch, 12)
+        .into_iter()
+        .map(claimed)
+        .collect();
+    // The first finish goes out at once; the second waits for it, then goes when it answers.
+    a.finish(owners[0], Ending::Stored(response()), 13);
+    assert!(a.wants_root(), "no finish in flight");
+    assert_eq!(a.root_woke(13), vec![]);
+    let first = world.calls.last();
+    a.finish(owners[1], Ending::Stored(response()), 14);
+    assert!(
+        !a.wants_root(),
+        "a finish is in flight: the next gathers behind it"
+    );
+    let (method, message) = world.calls.get(first);
+    let answer = world.etcd.answer(method, &message);
+    a.resume(first, Ok(answer), 15);
+    assert!(a.wants_root());
+    assert_eq!(a.root_woke(15), vec![]);
+    assert_eq!(world.calls.last(), first + 4, "sent without a tick");
+}
