@@ -577,9 +577,11 @@ class Envoy:
         return 0
 
     def stats(self, prefix="idempotency."):
-        """The filter's counters (shown as wasmcustom.idempotency.<name> in /stats)."""
+        """The filter's counters (shown as wasmcustom.idempotency.<name> in /stats), not its
+        gauges."""
         out = {}
-        for line in self.admin("/stats?filter=" + prefix.replace(".", r"\.")).splitlines():
+        query = "/stats?type=Counters&filter=" + prefix.replace(".", r"\.")
+        for line in self.admin(query).splitlines():
             name, _, value = line.partition(": ")
             head, found, tail = name.partition(prefix)
             if found and value.strip().isdigit():
