@@ -274,8 +274,13 @@ fn run(rng: &mut Garbage, steps: u64) -> Result<(), String> {
             run.envoys[owner].finish(ticket, ending, run.now);
             Ok(())
         } else if choice < 55 {
+            // The root context's tick, or its waking for what waits on it.
             let before = run.sent();
-            run.envoys[e].tick(run.now);
+            match rng.below(2) {
+                0 => run.envoys[e].tick(run.now),
+                _ if run.envoys[e].wants_root() => run.envoys[e].root_woke(run.now),
+                _ => Vec::new(),
+            };
             run.made(e, before, None);
             run.moved_on(e, None)
         } else if choice < 90 && !run.calls.is_empty() {

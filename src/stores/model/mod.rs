@@ -1,6 +1,7 @@
 //! The stores against a model: seeded random interleavings of several workers' claims, finishes
 //! of every ending, waits, take-overs, sweeps and a clock that jumps, over the shared-data table
-//! (`table`) and over etcd with answers delayed, reordered, duplicated and lost (`etcd`). After
+//! (`table`) and over etcd with answers delayed, reordered, duplicated and lost (`etcd`); and the
+//! protocol for records sharded over several etcd clusters through a reshard (`shards`). After
 //! every step the invariants of the README's guarantees are checked against what the model
 //! knows:
 //! - at most one owner per tuple within a lease;
@@ -15,6 +16,7 @@
 //! run's seed, and `MODEL_SEED=<seed> cargo test <test>` replays that run alone.
 
 mod etcd;
+mod shards;
 mod table;
 
 use crate::core::config::LEDGER_SHARDS;
