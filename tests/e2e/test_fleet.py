@@ -195,6 +195,22 @@ def test_retry_on_the_other_envoy_replays_and_then_comes_from_its_local_copy(pai
         assert ORG_A.encode() not in value
 
 
+def test_a_burst_of_replays_the_other_envoy_has_not_seen_asks_etcd_once_per_worker(pair, upstream, key):
+    """A record stored through A, then retried 16 times at once through B, whose cache has never
+    seen it: each of B's workers asks etcd once, and its other retries wait for that answer."""
+    a, b = pair
+    original = call(a, key)
+    assert_original(original)
+    before = settled_etcd_requests(b)
+    results = burst(16, lambda i: call(b, key))
+    for resp in results:
+        assert_replay_of(resp, original)
+    assert upstream.count(key=key) == 1
+    # A claim per worker, and perhaps a lease grant each.
+    asked = settled_etcd_requests(b) - before
+    assert 1 <= asked <= 4, f"B asked etcd {asked} times for 16 replays of one record"
+
+
 def test_a_burst_split_across_both_envoys_executes_once(pair, upstream, key):
     n = 20
     slow = [("x-test-delay-ms", "500")]

@@ -246,6 +246,10 @@ pub struct Etcd<C: Caller, K: Kv> {
     /// Ages the records stored since [`Store::take_evictions`] was last asked will be evicted
     /// at: those of organisations past their share.
     evictions: Vec<Millis>,
+    /// Claims of a tuple that another claim of this worker is asking etcd about, under ids of
+    /// their own: each asks again once that answer is in (a burst of replays of one record not
+    /// in the cache makes one call, the rest find the copy it left).
+    followers: Vec<(CallId, Claim)>,
     /// When each call in flight was made, in microseconds.
     dispatched: HashMap<CallId, u64>,
     /// Call latencies and batch sizes, for [`Store::take_samples`].
@@ -279,8 +283,30 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             queued: Vec::new(),
             retries: Retries::default(),
             evictions: Vec::new(),
+            followers: Vec::new(),
             dispatched: HashMap::new(),
             samples: Vec::new(),
+        }
+    }
+
+    /// Whether a claim of `tuple` (or a waiting request's read of it) is out or about to go.
+    fn asking(&self, tuple: &[u8; 32]) -> bool {
+        let claims = |op: &Op| matches!(op, Op::Claim { .. }) && op.tuple() == tuple;
+        self.pending.values().any(|p| claims(&p.op))
+            || (self.batches.values()).any(|b| b.members.iter().any(|m| claims(&m.op)))
+            || self.waiting.iter().any(|(_, op)| claims(op))
+            || self.parked.iter().any(|p| claims(&p.op))
+    }
+
+    /// The followers whose tuple is no longer asked about ask now.
+    fn release_followers(&mut self, now: Millis) {
+        for (id, claim) in std::mem::take(&mut self.followers) {
+            if self.asking(&claim.tuple) {
+                self.followers.push((id, claim));
+                continue;
+            }
+            let answer = self.claim(&claim, now);
+            self.moved_on.push((id, Resumed::Claim(answer)));
         }
     }
 
@@ -472,6 +498,97 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         batches
             .filter(|b| b.members.iter().any(|m| claiming(&m.sent)))
             .count()
+    }
+
+    /// A call's answer, for [`Store::resume`].
+    fn resume_call(
+        &mut self,
+        call: CallId,
+        response: CallResponse,
+        now: Millis,
+    ) -> Option<Resumed> {
+        self.answered(call, true);
+        if let Some(batch) = self.batches.remove(&call) {
+            // Batches go out from the root context, so their answers come back to it: what
+            // the claims that waited send now will not end with some request.
+            self.batch_answered(call, batch, response, now);
+            self.send_waiting(now);
+            return Some(Resumed::Nothing);
+        }
+        if let Some((kind, window, _)) = self.grants.remove(&call) {
+            let granted = match response {
+                Ok(message) => wire::lease_answer(&message),
+                Err(failed) => Err(StoreError::Remote(format!("etcd answered {failed}"))),
+            };
+            self.granted(kind, granted.map(|id| (window, id)), now);
+            return Some(Resumed::Nothing);
+        }
+        let pending = self.pending.remove(&call)?;
+        Some(match response {
+            Ok(message) => self.on_answer(pending, &message, now),
+            Err(failed) => {
+                // A value etcd refuses as too large (its own limit, or gRPC's above it): keep
+                // the record without its response.
+                if let Op::Finish {
+                    claim,
+                    revision,
+                    response: Some(_),
+                    ..
+                } = &pending.op
+                {
+                    if failed.message.contains("too large")
+                        || failed.message.contains("larger than max")
+                    {
+                        let unstored = Ending::Unstored { no_room: false };
+                        let op = self.finish_op(*claim, *revision, unstored, now);
+                        return Some(self.advance(op, now));
+                    }
+                }
+                let refused = failed.refused();
+                let error = StoreError::Remote(format!("etcd answered {failed}"));
+                self.call_failed(pending, error, !refused, now)
+            }
+        })
+    }
+
+    /// The tick's own work, for [`Store::tick`].
+    fn tick_calls(&mut self, now: Millis) -> Vec<Resumed> {
+        let mut ended = Vec::new();
+        // Calls whose answers never came (their context went away) have failed.
+        let horizon = self.settings.timeout.saturating_mul(4);
+        let silent = |since: Millis| now.saturating_sub(since) > horizon;
+        let unanswered = silent_calls(&self.pending, |p| silent(p.since));
+        let error = StoreError::Remote("etcd never answered".into());
+        for call in unanswered {
+            self.answered(call, false);
+            if let Some(pending) = self.pending.remove(&call) {
+                ended.push(self.call_failed(pending, error.clone(), true, now));
+            }
+        }
+        for call in silent_calls(&self.batches, |batch| silent(batch.since)) {
+            self.answered(call, false);
+            if let Some(batch) = self.batches.remove(&call) {
+                let never = CallFailed {
+                    status: DEADLINE_EXCEEDED,
+                    message: "no answer came".into(),
+                };
+                self.batch_answered(call, batch, Err(never), now);
+            }
+        }
+        for call in silent_calls(&self.grants, |(_, _, since)| silent(*since)) {
+            self.answered(call, false);
+            if let Some((kind, ..)) = self.grants.remove(&call) {
+                let error = StoreError::Remote("etcd never answered a lease grant".into());
+                self.granted(kind, Err(error), now);
+            }
+        }
+        self.send_waiting(now);
+        let mut queued = std::mem::take(&mut self.queued);
+        queued.extend(self.retries.due(now));
+        ended.extend(self.send_finishes(queued, now));
+        self.grant_wanted(now);
+        ended.extend(self.cache.tick(now));
+        ended
     }
 
     /// Sends finishes (and revocations) together, as few transactions as etcd takes; the rest
@@ -951,6 +1068,11 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
         if let Some(reply) = self.cached(claim, now) {
             return Answer::Now(Ok(reply));
         }
+        if self.asking(&claim.tuple) {
+            let id = self.waiting_id();
+            self.followers.push((id, *claim));
+            return Answer::Later(id);
+        }
         claim_answer(self.advance(Op::first(claim), now))
     }
 
@@ -963,7 +1085,8 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
         if let Some(reply) = self.cached(claim, now) {
             return Some(Answer::Now(Ok(reply)));
         }
-        if !far {
+        // Duplicates of one key share a read.
+        if !far || self.asking(&claim.tuple) {
             return None;
         }
         let range = wire::range(&self.key(&claim.tuple));
@@ -989,86 +1112,14 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
     }
 
     fn resume(&mut self, call: CallId, response: CallResponse, now: Millis) -> Option<Resumed> {
-        self.answered(call, true);
-        if let Some(batch) = self.batches.remove(&call) {
-            // Batches go out from the root context, so their answers come back to it: what
-            // the claims that waited send now will not end with some request.
-            self.batch_answered(call, batch, response, now);
-            self.send_waiting(now);
-            return Some(Resumed::Nothing);
-        }
-        if let Some((kind, window, _)) = self.grants.remove(&call) {
-            let granted = match response {
-                Ok(message) => wire::lease_answer(&message),
-                Err(failed) => Err(StoreError::Remote(format!("etcd answered {failed}"))),
-            };
-            self.granted(kind, granted.map(|id| (window, id)), now);
-            return Some(Resumed::Nothing);
-        }
-        let pending = self.pending.remove(&call)?;
-        Some(match response {
-            Ok(message) => self.on_answer(pending, &message, now),
-            Err(failed) => {
-                // A value etcd refuses as too large (its own limit, or gRPC's above it): keep
-                // the record without its response.
-                if let Op::Finish {
-                    claim,
-                    revision,
-                    response: Some(_),
-                    ..
-                } = &pending.op
-                {
-                    if failed.message.contains("too large")
-                        || failed.message.contains("larger than max")
-                    {
-                        let unstored = Ending::Unstored { no_room: false };
-                        let op = self.finish_op(*claim, *revision, unstored, now);
-                        return Some(self.advance(op, now));
-                    }
-                }
-                let refused = failed.refused();
-                let error = StoreError::Remote(format!("etcd answered {failed}"));
-                self.call_failed(pending, error, !refused, now)
-            }
-        })
+        let resumed = self.resume_call(call, response, now);
+        self.release_followers(now);
+        resumed
     }
 
     fn tick(&mut self, now: Millis) -> Vec<Resumed> {
-        let mut ended = Vec::new();
-        // Calls whose answers never came (their context went away) have failed.
-        let horizon = self.settings.timeout.saturating_mul(4);
-        let silent = |since: Millis| now.saturating_sub(since) > horizon;
-        let unanswered = silent_calls(&self.pending, |p| silent(p.since));
-        let error = StoreError::Remote("etcd never answered".into());
-        for call in unanswered {
-            self.answered(call, false);
-            if let Some(pending) = self.pending.remove(&call) {
-                ended.push(self.call_failed(pending, error.clone(), true, now));
-            }
-        }
-        for call in silent_calls(&self.batches, |batch| silent(batch.since)) {
-            self.answered(call, false);
-            if let Some(batch) = self.batches.remove(&call) {
-                let never = CallFailed {
-                    status: DEADLINE_EXCEEDED,
-                    message: "no answer came".into(),
-                };
-                self.batch_answered(call, batch, Err(never), now);
-            }
-        }
-        for call in silent_calls(&self.grants, |(_, _, since)| silent(*since)) {
-            self.answered(call, false);
-            if let Some((kind, ..)) = self.grants.remove(&call) {
-                let error = StoreError::Remote("etcd never answered a lease grant".into());
-                self.granted(kind, Err(error), now);
-            }
-        }
-        self.send_waiting(now);
-        let mut queued = std::mem::take(&mut self.queued);
-        queued.extend(self.retries.due(now));
-        ended.extend(self.send_finishes(queued, now));
-        self.grant_wanted(now);
-        ended.extend(self.cache.tick(now));
+        let ended = self.tick_calls(now);
+        self.release_followers(now);
         ended
     }
 
@@ -1081,6 +1132,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
     }
 
     fn root_woke(&mut self, now: Millis) -> Vec<Resumed> {
+        self.release_followers(now);
         self.send_waiting(now);
         if self.finish_calls() > 0 {
             return Vec::new();
@@ -1103,7 +1155,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             .parked
             .iter()
             .filter(|p| matches!(p.op, Op::Claim { .. }));
-        let claims = self.waiting.len() + parked_claims.count();
+        let claims = self.waiting.len() + parked_claims.count() + self.followers.len();
         let finishes = self.queued.len() + self.retries.finishes();
         let calls = self.pending.len() + self.batches.len() + self.grants.len();
         vec![

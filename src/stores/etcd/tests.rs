@@ -702,30 +702,30 @@ fn claims_made_while_four_claim_calls_are_out_go_out_together_from_the_root_cont
     claimed(world.settle(&mut a, first, 15));
     assert_eq!(world.calls.sent.borrow().len(), sent + 4);
     // The tick sends them, though three claim calls are still unanswered (their requests may
-    // have left, taking the calls with them): keys 6 and 7 in one batch, then the second
-    // claim of key 6 alone.
+    // have left, taking the calls with them): keys 6 and 7 in one batch. The second claim of
+    // key 6 follows the first, and asks once the first's answer is in.
     let (_, moved) = world.tick_granting(&mut a, 20);
-    assert_eq!(world.calls.sent.borrow().len(), sent + 6);
+    assert_eq!(world.calls.sent.borrow().len(), sent + 5);
+    assert_eq!(moved.len(), 0, "the follower waits");
     let batch = Calls::id(sent + 4);
     assert_eq!(
         FakeEtcd::keys_of(wire::TXN, &world.calls.get(batch).1).len(),
         2
     );
-    let [(id, second)] = <[_; 1]>::try_from(moved).unwrap();
-    assert_eq!(id, waiting[2]);
     let (method, message) = world.calls.get(batch);
     let answer = world.etcd.answer(method, &message);
     assert_eq!(a.resume(batch, Ok(answer), 30), Some(Resumed::Nothing));
     let moved = a.take_moved_on();
     let answered: Vec<CallId> = moved.iter().map(|(id, _)| *id).collect();
-    assert_eq!(answered, waiting[..2]);
+    assert_eq!(answered, waiting, "the batch's two, then the follower");
     let revision = world.etcd.keys[&a.key(&[6; 32])].1;
-    for (_, resumed) in moved {
+    let [first, seventh, second] = <[_; 3]>::try_from(moved).unwrap();
+    for (_, resumed) in [first, seventh] {
         assert_eq!(claimed(resumed).handle, Handle::Revision(revision));
     }
     // The second claim of key 6 finds the first's (sent at 20, for a lease of 60 s).
     assert_eq!(
-        world.settle(&mut a, second, 40),
+        world.settle(&mut a, second.1, 40),
         Resumed::Claim(Answer::Now(Ok(Verdict::Blocked(Block::InFlight {
             remaining: 59_980
         }))))
@@ -826,4 +826,51 @@ fn what_waits_for_the_root_context_goes_out_when_it_wakes_not_on_its_next_tick()
     assert!(a.wants_root());
     assert_eq!(a.root_woke(15), vec![]);
     assert_eq!(world.calls.last(), first + 4, "sent without a tick");
+}
+
+#[test]
+fn a_burst_of_replays_of_a_record_not_in_the_cache_makes_one_call() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    let ticket = world.claim_on(&mut a, 10, 0);
+    finish(&mut world, &mut a, ticket, Ending::Stored(response()), 10);
+    let sent = world.calls.sent.borrow().len();
+    let txns = |world: &World| {
+        let calls = world.calls.sent.borrow();
+        calls[sent..]
+            .iter()
+            .filter(|(method, _)| *method == wire::TXN)
+            .count()
+    };
+    let answers: Vec<_> = (20..25)
+        .map(|token| b.claim(&claim_of(1, token), 20))
+        .collect();
+    let Answer::Later(first) = answers[0] else {
+        panic!("{:?}", answers[0]);
+    };
+    assert_eq!(
+        world.settle(&mut b, Resumed::Claim(Answer::Later(first)), 21),
+        Resumed::Claim(Answer::Now(Ok(replay_stored_at(10))))
+    );
+    assert_eq!(txns(&world), 1, "one claim for the five");
+    let followers: Vec<CallId> = answers[1..]
+        .iter()
+        .map(|answer| match answer {
+            Answer::Later(id) if parked(*id) => *id,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let moved = b.take_moved_on();
+    assert_eq!(
+        moved.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        followers
+    );
+    for (_, resumed) in moved {
+        assert_eq!(
+            resumed,
+            Resumed::Claim(Answer::Now(Ok(replay_stored_at(10))))
+        );
+    }
+    assert_eq!(txns(&world), 1, "the rest from the copy it left");
 }
