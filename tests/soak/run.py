@@ -372,7 +372,7 @@ def report(r):
         lines.append(f"| {outcome} | {count:,} | {r['p50_ms'].get(outcome, 0)} | "
                      f"{r['p99_ms'].get(outcome, 0)} |")
     counters = ", ".join(f"{k} {v:,}" for k, v in sorted(r["filter_counters"].items()) if v)
-    lines += ["", f"Filter counters at the end: {counters}.", ""]
+    lines += ["", f"Filter counters and gauges at the end: {counters}.", ""]
     if r["unexpected_examples"]:
         lines += ["Unexpected answers (first ones):", ""]
         lines += [f"- {e}" for e in r["unexpected_examples"]] + [""]
