@@ -12,6 +12,7 @@
 //! `Sweeping`) writes its response key, so that write needs no compare-and-swap of its own; the
 //! ledger and share counters are shared and do ([`tally`]).
 
+mod census;
 mod tally;
 
 use crate::core::config::{Config, WhenFull, LEDGER_SHARDS};
@@ -22,6 +23,7 @@ use crate::core::record::{Bucket, DecodeError, Entry, State, StoredResponse, BUC
 use crate::core::store::{Answer, ClaimReply, Handle, Replay, Resumed, Store, StoreError, Ticket};
 use crate::core::Millis;
 use crate::stores::Kv;
+pub(crate) use census::Census;
 use std::cell::Cell;
 pub use tally::{count, Amount, Tally};
 use tally::{Limits, Reserves};
@@ -90,55 +92,6 @@ pub struct Table<K: Kv> {
     /// What this worker's bucket writes changed in the records and bytes held, since it last
     /// added that to the census key: one compare-and-swap a second instead of one per write.
     census: Cell<Census>,
-}
-
-/// Records and stored response bytes, or a change in them.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Census {
-    pub records: i64,
-    pub bytes: i64,
-}
-
-impl Census {
-    fn of(bucket: &Bucket) -> Census {
-        let mut census = Census::default();
-        for entry in &bucket.entries {
-            census.records += i64::from(entry.state.is_record());
-            if entry.state == State::Complete {
-                census.bytes += i64::from(entry.response_len);
-            }
-        }
-        census
-    }
-
-    fn plus(self, other: Census) -> Census {
-        Census {
-            records: self.records + other.records,
-            bytes: self.bytes + other.bytes,
-        }
-    }
-
-    fn minus(self, other: Census) -> Census {
-        self.plus(Census {
-            records: -other.records,
-            bytes: -other.bytes,
-        })
-    }
-
-    fn encode(self) -> [u8; 16] {
-        let mut out = [0; 16];
-        out[..8].copy_from_slice(&self.records.to_le_bytes());
-        out[8..].copy_from_slice(&self.bytes.to_le_bytes());
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Census> {
-        let half = |at: usize| Some(i64::from_le_bytes(bytes.get(at..at + 8)?.try_into().ok()?));
-        Some(Census {
-            records: half(0)?,
-            bytes: half(8)?,
-        })
-    }
 }
 
 impl<K: Kv> Table<K> {
@@ -593,27 +546,6 @@ impl<K: Kv> Table<K> {
                 "not a ticket of this table: {other:?}"
             ))),
         }
-    }
-
-    /// Adds what this worker changed to the census key; returns the table's census.
-    pub(crate) fn count_census(&self) -> Result<Census, StoreError> {
-        let key = self.key("g", 0);
-        let changed = self.census.get();
-        for _ in 0..MAX_ATTEMPTS {
-            let (whole, cas) = match self.kv.get(&key)? {
-                Some((bytes, cas)) => (Census::decode(&bytes).unwrap_or_default(), Some(cas)),
-                None => (Census::default(), INSERT_IF_ABSENT),
-            };
-            if changed == Census::default() {
-                return Ok(whole);
-            }
-            let whole = whole.plus(changed);
-            if self.kv.set(&key, &whole.encode(), cas)? {
-                self.census.set(Census::default());
-                return Ok(whole);
-            }
-        }
-        Err(StoreError::Contended)
     }
 
     /// Gives back what the expired records of one bucket held; returns how many.

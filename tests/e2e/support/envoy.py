@@ -30,7 +30,7 @@ from pathlib import Path
 import yaml
 
 from support.client import request
-from support.processes import ROOT, LogFile, die_with_parent
+from support.processes import ROOT, LogFile, die_with_parent, stop
 
 ENVOY_BIN = os.environ.get("ENVOY_BIN", str(ROOT / ".venv" / "bin" / "envoy"))
 WASM_PATH = os.environ.get("IDEMPOTENCY_WASM", str(ROOT / "target" / "wasm32-wasip1" / "release" / "idempotency_filter.wasm"))
@@ -235,14 +235,7 @@ class Envoy(LogFile):
     def stop(self):
         proc, self.proc = self.proc, None
         _live.discard(self)
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop(proc, grace=5)
 
     def _fail(self, why):
         raise EnvoyError(f"Envoy #{self.number} not ready: {why}\n--- {self.log_path} (tail) ---\n"

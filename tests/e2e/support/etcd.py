@@ -53,7 +53,7 @@ import uuid
 from pathlib import Path
 
 from support.envoy import Envoy
-from support.processes import ROOT, LogFile, die_with_parent, free_port, start_all
+from support.processes import ROOT, LogFile, die_with_parent, free_port, start_all, stop
 from support.shipped import ENVOY_DIR, ShippedEnvoy, load
 
 ETCD_BIN = os.environ.get("ETCD_BIN") or shutil.which("etcd") or "/usr/bin/etcd"
@@ -192,14 +192,7 @@ class Etcd(LogFile):
 
     def stop(self):
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        stop(proc, grace=10)
 
     def kill(self):
         """SIGKILL: a member that dies mid-write, with no goodbye to its peers."""

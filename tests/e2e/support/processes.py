@@ -3,6 +3,7 @@ needs: to die with the test process, a free port, and a log to read.
 
     ROOT                    the repository
     die_with_parent()       pre-exec for a child: the kernel kills it if the test process dies
+    stop(proc, grace)       SIGTERM, then SIGKILL if it has not exited within ``grace`` seconds
     free_port()             a loopback port free right now (for a process that cannot be given 0)
     LogFile                 mixin: ``log_path``, ``log_size()``, ``log_text(start)``, ``log_tail()``
     start_all(envoys)       start Envoys in parallel, each waiting until it is ready
@@ -11,6 +12,7 @@ needs: to die with the test process, a free port, and a log to read.
 import ctypes
 import signal
 import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -23,6 +25,18 @@ def die_with_parent():
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def stop(proc, grace):
+    """Ends a child that may still run: asked first, killed if it has not gone in ``grace`` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 _given = set()

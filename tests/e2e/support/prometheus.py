@@ -15,7 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 
-from support.processes import ROOT, LogFile, die_with_parent, free_port
+from support.processes import ROOT, LogFile, die_with_parent, free_port, stop
 
 RULES = ROOT / "envoy" / "observability" / "alerts.yaml"
 BINARY = shutil.which("prometheus") or "/usr/bin/prometheus"
@@ -88,10 +88,4 @@ class Prometheus(LogFile):
 
     def stop(self):
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        stop(proc, grace=10)
