@@ -39,7 +39,7 @@ def test_the_gauges_are_the_whole_envoy_s_and_the_histograms_measure_waits_and_r
     keys = [f"{key}-{n}" for n in range(40)]
     for each in keys:
         assert_original(call(envoy, each))
-    assert len(worker_connections(envoy)) == 2, "both workers made records"
+    assert len([w for w, n in worker_connections(envoy).items() if n > 0]) == 2, "both workers made records"
 
     def level(name):
         return envoy.prometheus()[0].get(f"idempotency_{name}{{}}")
