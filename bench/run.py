@@ -179,8 +179,11 @@ SCENARIOS = {
     "conflict-1k": ("POST", 1024, "other", "conflict (same key, other body), 1 KiB"),
     "conflict-64k": ("POST", 65536, "other", "conflict (same key, other body), 64 KiB"),
     "first-json-16k": ("POST", 1024, "unique", "first POST, 1 KiB, answered 16 KiB of JSON"),
+    "first-lone-1k": ("POST", 1024, "unique", "first POST, 1 KiB, one connection"),
     "replay-json-16k": ("POST", 1024, "same", "replay of a 16 KiB JSON answer"),
 }
+# Scenarios run over other than --connections: a lone client's latency, with nothing to batch.
+SCENARIO_CONNECTIONS = {"first-lone-1k": 1}
 # Where a scenario's requests go (the upstream answers by path); the rest go to /v1/payments.
 SCENARIO_PATHS = {"first-json-16k": "/r/json-16k", "replay-json-16k": "/r/json-16k"}
 
@@ -209,11 +212,11 @@ MATRIX = {
     "matcher": [s for s in SCENARIOS if SCENARIOS[s][2] != "cold"],
     "routes": ["get", "nokey-1k", "nokey-64k", "first-1k", "replay-1k"],
     # What the store changes: claims, replays from the local cache and replays fetched from etcd.
-    "etcd": ["first-1k", "replay-1k", "replay-cold-1k"],
-    "etcd-floor": ["first-1k"],
+    "etcd": ["first-1k", "replay-1k", "replay-cold-1k", "first-lone-1k"],
+    "etcd-floor": ["first-1k", "first-lone-1k"],
     # The same with etcd a zone away: 1 ms each way through the bench's relay.
-    "etcd-far": ["first-1k", "replay-1k", "replay-cold-1k"],
-    "etcd-floor-far": ["first-1k"],
+    "etcd-far": ["first-1k", "replay-1k", "replay-cold-1k", "first-lone-1k"],
+    "etcd-floor-far": ["first-1k", "first-lone-1k"],
     # What sending from the root context changes: first POSTs (a replay never goes upstream).
     "outlive": ["first-1k", "first-64k", "replay-1k"],
     # What reading the route's metadata costs every request, covered or not.
@@ -225,7 +228,7 @@ MATRIX = {
     "unobserved": ["first-1k", "replay-1k", "conflict-1k"],
     # The least a first POST can cost: the same requests through the floor probe.
     "floor": ["first-1k", "first-64k"],
-    "pausing": ["first-1k"],
+    "pausing": ["first-1k", "first-lone-1k"],
     "replay-floor": ["replay-1k"],
 }
 # Every variant of a group sends its requests to the group scenario's path.
@@ -997,7 +1000,8 @@ def rounds(workdir, upstream, etcd, relay, args):
                     load = ([upstream, etcd] + ([relay] if v in FAR else [])
                             if v in REMOTE else [upstream])
                     figures = measure(proxies[v], load, workload(v, s), workdir,
-                                      args.seconds, args.connections, run_id, args.retries,
+                                      args.seconds, SCENARIO_CONNECTIONS.get(s, args.connections),
+                                      run_id, args.retries,
                                       budget, proxies.get(PEER), path_of(s))
                     runs.setdefault((v, s), []).append(figures)
                     print(f"  [{done:3}/{total}] round {number + 1} {v:8} {s:14} "
@@ -1044,8 +1048,8 @@ def summarise(runs):
             "counters": counters,
             "etcd_connections": max(f.get("etcd_connections", 0) for f in figures),
             "rounds": [round(f["rps"]) for f in figures],
-            "per_round": [{"rps": f["rps"], "cpu_us_per_request": f["cpu_us_per_request"]}
-                          for f in figures],
+            "per_round": [{"rps": f["rps"], "cpu_us_per_request": f["cpu_us_per_request"],
+                           "p50_us": f["p50_us"]} for f in figures],
         }
     return summary
 
@@ -1515,6 +1519,27 @@ def cpu_per_etcd_operation(summary, variant, against):
             for a, b in zip(mine["per_round"], theirs["per_round"])]
 
 
+# What a lone first POST through etcd may wait above one on the shared-data store: two etcd
+# round trips (the floor probe's two calls at one connection, above a filter that only pauses),
+# and this much.
+LONE_SLACK_MS = 1
+
+
+def lone_latency_row(summary, variant, floor, where):
+    """A target row: the p50 of a first POST at one connection through `variant`, above the
+    shared-data store's, against two round trips as the `floor` probe measures them."""
+    runs = [figure_for(summary, v, "first-lone-1k") for v in (variant, "filter", floor, "pausing")]
+    if not all(runs):
+        return None
+    mine, store, probe, pausing = ([f["p50_us"] / 1000 for f in r["per_round"]] for r in runs)
+    above = statistics.median(a - b for a, b in zip(mine, store))
+    trips = statistics.median(a - b for a, b in zip(probe, pausing))
+    return (f"| lone first POST (one connection){where}: p50 ≤ two etcd round trips "
+            f"({trips:.2f} ms) + {LONE_SLACK_MS} ms above the shared-data store | {above:.2f} ms | "
+            f"p99 {figure_for(summary, variant, 'first-lone-1k')['p99_us'] / 1000:.2f} ms | "
+            f"{'yes' if above <= trips + LONE_SLACK_MS else 'no'} |")
+
+
 def etcd_section(summary, storage):
     """What the cluster-wide store costs: where the time goes, what etcd does per request and
     what it stores per record."""
@@ -1561,6 +1586,10 @@ def etcd_section(summary, storage):
         median = statistics.median(ratios)
         lines.append(f"| {label} | {median:.2f}× | {min(ratios):.2f}–{max(ratios):.2f} | "
                      f"{'yes' if median >= least else 'no'} |")
+    for variant, floor, where in (("etcd", "etcd-floor", ""), ("etcd-far", "etcd-floor-far", ", 1 ms away")):
+        row = lone_latency_row(summary, variant, floor, where)
+        if row:
+            lines.append(row)
     for label, variant, against in (("this filter, above the shared-data store", "etcd", "filter"),
                                     ("floor: the calls alone, above a pausing filter",
                                      "etcd-floor", "pausing")):
@@ -1807,7 +1836,6 @@ def main():
 def write_results(out, runs, mem, storage, args, elapsed, machine_text):
     summary = summarise(runs)
     out.mkdir(parents=True, exist_ok=True)
-    text = report(summary, mem, storage, args, elapsed, machine_text)
     # The measurements first: whatever fails in rendering them, `--render` can redo from them.
     (out / "results.json").write_text(json.dumps({
         "machine": machine_text,
@@ -1817,6 +1845,7 @@ def write_results(out, runs, mem, storage, args, elapsed, machine_text):
         "memory": mem,
         "etcd_storage": storage,
     }, indent=1) + "\n")
+    text = report(summary, mem, storage, args, elapsed, machine_text)
     (out / "results.md").write_text(text + "\n")
     (out / "results.svg").write_text(svg_chart(summary, args))
     update_readme(out / "README.md", summary, mem, args)
