@@ -3,6 +3,18 @@
 
 use super::*;
 
+/// Each finish sent by `call`, once etcd has answered it.
+fn finishes_of(world: &mut World, store: &mut Envoy, call: CallId, now: Millis) -> Vec<Resumed> {
+    let (method, message) = world.calls.get(call);
+    let answer = world.etcd.answer(method, &message);
+    assert_eq!(store.resume(call, Ok(answer), now), Some(Resumed::Nothing));
+    store
+        .take_moved_on()
+        .into_iter()
+        .map(|(_, resumed)| resumed)
+        .collect()
+}
+
 #[test]
 fn a_batch_etcd_refuses_whole_goes_out_again_finish_by_finish() {
     let mut world = World::new();

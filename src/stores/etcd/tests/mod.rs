@@ -589,16 +589,4 @@ fn tickets(world: &mut World, store: &mut Envoy, count: u8) -> Vec<Ticket> {
         .collect()
 }
 
-/// Each finish sent by `call`, once etcd has answered it.
-fn finishes_of(world: &mut World, store: &mut Envoy, call: CallId, now: Millis) -> Vec<Resumed> {
-    let (method, message) = world.calls.get(call);
-    let answer = world.etcd.answer(method, &message);
-    assert_eq!(store.resume(call, Ok(answer), now), Some(Resumed::Nothing));
-    store
-        .take_moved_on()
-        .into_iter()
-        .map(|(_, resumed)| resumed)
-        .collect()
-}
-
 mod batching;
