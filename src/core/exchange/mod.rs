@@ -589,10 +589,15 @@ impl Exchange {
         };
         let step = self.decide(reply, room_to_wait, now);
         if let (Some(since), false) = (waited_since, matches!(step, Step::Wait)) {
-            self.samples
-                .push((Histogram::WaitMillis, now.saturating_sub(since)));
+            self.waited(since, now);
         }
         step
+    }
+
+    /// A duplicate that waited since `since` waits no more.
+    fn waited(&mut self, since: Millis, now: Millis) {
+        let waited = now.saturating_sub(since);
+        self.samples.push((Histogram::WaitMillis, waited));
     }
 
     fn decide(
@@ -896,8 +901,7 @@ impl Exchange {
             ..
         } = self.phase
         {
-            self.samples
-                .push((Histogram::WaitMillis, now.saturating_sub(since)));
+            self.waited(since, now);
         }
         self.refuse_in_progress()
     }
