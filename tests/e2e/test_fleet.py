@@ -195,20 +195,55 @@ def test_retry_on_the_other_envoy_replays_and_then_comes_from_its_local_copy(pai
         assert ORG_A.encode() not in value
 
 
-def test_a_burst_of_replays_the_other_envoy_has_not_seen_asks_etcd_once_per_worker(pair, upstream, key):
+def _settled_kv_calls(etcd, *envoys):
+    """etcd's KV calls once the Envoys' own calls have stopped moving."""
+    for envoy in envoys:
+        settled_etcd_requests(envoy)
+    return etcd.kv_calls()
+
+
+def test_a_burst_of_replays_the_other_envoy_has_not_seen_asks_etcd_once_per_worker(pair, upstream, etcd,
+                                                                                    key):
     """A record stored through A, then retried 16 times at once through B, whose cache has never
     seen it: each of B's workers asks etcd once, and its other retries wait for that answer."""
     a, b = pair
     original = call(a, key)
     assert_original(original)
-    before = settled_etcd_requests(b)
+    before = _settled_kv_calls(etcd, a, b)
     results = burst(16, lambda i: call(b, key))
     for resp in results:
         assert_replay_of(resp, original)
     assert upstream.count(key=key) == 1
-    # A claim per worker, and perhaps a lease grant each.
-    asked = settled_etcd_requests(b) - before
-    assert 1 <= asked <= 4, f"B asked etcd {asked} times for 16 replays of one record"
+    # One claim per worker (lease grants are not KV calls).
+    asked = _settled_kv_calls(etcd, a, b) - before
+    assert 1 <= asked <= 2, f"B asked etcd {asked} times for 16 replays of one record"
+
+
+def test_replays_of_records_stored_elsewhere_read_etcd_and_write_nothing(started, upstream, etcd):
+    """Records stored through A, retried through B: a claim's transaction is a raft write even when
+    it only finds the record, so once three in four of a worker's last 32 claims found one, its
+    claims read first, and replays write nothing to etcd. A pair of its own, whose workers have
+    made no claim before."""
+    a, b = started.pair(upstream, etcd, fleet_config())
+    keys = [f"fleet-cold-{uuid.uuid4()}" for _ in range(128)]
+    originals = [call(a, k) for k in keys]
+    for original in originals:
+        assert_original(original)
+
+    def raft_writes_replaying(numbered):
+        """etcd's raft writes while B replays keys[n] for n in numbered."""
+        settled_etcd_requests(a)
+        before = etcd.raft_writes()
+        for n in numbered:
+            assert_replay_of(call(b, keys[n]), originals[n])
+        settled_etcd_requests(b)
+        return etcd.raft_writes() - before
+
+    # Each of B's two workers claims by transaction until 24 of its claims have found a record.
+    first = raft_writes_replaying(range(96))
+    assert first in (24, 48), f"{first} raft writes for the first 96 replays"
+    assert raft_writes_replaying(range(96, 128)) == 0, "replays read first, and write nothing"
+    assert all(upstream.count(key=k) == 1 for k in keys)
 
 
 def test_a_burst_split_across_both_envoys_executes_once(pair, upstream, key):

@@ -1,7 +1,7 @@
 //! What goes out together: claims that wait while a worker's claim calls are out, finishes,
 //! and claims of a key another claim is already asking about.
 
-use super::{claiming, went_out, wire, Decoded, Etcd, Op, Pending, Sent, CLAIM_CALLS, MAX_BATCH};
+use super::{claiming, went_out, wire, Etcd, Op, Pending, Sent, CLAIM_CALLS, MAX_BATCH};
 use crate::core::store::{CallId, CallResponse, Resumed, Store, StoreError};
 use crate::core::Millis;
 use crate::stores::{Caller, Kv};
@@ -20,7 +20,7 @@ pub(super) struct Member {
     waiter: Option<CallId>,
 }
 
-/// The members of the next batch, with their transactions.
+/// The members of the next batch, with their requests.
 #[derive(Default)]
 pub(super) struct Batching {
     members: Vec<(Member, Vec<u8>)>,
@@ -128,21 +128,23 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     /// Sends the claims that waited, as few transactions as etcd takes, while fewer than
     /// `CLAIM_CALLS` batches of claims are in flight. Claims sent alone do not count here: a
     /// request that leaves takes its call with it, unanswered, and the claims after it must not
-    /// wait for that.
+    /// wait for that. Claims that read first go in batches of their own, which etcd serves
+    /// without a raft round.
     pub(super) fn send_waiting(&mut self, now: Millis) {
         while self.claim_batches() < CLAIM_CALLS && !self.waiting.is_empty() {
+            let reading = self.waiting.first().is_some_and(|(_, op)| op.reads());
             let mut batching = Batching::default();
             let mut next = Vec::new();
             for (id, op) in std::mem::take(&mut self.waiting) {
-                // A claim's transaction is small: only the count and the keys limit a batch.
-                if !batching.fits(op.tuple(), 0, usize::MAX) {
+                // A claim's request is small: only the count and the keys limit a batch.
+                if op.reads() != reading || !batching.fits(op.tuple(), 0, usize::MAX) {
                     next.push((id, op));
                     continue;
                 }
                 match self.next_txn(op, now) {
-                    Ok((op, txn, sent)) => {
+                    Ok((op, message, sent)) => {
                         let waiter = Some(id);
-                        batching.push(Member { op, sent, waiter }, txn);
+                        batching.push(Member { op, sent, waiter }, message);
                     }
                     Err(resumed) => self.moved_on.push((id, resumed)),
                 }
@@ -158,8 +160,9 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     pub(super) fn send_batch(&mut self, batching: Batching, now: Millis) -> Vec<Resumed> {
         let mut members = batching.members;
         let sent: Vec<(Option<CallId>, Resumed)> = if members.len() <= 1 {
-            let alone = members.pop().map(|(member, txn)| {
-                let resumed = self.send(wire::TXN, &txn, member.op, member.sent, now);
+            let alone = members.pop().map(|(member, message)| {
+                let method = member.sent.method();
+                let resumed = self.send(method, &message, member.op, member.sent, now);
                 (member.waiter, resumed)
             });
             alone.into_iter().collect()
@@ -182,9 +185,13 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         members: Vec<(Member, Vec<u8>)>,
         now: Millis,
     ) -> Vec<(Option<CallId>, Resumed)> {
-        let txns: Vec<Vec<u8>> = members.iter().map(|(_, txn)| txn.clone()).collect();
+        let part = |(member, message): &(Member, Vec<u8>)| match member.sent {
+            Sent::ReadFirst => wire::Part::Range(message.clone()),
+            _ => wire::Part::Txn(message.clone()),
+        };
+        let parts: Vec<wire::Part> = members.iter().map(part).collect();
         let members = members.into_iter().map(|(member, _)| member);
-        match self.dispatch(wire::TXN, &wire::batch(&txns), txns.len()) {
+        match self.dispatch(wire::TXN, &wire::batch(&parts), parts.len()) {
             Ok(call) => {
                 let members = members.collect();
                 self.batches.insert(
@@ -230,10 +237,10 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             (waiter, Pending { op, sent, since })
         };
         match answers {
-            Ok(txns) => {
-                for (member, txn) in batch.members.into_iter().zip(txns) {
+            Ok(answers) => {
+                for (member, answer) in batch.members.into_iter().zip(answers) {
                     let (waiter, pending) = pending(member);
-                    let resumed = self.carry_on(pending, Decoded::Txn(txn), now);
+                    let resumed = self.carry_on(pending, answer, now);
                     self.moved_on.push((waiter, resumed));
                 }
             }

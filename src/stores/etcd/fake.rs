@@ -2,7 +2,7 @@
 
 use super::wire::{
     Against, BatchRequest, BatchResponse, DeleteRangeRequest, Header, KeyValue, LeaseGrantRequest,
-    LeaseGrantResponse, Nested, RangeRequest, RangeResponse, Request, RequestOp, Response,
+    LeaseGrantResponse, Nested, Part, RangeRequest, RangeResponse, Request, RequestOp, Response,
     ResponseHeader, ResponseOp, TxnRequest, TxnResponse, GRANT, RANGE,
 };
 use super::*;
@@ -114,15 +114,11 @@ impl FakeEtcd {
         .encode_to_vec()
     }
 
-    /// Nested transactions, applied one after another at one revision (as etcd does, whose
-    /// nested answers carry no header); like etcd, it refuses one that writes a key twice.
+    /// Nested transactions and reads, applied one after another at one revision (as etcd does,
+    /// whose nested answers carry no header); like etcd, it refuses one that writes a key twice.
     fn batch(&mut self, message: &[u8]) -> Vec<u8> {
         let batch = BatchRequest::decode(message).unwrap();
-        let mut keys: Vec<Vec<u8>> = batch
-            .success
-            .iter()
-            .map(|nested| FakeEtcd::key_of(wire::TXN, &nested.txn).unwrap())
-            .collect();
+        let mut keys: Vec<Vec<u8>> = batch.success.iter().map(FakeEtcd::part_key).collect();
         keys.sort();
         keys.dedup();
         assert_eq!(
@@ -133,14 +129,18 @@ impl FakeEtcd {
         let before = self.revision;
         let mut responses = Vec::new();
         for nested in &batch.success {
-            let answer = TxnResponse::decode(&*self.answer(wire::TXN, &nested.txn)).unwrap();
-            let answer = TxnResponse {
-                header: None,
-                ..answer
+            let part = match nested.part.as_ref().unwrap() {
+                Part::Range(range) => Part::Range(self.answer(wire::RANGE, range)),
+                Part::Txn(txn) => {
+                    let answer = TxnResponse::decode(&*self.answer(wire::TXN, txn)).unwrap();
+                    let answer = TxnResponse {
+                        header: None,
+                        ..answer
+                    };
+                    Part::Txn(answer.encode_to_vec())
+                }
             };
-            responses.push(Nested {
-                txn: answer.encode_to_vec(),
-            });
+            responses.push(Nested { part: Some(part) });
         }
         // One revision for the whole transaction: every key it wrote has it.
         let written = self.revision > before;
@@ -164,15 +164,32 @@ impl FakeEtcd {
         match FakeEtcd::key_of(method, message) {
             Some(key) => vec![key],
             None if method == wire::TXN => BatchRequest::decode(message)
-                .map(|batch| {
-                    let nested = batch.success.iter();
-                    nested
-                        .filter_map(|n| FakeEtcd::key_of(method, &n.txn))
-                        .collect()
-                })
+                .map(|batch| batch.success.iter().map(FakeEtcd::part_key).collect())
                 .unwrap_or_default(),
             None => Vec::new(),
         }
+    }
+
+    fn part_key(nested: &Nested) -> Vec<u8> {
+        match nested.part.as_ref().unwrap() {
+            Part::Range(range) => RangeRequest::decode(&**range).unwrap().key,
+            Part::Txn(txn) => FakeEtcd::key_of(wire::TXN, txn).unwrap(),
+        }
+    }
+
+    /// Whether a call makes etcd write (a raft round): all but a range, and a transaction
+    /// holding only ranges.
+    pub fn writes(method: Method, message: &[u8]) -> bool {
+        if method != wire::TXN {
+            return method != RANGE;
+        }
+        let txn = TxnRequest::decode(message).unwrap();
+        if !txn.compare.is_empty() {
+            return true;
+        }
+        let batch = BatchRequest::decode(message).unwrap();
+        let read = |nested: &Nested| matches!(nested.part, Some(Part::Range(_)));
+        !batch.success.iter().all(read)
     }
 
     fn header(&self) -> ResponseHeader {

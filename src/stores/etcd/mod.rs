@@ -8,6 +8,11 @@
 //!   context as soon as it wakes (at most `CLAIM_CALLS` such batches in flight; the rest go
 //!   when one answers), each a transaction nested in one call: etcd then applies many claims
 //!   in one raft round, at a quarter of the CPU each.
+//! - Reading first: that transaction is a raft write even when its compare fails and it only
+//!   reads the record back. While three in four of a worker's last 32 claims found a record
+//!   (replays of records stored elsewhere), a claim reads the key first, and claims only if it
+//!   is absent; those that wait go out as one transaction of reads only, which etcd serves
+//!   without a raft round. First POSTs, which find none, keep their single transaction.
 //! - Lost answers: a claim whose transaction got no answer (a timeout, a reset) may still have
 //!   been applied, and would then block its key for a lease with work that never ran. Such a
 //!   claim is revoked: deleted if the key still holds exactly what it wrote, tried again while the
@@ -64,7 +69,7 @@ use batching::Batch;
 use leases::{LeaseKind, Leases};
 use retry::{Retries, RETRY_MILLIS};
 use std::collections::HashMap;
-use wire::Txn;
+use wire::{Decoded, Txn};
 
 /// Attempts at one claim when other Envoys keep changing the record under it.
 const MAX_ROUNDS: u8 = 8;
@@ -84,6 +89,8 @@ const CLAIM_CALLS: usize = 4;
 enum Sent {
     /// A waiting request's read of the record.
     Look,
+    /// A claim's read of the key, before it tries to create it.
+    ReadFirst,
     Create,
     Takeover,
     Finish,
@@ -95,8 +102,7 @@ enum Op {
     Claim {
         claim: Claim,
         rounds: u8,
-        /// The expired record to take over (its `mod_revision`), if any.
-        takeover: Option<u64>,
+        step: Step,
     },
     Finish {
         claim: Claim,
@@ -125,12 +131,40 @@ enum Op {
     },
 }
 
+/// What a claim asks etcd next.
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    /// Read the key: a claim's transaction is a raft write even when it only reads the record
+    /// back, and a read is not, so while most claims find a record they read first.
+    Read,
+    /// Create the key if it is absent, else read it back.
+    Create,
+    /// Take over the expired record with this `mod_revision`.
+    Takeover(u64),
+}
+
+/// Whether each of a worker's last 32 claims found a record when it first asked etcd.
+#[derive(Default)]
+struct Lately(u32);
+
+impl Lately {
+    fn push(&mut self, found: bool) {
+        self.0 = self.0 << 1 | u32::from(found);
+    }
+
+    /// Three in four found one: then a read first costs etcd less than a claim's write, and
+    /// first POSTs, which almost never find one, keep their single transaction.
+    fn finding(&self) -> bool {
+        self.0.count_ones() >= 24
+    }
+}
+
 impl Op {
-    fn first(claim: &Claim) -> Op {
+    fn first(claim: &Claim, step: Step) -> Op {
         Op::Claim {
             claim: *claim,
             rounds: 0,
-            takeover: None,
+            step,
         }
     }
 
@@ -140,6 +174,17 @@ impl Op {
                 &claim.tuple
             }
         }
+    }
+
+    /// Whether it is a claim that reads the key first.
+    fn reads(&self) -> bool {
+        matches!(
+            self,
+            Op::Claim {
+                step: Step::Read,
+                ..
+            }
+        )
     }
 
     /// What keeping it to send again costs: its value and the response kept to cache.
@@ -212,6 +257,7 @@ pub struct Etcd<C: Caller, K: Kv> {
     /// their own: each asks again once that answer is in (a burst of replays of one record not
     /// in the cache makes one call, the rest find the copy it left).
     followers: Vec<(CallId, Claim)>,
+    lately: Lately,
     /// When each call in flight was made, in microseconds.
     dispatched: HashMap<CallId, u64>,
     /// Call latencies and batch sizes, for [`Store::take_samples`].
@@ -246,6 +292,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             retries: Retries::default(),
             evictions: Vec::new(),
             followers: Vec::new(),
+            lately: Lately::default(),
             dispatched: HashMap::new(),
             samples: Vec::new(),
         }
@@ -365,18 +412,21 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         self.send_one(op, now)
     }
 
-    /// Sends an operation's transaction (once it has its lease) in a call of its own.
+    /// Sends an operation's request (once it has its lease) in a call of its own.
     fn send_one(&mut self, op: Op, now: Millis) -> Resumed {
         match self.next_txn(op, now) {
-            Ok((op, txn, sent)) => self.send(wire::TXN, &txn, op, sent, now),
+            Ok((op, message, sent)) => self.send(sent.method(), &message, op, sent, now),
             Err(resumed) => resumed,
         }
     }
 
-    /// The transaction an operation sends next, once it has the lease it needs; else what
-    /// became of it (waiting for a lease, or failed).
+    /// The request an operation sends next (a transaction, or a claim's read), once it has the
+    /// lease it needs; else what became of it (waiting for a lease, or failed).
     fn next_txn(&mut self, op: Op, now: Millis) -> Result<(Op, Vec<u8>, Sent), Resumed> {
         let kind = match &op {
+            Op::Claim {
+                step: Step::Read, ..
+            } => None,
             Op::Claim { .. } => Some(LeaseKind::Claim),
             Op::Finish {
                 value: Some(_),
@@ -400,16 +450,17 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             None => None,
         };
         let (message, sent) = match &op {
-            Op::Claim {
-                claim, takeover, ..
-            } => {
+            Op::Claim { claim, step, .. } => {
                 let key = self.key(&claim.tuple);
-                let message = wire::claim(&key, &claim_value(claim, now), lease, *takeover);
-                let sent = match takeover {
-                    None => Sent::Create,
-                    Some(_) => Sent::Takeover,
-                };
-                (message, sent)
+                let value = claim_value(claim, now);
+                match step {
+                    Step::Read => (wire::range(&key), Sent::ReadFirst),
+                    Step::Create => (wire::claim(&key, &value, lease, None), Sent::Create),
+                    Step::Takeover(revision) => {
+                        let message = wire::claim(&key, &value, lease, Some(*revision));
+                        (message, Sent::Takeover)
+                    }
+                }
             }
             Op::Finish {
                 claim,
@@ -614,7 +665,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         unparked
     }
 
-    /// A claim's transaction failed: decide on the record etcd sent back.
+    /// A claim's read, or its transaction that failed: decide on the record etcd sent back.
     fn decide_on(
         &mut self,
         claim: Claim,
@@ -623,8 +674,8 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         now: Millis,
     ) -> Resumed {
         let Some((value, revision)) = existing else {
-            // The record went away between compare and read: claim again.
-            return self.retry_claim(claim, rounds, None, now);
+            // No record (or it went away between compare and read): claim again.
+            return self.retry_claim(claim, rounds, Step::Create, now);
         };
         let (entry, response) = match Entry::decode_remote(&value) {
             Ok(decoded) => decoded,
@@ -640,7 +691,9 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             evict: None,
         };
         let reply = match lifecycle::claim(&mut bucket, &claim, room, now) {
-            Verdict::Claimed(_) => return self.retry_claim(claim, rounds, Some(revision), now),
+            Verdict::Claimed(_) => {
+                return self.retry_claim(claim, rounds, Step::Takeover(revision), now)
+            }
             Verdict::Replay(found) => match StoredResponse::decode(response, found.token) {
                 Ok(response) => {
                     if let Err(error) = self.cache.remember(&claim, &response, entry.deadline, now)
@@ -662,20 +715,14 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         Resumed::Claim(Answer::Now(Ok(reply)))
     }
 
-    fn retry_claim(
-        &mut self,
-        claim: Claim,
-        rounds: u8,
-        takeover: Option<u64>,
-        now: Millis,
-    ) -> Resumed {
+    fn retry_claim(&mut self, claim: Claim, rounds: u8, step: Step, now: Millis) -> Resumed {
         if rounds >= MAX_ROUNDS {
             return Resumed::Claim(Answer::Now(Err(StoreError::Contended)));
         }
         let op = Op::Claim {
             claim,
             rounds: rounds + 1,
-            takeover,
+            step,
         };
         self.advance(op, now)
     }
@@ -683,7 +730,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     /// The answer to a call: decoded as what was sent expects, and the operation carried on.
     fn on_answer(&mut self, pending: Pending, message: &[u8], now: Millis) -> Resumed {
         let decoded = match pending.sent {
-            Sent::Look => wire::range_answer(message).map(Decoded::Found),
+            Sent::Look | Sent::ReadFirst => wire::range_answer(message).map(Decoded::Found),
             _ => wire::txn_answer(message).map(Decoded::Txn),
         };
         match decoded {
@@ -697,7 +744,14 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             (Sent::Look, Op::Claim { claim, rounds, .. }, Decoded::Found(found)) => {
                 self.decide_on(claim, rounds, found, now)
             }
+            (Sent::ReadFirst, Op::Claim { claim, rounds, .. }, Decoded::Found(found)) => {
+                self.lately.push(found.is_some());
+                self.decide_on(claim, rounds, found, now)
+            }
             (Sent::Create | Sent::Takeover, Op::Claim { claim, rounds, .. }, Decoded::Txn(txn)) => {
+                if rounds == 0 {
+                    self.lately.push(!txn.succeeded);
+                }
                 if txn.succeeded {
                     Resumed::Claim(Answer::Now(Ok(Verdict::Claimed(Ticket {
                         handle: Handle::Revision(txn.revision),
@@ -841,7 +895,12 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             self.followers.push((id, *claim));
             return Answer::Later(id);
         }
-        claim_answer(self.advance(Op::first(claim), now))
+        let step = if self.lately.finding() {
+            Step::Read
+        } else {
+            Step::Create
+        };
+        claim_answer(self.advance(Op::first(claim, step), now))
     }
 
     fn poll(
@@ -858,7 +917,8 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             return None;
         }
         let range = wire::range(&self.key(&claim.tuple));
-        let look = self.send(wire::RANGE, &range, Op::first(claim), Sent::Look, now);
+        let op = Op::first(claim, Step::Read);
+        let look = self.send(wire::RANGE, &range, op, Sent::Look, now);
         Some(claim_answer(look))
     }
 
@@ -955,9 +1015,9 @@ fn silent_calls<V>(calls: &HashMap<CallId, V>, silent: impl Fn(&V) -> bool) -> V
     silent.map(|(call, _)| *call).collect()
 }
 
-/// Whether a call with `sent` is a claim's transaction.
+/// Whether a call with `sent` is a claim's.
 fn claiming(sent: &Sent) -> bool {
-    matches!(sent, Sent::Create | Sent::Takeover)
+    matches!(sent, Sent::ReadFirst | Sent::Create | Sent::Takeover)
 }
 
 /// What sending an operation ended, if anything: a finish sent (or waiting for its lease) is
@@ -978,8 +1038,11 @@ fn later(op: &Op, call: CallId) -> Resumed {
     }
 }
 
-/// An answer, decoded as its call expects.
-enum Decoded {
-    Found(Option<(Vec<u8>, u64)>),
-    Txn(Txn),
+impl Sent {
+    fn method(&self) -> Method {
+        match self {
+            Sent::Look | Sent::ReadFirst => wire::RANGE,
+            _ => wire::TXN,
+        }
+    }
 }

@@ -79,18 +79,22 @@ pub fn revoke(key: &[u8], value: &[u8]) -> Vec<u8> {
     txn(compare, success, range_request(key, true))
 }
 
-/// Transactions (as [`finish`] makes them) in one: each nested in the outer one's `success`,
-/// with its own compare and branches, all applied at one revision. etcd refuses a batch that
-/// writes one key twice, so the keys must differ.
-pub fn batch(txns: &[Vec<u8>]) -> Vec<u8> {
+/// Requests in one transaction, all applied at one revision: transactions (as [`finish`]
+/// makes them) each nested in the outer one's `success` with its own compare and branches, or
+/// reads (as [`range`] makes them). etcd refuses a batch that writes one key twice, so the keys
+/// must differ; one of reads alone is served on etcd's read path, without a raft round.
+pub fn batch(parts: &[Part]) -> Vec<u8> {
+    let success = parts.iter().map(|part| Nested {
+        part: Some(part.clone()),
+    });
     BatchRequest {
-        success: txns.iter().map(|txn| Nested { txn: txn.clone() }).collect(),
+        success: success.collect(),
     }
     .encode_to_vec()
 }
 
-/// A batch's answer: each nested transaction's, in order (`count` of them).
-pub fn batch_answer(message: &[u8], count: usize) -> Result<Vec<Txn>, StoreError> {
+/// A batch's answer: each part's, in order (`count` of them).
+pub fn batch_answer(message: &[u8], count: usize) -> Result<Vec<Decoded>, StoreError> {
     let answer = decode::<BatchResponse>(message)?;
     if answer.responses.len() != count {
         let got = answer.responses.len();
@@ -102,15 +106,26 @@ pub fn batch_answer(message: &[u8], count: usize) -> Result<Vec<Txn>, StoreError
     answer
         .responses
         .iter()
-        .map(|nested| {
-            let txn = decode::<TxnResponse>(&nested.txn)?;
-            // etcd gives a nested answer no header: it was applied at the batch's revision.
-            Ok(Txn {
-                revision,
-                ..txn_of(txn)
-            })
+        .map(|nested| match &nested.part {
+            Some(Part::Range(range)) => range_answer(range).map(Decoded::Found),
+            Some(Part::Txn(txn)) => {
+                let txn = decode::<TxnResponse>(txn)?;
+                // etcd gives a nested answer no header: it was applied at the batch's revision.
+                Ok(Decoded::Txn(Txn {
+                    revision,
+                    ..txn_of(txn)
+                }))
+            }
+            None => Err(StoreError::Remote("an empty answer in a batch".into())),
         })
         .collect()
+}
+
+/// An answer, decoded as its call expects: a read's, or a transaction's.
+#[derive(Debug)]
+pub enum Decoded {
+    Found(Option<(Vec<u8>, u64)>),
+    Txn(Txn),
 }
 
 /// A transaction's answer: whether its compare held, the revision it was applied at, and, if
@@ -364,19 +379,29 @@ pub(super) struct LeaseGrantResponse {
     pub error: String,
 }
 
-/// A `TxnRequest` with no compare, whose `success` holds only `RequestOp.request_txn`s: each
-/// already encoded, as a nested message is on the wire.
+/// A `TxnRequest` with no compare, whose `success` holds `RequestOp`s each already encoded, as
+/// a nested message is on the wire.
 #[derive(Clone, PartialEq, Message)]
 pub(super) struct BatchRequest {
     #[prost(message, repeated, tag = "2")]
     pub success: Vec<Nested>,
 }
 
-/// A `RequestOp.request_txn` or a `ResponseOp.response_txn`, still encoded.
+/// A `RequestOp` or a `ResponseOp` of a batch, its content still encoded.
 #[derive(Clone, PartialEq, Message)]
 pub(super) struct Nested {
+    #[prost(oneof = "Part", tags = "1, 4")]
+    pub part: Option<Part>,
+}
+
+/// A batch's part: its `request_range` or `request_txn` (answered by `response_range` or
+/// `response_txn`, numbered alike).
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Part {
+    #[prost(bytes = "vec", tag = "1")]
+    Range(Vec<u8>),
     #[prost(bytes = "vec", tag = "4")]
-    pub txn: Vec<u8>,
+    Txn(Vec<u8>),
 }
 
 /// A batch's `TxnResponse`: its header and the nested transactions' answers.

@@ -15,6 +15,7 @@
                                       with (openssl); an Etcd given them serves TLS, requires a
                                       client certificate and hands out JWT tokens (1 h)
         .metric(name)                 a counter of etcd's /metrics
+        .kv_calls() / .raft_writes()  calls answered on its KV service; proposals less grants
         .client_port, .log_path
         .range_prefix(prefix, serializable=False) -> [(key bytes, value bytes)]
                                       what etcd holds, read directly (serializable: this member's
@@ -253,14 +254,24 @@ class Etcd(LogFile):
         except urllib.error.HTTPError as err:
             raise EtcdError(f"etcd answered {err.code} to {path}: {err.read()[:300]!r}") from None
 
-    def metric(self, name):
-        """A counter from etcd's own /metrics (e.g. etcd_debugging_lease_granted_total)."""
+    def metric(self, name, labelled=""):
+        """A counter from etcd's own /metrics (e.g. etcd_debugging_lease_granted_total): the sum
+        of its samples whose labels hold ``labelled``."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=5,
                                     context=self._client_tls()) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        return 0.0
+            lines = resp.read().decode().splitlines()
+        samples = (line.rsplit(" ", 1) for line in lines if line.startswith(name))
+        return sum(float(value) for series, value in samples
+                   if series.split("{")[0] == name and labelled in series)
+
+    def kv_calls(self):
+        """Calls etcd has answered on its KV service (reads and transactions)."""
+        return self.metric("grpc_server_handled_total", 'grpc_service="etcdserverpb.KV"')
+
+    def raft_writes(self):
+        """Raft proposals etcd has committed, less its lease grants: the writes to its keys."""
+        return (self.metric("etcd_server_proposals_committed_total")
+                - self.metric("etcd_debugging_lease_granted_total"))
 
     def range_prefix(self, prefix, serializable=False):
         """[(key, value)] of every key under ``prefix`` (bytes or str), read from etcd directly;

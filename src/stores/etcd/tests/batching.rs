@@ -288,3 +288,59 @@ fn a_burst_of_replays_of_a_record_not_in_the_cache_makes_one_call() {
     }
     assert_eq!(txns(&world), 1, "the rest from the copy it left");
 }
+
+#[test]
+fn while_most_claims_find_a_record_they_read_first_and_those_that_wait_read_together() {
+    let mut world = World::new();
+    let mut a = world.envoy(JSON);
+    let mut b = world.envoy(JSON);
+    let claim = |n: u8| Claim {
+        tuple: [n; 32],
+        ..claim_of(1, n.into())
+    };
+    for n in 1..=40 {
+        let first = Resumed::Claim(a.claim(&claim(n), 0));
+        let ticket = claimed(world.settle(&mut a, first, 0));
+        finish(&mut world, &mut a, ticket, Ending::Stored(response()), 10);
+    }
+    // Claims made at once on `b`, which holds no copy; whether each of its calls to the KV
+    // service made etcd write.
+    let mut claims = |world: &mut World, tuples: &[u8], now: Millis| {
+        let sent = world.calls.sent.borrow().len();
+        let answers: Vec<_> = tuples.iter().map(|n| b.claim(&claim(*n), now)).collect();
+        let settled: Vec<Resumed> = answers
+            .into_iter()
+            .map(|answer| world.settle(&mut b, Resumed::Claim(answer), now))
+            .collect();
+        let calls = world.calls.sent.borrow();
+        let kv = calls[sent..]
+            .iter()
+            .filter(|(method, _)| *method != wire::GRANT);
+        let writes = kv.map(|(method, message)| FakeEtcd::writes(*method, message));
+        (settled, writes.collect::<Vec<bool>>())
+    };
+    let replays = |count| {
+        let replay = || Resumed::Claim(Answer::Now(Ok(replay_stored_at(10))));
+        std::iter::repeat_with(replay)
+            .take(count)
+            .collect::<Vec<_>>()
+    };
+    // At first a claim is a transaction, a write even when its compare fails and it only reads
+    // the record back: four alone, the twenty past them nested in one.
+    let first: Vec<u8> = (1..=24).collect();
+    assert_eq!(claims(&mut world, &first, 20), (replays(24), vec![true; 5]));
+    // Then 24 of the last 32 found a record: claims read first, four alone and the four past
+    // them in one transaction of reads only, none a write.
+    let second: Vec<u8> = (25..=32).collect();
+    assert_eq!(
+        claims(&mut world, &second, 30),
+        (replays(8), vec![false; 5])
+    );
+    // A first POST among them reads, finds nothing, and claims.
+    let (settled, writes) = claims(&mut world, &[99], 40);
+    assert!(matches!(
+        settled[..],
+        [Resumed::Claim(Answer::Now(Ok(Verdict::Claimed(_))))]
+    ));
+    assert_eq!(writes, [false, true]);
+}
