@@ -1,7 +1,8 @@
 //! What goes out together: claims that wait while a worker's claim calls are out, finishes,
 //! and claims of a key another claim is already asking about.
 
-use super::{claiming, went_out, wire, Etcd, Op, Pending, Sent, CLAIM_CALLS, MAX_BATCH};
+use super::ops::{claiming, went_out, Op, Pending, Sent};
+use super::{wire, Etcd, CLAIM_CALLS, MAX_BATCH};
 use crate::core::store::{CallId, CallResponse, Resumed, Store, StoreError};
 use crate::core::Millis;
 use crate::stores::{Caller, Kv};

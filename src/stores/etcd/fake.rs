@@ -6,7 +6,8 @@ use super::wire::{
     ResponseHeader, ResponseOp, TxnRequest, TxnResponse, GRANT, RANGE,
 };
 use super::*;
-use crate::core::store::CallFailed;
+use crate::core::lifecycle::Verdict;
+use crate::core::store::{CallFailed, Replay};
 use crate::stores::testkit::{config, MemoryKv};
 use prost::Message;
 use std::cell::RefCell;

@@ -43,10 +43,14 @@
 //!
 //! Every operation goes out as calls; their answers come back through [`Store::resume`].
 
+mod answers;
 mod batching;
 #[cfg(test)]
 pub(crate) mod fake;
+mod finishes;
+mod grants;
 mod leases;
+mod ops;
 mod retry;
 #[cfg(test)]
 mod tests;
@@ -55,21 +59,22 @@ pub(crate) mod wire;
 pub use wire::Method;
 
 use crate::core::config::{Config, EtcdConfig};
-use crate::core::lifecycle::{self, Claim, Ending, Finished, Room, Verdict};
+use crate::core::lifecycle::{Claim, Ending, Finished};
 use crate::core::metrics::{Gauge, Histogram};
-use crate::core::record::{Bucket, Entry, State, StoredResponse, REMOTE_ENTRY_LEN};
+use crate::core::record::StoredResponse;
 use crate::core::store::{
-    Answer, CallFailed, CallId, CallResponse, ClaimReply, Handle, Replay, Resumed, Store,
-    StoreError, Ticket,
+    Answer, CallFailed, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError,
+    Ticket,
 };
 use crate::core::Millis;
 use crate::stores::table::Table;
 use crate::stores::{Caller, Kv};
+use answers::claim_answer;
 use batching::Batch;
 use leases::{LeaseKind, Leases};
-use retry::{Retries, RETRY_MILLIS};
+use ops::{claim_value, later, Lately, Op, Parked, Pending, Sent, Step};
+use retry::Retries;
 use std::collections::HashMap;
-use wire::{Decoded, Txn};
 
 /// Attempts at one claim when other Envoys keep changing the record under it.
 const MAX_ROUNDS: u8 = 8;
@@ -83,148 +88,6 @@ const DEADLINE_EXCEEDED: u32 = 4;
 /// Claim calls a worker sends alone; past them, new claims wait and go out together, in at
 /// most this many batches in flight.
 const CLAIM_CALLS: usize = 4;
-
-/// What an operation is waiting for.
-#[derive(Debug)]
-enum Sent {
-    /// A waiting request's read of the record.
-    Look,
-    /// A claim's read of the key, before it tries to create it.
-    ReadFirst,
-    Create,
-    Takeover,
-    Finish,
-    Revoke,
-}
-
-#[derive(Debug)]
-enum Op {
-    Claim {
-        claim: Claim,
-        rounds: u8,
-        step: Step,
-    },
-    Finish {
-        claim: Claim,
-        /// The claim's revision: the record changes only if it still has it.
-        revision: u64,
-        /// The record's new value, `None` to delete it.
-        value: Option<Vec<u8>>,
-        lease: LeaseKind,
-        /// What the record says once etcd has it.
-        recorded: Finished,
-        /// A stored response, kept to cache locally once etcd has it.
-        response: Option<(StoredResponse, Millis)>,
-        /// A lease after the response: a retry after that has run the work again anyway.
-        give_up: Millis,
-        /// Failed before: its error was reported once already.
-        retried: bool,
-    },
-    /// Delete the key if it holds `value`, a claim whose transaction got no answer.
-    Revoke {
-        claim: Claim,
-        value: Vec<u8>,
-        /// When the claim would expire anyway.
-        give_up: Millis,
-        /// How long to wait before the next attempt, doubled each time.
-        backoff: Millis,
-    },
-}
-
-/// What a claim asks etcd next.
-#[derive(Clone, Copy, Debug)]
-enum Step {
-    /// Read the key: a claim's transaction is a raft write even when it only reads the record
-    /// back, and a read is not, so while most claims find a record they read first.
-    Read,
-    /// Create the key if it is absent, else read it back.
-    Create,
-    /// Take over the expired record with this `mod_revision`.
-    Takeover(u64),
-}
-
-/// Whether each of a worker's last 32 claims found a record when it first asked etcd.
-#[derive(Default)]
-struct Lately(u32);
-
-impl Lately {
-    fn push(&mut self, found: bool) {
-        self.0 = self.0 << 1 | u32::from(found);
-    }
-
-    /// Three in four found one: then a read first costs etcd less than a claim's write, and
-    /// first POSTs, which almost never find one, keep their single transaction.
-    fn finding(&self) -> bool {
-        self.0.count_ones() >= 24
-    }
-}
-
-impl Op {
-    fn first(claim: &Claim, step: Step) -> Op {
-        Op::Claim {
-            claim: *claim,
-            rounds: 0,
-            step,
-        }
-    }
-
-    fn tuple(&self) -> &[u8; 32] {
-        match self {
-            Op::Claim { claim, .. } | Op::Finish { claim, .. } | Op::Revoke { claim, .. } => {
-                &claim.tuple
-            }
-        }
-    }
-
-    /// Whether it is a claim that reads the key first.
-    fn reads(&self) -> bool {
-        matches!(
-            self,
-            Op::Claim {
-                step: Step::Read,
-                ..
-            }
-        )
-    }
-
-    /// What keeping it to send again costs: its value and the response kept to cache.
-    fn retry_bytes(&self) -> usize {
-        match self {
-            Op::Claim { .. } => 0,
-            Op::Finish { value, .. } => value.as_ref().map_or(0, Vec::len) * 2,
-            Op::Revoke { value, .. } => value.len(),
-        }
-    }
-}
-
-/// What a claim writes: an entry in flight until `now` + its lease.
-fn claim_value(claim: &Claim, now: Millis) -> Vec<u8> {
-    let entry = Entry {
-        state: State::InFlight,
-        tuple: claim.tuple,
-        fingerprint: claim.fingerprint,
-        token: claim.token,
-        deadline: now + claim.lease,
-        response_len: 0,
-        org: claim.org,
-        stored: 0,
-    };
-    entry.encode_remote(None)
-}
-
-struct Pending {
-    op: Op,
-    sent: Sent,
-    since: Millis,
-}
-
-/// An operation waiting for a lease to be granted, under a call id of its own that no Envoy call
-/// has (Envoy's ids are 0, 1 or 2 modulo 4): its request waits under that id.
-struct Parked {
-    id: CallId,
-    kind: LeaseKind,
-    op: Op,
-}
 
 pub struct Etcd<C: Caller, K: Kv> {
     caller: C,
@@ -317,55 +180,6 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             if timed {
                 let micros = self.caller.micros().saturating_sub(at);
                 self.samples.push((Histogram::EtcdCallMicros, micros));
-            }
-        }
-    }
-
-    /// A call failed. If it was a claim's transaction and `maybe_applied`, etcd may still apply
-    /// it: it is revoked (see the module). Then the operation fails as [`Etcd::fail`] says.
-    fn call_failed(
-        &mut self,
-        pending: Pending,
-        error: StoreError,
-        maybe_applied: bool,
-        now: Millis,
-    ) -> Resumed {
-        if let (true, Sent::Create | Sent::Takeover, Op::Claim { claim, .. }) =
-            (maybe_applied, &pending.sent, &pending.op)
-        {
-            let give_up = pending.since + claim.lease;
-            let revoke = Op::Revoke {
-                claim: *claim,
-                value: claim_value(claim, pending.since),
-                give_up,
-                backoff: RETRY_MILLIS,
-            };
-            self.retries.revoke(revoke, give_up, now);
-        }
-        self.fail(pending.op, error, now)
-    }
-
-    /// An operation failed: its error. A finish is kept to send again (see the module); the
-    /// compare-and-swap on the claim's revision makes a late one harmless. A finish reports its
-    /// first failure and, if it comes to that, giving up; the failures between are quiet.
-    fn fail(&mut self, mut op: Op, error: StoreError, now: Millis) -> Resumed {
-        match &mut op {
-            Op::Claim { .. } => Resumed::Claim(Answer::Now(Err(error))),
-            Op::Revoke { .. } => {
-                log::debug!("revoking a claim whose answer was lost failed: {error}");
-                self.retries.revoke_again(op, now);
-                Resumed::Nothing
-            }
-            Op::Finish {
-                give_up, retried, ..
-            } => {
-                let first = !std::mem::replace(retried, true);
-                let give_up = *give_up;
-                if self.retries.keep(op, now + RETRY_MILLIS, give_up) && !first {
-                    log::debug!("a finish failed again, sending it again in a second: {error}");
-                    return Resumed::Finish(Answer::Queued);
-                }
-                Resumed::Finish(Answer::Now(Err(error)))
             }
         }
     }
@@ -479,57 +293,6 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         Ok((op, message, sent))
     }
 
-    /// A call's answer, for [`Store::resume`].
-    fn resume_call(
-        &mut self,
-        call: CallId,
-        response: CallResponse,
-        now: Millis,
-    ) -> Option<Resumed> {
-        self.answered(call, true);
-        if let Some(batch) = self.batches.remove(&call) {
-            // Batches go out from the root context, so their answers come back to it: what
-            // the claims that waited send now will not end with some request.
-            self.batch_answered(call, batch, response, now);
-            self.send_waiting(now);
-            return Some(Resumed::Nothing);
-        }
-        if let Some((kind, window, _)) = self.grants.remove(&call) {
-            let granted = match response {
-                Ok(message) => wire::lease_answer(&message),
-                Err(failed) => Err(StoreError::Remote(format!("etcd answered {failed}"))),
-            };
-            self.granted(kind, granted.map(|id| (window, id)), now);
-            return Some(Resumed::Nothing);
-        }
-        let pending = self.pending.remove(&call)?;
-        Some(match response {
-            Ok(message) => self.on_answer(pending, &message, now),
-            Err(failed) => {
-                // A value etcd refuses as too large (its own limit, or gRPC's above it): keep
-                // the record without its response.
-                if let Op::Finish {
-                    claim,
-                    revision,
-                    response: Some(_),
-                    ..
-                } = &pending.op
-                {
-                    if failed.message.contains("too large")
-                        || failed.message.contains("larger than max")
-                    {
-                        let unstored = Ending::Unstored { no_room: false };
-                        let op = self.finish_op(*claim, *revision, unstored, now);
-                        return Some(self.advance(op, now));
-                    }
-                }
-                let refused = failed.refused();
-                let error = StoreError::Remote(format!("etcd answered {failed}"));
-                self.call_failed(pending, error, !refused, now)
-            }
-        })
-    }
-
     /// The tick's own work, for [`Store::tick`].
     fn tick_calls(&mut self, now: Millis) -> Vec<Resumed> {
         let mut ended = Vec::new();
@@ -570,318 +333,10 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         ended
     }
 
-    fn grant_backing_off(&self, now: Millis) -> bool {
-        self.grant_failed_at
-            .is_some_and(|failed| now < failed + GRANT_BACKOFF_MILLIS)
-    }
-
-    /// Grants the leases wanted now, one of each kind at a time: the current window's if an
-    /// operation waits for it, else, in the second half of a window in which the kind was used,
-    /// the next one's.
-    fn grant_wanted(&mut self, now: Millis) {
-        if self.grant_backing_off(now) {
-            return;
-        }
-        for kind in LeaseKind::ALL {
-            if self.grants.values().any(|(granting, ..)| *granting == kind) {
-                continue;
-            }
-            let (window, late) = self.leases.window(kind, now);
-            let window = if self.leases.granted(kind, window).is_none() {
-                if !self.parked.iter().any(|parked| parked.kind == kind) {
-                    continue;
-                }
-                window
-            } else {
-                // Granted by another worker, maybe.
-                self.go_on(kind, now);
-                let in_use = self.used[kind as usize] == Some(window);
-                if !(late && in_use && self.leases.granted(kind, window + 1).is_none()) {
-                    continue;
-                }
-                window + 1
-            };
-            let (_, length) = self.leases.shape(kind);
-            match self.dispatch(wire::GRANT, &wire::grant(length), 1) {
-                Ok(call) => {
-                    self.grants.insert(call, (kind, window, now));
-                }
-                Err(error) => self.granted(kind, Err(error), now),
-            }
-        }
-    }
-
-    /// A grant of `kind` ended: the operations waiting for one go on, or fail with it.
-    fn granted(&mut self, kind: LeaseKind, result: Result<(u64, i64), StoreError>, now: Millis) {
-        match result {
-            Ok((window, id)) => {
-                self.grant_failures = 0;
-                self.leases.remember(kind, window, id);
-                self.go_on(kind, now);
-            }
-            Err(error) => {
-                log::debug!("granting an etcd lease failed: {error}");
-                self.grant_failures += 1;
-                if self.grant_failures == 1 {
-                    return;
-                }
-                self.grant_failed_at = Some(now);
-                for parked in self.unpark(kind) {
-                    let resumed = self.fail(parked.op, error.clone(), now);
-                    self.moved_on.push((parked.id, resumed));
-                }
-            }
-        }
-    }
-
-    /// The operations waiting for a lease of `kind` go on (a grant for the next window leaves
-    /// them waiting again, for the current one's).
-    fn go_on(&mut self, kind: LeaseKind, now: Millis) {
-        for parked in self.unpark(kind) {
-            let resumed = self.advance(parked.op, now);
-            self.moved_on.push((parked.id, resumed));
-        }
-    }
-
     /// An id for an operation that waits inside the store: one no Envoy call has.
     fn waiting_id(&mut self) -> CallId {
         self.last_parked = self.last_parked.wrapping_add(4);
         self.last_parked
-    }
-
-    /// Keeps `op` until a lease of `kind` is granted (or its grant fails).
-    fn park(&mut self, kind: LeaseKind, op: Op) -> Resumed {
-        let id = self.waiting_id();
-        let resumed = later(&op, id);
-        self.parked.push(Parked { id, kind, op });
-        resumed
-    }
-
-    fn unpark(&mut self, kind: LeaseKind) -> Vec<Parked> {
-        let (unparked, still) = std::mem::take(&mut self.parked)
-            .into_iter()
-            .partition(|parked| parked.kind == kind);
-        self.parked = still;
-        unparked
-    }
-
-    /// A claim's read, or its transaction that failed: decide on the record etcd sent back.
-    fn decide_on(
-        &mut self,
-        claim: Claim,
-        rounds: u8,
-        existing: Option<(Vec<u8>, u64)>,
-        now: Millis,
-    ) -> Resumed {
-        let Some((value, revision)) = existing else {
-            // No record (or it went away between compare and read): claim again.
-            return self.retry_claim(claim, rounds, Step::Create, now);
-        };
-        let (entry, response) = match Entry::decode_remote(&value) {
-            Ok(decoded) => decoded,
-            Err(error) => {
-                let error = StoreError::Unreadable(format!("etcd record: {error:?}"));
-                return Resumed::Claim(Answer::Now(Err(error)));
-            }
-        };
-        let mut bucket = Bucket::empty();
-        bucket.entries[0] = entry;
-        let room = Room {
-            usable: 1,
-            evict: None,
-        };
-        let reply = match lifecycle::claim(&mut bucket, &claim, room, now) {
-            Verdict::Claimed(_) => {
-                return self.retry_claim(claim, rounds, Step::Takeover(revision), now)
-            }
-            Verdict::Replay(found) => match StoredResponse::decode(response, found.token) {
-                Ok(response) => {
-                    if let Err(error) = self.cache.remember(&claim, &response, entry.deadline, now)
-                    {
-                        log::warn!("caching a record locally failed: {error}");
-                    }
-                    Verdict::Replay(Replay {
-                        response,
-                        expires: entry.deadline,
-                    })
-                }
-                Err(error) => {
-                    let error = StoreError::Unreadable(format!("etcd response: {error:?}"));
-                    return Resumed::Claim(Answer::Now(Err(error)));
-                }
-            },
-            Verdict::Blocked(block) => Verdict::Blocked(block),
-        };
-        Resumed::Claim(Answer::Now(Ok(reply)))
-    }
-
-    fn retry_claim(&mut self, claim: Claim, rounds: u8, step: Step, now: Millis) -> Resumed {
-        if rounds >= MAX_ROUNDS {
-            return Resumed::Claim(Answer::Now(Err(StoreError::Contended)));
-        }
-        let op = Op::Claim {
-            claim,
-            rounds: rounds + 1,
-            step,
-        };
-        self.advance(op, now)
-    }
-
-    /// The answer to a call: decoded as what was sent expects, and the operation carried on.
-    fn on_answer(&mut self, pending: Pending, message: &[u8], now: Millis) -> Resumed {
-        let decoded = match pending.sent {
-            Sent::Look | Sent::ReadFirst => wire::range_answer(message).map(Decoded::Found),
-            _ => wire::txn_answer(message).map(Decoded::Txn),
-        };
-        match decoded {
-            Ok(decoded) => self.carry_on(pending, decoded, now),
-            Err(error) => self.call_failed(pending, error, true, now),
-        }
-    }
-
-    fn carry_on(&mut self, pending: Pending, answer: Decoded, now: Millis) -> Resumed {
-        match (pending.sent, pending.op, answer) {
-            (Sent::Look, Op::Claim { claim, rounds, .. }, Decoded::Found(found)) => {
-                self.decide_on(claim, rounds, found, now)
-            }
-            (Sent::ReadFirst, Op::Claim { claim, rounds, .. }, Decoded::Found(found)) => {
-                self.lately.push(found.is_some());
-                self.decide_on(claim, rounds, found, now)
-            }
-            (Sent::Create | Sent::Takeover, Op::Claim { claim, rounds, .. }, Decoded::Txn(txn)) => {
-                if rounds == 0 {
-                    self.lately.push(!txn.succeeded);
-                }
-                if txn.succeeded {
-                    Resumed::Claim(Answer::Now(Ok(Verdict::Claimed(Ticket {
-                        handle: Handle::Revision(txn.revision),
-                        claim,
-                    }))))
-                } else {
-                    self.decide_on(claim, rounds, txn.found, now)
-                }
-            }
-            (
-                Sent::Finish,
-                Op::Finish {
-                    claim,
-                    value,
-                    recorded,
-                    response,
-                    retried,
-                    ..
-                },
-                Decoded::Txn(Txn {
-                    succeeded, found, ..
-                }),
-            ) => {
-                // A finish sent again after an answer that never came may find that its earlier
-                // attempt landed: its own value in place, or, for a release, the key gone.
-                let landed = |found: Option<(Vec<u8>, u64)>| match (&value, found) {
-                    (Some(value), Some((found, _))) => found == *value,
-                    (None, None) => retried,
-                    _ => false,
-                };
-                if !succeeded && !landed(found) {
-                    return Resumed::Finish(Answer::Now(Ok(Finished::Lost)));
-                }
-                if let Some((response, expires)) = response {
-                    if let Err(error) = self.cache.remember(&claim, &response, expires, now) {
-                        log::warn!("caching a record locally failed: {error}");
-                    }
-                }
-                Resumed::Finish(Answer::Now(Ok(recorded)))
-            }
-            (Sent::Revoke, op, Decoded::Txn(txn)) => {
-                if txn.succeeded {
-                    log::info!("revoked a claim whose answer was lost: its key is free again");
-                } else if txn.found.is_none() {
-                    // The lost transaction may still land.
-                    self.retries.revoke_again(op, now);
-                    return Resumed::Nothing;
-                }
-                // Else another claim holds the key: the lost one never landed, or is gone.
-                self.retries.revoke_ended();
-                Resumed::Nothing
-            }
-            (_, op, _) => self.fail(
-                op,
-                StoreError::Remote("answer to an unknown step".into()),
-                now,
-            ),
-        }
-    }
-
-    fn finish_op(
-        &mut self,
-        claim: Claim,
-        revision: u64,
-        ending: Ending<StoredResponse>,
-        now: Millis,
-    ) -> Op {
-        let entry = |state, deadline, response_len| Entry {
-            state,
-            tuple: claim.tuple,
-            fingerprint: claim.fingerprint,
-            token: claim.token,
-            deadline,
-            response_len,
-            org: claim.org,
-            stored: now,
-        };
-        let recorded = ending.recorded();
-        let give_up = now + claim.lease;
-        let op = |value, lease, response| Op::Finish {
-            claim,
-            revision,
-            value,
-            lease,
-            recorded,
-            response,
-            give_up,
-            retried: false,
-        };
-        match ending {
-            Ending::Stored(response) => {
-                let bytes = response.encode(claim.token, self.compress);
-                if bytes.len() > self.settings.max_value_bytes {
-                    let unstored = Ending::Unstored { no_room: false };
-                    return self.finish_op(claim, revision, unstored, now);
-                }
-                let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                let written = REMOTE_ENTRY_LEN + bytes.len();
-                let (lease, expires) = self.record_lease(&claim, written, now);
-                let value = entry(State::Complete, expires, len).encode_remote(Some(&bytes));
-                op(Some(value), lease, Some((response, expires)))
-            }
-            Ending::Unstored { .. } => {
-                let (lease, expires) = self.record_lease(&claim, REMOTE_ENTRY_LEN, now);
-                let value = entry(State::Unstored, expires, 0).encode_remote(None);
-                op(Some(value), lease, None)
-            }
-            Ending::Released => op(None, LeaseKind::Claim, None),
-            Ending::Held => {
-                let value = entry(State::Held, now + claim.lease, 0).encode_remote(None);
-                op(Some(value), LeaseKind::Claim, None)
-            }
-        }
-    }
-
-    /// The lease a record whose value is `written` bytes long goes under, and when it expires:
-    /// its `ttl` within its organisation's share, else `lease` (an eviction at that age) unless
-    /// its `ttl` is shorter. The claim's `ttl` and `lease` are at most the listener's, which
-    /// the leases of their kinds last.
-    fn record_lease(&mut self, claim: &Claim, written: usize, now: Millis) -> (LeaseKind, Millis) {
-        let key =
-            self.settings.key_prefix.len() + wire::RECORD_FORMAT.len() + 2 * claim.tuple.len();
-        let bytes = (key + written) as u64;
-        if self.leases.within_share(claim.org, bytes, now) {
-            (LeaseKind::Record, now + claim.ttl)
-        } else {
-            let lives = claim.lease.min(claim.ttl);
-            self.evictions.push(lives);
-            (LeaseKind::Claim, now + lives)
-        }
     }
 }
 
@@ -1000,49 +455,8 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
     }
 }
 
-fn claim_answer(resumed: Resumed) -> Answer<Result<ClaimReply, StoreError>> {
-    match resumed {
-        Resumed::Claim(answer) => answer,
-        Resumed::Finish(_) | Resumed::Nothing => {
-            Answer::Now(Err(StoreError::Remote("mixed-up operation".into())))
-        }
-    }
-}
-
 /// The calls of `calls` that `silent` says have gone unanswered too long.
 fn silent_calls<V>(calls: &HashMap<CallId, V>, silent: impl Fn(&V) -> bool) -> Vec<CallId> {
     let silent = calls.iter().filter(|(_, value)| silent(value));
     silent.map(|(call, _)| *call).collect()
-}
-
-/// Whether a call with `sent` is a claim's.
-fn claiming(sent: &Sent) -> bool {
-    matches!(sent, Sent::ReadFirst | Sent::Create | Sent::Takeover)
-}
-
-/// What sending an operation ended, if anything: a finish sent (or waiting for its lease) is
-/// heard of when etcd answers.
-fn went_out(resumed: Resumed) -> Option<Resumed> {
-    match resumed {
-        Resumed::Finish(Answer::Later(_)) => None,
-        other => Some(other),
-    }
-}
-
-/// What an operation waiting for `call` gives its asker.
-fn later(op: &Op, call: CallId) -> Resumed {
-    match op {
-        Op::Claim { .. } => Resumed::Claim(Answer::Later(call)),
-        Op::Finish { .. } => Resumed::Finish(Answer::Later(call)),
-        Op::Revoke { .. } => Resumed::Nothing,
-    }
-}
-
-impl Sent {
-    fn method(&self) -> Method {
-        match self {
-            Sent::Look | Sent::ReadFirst => wire::RANGE,
-            _ => wire::TXN,
-        }
-    }
 }

@@ -1,7 +1,7 @@
 //! Operations kept to send again, within per-worker budgets: finishes etcd did not take, and
 //! revocations of claims whose answer was lost.
 
-use super::Op;
+use super::ops::Op;
 use crate::core::Millis;
 
 /// How long a failed finish, or a revocation, waits before it is sent (again).

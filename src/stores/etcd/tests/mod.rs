@@ -1,6 +1,7 @@
 use super::fake::*;
 use super::*;
-use crate::core::lifecycle::Block;
+use crate::core::lifecycle::{Block, Verdict};
+use crate::core::record::Entry;
 use crate::core::store::CallFailed;
 
 #[test]
