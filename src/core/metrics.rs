@@ -213,7 +213,7 @@ impl Gauge {
 }
 
 /// A distribution, whose buckets Envoy's `stats_config.histogram_bucket_settings` chooses (the
-/// shipped configs set them; README, "Metrics").
+/// shipped configs set them; docs/metrics.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Histogram {
     /// How long a duplicate waited for its original, in milliseconds, however its wait ended.

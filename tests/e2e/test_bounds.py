@@ -1,4 +1,4 @@
-"""The README's "Bounds and memory", in a real Envoy with two workers: a store with no room left
+"""docs/bounds.md, in a real Envoy with two workers: a store with no room left
 under each policy, eviction and fair shares, one organisation's flood of distinct keys, and
 Envoy's resident memory under far more distinct keys than the store holds.
 
@@ -23,7 +23,7 @@ from support.load import FastUpstream, rss_kib, RssSampler, run_load
 LOAD_REQUESTS = int(os.environ.get("IDEMPOTENCY_LOAD_REQUESTS", "100000"))
 WARMUP_REQUESTS = 1000
 LOAD_CONNECTIONS = 64
-# The store's own bound, per the README's Bounds and memory: about 200 bytes of bookkeeping per record plus
+# The store's own bound, per docs/bounds.md: about 200 bytes of bookkeeping per record plus
 # the response bytes. Envoy's footprint is not otherwise fixed to the byte (allocator caches,
 # buffers at peak concurrency): this much more is allowed.
 BYTES_PER_RECORD = 200

@@ -1,4 +1,4 @@
-"""The README's "Deploying": the ways users deploy the filter, checked as far as this machine
+"""The README's "Install" and docs/deploying.md: the ways users deploy the filter, checked as far as this machine
 allows.
 
 - docker compose (envoy/docker-compose.yaml): no Docker engine runs here, so the file is checked
@@ -537,7 +537,7 @@ def upgraded_envoy(tmp_path, upstream):
 def test_an_upgrade_to_another_record_format_never_misreads_a_record(upgraded_envoy, upstream):
     """Format 2 fingerprints with SHA-256, format 3 with XXH3-128: the new build must never
     compare an old fingerprint with a new one. Records live under their format (t2/, t4/), so
-    across the upgrade a retry runs its work again (the README says so), and a rollback finds
+    across the upgrade a retry runs its work again (docs/deploying.md says so), and a rollback finds
     the old records again; no answer is ever another request's, and no store error is seen."""
     envoy = upgraded_envoy
     old_key, new_key = f"before-{uuid.uuid4()}", f"after-{uuid.uuid4()}"
@@ -563,7 +563,7 @@ def test_an_upgrade_to_another_record_format_never_misreads_a_record(upgraded_en
 
 def test_a_configuration_change_by_lds_keeps_the_records_unless_it_moves_the_table(tmp_path, upstream):
     """A new configuration delivered while records are live: records made before still replay,
-    unless the change starts a new table (capacity_records, key_prefix), as the README says;
+    unless the change starts a new table (capacity_records, key_prefix), as docs/deploying.md says;
     then a retry runs its work again and never meets another request's answer."""
     envoy = LdsEnvoy(tmp_path, upstream.port, WASM_PATH).start()
     try:
@@ -591,8 +591,8 @@ FAULT_WASM = Path(os.environ.get("FAULT_WASM", ROOT / "target" / "fault-injectio
 def test_fail_reload_after_a_vm_crash_keeps_every_record(tmp_path, upstream):
     """A VM that traps (the test build traps on `x-idempotency-fault`) is replaced under
     FAIL_RELOAD; shared data outlives it. A stored record still replays, and a claim the dead VM
-    held keeps its work from running again until its lease ends, then frees itself (the README
-    says so: the answer to the dead VM's client is never stored)."""
+    held keeps its work from running again until its lease ends, then frees itself (the README's
+    Install says so: the answer to the dead VM's client is never stored)."""
     assert FAULT_WASM.is_file(), f"{FAULT_WASM} is missing: `make integration` builds it"
     # One worker, so that the trap kills the VM holding the claim.
     envoy = Envoy(tmp_path, {"lease": "3s"}, upstream.port, wasm_path=FAULT_WASM,

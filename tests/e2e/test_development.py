@@ -1,4 +1,4 @@
-"""The README's "Development": the test harness itself, checked through a plain Envoy (router only, no filter): if these fail,
+"""docs/development.md: the test harness itself, checked through a plain Envoy (router only, no filter): if these fail,
 the filter tests cannot be trusted."""
 
 import http.client

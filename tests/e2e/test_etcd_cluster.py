@@ -1,4 +1,4 @@
-"""The README's "A fleet of Envoys: the etcd store" on a real three-member etcd cluster: two Envoy
+"""docs/etcd.md on a real three-member etcd cluster: two Envoy
 processes (two workers each) list every member in envoy/envoy-etcd.yaml's own cluster (HTTP/2,
 its outlier detection), and members stop, die and come back under them.
 

@@ -1,4 +1,4 @@
-"""The README's "A fleet of Envoys: the etcd store", in real Envoys: two Envoy processes (two workers each) share one
+"""docs/etcd.md, in real Envoys: two Envoy processes (two workers each) share one
 etcd, so a retry that lands on the other Envoy of a fleet still replays, waits or conflicts.
 
 Every Envoy here runs the filter with {"etcd": {"cluster": "etcd", "timeout": "500ms", ...}} and a
@@ -299,7 +299,7 @@ def test_concurrent_first_posts_grant_one_lease_per_kind_and_window_per_worker(s
 
 
 def test_etcd_calls_are_timed_and_sized_and_the_queues_drain(pair, upstream, key):
-    """Each gRPC call's latency and operations land in histograms (README, "Metrics"); finishes
+    """Each gRPC call's latency and operations land in histograms (docs/metrics.md); finishes
     that end together go out in one call; nothing stays queued or in flight once traffic stops."""
     a, _ = pair
 
@@ -592,7 +592,7 @@ def test_a_response_etcd_refuses_as_too_large_is_kept_without_its_body(started, 
 
 
 def test_an_etcd_out_of_space_applies_the_policy_until_an_operator_frees_it(started, upstream, key):
-    """NOSPACE: etcd refuses writes once its database reaches --quota-backend-bytes. The README's
+    """NOSPACE: etcd refuses writes once its database reaches --quota-backend-bytes. docs/etcd.md's
     remedy (delete, compact, defragment, disarm the alarm) brings service back."""
     small = started.etcd("small", quota_backend_bytes=256 * 1024)
     a, b = started.pair(upstream, small, fleet_config())
@@ -645,7 +645,7 @@ FLOODER = "Bearer ic_live_org_flood"
 
 
 def test_an_organisation_flooding_etcd_holds_its_share_and_leaves_another_working(started, upstream, etcd):
-    """The README's etcd shares: past ``max_share_bytes`` of records written through one Envoy, an
+    """docs/etcd.md's shares: past ``max_share_bytes`` of records written through one Envoy, an
     organisation's new records live ``lease``, not ``ttl``. It keeps being served, its retries
     within the lease replay, and what it holds in etcd falls back to a share per Envoy, while
     another organisation's records keep their ``ttl``."""

@@ -1,4 +1,4 @@
-"""The README's "A client that gives up", run for real: the API document's first scenario (a
+"""docs/giving-up.md, run for real: the API document's first scenario (a
 client that gives up mid-write, then its retry loop with the same key), through the router (the
 default) and with outlive_client, where the work outlives its client."""
 

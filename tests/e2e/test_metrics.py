@@ -1,4 +1,4 @@
-"""The README's "Metrics": every outcome is counted; the gauges are the whole Envoy's and the
+"""docs/metrics.md: every outcome is counted; the gauges are the whole Envoy's and the
 histograms measure what they say; every metric the filter defines is in the deploying guide under
 both names Envoy gives it; each request's outcome is in the access log; the shipped alert rules
 watch only what the filter exports."""

@@ -1,5 +1,5 @@
 //! Records sharded across several etcd clusters, and a reshard while a fleet runs: the protocol
-//! of the README's "Sharding", checked before any store implements it.
+//! of docs/etcd.md's "Sharding", checked before any store implements it.
 //!
 //! A tuple's record lives on the cluster its list of clusters ranks highest for it (rendezvous
 //! hashing: adding a cluster moves only the tuples it now ranks highest). A reshard from list

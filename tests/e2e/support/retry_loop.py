@@ -5,7 +5,7 @@ against an Envoy: unchanged but for its URL, with fetch watched to record what e
                                         or {"threw": <its error's message>, "seen": [...]}
     compact(customer)                   the body the loop sends (JSON.stringify's bytes)
 
-From the command line (the README's "A client that gives up"), against `make run`:
+From the command line (docs/giving-up.md), against `make run`:
 
     python3 tests/e2e/support/retry_loop.py --key demo-2
 """
