@@ -3,6 +3,10 @@
 //! The glue hands each event in (headers, a body chunk, the store's answer, the response, the
 //! end of the stream) and gets back a [`Step`] to carry out. Store operations are steps too, so
 //! a store that answers later (by callback) drives the same machine as one that answers now.
+//!
+//! Here: the request's side and the store's verdicts. Beside it: what of the owner's response is
+//! kept and how its attempt ended ([`capture`]), a request sent from the root context
+//! ([`from_root`]), and a duplicate waiting for its original ([`waiting`]).
 
 use crate::core::body::{Body, Found, Kind};
 use crate::core::config::{Config, ConfigError, Policy, WhenFull};
@@ -14,6 +18,14 @@ use crate::core::record::StoredResponse;
 use crate::core::store::{ClaimReply, Replay, StoreError, Ticket};
 use crate::core::Millis;
 use std::rc::Rc;
+
+mod capture;
+mod from_root;
+mod waiting;
+
+use capture::Capture;
+use from_root::sendable;
+pub use from_root::{Answered, Outgoing};
 
 /// What the glue must do next.
 #[derive(Debug, PartialEq, Eq)]
@@ -49,61 +61,6 @@ pub enum StreamEnd {
     /// A timeout, reset or termination: the upstream may have done the work although no
     /// complete response came back.
     Interrupted,
-}
-
-/// A covered request as the root context sends it: to the route's cluster, with the client's
-/// headers (less the hop-by-hop ones) and body, under the attempt's timeout.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
-    pub cluster: String,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    pub timeout: Millis,
-}
-
-/// What came back for a request sent from the root context.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Answered {
-    /// A response: the upstream's, or Envoy's own when the attempt failed in its router.
-    Response {
-        headers: Vec<(String, Vec<u8>)>,
-        body: Vec<u8>,
-    },
-    /// A response whose body is over `max_response_body_bytes`: not read.
-    TooLarge { headers: Vec<(String, Vec<u8>)> },
-    /// The call ended with no response.
-    Nothing,
-    /// The host refused to send it: it never left.
-    NotSent,
-}
-
-/// Hop-by-hop headers: they are never stored, and never passed on from the root context.
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
-/// Request headers the root context does not pass on: hop-by-hop ones, and the length Envoy
-/// sets for the body itself.
-fn unsent(name: &str) -> bool {
-    HOP_BY_HOP.contains(&name) || name == "content-length"
-}
-
-/// Response headers not stored: hop-by-hop ones, and those Envoy sets itself on every answer.
-fn unstored(name: &str) -> bool {
-    HOP_BY_HOP.contains(&name)
-        || [
-            "proxy-authenticate",
-            "content-length",
-            "x-envoy-upstream-service-time",
-            ":status",
-        ]
-        .contains(&name)
 }
 
 /// A request's place in the flow.
@@ -142,108 +99,6 @@ enum Tuple {
         method: String,
         path: Vec<u8>,
     },
-}
-
-#[derive(Debug, Default)]
-struct Capture {
-    /// `Some` once response headers arrive from the upstream (`via_upstream`).
-    status: Option<u16>,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-    complete: bool,
-    /// The body went past `max_response_body_bytes`, or a header could not be stored.
-    unstorable: bool,
-    /// Headers arrived, but from Envoy rather than the upstream.
-    local_reply: bool,
-    /// The upstream said `content-length: 0`: kept for an empty body, which Envoy's local-reply
-    /// path would otherwise answer without a length over HTTP/2.
-    declared_empty: bool,
-}
-
-impl Capture {
-    fn headers(&mut self, headers: &[(String, Vec<u8>)], via_upstream: bool, end_of_stream: bool) {
-        if !via_upstream {
-            self.local_reply = true;
-            return;
-        }
-        for (name, value) in headers {
-            if name == ":status" {
-                self.status = std::str::from_utf8(value).ok().and_then(|s| s.parse().ok());
-            } else if name == "content-length" {
-                self.declared_empty = value.as_slice() == b"0";
-            } else if !unstored(name) {
-                match String::from_utf8(value.clone()) {
-                    Ok(value) => self.headers.push((name.clone(), value)),
-                    // Local replies carry text headers only: such a response cannot be replayed.
-                    Err(_) => self.unstorable = true,
-                }
-            }
-        }
-        self.complete = end_of_stream;
-    }
-
-    /// One more chunk, unless the body would pass `max` (then none of it is kept).
-    fn body(&mut self, chunk: &[u8], max: usize) {
-        if self.body.len() + chunk.len() > max {
-            self.unstorable = true;
-            self.body = Vec::new();
-        } else {
-            self.body.extend_from_slice(chunk);
-        }
-    }
-}
-
-/// The client's headers as the root context sends them on; `None` if one is not text (the
-/// host takes text only), and the request then goes through the router.
-fn sendable(headers: &[(String, Vec<u8>)]) -> Option<Vec<(String, String)>> {
-    let pseudo = |name: &str| {
-        name.starts_with(':') && ![":method", ":path", ":authority", ":scheme"].contains(&name)
-    };
-    headers
-        .iter()
-        .filter(|(name, _)| !unsent(name) && !pseudo(name))
-        .map(|(name, value)| Some((name.clone(), String::from_utf8(value.clone()).ok()?)))
-        .collect()
-}
-
-/// Whether a response to a call is Envoy's own: its router answers a failed attempt itself
-/// (no host, connection failure, timeout, reset) without the header it adds to every upstream
-/// response.
-fn is_envoy_reply(headers: &[(String, Vec<u8>)]) -> bool {
-    !headers
-        .iter()
-        .any(|(name, _)| name == "x-envoy-upstream-service-time")
-}
-
-/// Whether Envoy's own answer says the request never reached an upstream (so the work did not
-/// run): no healthy host, or no connection made. Anything else (a timeout, a reset after the
-/// request went out) may have left the work done.
-fn never_reached_upstream(body: &[u8]) -> bool {
-    let body = String::from_utf8_lossy(body);
-    body.starts_with("no healthy upstream")
-        || body.ends_with("reset reason: connection failure")
-        || body.contains("reset reason: remote connection failure")
-        || body.contains("reset reason: local connection failure")
-        || body.starts_with("cluster not found")
-}
-
-/// An answer as a local reply: its status, the headers Envoy does not set itself, its body.
-fn as_reply(headers: &[(String, Vec<u8>)], body: Vec<u8>) -> LocalReply {
-    let status = headers
-        .iter()
-        .find(|(name, _)| name == ":status")
-        .and_then(|(_, value)| std::str::from_utf8(value).ok()?.parse().ok())
-        .unwrap_or(502);
-    let headers = headers
-        .iter()
-        .filter(|(name, _)| !unstored(name))
-        .map(|(name, value)| (name.clone(), String::from_utf8_lossy(value).into_owned()))
-        .collect();
-    LocalReply {
-        status,
-        headers,
-        body,
-    }
 }
 
 pub struct Exchange {
@@ -317,12 +172,6 @@ impl Exchange {
         )
     }
 
-    /// Sends the request, if its claim is won, from the root context to `cluster` (the route's)
-    /// with `timeout`, instead of through the router. Must come before the request headers.
-    pub fn send_from_root(&mut self, cluster: String, timeout: Millis) {
-        self.route = Some((cluster, timeout));
-    }
-
     /// Envoy's `x-request-id`, for log lines.
     pub fn set_request_id(&mut self, id: String) {
         self.request_id = id;
@@ -355,18 +204,6 @@ impl Exchange {
         self.count(counter);
         self.phase = Phase::Out;
         Step::Reply(reply)
-    }
-
-    /// Whether the request is held waiting for an original.
-    #[cfg(test)]
-    pub fn is_waiting(&self) -> bool {
-        matches!(
-            self.phase,
-            Phase::Claiming {
-                waiting_since: Some(_),
-                ..
-            }
-        )
     }
 
     /// The request headers: decides whether the request is covered and, if so, its record.
@@ -594,12 +431,6 @@ impl Exchange {
         step
     }
 
-    /// A duplicate that waited since `since` waits no more.
-    fn waited(&mut self, since: Millis, now: Millis) {
-        let waited = now.saturating_sub(since);
-        self.samples.push((Histogram::WaitMillis, waited));
-    }
-
     fn decide(
         &mut self,
         reply: Result<ClaimReply, StoreError>,
@@ -718,45 +549,6 @@ impl Exchange {
         }
     }
 
-    /// Response headers. `via_upstream` is false for Envoy's own local replies.
-    pub fn on_response_headers(
-        &mut self,
-        headers: &[(String, Vec<u8>)],
-        via_upstream: bool,
-        end_of_stream: bool,
-    ) {
-        if matches!(self.phase, Phase::Owner { .. }) {
-            self.capture.headers(headers, via_upstream, end_of_stream);
-        }
-    }
-
-    /// The headers a replay sent without a body must carry, once, when its response headers
-    /// pass the filter (the glue adds the ones Envoy left out).
-    pub fn take_headers_to_restore(&mut self) -> Vec<(String, String)> {
-        std::mem::take(&mut self.restore)
-    }
-
-    /// Whether the glue should copy response body chunks (the response is being captured).
-    pub fn wants_response_body(&self) -> bool {
-        matches!(self.phase, Phase::Owner { .. })
-            && self.capture.status.is_some()
-            && !self.capture.unstorable
-    }
-
-    /// One chunk of the response body, as it streams to the client.
-    pub fn on_response_body(&mut self, chunk: &[u8], end_of_stream: bool) {
-        if self.wants_response_body() {
-            self.capture
-                .body(chunk, self.policy.max_response_body_bytes);
-        }
-        self.capture.complete |= end_of_stream;
-    }
-
-    /// Trailers end the response body.
-    pub fn on_response_trailers(&mut self) {
-        self.capture.complete = true;
-    }
-
     /// The stream ended (`on_log`). A request sent from the root context stays the owner: its
     /// answer, not its client, ends the claim.
     pub fn on_end(&mut self, end: StreamEnd) -> Step {
@@ -772,172 +564,9 @@ impl Exchange {
         Step::Finish(ticket, self.ending(end))
     }
 
-    /// The answer to the request sent from the root context: how its claim ends, and (for
-    /// [`Exchange::take_client_reply`]) what its client gets unless it left — the
-    /// upstream's answer as it came, the same as any replay of it but for `Idempotent-Replayed`.
-    pub fn on_upstream_answer(&mut self, answer: Answered) -> Step {
-        let Phase::SentFromRoot { ticket } = self.phase else {
-            return Step::Done;
-        };
-        self.phase = Phase::Out;
-        let (end, reply) = match answer {
-            Answered::Response { headers, body } => {
-                let via_upstream = !is_envoy_reply(&headers);
-                self.capture.headers(&headers, via_upstream, false);
-                self.capture
-                    .body(&body, self.policy.max_response_body_bytes);
-                self.capture.complete = true;
-                let end = match via_upstream || never_reached_upstream(&body) {
-                    true => StreamEnd::Unflagged,
-                    false => StreamEnd::Interrupted,
-                };
-                (end, as_reply(&headers, body))
-            }
-            Answered::TooLarge { headers } => {
-                self.capture
-                    .headers(&headers, !is_envoy_reply(&headers), false);
-                self.capture.unstorable = true;
-                self.capture.complete = true;
-                let detail = format!(
-                    "the upstream answered with more than {} bytes, more than a request sent \
-                     from the root context brings back; its work ran",
-                    self.policy.max_response_body_bytes
-                );
-                (
-                    StreamEnd::Unflagged,
-                    Problem::ResponseTooLarge.reply(&detail, None),
-                )
-            }
-            Answered::Nothing => {
-                let reply = Problem::InProgress.reply_as(
-                    self.policy.in_progress_status,
-                    "this request ended without a known outcome; retry after its lease ends",
-                    Some(whole_seconds(self.policy.lease)),
-                );
-                (StreamEnd::Interrupted, reply)
-            }
-            Answered::NotSent => {
-                // As good as Envoy's own answer for a request that never left.
-                self.capture.local_reply = true;
-                let reply = LocalReply {
-                    status: 503,
-                    headers: vec![("content-type".into(), "text/plain".into())],
-                    body: b"no upstream: the request could not be sent".to_vec(),
-                };
-                (StreamEnd::Unflagged, reply)
-            }
-        };
-        if self.client_left {
-            self.count(Counter::OutlivedClient);
-        } else {
-            if reply.body.is_empty() {
-                self.restore = reply.headers.clone();
-            }
-            self.client_reply = Some(reply);
-        }
-        Step::Finish(ticket, self.ending(end))
-    }
-
-    /// The answer for the client of a request sent from the root context, once it came.
-    pub fn take_client_reply(&mut self) -> Option<LocalReply> {
-        self.client_reply.take()
-    }
-
-    /// How the owner's attempt ended, from the response captured and how the stream ended.
-    fn ending(&mut self, end: StreamEnd) -> Ending<StoredResponse> {
-        let capture = std::mem::take(&mut self.capture);
-        let outcome = match capture.status {
-            Some(status) if !self.policy.stores_status(status) => Ending::Released,
-            Some(_) if !capture.complete => Ending::Held,
-            Some(_) if capture.unstorable => Ending::Unstored { no_room: false },
-            Some(status) => {
-                let mut headers = capture.headers;
-                if capture.declared_empty && capture.body.is_empty() {
-                    headers.push(("content-length".to_string(), "0".to_string()));
-                }
-                let size = capture.body.len() as u64;
-                self.samples.push((Histogram::StoredResponseBytes, size));
-                Ending::Stored(StoredResponse {
-                    status,
-                    headers,
-                    body: capture.body,
-                })
-            }
-            None if end == StreamEnd::Interrupted => Ending::Held,
-            // Envoy answered without the upstream: connection failure, no healthy host, no route.
-            None if capture.local_reply => Ending::Released,
-            // No answer at all and no flag saying why: assume the work may have run.
-            None => Ending::Held,
-        };
-        match outcome {
-            Ending::Held if self.policy.lease == 0 => Ending::Released,
-            outcome => outcome,
-        }
-    }
-
     /// The store's answer to the finish.
     pub fn on_finish(&mut self, reply: Result<Finished, StoreError>) {
         self.count(finish_counter(&reply));
-    }
-
-    /// Holds a request that waits for its original, unless it has waited `max_wait`.
-    fn keep_waiting(&mut self, claim: Claim, since: Option<Millis>, now: Millis) -> Step {
-        let since = since.unwrap_or(now);
-        if now.saturating_sub(since) >= self.policy.max_wait {
-            return self.refuse_in_progress();
-        }
-        self.phase = Phase::Claiming {
-            claim,
-            waiting_since: Some(since),
-        };
-        Step::Wait
-    }
-
-    /// The original is still running and this request, which has waited `max_wait`, waits no
-    /// longer.
-    pub fn give_up_waiting(&mut self, now: Millis) -> Step {
-        if let Phase::Claiming {
-            waiting_since: Some(since),
-            ..
-        } = self.phase
-        {
-            self.waited(since, now);
-        }
-        self.refuse_in_progress()
-    }
-
-    /// The original is still running and this request does not wait for it (any longer).
-    fn refuse_in_progress(&mut self) -> Step {
-        if !matches!(self.phase, Phase::Claiming { .. }) {
-            return Step::Done;
-        }
-        self.answer(
-            Counter::InProgress,
-            Problem::InProgress.reply_as(
-                self.policy.in_progress_status,
-                "a request with this Idempotency-Key is still being processed",
-                Some(1),
-            ),
-        )
-    }
-
-    /// The claim a waiting request polls with.
-    pub fn pending_claim(&self) -> Option<Claim> {
-        match self.phase {
-            Phase::Claiming { claim, .. } => Some(claim),
-            _ => None,
-        }
-    }
-
-    /// Whether a waiting request has waited `max_wait`.
-    pub fn wait_is_over(&self, now: Millis) -> bool {
-        match self.phase {
-            Phase::Claiming {
-                waiting_since: Some(since),
-                ..
-            } => now.saturating_sub(since) >= self.policy.max_wait,
-            _ => false,
-        }
     }
 }
 
