@@ -7,7 +7,6 @@ What the client saw is checked against what the upstream did: never a second exe
 every answer the original, its replay, or a clear refusal with Retry-After.
 """
 
-import re
 import threading
 import time
 import uuid
@@ -16,23 +15,11 @@ import pytest
 
 from support.checks import assert_original, assert_problem, assert_replay_of, assert_retry_after
 from support.client import burst, call, Response
-from support.etcd import LogWindow, Started, fleet_config, private_run_dir
+from support.etcd import fleet_config
+from support.fleet import keep_logs_of_failures, run_dir, sources, started  # noqa: F401
 
 SLOW = [("x-test-delay-ms", "1000")]
 QUORUM_LOST_S = 3.0  # a generous bound on a 500 ms call timeout, on a busy machine
-
-_sources = []
-
-
-@pytest.fixture(scope="module")
-def run_dir():
-    return private_run_dir()
-
-
-@pytest.fixture
-def started(run_dir):
-    with Started(run_dir, _sources) as started:
-        yield started
 
 
 @pytest.fixture
@@ -40,17 +27,6 @@ def fleet(started, upstream):
     """Three etcd members, and Envoys A and B listing all three."""
     members = started.cluster(3)
     return members, started.pair(upstream, members, fleet_config())
-
-
-@pytest.fixture(autouse=True)
-def _keep_logs_of_failures(request, run_dir):
-    yield
-    report = getattr(request.node, "rep_call", None)
-    if report is not None and report.failed:
-        out = run_dir / "failed" / re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
-        window = LogWindow(list(_sources))
-        window.starts = [(source, 0) for source, _ in window.starts]
-        report.sections.append(("Envoy and etcd logs", window.save(out)))
 
 
 @pytest.fixture
