@@ -20,10 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "e2e"))
 
-PROBE_WASM = run.PROBE_WASM
+from configs import (bootstrap, BUFFER, direct, FILTER_CONFIG, listener, path_of, proxy_config,
+                     run_when_covered, SCENARIOS, skip_unless_covered, SMALL_BODY, upstream_config,
+                     wasm_filter)  # noqa: E402
+from host import BENCH, CONNECTIONS, FILTER_WASM, LOAD_CPU, PROBE_WASM, PROXY_CPU  # noqa: E402
+from load import body_of, headers_for, NOISY, one_run, send, wait_for_quiet, wrk_script  # noqa: E402
+from processes import Envoy, stop_all  # noqa: E402
+
 
 # (label, probe configuration, repeat, scenario): cost per operation = (cpu(repeat) - cpu(0)) / repeat
 PROBES = [
@@ -58,37 +63,37 @@ CAPACITIES = (32_768, 131_072, 524_288, 2_097_152)
 
 
 def probe_config(port, admin_port, probe, wrap=None):
-    wasm = run.wasm_filter("probe", PROBE_WASM, None)
+    wasm = wasm_filter("probe", PROBE_WASM, None)
     wasm["typed_config"]["config"]["configuration"] = {
         "@type": "type.googleapis.com/google.protobuf.StringValue", "value": probe}
-    wrapped = {None: wasm, "skip": run.skip_unless_covered(wasm) if probe else None,
-               "composite": run.run_when_covered(wasm) if probe else None,
+    wrapped = {None: wasm, "skip": skip_unless_covered(wasm) if probe else None,
+               "composite": run_when_covered(wasm) if probe else None,
                "routes": wasm}[wrap]
     filters = [] if probe is None else [wrapped]
-    routes = [{"match": {"prefix": "/"}, "direct_response": run.direct(run.SMALL_BODY, 201)}]
+    routes = [{"match": {"prefix": "/"}, "direct_response": direct(SMALL_BODY, 201)}]
     if wrap == "routes":
         # As bench/run.py's `routes` variant: the twin of the route turns the filter off.
         covered = {"match": {"prefix": "/", "headers": [
             {"name": ":method", "string_match": {"safe_regex": {"regex": "^(POST|PATCH)$"}}},
             {"name": "idempotency-key", "present_match": True}]},
-            "direct_response": run.direct(run.SMALL_BODY, 201)}
+            "direct_response": direct(SMALL_BODY, 201)}
         routes = [covered, dict(routes[0], typed_per_filter_config={wasm["name"]: {
             "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig", "disabled": True}})]
-    return run.bootstrap(admin_port, [run.listener("proxy", port, routes, filters + [run.BUFFER])])
+    return bootstrap(admin_port, [listener("proxy", port, routes, filters + [BUFFER])])
 
 
 def cpu_per_request(envoy, upstream, scenario, workdir, seconds, tag):
     script = workdir / f"probe-{scenario}.lua"
-    script.write_text(run.wrk_script(scenario, tag, None))
+    script.write_text(wrk_script(scenario, tag, None))
     best = None
     for attempt in range(3):
         if attempt:
-            run.wait_for_quiet()
-        figures = run.one_run(envoy, [upstream], script, seconds, run.CONNECTIONS,
-                              run.path_of(None))
+            wait_for_quiet()
+        figures = one_run(envoy, [upstream], script, seconds, CONNECTIONS,
+                              path_of(None))
         if best is None or figures["other_load"] < best["other_load"]:
             best = figures
-        if figures["other_load"] < run.NOISY:
+        if figures["other_load"] < NOISY:
             break
     return best["cpu_us_per_request"]
 
@@ -102,12 +107,12 @@ def operations(args, workdir, upstream):
     for label, config, repeat, scenario in PROBES:
         configs[(label, None)] = f"{config} repeat={repeat}"
     for n, ((label, wrap), config) in enumerate(configs.items()):
-        envoys[(label, wrap)] = run.Envoy(
+        envoys[(label, wrap)] = Envoy(
             f"probe{n}", workdir,
             lambda port, admin, c=config, w=wrap: probe_config(port, admin, c, w),
-            run.PROXY_CPU)
-    envoys[("no filter", None)] = run.Envoy(
-        "probe-none", workdir, lambda port, admin: probe_config(port, admin, None), run.PROXY_CPU)
+            PROXY_CPU)
+    envoys[("no filter", None)] = Envoy(
+        "probe-none", workdir, lambda port, admin: probe_config(port, admin, None), PROXY_CPU)
     for envoy in envoys.values():
         envoy.start()
     for envoy in envoys.values():
@@ -119,9 +124,9 @@ def operations(args, workdir, upstream):
         wrapped = envoys[(wrap, wrap)]
         for scenario in ("get", "nokey-1k"):
             for _ in range(100):
-                method, size, _, _ = run.SCENARIOS[scenario]
-                run.send(wrapped.port, method, "/v1/payments",
-                         run.headers_for(scenario, None), run.body_of(size) if size else None)
+                method, size, _, _ = SCENARIOS[scenario]
+                send(wrapped.port, method, "/v1/payments",
+                         headers_for(scenario, None), body_of(size) if size else None)
         counts = wrapped.stats("probe.")
         entered.append(f"| {WRAPS[wrap]} | {counts.get('contexts', 0)} | "
                        f"{counts.get('logs', 0)} |")
@@ -171,11 +176,11 @@ def capacities(args, workdir, upstream):
     for capacity in CAPACITIES:
         cpus = []
         for number in range(args.rounds):
-            plugin = dict(run.FILTER_CONFIG, capacity_records=capacity)
-            envoy = run.Envoy(f"capacity-{capacity}", workdir,
-                              lambda port, admin: run.proxy_config(
+            plugin = dict(FILTER_CONFIG, capacity_records=capacity)
+            envoy = Envoy(f"capacity-{capacity}", workdir,
+                              lambda port, admin: proxy_config(
                                   "filter", port, admin, upstream.port, plugin),
-                              run.PROXY_CPU).start().wait_ready()
+                              PROXY_CPU).start().wait_ready()
             try:
                 cpu_per_request(envoy, upstream, "first-1k", workdir, 1, f"w{time.time_ns()}")
                 cpus.append(cpu_per_request(envoy, upstream, "first-1k", workdir, 1,
@@ -196,13 +201,13 @@ def main():
                         help="host operations, first POSTs against capacity, or both")
     args = parser.parse_args()
     subprocess.run(["cargo", "build", "--release", "--target", "wasm32-wasip1",
-                    "--manifest-path", str(run.BENCH / "probe-filter" / "Cargo.toml"),
-                    "--target-dir", str(run.BENCH / ".target")], check=True)
-    if not run.FILTER_WASM.exists():
+                    "--manifest-path", str(BENCH / "probe-filter" / "Cargo.toml"),
+                    "--target-dir", str(BENCH / ".target")], check=True)
+    if not FILTER_WASM.exists():
         raise SystemExit("build the filter first: make wasm")
-    workdir = run.BENCH / ".work"
+    workdir = BENCH / ".work"
     workdir.mkdir(parents=True, exist_ok=True)
-    upstream = run.Envoy("upstream", workdir, run.upstream_config, run.LOAD_CPU)
+    upstream = Envoy("upstream", workdir, upstream_config, LOAD_CPU)
     lines = []
     try:
         upstream.start().wait_ready()
@@ -211,7 +216,7 @@ def main():
         if args.part in ("all", "capacity"):
             lines += capacities(args, workdir, upstream)
     finally:
-        run.stop_all()
+        stop_all()
     text = "\n".join(lines)
     print(text)
     (workdir / "probe.md").write_text(text + "\n")
