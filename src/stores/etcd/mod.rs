@@ -266,15 +266,13 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         let (message, sent) = match &op {
             Op::Claim { claim, step, .. } => {
                 let key = self.key(&claim.tuple);
+                let (takeover, sent) = match step {
+                    Step::Read => return Ok((op, wire::range(&key), Sent::ReadFirst)),
+                    Step::Create => (None, Sent::Create),
+                    Step::Takeover(revision) => (Some(*revision), Sent::Takeover),
+                };
                 let value = claim_value(claim, now);
-                match step {
-                    Step::Read => (wire::range(&key), Sent::ReadFirst),
-                    Step::Create => (wire::claim(&key, &value, lease, None), Sent::Create),
-                    Step::Takeover(revision) => {
-                        let message = wire::claim(&key, &value, lease, Some(*revision));
-                        (message, Sent::Takeover)
-                    }
-                }
+                (wire::claim(&key, &value, lease, takeover), sent)
             }
             Op::Finish {
                 claim,
