@@ -229,7 +229,10 @@ LOAD_STORE = {"capacity_records": 10_000, "capacity_bytes": 2 << 20, "max_respon
               "max_share": 1}
 REGIMES = {
     # Records expire within a second: the store turns over many times, responses are rewritten.
-    "churning_store_under_reject": {**LOAD_STORE, "ttl": "1s", "when_full": "reject"},
+    # Small enough to fill at any load rate this suite sees (from about 600 keys a second, a
+    # bucket meets 16 live records), where 10,000 records filled only above about 5,000/s.
+    "churning_store_under_reject": {**LOAD_STORE, "capacity_records": 1_024, "ttl": "1s",
+                                    "when_full": "reject"},
     # Records live for an hour: the store fills to capacity and stays full.
     "full_store_under_pass": {**LOAD_STORE, "ttl": "1h", "when_full": "pass"},
 }
@@ -259,7 +262,12 @@ def test_envoy_memory_stays_bounded_under_far_more_distinct_keys_than_capacity(
     pid = envoy.proc.pid
 
     warmup = run_load(envoy.port, 0, WARMUP_REQUESTS, prefix, LOAD_CONNECTIONS, auth=ORG_A)
-    assert warmup["statuses"] == {201: WARMUP_REQUESTS}, warmup
+    warmed = warmup["statuses"].get(201, 0)
+    if config["when_full"] == "reject":  # a small store may refuse a few already
+        assert set(warmup["statuses"]) <= {201, 503}, warmup
+        assert warmup["codes"].get("idempotency_store_full", 0) == warmup["statuses"].get(503, 0), warmup
+    else:
+        assert warmed == WARMUP_REQUESTS, warmup
     before = envoy.stats()
     rss_start = rss_kib(pid)
     with RssSampler(pid) as sampler:
@@ -281,11 +289,11 @@ def test_envoy_memory_stays_bounded_under_far_more_distinct_keys_than_capacity(
     if config["when_full"] == "reject":
         assert set(statuses) <= {201, 503}, load
         assert load["codes"].get("idempotency_store_full", 0) == statuses.get(503, 0), load
-        assert executions == WARMUP_REQUESTS + stored, "a refused request reached the upstream"
-        assert stored > LOAD_REQUESTS // 2, f"most keys should find room as records expire: {load}"
+        assert executions == warmed + stored, "a refused request reached the upstream"
+        assert stored >= 3 * config["capacity_records"], f"records expire and make room: {load}"
     else:
         assert statuses == {201: LOAD_REQUESTS}, load
-        assert executions == WARMUP_REQUESTS + LOAD_REQUESTS
+        assert executions == warmed + LOAD_REQUESTS
     deltas = {name: envoy.stats().get(name, 0) - before.get(name, 0)
               for name in ["idempotency.claimed", "idempotency.stored", "idempotency.store_full",
                            "idempotency.rejected", "idempotency.bypassed", "idempotency.store_error"]}
