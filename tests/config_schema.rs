@@ -106,10 +106,11 @@ fn all_properties(schema: &Value) -> Vec<(Vec<&str>, &Value)> {
 }
 
 /// The listener's fields as the parser holds them: its own, and its policy's (less what the
-/// policy derives from `outlive_client`).
+/// policy derives from `outlive_client`, and the policy's fields as written, kept for routes).
 fn listener_fields(dump: &str) -> BTreeSet<String> {
     let mut fields = debug_fields(dump, 4);
     fields.remove("policy");
+    fields.remove("policy_fields");
     fields.extend(debug_fields(dump, 8));
     fields.remove("send_from_root");
     fields

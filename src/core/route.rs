@@ -98,9 +98,11 @@ fn route(config: &Config, fields: serde_json::Map<String, serde_json::Value>) ->
         Ok(Some(policy)) => Routed::Policy(Rc::new(policy)),
         Ok(None) => Routed::Disabled,
         Err(error) => {
-            let mut own = Policy::default();
-            let methods = match methods.map(|methods| own.set("methods", methods)) {
-                Some(Ok(_)) => own.methods,
+            let own = methods.map(|methods| {
+                Policy::from_fields(std::iter::once(("methods".into(), methods)).collect())
+            });
+            let methods = match own {
+                Some(Ok(own)) => own.methods,
                 _ => config.policy.methods.clone(),
             };
             Routed::Misconfigured(Rc::new(Misconfigured { error, methods }))

@@ -1,4 +1,5 @@
-//! The plugin configuration: serde gives it shape, `Config::parse` gives it meaning.
+//! The plugin configuration, declared once: each struct here says its fields, their defaults
+//! and how they read (serde), and `Config::parse` checks what no one field can say alone.
 //!
 //! Every field has a default, so `{}` is a complete configuration. Anything unknown or out of
 //! range is refused with an error that names the field, and the filter then refuses to load.
@@ -6,6 +7,7 @@
 //! ([`Config::route_policy`]); the rest are the store's and the listener's alone.
 
 mod policy;
+mod read;
 mod route;
 
 use crate::core::Millis;
@@ -13,14 +15,23 @@ use serde::Deserialize;
 use std::fmt;
 use std::rc::Rc;
 
-use policy::field;
 pub use policy::Policy;
+pub use read::ConfigError;
+use read::{duration, invalid, names, object, read, unknown, Fields};
 
 /// The shared-data table accounts `capacity_bytes` in this many ledgers; each must hold any
 /// storable response.
 pub const LEDGER_SHARDS: usize = 8;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Limits that keep one misconfiguration from exhausting the host.
+const MAX_CAPACITY_RECORDS: usize = 10_000_000;
+const MAX_OUTLIVE_IN_FLIGHT: usize = 100_000;
+/// `etcd.cluster` and `etcd.authority` travel in the `GrpcService` Envoy takes as a call's
+/// upstream, whose lengths must stay single bytes.
+const MAX_UPSTREAM_NAMES: usize = 120;
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum WhenFull {
     /// The completed record nearest its expiry makes way for the new one; with none (every
     /// record in flight), `Reject`.
@@ -31,10 +42,16 @@ pub enum WhenFull {
     Pass,
 }
 
-#[derive(Debug, Clone)]
+/// The listener's fields; its policy's are [`Policy`]'s, in the same document.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
 pub struct Config {
     /// The listener's policy: every covered request's, unless its route gives its own.
+    #[serde(skip)]
     pub policy: Rc<Policy>,
+    /// The policy's fields as the listener wrote them, which a route's are laid over.
+    #[serde(skip)]
+    policy_fields: Written,
     /// Routes may give their own policy in their metadata (`filter_metadata.idempotency`).
     pub route_metadata: bool,
     pub max_waiting: usize,
@@ -57,11 +74,44 @@ pub struct Config {
     pub outlive_client: Option<OutliveClient>,
 }
 
+/// Fields as written; shown by name only, since what they say is the policy they gave.
+#[derive(Clone, Default)]
+struct Written(Fields);
+
+impl fmt::Debug for Written {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Written")
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            policy: Rc::default(),
+            policy_fields: Written::default(),
+            route_metadata: false,
+            max_waiting: 1000,
+            capacity_records: 100_000,
+            capacity_bytes: 128 << 20,
+            max_share: 0.1,
+            compress_responses: true,
+            when_full: WhenFull::Evict,
+            key_prefix: "idempotency/".into(),
+            include_paths: Vec::new(),
+            exclude_paths: Vec::new(),
+            etcd: None,
+            outlive_client: None,
+        }
+    }
+}
+
 /// Which routes send their covered requests upstream from the root context, and for how long.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct OutliveClient {
     pub routes: OutliveRoutes,
     /// The attempt's timeout, unless the route's metadata gives its own.
+    #[serde(deserialize_with = "duration")]
     pub timeout: Millis,
     /// Requests one worker may have sent from its root context and not yet had answered;
     /// past it, new ones go through the router. Each holds its request and, once it comes,
@@ -69,7 +119,19 @@ pub struct OutliveClient {
     pub max_in_flight: usize,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl Default for OutliveClient {
+    fn default() -> Self {
+        OutliveClient {
+            routes: OutliveRoutes::All,
+            // Envoy's own default route timeout.
+            timeout: 15_000,
+            max_in_flight: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OutliveRoutes {
     /// Every route, unless its metadata says `outlive_client: false`.
     All,
@@ -84,71 +146,18 @@ impl OutliveClient {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawOutlive {
-    #[serde(default = "default_outlive_routes")]
-    routes: String,
-    #[serde(default = "default_outlive_timeout")]
-    timeout: String,
-    #[serde(default = "default_outlive_max_in_flight")]
-    max_in_flight: usize,
-}
-
-fn default_outlive_routes() -> String {
-    "all".into()
-}
-
-/// Envoy's own default route timeout.
-fn default_outlive_timeout() -> String {
-    "15s".into()
-}
-
-fn default_outlive_max_in_flight() -> usize {
-    1000
-}
-
-const MAX_OUTLIVE_IN_FLIGHT: usize = 100_000;
-
-impl RawOutlive {
-    /// `lease` is the claim's; `finish` how long the store may take to record the ending.
-    fn validate(self, lease: Millis, finish: Millis) -> Result<OutliveClient, ConfigError> {
-        let routes = match self.routes.as_str() {
-            "all" => OutliveRoutes::All,
-            "marked" => OutliveRoutes::Marked,
-            other => {
-                return Err(invalid(
-                    "outlive_client.routes",
-                    format!("`{other}`: expected `all` or `marked`"),
-                ))
-            }
-        };
-        let timeout = duration("outlive_client.timeout", &self.timeout)?;
-        let timeout = send_timeout("outlive_client.timeout", timeout, lease, finish)?;
-        if self.max_in_flight == 0 || self.max_in_flight > MAX_OUTLIVE_IN_FLIGHT {
-            return Err(invalid(
-                "outlive_client.max_in_flight",
-                format!("must be between 1 and {MAX_OUTLIVE_IN_FLIGHT}"),
-            ));
-        }
-        Ok(OutliveClient {
-            routes,
-            timeout,
-            max_in_flight: self.max_in_flight,
-        })
-    }
-}
-
 /// etcd's v3 gRPC API, reached through an Envoy cluster.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct EtcdConfig {
-    /// The Envoy cluster that reaches etcd (HTTP/2).
+    /// The Envoy cluster that reaches etcd (HTTP/2); it has no default.
     pub cluster: String,
     /// `:authority` of the calls.
     pub authority: String,
     /// Prefix of every etcd key the filter writes.
     pub key_prefix: String,
     /// Every call's timeout.
+    #[serde(deserialize_with = "duration")]
     pub timeout: Millis,
     /// Sent as `token` metadata when etcd has authentication on.
     pub auth_token: Option<String>,
@@ -159,275 +168,74 @@ pub struct EtcdConfig {
     pub max_share_bytes: usize,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawEtcd {
-    cluster: String,
-    #[serde(default = "default_etcd_authority")]
-    authority: String,
-    #[serde(default = "default_etcd_prefix")]
-    key_prefix: String,
-    #[serde(default = "default_etcd_timeout")]
-    timeout: String,
-    #[serde(default)]
-    auth_token: Option<String>,
-    #[serde(default = "default_etcd_max_value")]
-    max_value_bytes: usize,
-    #[serde(default = "default_etcd_max_share")]
-    max_share_bytes: usize,
-}
-
-const MAX_UPSTREAM_NAMES: usize = 120;
-
-fn default_etcd_authority() -> String {
-    "etcd".into()
-}
-
-fn default_etcd_prefix() -> String {
-    "idempotency/".into()
-}
-
-fn default_etcd_timeout() -> String {
-    "1s".into()
-}
-
-/// etcd refuses requests over 1.5 MiB by default; this leaves room for the rest of the call.
-fn default_etcd_max_value() -> usize {
-    1_000_000
-}
-
-/// A tenth of etcd's default 2 GiB quota, across about three Envoys.
-fn default_etcd_max_share() -> usize {
-    64 << 20
-}
-
-impl RawEtcd {
-    fn validate(self) -> Result<EtcdConfig, ConfigError> {
-        if self.cluster.is_empty() {
-            return Err(invalid("etcd.cluster", "must name an Envoy cluster"));
-        }
-        // Both travel in the `GrpcService` Envoy takes as a call's upstream, whose lengths must
-        // stay single bytes.
-        if self.cluster.len() + self.authority.len() > MAX_UPSTREAM_NAMES {
-            return Err(invalid(
-                "etcd.cluster",
-                "with etcd.authority, must be at most 120 bytes",
-            ));
-        }
-        let timeout = duration("etcd.timeout", &self.timeout)?;
-        if timeout == 0 {
-            return Err(invalid("etcd.timeout", "must be longer than 0s"));
-        }
-        if self.max_value_bytes < 1024 {
-            return Err(invalid("etcd.max_value_bytes", "must be at least 1024"));
-        }
-        if self.max_share_bytes < self.max_value_bytes {
-            return Err(invalid(
-                "etcd.max_share_bytes",
-                "must be at least etcd.max_value_bytes, so that any record fits in a share",
-            ));
-        }
-        Ok(EtcdConfig {
-            cluster: self.cluster,
-            authority: self.authority,
-            key_prefix: self.key_prefix,
-            timeout,
-            auth_token: self.auth_token.filter(|t| !t.is_empty()),
-            max_value_bytes: self.max_value_bytes,
-            max_share_bytes: self.max_share_bytes,
-        })
-    }
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub struct ConfigError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "invalid configuration: `{}`: {}",
-            self.field, self.reason
-        )
-    }
-}
-
-fn invalid(field: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError {
-        field: field.to_string(),
-        reason: reason.into(),
-    }
-}
-
-/// A timeout for a request sent from the root context: the claim (`lease`) must outlast it and
-/// the store's finish after it, or a retry could run the work again while it is still running.
-fn send_timeout(
-    field: &str,
-    timeout: Millis,
-    lease: Millis,
-    finish: Millis,
-) -> Result<Millis, ConfigError> {
-    if lease == 0 {
-        return Err(invalid(
-            "lease",
-            "must be longer than 0s with outlive_client: the claim must outlast the attempt",
-        ));
-    }
-    if timeout == 0 {
-        return Err(invalid(field, "must be longer than 0s"));
-    }
-    if timeout >= lease.saturating_sub(finish) {
-        return Err(invalid(
-            field,
-            format!(
-                "must be shorter than lease ({lease}ms) less the store's finish ({finish}ms): \
-                 a claim that ends before its attempt lets a retry run the work again"
-            ),
-        ));
-    }
-    Ok(timeout)
-}
-
-/// The listener's own fields as written, before their meaning is checked; the policy's fields
-/// are checked as they are read.
-struct Raw {
-    policy: Policy,
-    route_metadata: bool,
-    max_waiting: usize,
-    capacity_records: usize,
-    capacity_bytes: usize,
-    max_share: f64,
-    compress_responses: bool,
-    when_full: String,
-    key_prefix: String,
-    include_paths: Vec<String>,
-    exclude_paths: Vec<String>,
-    etcd: Option<RawEtcd>,
-    outlive_client: Option<RawOutlive>,
-}
-
-/// The fields of a JSON document that must be an object.
-fn object(json: &[u8]) -> Result<serde_json::Map<String, serde_json::Value>, ConfigError> {
-    let document: serde_json::Value =
-        serde_json::from_slice(json).map_err(|e| invalid("(document)", e.to_string()))?;
-    match document {
-        serde_json::Value::Object(fields) => Ok(fields),
-        _ => Err(invalid("(document)", "expected a JSON object")),
-    }
-}
-
-fn unknown(name: &str) -> ConfigError {
-    match name {
-        "" => invalid("\"\"", "unknown field (an empty name)"),
-        _ => invalid(name, "unknown field"),
-    }
-}
-
-impl Raw {
-    fn from_json(json: &[u8]) -> Result<Raw, ConfigError> {
-        let mut raw = Raw::default();
-        for (name, value) in object(json)? {
-            if raw.policy.set(&name, value.clone())? {
-                continue;
-            }
-            match name.as_str() {
-                "route_metadata" => raw.route_metadata = field(&name, value)?,
-                "max_waiting" => raw.max_waiting = field(&name, value)?,
-                "capacity_records" => raw.capacity_records = field(&name, value)?,
-                "capacity_bytes" => raw.capacity_bytes = field(&name, value)?,
-                "max_share" => raw.max_share = field(&name, value)?,
-                "compress_responses" => raw.compress_responses = field(&name, value)?,
-                "when_full" => raw.when_full = field(&name, value)?,
-                "key_prefix" => raw.key_prefix = field(&name, value)?,
-                "include_paths" => raw.include_paths = field(&name, value)?,
-                "exclude_paths" => raw.exclude_paths = field(&name, value)?,
-                "etcd" => raw.etcd = field(&name, value)?,
-                "outlive_client" => raw.outlive_client = field(&name, value)?,
-                _ => return Err(unknown(&name)),
-            }
-        }
-        Ok(raw)
-    }
-}
-
-impl Default for Raw {
+impl Default for EtcdConfig {
     fn default() -> Self {
-        Raw {
-            policy: Policy::default(),
-            route_metadata: false,
-            max_waiting: 1000,
-            capacity_records: 100_000,
-            capacity_bytes: 128 << 20,
-            max_share: 0.1,
-            compress_responses: true,
-            when_full: "evict".into(),
+        EtcdConfig {
+            cluster: String::new(),
+            authority: "etcd".into(),
             key_prefix: "idempotency/".into(),
-            include_paths: Vec::new(),
-            exclude_paths: Vec::new(),
-            etcd: None,
-            outlive_client: None,
+            timeout: 1_000,
+            auth_token: None,
+            // etcd refuses requests over 1.5 MiB by default; this leaves room for the rest of
+            // the call.
+            max_value_bytes: 1_000_000,
+            // A tenth of etcd's default 2 GiB quota, across about three Envoys.
+            max_share_bytes: 64 << 20,
         }
     }
 }
-
-/// Limits that keep one misconfiguration from exhausting the host.
-const MAX_CAPACITY_RECORDS: usize = 10_000_000;
 
 impl Config {
     pub fn parse(json: &[u8]) -> Result<Config, ConfigError> {
-        let json = if json.iter().all(u8::is_ascii_whitespace) {
-            b"{}".as_slice()
-        } else {
-            json
-        };
-        Config::validate(Raw::from_json(json)?)
+        let (policy_names, own_names) = (names::<Policy>(), names::<Config>());
+        let (mut policy_fields, mut own) = (Fields::new(), Fields::new());
+        for (name, value) in object(json)? {
+            if policy_names.contains(&name.as_str()) {
+                policy_fields.insert(name, value);
+            } else if own_names.contains(&name.as_str()) {
+                own.insert(name, value);
+            } else {
+                return Err(unknown(&name));
+            }
+        }
+        let mut config: Config = read(own)?;
+        let policy = Policy::from_fields(policy_fields.clone())?;
+        config.policy_fields = Written(policy_fields);
+        config.check(policy)
     }
 
-    fn validate(raw: Raw) -> Result<Config, ConfigError> {
-        if raw.capacity_records == 0 || raw.capacity_records > MAX_CAPACITY_RECORDS {
+    /// What the listener's fields must hold together, and the policy they give.
+    fn check(mut self, mut policy: Policy) -> Result<Config, ConfigError> {
+        if self.capacity_records == 0 || self.capacity_records > MAX_CAPACITY_RECORDS {
             return Err(invalid(
                 "capacity_records",
                 format!("must be between 1 and {MAX_CAPACITY_RECORDS}"),
             ));
         }
-        if raw.capacity_bytes / LEDGER_SHARDS < raw.policy.max_response_body_bytes.max(1) {
+        if self.capacity_bytes / LEDGER_SHARDS < policy.max_response_body_bytes.max(1) {
             return Err(invalid(
                 "capacity_bytes",
                 format!(
-                    "must be at least {} x max_response_body_bytes, so any storable response fits",
-                    LEDGER_SHARDS
+                    "must be at least {LEDGER_SHARDS} x max_response_body_bytes, so any storable \
+                     response fits"
                 ),
             ));
         }
-        if !(raw.max_share > 0.0 && raw.max_share <= 1.0) {
+        if !(self.max_share > 0.0 && self.max_share <= 1.0) {
             return Err(invalid(
                 "max_share",
                 "must be a fraction above 0 and at most 1",
             ));
         }
-        let when_full = match raw.when_full.as_str() {
-            "evict" => WhenFull::Evict,
-            "reject" => WhenFull::Reject,
-            "pass" => WhenFull::Pass,
-            other => {
-                return Err(invalid(
-                    "when_full",
-                    format!("`{other}`: expected `evict`, `reject` or `pass`"),
-                ))
-            }
-        };
-        if raw.key_prefix.is_empty() {
+        if self.key_prefix.is_empty() {
             return Err(invalid(
                 "key_prefix",
                 "must not be empty: shared data is shared by every plugin of the VM",
             ));
         }
         for (field, prefixes) in [
-            ("include_paths", &raw.include_paths),
-            ("exclude_paths", &raw.exclude_paths),
+            ("include_paths", &self.include_paths),
+            ("exclude_paths", &self.exclude_paths),
         ] {
             if let Some(bad) = prefixes.iter().find(|p| !p.starts_with('/')) {
                 return Err(invalid(
@@ -436,34 +244,52 @@ impl Config {
                 ));
             }
         }
-        raw.policy.check()?;
-        let etcd = raw.etcd.map(RawEtcd::validate).transpose()?;
-        let finish = etcd.as_ref().map_or(0, |etcd| etcd.timeout);
-        let lease = raw.policy.lease;
-        let outlive_client = raw
-            .outlive_client
-            .map(|raw| raw.validate(lease, finish))
-            .transpose()?;
-        let mut policy = raw.policy;
-        policy.send_from_root = outlive_client
-            .as_ref()
-            .filter(|outlive| outlive.covers_route(None))
-            .map(|outlive| outlive.timeout);
-        Ok(Config {
-            policy: Rc::new(policy),
-            route_metadata: raw.route_metadata,
-            max_waiting: raw.max_waiting,
-            capacity_records: raw.capacity_records,
-            capacity_bytes: raw.capacity_bytes,
-            max_share: raw.max_share,
-            compress_responses: raw.compress_responses,
-            when_full,
-            key_prefix: raw.key_prefix,
-            include_paths: raw.include_paths,
-            exclude_paths: raw.exclude_paths,
-            etcd,
-            outlive_client,
-        })
+        if let Some(etcd) = &mut self.etcd {
+            etcd.check()?;
+        }
+        if let Some(outlive) = &self.outlive_client {
+            if outlive.max_in_flight == 0 || outlive.max_in_flight > MAX_OUTLIVE_IN_FLIGHT {
+                return Err(invalid(
+                    "outlive_client.max_in_flight",
+                    format!("must be between 1 and {MAX_OUTLIVE_IN_FLIGHT}"),
+                ));
+            }
+            let timeout = self.send_timeout("outlive_client.timeout", outlive.timeout, &policy)?;
+            policy.send_from_root = outlive.covers_route(None).then_some(timeout);
+        }
+        self.policy = Rc::new(policy);
+        Ok(self)
+    }
+
+    /// A timeout for a request sent from the root context under `policy`: the claim (its
+    /// `lease`) must outlast it and the store's finish after it, or a retry could run the work
+    /// again while it is still running.
+    fn send_timeout(
+        &self,
+        field: &str,
+        timeout: Millis,
+        policy: &Policy,
+    ) -> Result<Millis, ConfigError> {
+        let (lease, finish) = (policy.lease, self.etcd.as_ref().map_or(0, |e| e.timeout));
+        if lease == 0 {
+            return Err(invalid(
+                "lease",
+                "must be longer than 0s with outlive_client: the claim must outlast the attempt",
+            ));
+        }
+        if timeout == 0 {
+            return Err(invalid(field, "must be longer than 0s"));
+        }
+        if timeout >= lease.saturating_sub(finish) {
+            return Err(invalid(
+                field,
+                format!(
+                    "must be shorter than lease ({lease}ms) less the store's finish ({finish}ms): \
+                     a claim that ends before its attempt lets a retry run the work again"
+                ),
+            ));
+        }
+        Ok(timeout)
     }
 
     /// Whether requests to `path` (without its query) are covered.
@@ -487,35 +313,32 @@ impl Config {
     }
 }
 
-/// Parses "250ms", "30s", "5m", "24h" (and "0s").
-pub fn duration(field: &str, text: &str) -> Result<Millis, ConfigError> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let scale: Millis = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => {
-            return Err(invalid(
-                field,
-                format!("`{text}`: expected a duration like \"500ms\", \"30s\", \"5m\" or \"24h\""),
-            ))
+impl EtcdConfig {
+    fn check(&mut self) -> Result<(), ConfigError> {
+        if self.cluster.is_empty() {
+            return Err(invalid("etcd.cluster", "must name an Envoy cluster"));
         }
-    };
-    digits
-        .parse::<Millis>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .filter(|ms| *ms <= 366 * 24 * 3_600_000)
-        .ok_or_else(|| {
-            invalid(
-                field,
-                format!("`{text}` is not a duration of at most 366 days"),
-            )
-        })
+        if self.cluster.len() + self.authority.len() > MAX_UPSTREAM_NAMES {
+            return Err(invalid(
+                "etcd.cluster",
+                format!("with etcd.authority, must be at most {MAX_UPSTREAM_NAMES} bytes"),
+            ));
+        }
+        if self.timeout == 0 {
+            return Err(invalid("etcd.timeout", "must be longer than 0s"));
+        }
+        if self.max_value_bytes < 1024 {
+            return Err(invalid("etcd.max_value_bytes", "must be at least 1024"));
+        }
+        if self.max_share_bytes < self.max_value_bytes {
+            return Err(invalid(
+                "etcd.max_share_bytes",
+                "must be at least etcd.max_value_bytes, so that any record fits in a share",
+            ));
+        }
+        self.auth_token = self.auth_token.take().filter(|t| !t.is_empty());
+        Ok(())
+    }
 }
 
 #[cfg(test)]

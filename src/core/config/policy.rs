@@ -2,12 +2,13 @@
 //! configuration gives one; a route's metadata may give its own, with the same field names and
 //! value formats, laid over the listener's ([`super::Config::route_policy`]).
 //!
-//! Every field is parsed and checked on its own as it is set, so the listener's document and a
-//! route's go through the same code and name their fields the same way.
+//! Each field is declared once, here, with how it is read and checked; what one field cannot
+//! say alone is [`Policy::check`]'s.
 
-use super::{duration, invalid, ConfigError};
+use super::read::{duration, invalid, positive_duration, read, ConfigError, Fields};
 use crate::core::body::{json, Asked, Fingerprinting, Pointer};
 use crate::core::Millis;
+use serde::de::{Deserializer, Error};
 use serde::Deserialize;
 
 /// Limits that keep one misconfiguration from exhausting the host.
@@ -34,34 +35,50 @@ impl StatusRule {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct Policy {
     /// Upper-case method names whose requests are covered.
+    #[serde(deserialize_with = "methods")]
     pub methods: Vec<String>,
     /// Lower-case header name carrying the key.
+    #[serde(deserialize_with = "header_name")]
     pub key_header: String,
+    /// Where in a JSON body the key is, instead of `key_header`.
+    #[serde(deserialize_with = "key_pointer")]
+    pub key_from_body: Option<Pointer>,
     pub require_key: bool,
     /// Lower-case header whose value (hashed) is the organisation.
+    #[serde(deserialize_with = "header_name")]
     pub scope_header: String,
+    #[serde(deserialize_with = "positive_duration")]
     pub ttl: Millis,
+    #[serde(deserialize_with = "duration")]
     pub lease: Millis,
+    #[serde(deserialize_with = "duration")]
     pub max_wait: Millis,
     /// The status of `idempotency_in_progress`: 503 for clients that retry 5xx answers (the
     /// seed's loop), 409 for clients written to the IETF draft or Stripe.
+    #[serde(deserialize_with = "in_progress_status")]
     pub in_progress_status: u16,
     /// The status of `idempotency_conflict`: 409 (the seed's), or 422 (the IETF draft's).
+    #[serde(deserialize_with = "conflict_status")]
     pub conflict_status: u16,
+    #[serde(deserialize_with = "body_bytes")]
     pub max_request_body_bytes: usize,
+    #[serde(deserialize_with = "body_bytes")]
     pub max_response_body_bytes: usize,
+    #[serde(deserialize_with = "status_rules")]
     pub unstored_statuses: Vec<StatusRule>,
     /// Whether a JSON or form body counts by its bytes or by its canonical form.
+    #[serde(deserialize_with = "fingerprinting")]
     pub fingerprint: Fingerprinting,
     /// What a canonical form leaves out.
+    #[serde(deserialize_with = "ignored_pointers")]
     pub fingerprint_ignore: Vec<Pointer>,
-    /// Where in a JSON body the key is, instead of `key_header`.
-    pub key_from_body: Option<Pointer>,
     /// Covered requests go upstream from the root context with this timeout (`outlive_client`
     /// and the route's word on it), or, when `None`, through the router.
+    #[serde(skip)]
     pub send_from_root: Option<Millis>,
 }
 
@@ -70,6 +87,7 @@ impl Default for Policy {
         Policy {
             methods: vec!["POST".into(), "PATCH".into()],
             key_header: "idempotency-key".into(),
+            key_from_body: None,
             require_key: false,
             scope_header: "authorization".into(),
             ttl: 86_400_000,
@@ -87,128 +105,22 @@ impl Default for Policy {
             ],
             fingerprint: Fingerprinting::Bytes,
             fingerprint_ignore: Vec::new(),
-            key_from_body: None,
             send_from_root: None,
         }
     }
 }
 
-/// The names [`Policy::set`] takes, in the order the documentation lists them.
-pub const FIELDS: [&str; 15] = [
-    "methods",
-    "key_header",
-    "key_from_body",
-    "require_key",
-    "scope_header",
-    "ttl",
-    "lease",
-    "max_wait",
-    "in_progress_status",
-    "conflict_status",
-    "max_request_body_bytes",
-    "max_response_body_bytes",
-    "unstored_statuses",
-    "fingerprint",
-    "fingerprint_ignore",
-];
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawStatus {
-    Code(u16),
-    Text(String),
-}
-
-/// Reads one field, naming it in the error (serde alone names the position, not the field).
-pub(super) fn field<T: serde::de::DeserializeOwned>(
-    name: &str,
-    value: serde_json::Value,
-) -> Result<T, ConfigError> {
-    serde_json::from_value(value).map_err(|e| invalid(name, e.to_string()))
-}
-
 impl Policy {
-    /// Sets field `name` from `value`, checked; `Ok(false)` if `name` is not a policy field.
-    pub fn set(&mut self, name: &str, value: serde_json::Value) -> Result<bool, ConfigError> {
-        let text = |value| field::<String>(name, value);
-        let size = |value| -> Result<usize, ConfigError> {
-            let bytes = field(name, value)?;
-            if bytes > MAX_BODY_BYTES {
-                return Err(invalid(name, format!("at most {MAX_BODY_BYTES}")));
-            }
-            Ok(bytes)
-        };
-        match name {
-            "methods" => self.methods = methods(field(name, value)?)?,
-            "key_header" => self.key_header = header_name(name, &text(value)?)?,
-            "require_key" => self.require_key = field(name, value)?,
-            "scope_header" => self.scope_header = header_name(name, &text(value)?)?,
-            "ttl" => match duration(name, &text(value)?)? {
-                0 => return Err(invalid(name, "must be longer than 0s")),
-                ttl => self.ttl = ttl,
-            },
-            "lease" => self.lease = duration(name, &text(value)?)?,
-            "max_wait" => self.max_wait = duration(name, &text(value)?)?,
-            "in_progress_status" => {
-                match field(name, value)? {
-                    status @ (409 | 503) => self.in_progress_status = status,
-                    _ => return Err(invalid(
-                        name,
-                        "must be 503 (clients that retry 5xx answers) or 409 (IETF draft, Stripe)",
-                    )),
-                }
-            }
-            "conflict_status" => match field(name, value)? {
-                status @ (409 | 422) => self.conflict_status = status,
-                _ => {
-                    return Err(invalid(
-                        name,
-                        "must be 409 (the seed document's) or 422 (the IETF draft's)",
-                    ))
-                }
-            },
-            "max_request_body_bytes" => self.max_request_body_bytes = size(value)?,
-            "max_response_body_bytes" => self.max_response_body_bytes = size(value)?,
-            "unstored_statuses" => {
-                let rules: Vec<RawStatus> = field(name, value)?;
-                self.unstored_statuses = rules.iter().map(status_rule).collect::<Result<_, _>>()?;
-            }
-            "fingerprint" => match text(value)?.as_str() {
-                "bytes" => self.fingerprint = Fingerprinting::Bytes,
-                "json" => self.fingerprint = Fingerprinting::Json,
-                other => {
-                    return Err(invalid(
-                        name,
-                        format!("`{other}`: expected `bytes` or `json`"),
-                    ))
-                }
-            },
-            "fingerprint_ignore" => {
-                let texts: Vec<String> = field(name, value)?;
-                if texts.len() > json::MAX_IGNORED {
-                    return Err(invalid(
-                        name,
-                        format!("at most {} pointers", json::MAX_IGNORED),
-                    ));
-                }
-                self.fingerprint_ignore = texts
-                    .iter()
-                    .map(|text| pointer_into_body(name, text))
-                    .collect::<Result<_, _>>()?;
-            }
-            "key_from_body" => {
-                self.key_from_body = field::<Option<String>>(name, value)?
-                    .map(|text| pointer_into_body(name, &text))
-                    .transpose()?;
-            }
-            _ => return Ok(false),
-        }
-        Ok(true)
+    /// The policy `fields` give, the defaults for the rest, checked.
+    pub fn from_fields(fields: Fields) -> Result<Policy, ConfigError> {
+        let policy: Policy = read(fields)?;
+        policy.check()?;
+        Ok(policy)
     }
 
     /// What one field cannot say alone: `fingerprint_ignore` means something only to
     /// `fingerprint: "json"`.
-    pub fn check(&self) -> Result<(), ConfigError> {
+    fn check(&self) -> Result<(), ConfigError> {
         if !self.fingerprint_ignore.is_empty() && self.fingerprint != Fingerprinting::Json {
             return Err(invalid(
                 "fingerprint_ignore",
@@ -249,59 +161,124 @@ impl Policy {
     }
 }
 
-fn methods(names: Vec<String>) -> Result<Vec<String>, ConfigError> {
+fn methods<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let names = Vec::<String>::deserialize(d)?;
     if names.is_empty() {
-        return Err(invalid("methods", "must name at least one method"));
+        return Err(D::Error::custom("must name at least one method"));
     }
     names
         .into_iter()
         .map(|method| {
             if method.is_empty() || !method.bytes().all(|b| b.is_ascii_alphabetic()) {
-                return Err(invalid(
-                    "methods",
-                    format!("`{method}` is not a method name"),
-                ));
+                return Err(D::Error::custom(format!("`{method}` is not a method name")));
             }
             Ok(method.to_ascii_uppercase())
         })
         .collect()
 }
 
-fn header_name(field: &str, name: &str) -> Result<String, ConfigError> {
+fn header_name<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
     let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if name.is_empty() || !name.bytes().all(token) {
-        return Err(invalid(field, format!("`{name}` is not a header name")));
+        return Err(D::Error::custom(format!("`{name}` is not a header name")));
     }
     Ok(name.to_ascii_lowercase())
 }
 
+fn in_progress_status<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    match u16::deserialize(d)? {
+        status @ (409 | 503) => Ok(status),
+        _ => Err(D::Error::custom(
+            "must be 503 (clients that retry 5xx answers) or 409 (IETF draft, Stripe)",
+        )),
+    }
+}
+
+fn conflict_status<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    match u16::deserialize(d)? {
+        status @ (409 | 422) => Ok(status),
+        _ => Err(D::Error::custom(
+            "must be 409 (the seed document's) or 422 (the IETF draft's)",
+        )),
+    }
+}
+
+fn body_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    match usize::deserialize(d)? {
+        bytes if bytes > MAX_BODY_BYTES => {
+            Err(D::Error::custom(format!("at most {MAX_BODY_BYTES}")))
+        }
+        bytes => Ok(bytes),
+    }
+}
+
+fn fingerprinting<'de, D: Deserializer<'de>>(d: D) -> Result<Fingerprinting, D::Error> {
+    match String::deserialize(d)?.as_str() {
+        "bytes" => Ok(Fingerprinting::Bytes),
+        "json" => Ok(Fingerprinting::Json),
+        other => Err(D::Error::custom(format!(
+            "`{other}`: expected `bytes` or `json`"
+        ))),
+    }
+}
+
+fn ignored_pointers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Pointer>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    if texts.len() > json::MAX_IGNORED {
+        return Err(D::Error::custom(format!(
+            "at most {} pointers",
+            json::MAX_IGNORED
+        )));
+    }
+    texts
+        .iter()
+        .map(|text| pointer_into_body(text).map_err(D::Error::custom))
+        .collect()
+}
+
+fn key_pointer<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pointer>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|text| pointer_into_body(&text).map_err(D::Error::custom))
+        .transpose()
+}
+
 /// A JSON Pointer to a part of the body: the whole of it (`""`) is never a key, and leaving it
 /// out would make every body the same.
-fn pointer_into_body(field: &str, text: &str) -> Result<Pointer, ConfigError> {
-    let pointer = Pointer::parse(text).map_err(|why| invalid(field, why))?;
+fn pointer_into_body(text: &str) -> Result<Pointer, String> {
+    let pointer = Pointer::parse(text)?;
     if pointer.is_root() {
-        return Err(invalid(
-            field,
-            "`\"\"` is the whole body; point into it, like \"/id\"",
-        ));
+        return Err("`\"\"` is the whole body; point into it, like \"/id\"".into());
     }
     Ok(pointer)
 }
 
-fn status_rule(raw: &RawStatus) -> Result<StatusRule, ConfigError> {
-    let field = "unstored_statuses";
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawStatus {
+    Code(u16),
+    Text(String),
+}
+
+fn status_rules<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<StatusRule>, D::Error> {
+    Vec::<RawStatus>::deserialize(d)?
+        .iter()
+        .map(|raw| status_rule(raw).map_err(D::Error::custom))
+        .collect()
+}
+
+fn status_rule(raw: &RawStatus) -> Result<StatusRule, String> {
     match raw {
         RawStatus::Code(code) if (100..=599).contains(code) => Ok(StatusRule::Exact(*code)),
-        RawStatus::Code(code) => Err(invalid(field, format!("{code} is not an HTTP status"))),
+        RawStatus::Code(code) => Err(format!("{code} is not an HTTP status")),
         RawStatus::Text(text) => match text.as_bytes() {
             [d @ b'1'..=b'5', b'x' | b'X', b'x' | b'X'] => {
                 Ok(StatusRule::Class(u16::from(d - b'0')))
             }
             _ => match text.parse::<u16>() {
                 Ok(code) if (100..=599).contains(&code) => Ok(StatusRule::Exact(code)),
-                _ => Err(invalid(
-                    field,
-                    format!("`{text}`: expected a status like 429 or a class like \"5xx\""),
+                _ => Err(format!(
+                    "`{text}`: expected a status like 429 or a class like \"5xx\""
                 )),
             },
         },

@@ -123,14 +123,15 @@ fn bodies_are_read_as_fingerprint_and_its_pointers_say() {
 
 #[test]
 fn durations_take_the_usual_units() {
-    assert_eq!(duration("ttl", "250ms"), Ok(250));
-    assert_eq!(duration("ttl", "30s"), Ok(30_000));
-    assert_eq!(duration("ttl", "5m"), Ok(300_000));
-    assert_eq!(duration("ttl", "24h"), Ok(86_400_000));
-    assert_eq!(duration("lease", "0s"), Ok(0));
-    assert!(duration("ttl", "").is_err());
-    assert!(duration("ttl", "s").is_err());
-    assert!(duration("ttl", "99999999999999999999h").is_err());
+    use read::parse_duration;
+    assert_eq!(parse_duration("250ms"), Ok(250));
+    assert_eq!(parse_duration("30s"), Ok(30_000));
+    assert_eq!(parse_duration("5m"), Ok(300_000));
+    assert_eq!(parse_duration("24h"), Ok(86_400_000));
+    assert_eq!(parse_duration("0s"), Ok(0));
+    assert!(parse_duration("").is_err());
+    assert!(parse_duration("s").is_err());
+    assert!(parse_duration("99999999999999999999h").is_err());
 }
 
 #[test]
@@ -166,10 +167,10 @@ fn the_etcd_store_needs_a_cluster_and_takes_defaults_for_the_rest() {
     assert_eq!(etcd.key_prefix, "idempotency/");
     assert_eq!(etcd.auth_token, None);
     assert_eq!(etcd.max_share_bytes, 64 << 20);
-    assert_eq!(field_of(r#"{"etcd": {}}"#), "etcd");
+    assert_eq!(field_of(r#"{"etcd": {}}"#), "etcd.cluster");
     assert_eq!(
         field_of(r#"{"etcd": {"cluster": "e", "timout": "1s"}}"#),
-        "etcd"
+        "etcd.timout"
     );
     assert_eq!(
         field_of(r#"{"etcd": {"cluster": "e", "timeout": "0s"}}"#),
@@ -228,7 +229,10 @@ fn outlive_client_needs_a_timeout_that_ends_before_the_claim() {
             "outlive_client.timeout",
         ),
         (r#"{"outlive_client": {}, "lease": "0s"}"#, "lease"),
-        (r#"{"outlive_client": {"retries": 2}}"#, "outlive_client"),
+        (
+            r#"{"outlive_client": {"retries": 2}}"#,
+            "outlive_client.retries",
+        ),
         (
             r#"{"outlive_client": {"max_in_flight": 0}}"#,
             "outlive_client.max_in_flight",
