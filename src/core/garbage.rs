@@ -54,6 +54,18 @@ impl Garbage {
         }
         out
     }
+
+    /// One case for a parser: one time in four up to `max` random bytes, else one of `valid`
+    /// mutated.
+    pub fn input<T: AsRef<[u8]>>(&mut self, valid: &[T], max: usize) -> Vec<u8> {
+        match self.below(4) {
+            0 => self.bytes(max),
+            _ => {
+                let sample = self.below(valid.len());
+                self.mutate(valid[sample].as_ref())
+            }
+        }
+    }
 }
 
 /// Runs `case` on `GARBAGE_CASES` seeded generators; a panic fails the test with its seed.

@@ -51,16 +51,6 @@ pub struct CallFailed {
     pub message: String,
 }
 
-impl CallFailed {
-    /// Whether etcd refused the call before applying it (out of space, too large, denied, an
-    /// unknown lease) rather than its fate being unknown (unavailable, a timeout, a reset).
-    pub fn refused(&self) -> bool {
-        // INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
-        // FAILED_PRECONDITION, OUT_OF_RANGE, UNIMPLEMENTED, UNAUTHENTICATED.
-        matches!(self.status, 3 | 5 | 6 | 7 | 8 | 9 | 11 | 12 | 16)
-    }
-}
-
 impl fmt::Display for CallFailed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "gRPC status {}: {}", self.status, self.message)
@@ -110,6 +100,7 @@ impl fmt::Display for StoreError {
     }
 }
 
+/// What both stores do: claim, poll for a waiting duplicate, finish, and the root context's tick.
 pub trait Store {
     fn claim(&mut self, claim: &Claim, now: Millis) -> Answer<Result<ClaimReply, StoreError>>;
 
@@ -131,45 +122,40 @@ pub trait Store {
         now: Millis,
     ) -> Answer<Result<Finished, StoreError>>;
 
-    /// A call made for an operation was answered; `None` if the call is not this store's.
-    fn resume(&mut self, _call: CallId, _response: CallResponse, _now: Millis) -> Option<Resumed> {
-        None
-    }
-
     /// Periodic work from the root context; returns operations that ended without a call.
     fn tick(&mut self, now: Millis) -> Vec<Resumed>;
 
-    /// Whether operations wait for the root context to send them now, rather than on its next
-    /// tick: the worker then wakes it, and calls [`Store::root_woke`] there.
-    fn wants_root(&self) -> bool {
-        false
-    }
-
-    /// Sends, from the root context, what waits for it; returns operations that ended without
-    /// a call.
-    fn root_woke(&mut self, _now: Millis) -> Vec<Resumed> {
-        Vec::new()
-    }
-
-    /// Operations that waited inside the store (for another's call) and have since gone on, each
-    /// under the call id it gave its asker: asked after every [`Store::resume`] and tick.
-    fn take_moved_on(&mut self) -> Vec<(CallId, Resumed)> {
-        Vec::new()
-    }
-
     /// How long each record evicted since the last call had been stored.
-    fn take_evictions(&mut self) -> Vec<Millis> {
-        Vec::new()
-    }
-
-    /// What the store measured since the last call.
-    fn take_samples(&mut self) -> Vec<(Histogram, u64)> {
-        Vec::new()
-    }
+    fn take_evictions(&mut self) -> Vec<Millis>;
 
     /// The store's gauges, asked once a second from the root context: whole-process levels
     /// ([`Gauge::is_whole`]) and this worker's part of the others.
-    fn levels(&mut self, _now: Millis) -> Vec<(Gauge, u64)> {
-        Vec::new()
+    fn levels(&mut self, now: Millis) -> Vec<(Gauge, u64)>;
+
+    /// The store's part that makes calls, if its operations go out as calls (etcd).
+    fn remote(&mut self) -> Option<&mut dyn Remote> {
+        None
     }
+}
+
+/// What a store whose operations go out as calls adds: their answers, what goes on without a
+/// request, and what it sends from the root context.
+pub trait Remote {
+    /// A call made for an operation was answered; `None` if the call is not this store's.
+    fn resume(&mut self, call: CallId, response: CallResponse, now: Millis) -> Option<Resumed>;
+
+    /// Whether operations wait for the root context to send them now, rather than on its next
+    /// tick: the worker then wakes it, and calls [`Remote::root_woke`] there.
+    fn wants_root(&self) -> bool;
+
+    /// Sends, from the root context, what waits for it; returns operations that ended without
+    /// a call.
+    fn root_woke(&mut self, now: Millis) -> Vec<Resumed>;
+
+    /// Operations that waited inside the store (for another's call) and have since gone on, each
+    /// under the call id it gave its asker: asked after every [`Remote::resume`] and tick.
+    fn take_moved_on(&mut self) -> Vec<(CallId, Resumed)>;
+
+    /// What the store measured of its calls since the last call.
+    fn take_samples(&mut self) -> Vec<(Histogram, u64)>;
 }

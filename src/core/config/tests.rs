@@ -259,13 +259,7 @@ fn garbage_and_mutated_configurations_are_refused_naming_a_field() {
         .map(|document| document.to_string())
         .collect();
     garbage::run("configurations", |g| {
-        let input = match g.below(4) {
-            0 => g.bytes(256),
-            _ => {
-                let sample = g.below(valid.len());
-                g.mutate(valid[sample].as_bytes())
-            }
-        };
+        let input = g.input(&valid, 256);
         if let Err(error) = Config::parse(&input) {
             assert!(
                 !error.field.is_empty() && !error.reason.is_empty(),

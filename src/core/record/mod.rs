@@ -1,26 +1,19 @@
-//! The stored formats: a bucket of entries (the state of up to `BUCKET_ENTRIES` records), a
-//! stored response, the byte ledger and an organisation's share. All are versioned binary: a
-//! reader that meets a version it does not know refuses it rather than guess, so a filter upgrade
-//! in a running Envoy never misreads a record.
+//! The formats every store shares: a record's entry (its state), and a stored response; and the
+//! pieces each store's own formats are built of. All are versioned binary: a reader that meets a
+//! version it does not know refuses it rather than guess, so a filter upgrade in a running Envoy
+//! never misreads a record. The table's bucket and counters are in `stores::table`, etcd's value
+//! in `stores::etcd`.
+//!
+//! Each format starts with its own two-byte magic, so that no reader takes another's bytes:
+//! `IR` a stored response (here), `IB` a bucket, `IL` a ledger, `IS` a share (the table's),
+//! `IE` a record's value and `IW` written bytes (etcd's).
 
 use crate::core::identity::{Digest32, Fingerprint};
 use crate::core::Millis;
 
-pub const BUCKET_ENTRIES: usize = 16;
-const BUCKET_MAGIC: [u8; 2] = *b"IB";
 const RESPONSE_MAGIC: [u8; 2] = *b"IR";
-const LEDGER_MAGIC: [u8; 2] = *b"IL";
-const REMOTE_MAGIC: [u8; 2] = *b"IE";
-const SHARE_MAGIC: [u8; 2] = *b"IS";
-const WRITTEN_MAGIC: [u8; 2] = *b"IW";
-const VERSION: u8 = 1;
-/// Version 2 added each entry's organisation tag; version 3 holds a 16-byte fingerprint
-/// (XXH3-128) where version 2 held a SHA-256: an old fingerprint is never compared with a new.
-/// Version 4 adds when each record was stored: records of routes with other `ttl`s sit side by
-/// side, so a record's age can no longer be told from its deadline.
-const BUCKET_VERSION: u8 = 4;
-/// Version 2: the 16-byte fingerprint, as in buckets of version 3.
-const REMOTE_VERSION: u8 = 2;
+/// The version of the counter formats ([`encode_counts`]).
+pub(crate) const VERSION: u8 = 1;
 /// A stored response keeps its body as it came (version 3), or LZ4-compressed (version 4), so
 /// that a filter that cannot decompress refuses the record rather than replay compressed bytes.
 /// Versions 1 and 2 also held the record's tuple, which the claim token already proves.
@@ -28,11 +21,10 @@ const RESPONSE_VERSION: u8 = 3;
 const COMPRESSED_VERSION: u8 = 4;
 /// Bodies shorter than this are kept as they came: compressing would save too little.
 const COMPRESS_FROM: usize = 256;
-const HEADER_LEN: usize = 4;
-const ENTRY_LEN: usize = 1 + 32 + 16 + 8 + 8 + 4;
-const BUCKET_ENTRY_LEN: usize = ENTRY_LEN + 2 + 8;
-/// A remote record's length before its stored response.
-pub const REMOTE_ENTRY_LEN: usize = HEADER_LEN + ENTRY_LEN;
+/// A format's header: its magic, its version, and a byte of its own.
+pub(crate) const HEADER_LEN: usize = 4;
+/// An entry as [`Entry::encode_into`] writes it.
+pub(crate) const ENTRY_LEN: usize = 1 + 32 + 16 + 8 + 8 + 4;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -108,7 +100,7 @@ impl Entry {
         stored: 0,
     };
 
-    fn encode_into(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
         out.push(self.state.code());
         out.extend_from_slice(&self.tuple);
         out.extend_from_slice(&self.fingerprint);
@@ -117,7 +109,7 @@ impl Entry {
         out.extend_from_slice(&self.response_len.to_le_bytes());
     }
 
-    fn read(reader: &mut Reader) -> Result<Entry, DecodeError> {
+    pub(crate) fn read(reader: &mut Reader) -> Result<Entry, DecodeError> {
         Ok(Entry {
             state: State::from_code(reader.u8()?).ok_or(DecodeError::Malformed)?,
             tuple: reader.digest()?,
@@ -128,26 +120,6 @@ impl Entry {
             org: 0,
             stored: 0,
         })
-    }
-
-    /// One record as a remote store keeps it: the entry, then its stored response if any.
-    pub fn encode_remote(&self, response: Option<&[u8]>) -> Vec<u8> {
-        let mut out = Vec::with_capacity(REMOTE_ENTRY_LEN + response.map_or(0, <[u8]>::len));
-        out.extend_from_slice(&REMOTE_MAGIC);
-        out.push(REMOTE_VERSION);
-        out.push(0);
-        self.encode_into(&mut out);
-        out.extend_from_slice(response.unwrap_or_default());
-        out
-    }
-
-    /// The entry and the stored response bytes (empty if none) of a remote record.
-    pub fn decode_remote(bytes: &[u8]) -> Result<(Entry, &[u8]), DecodeError> {
-        let mut reader = Reader::new(bytes);
-        check_header(&mut reader, REMOTE_MAGIC, REMOTE_VERSION)?;
-        reader.u8()?;
-        let entry = Entry::read(&mut reader)?;
-        Ok((entry, reader.rest()))
     }
 
     /// An entry whose deadline has passed no longer holds its tuple: it is as if absent.
@@ -161,49 +133,6 @@ pub enum DecodeError {
     Malformed,
     /// Written by a filter version this one does not know.
     UnknownVersion(u8),
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bucket {
-    pub entries: [Entry; BUCKET_ENTRIES],
-}
-
-impl Bucket {
-    pub fn empty() -> Bucket {
-        Bucket {
-            entries: [Entry::EMPTY; BUCKET_ENTRIES],
-        }
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(HEADER_LEN + BUCKET_ENTRIES * BUCKET_ENTRY_LEN);
-        out.extend_from_slice(&BUCKET_MAGIC);
-        out.push(BUCKET_VERSION);
-        out.push(BUCKET_ENTRIES as u8);
-        for entry in &self.entries {
-            entry.encode_into(&mut out);
-            out.extend_from_slice(&entry.org.to_le_bytes());
-            out.extend_from_slice(&entry.stored.to_le_bytes());
-        }
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Bucket, DecodeError> {
-        let mut reader = Reader::new(bytes);
-        check_header(&mut reader, BUCKET_MAGIC, BUCKET_VERSION)?;
-        if usize::from(reader.u8()?) != BUCKET_ENTRIES
-            || bytes.len() != HEADER_LEN + BUCKET_ENTRIES * BUCKET_ENTRY_LEN
-        {
-            return Err(DecodeError::Malformed);
-        }
-        let mut bucket = Bucket::empty();
-        for entry in bucket.entries.iter_mut() {
-            *entry = Entry::read(&mut reader)?;
-            entry.org = reader.u16()?;
-            entry.stored = reader.u64()?;
-        }
-        Ok(bucket)
-    }
 }
 
 /// An upstream response as it will be replayed.
@@ -294,91 +223,8 @@ impl StoredResponse {
     }
 }
 
-/// The response bytes one ledger shard accounts for. Bytes are added before a response is
-/// written and taken off after it is cleared, so an interrupted owner can only over-count.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Ledger {
-    pub total: u64,
-}
-
-impl Ledger {
-    pub fn encode(&self) -> Vec<u8> {
-        encode_counts(LEDGER_MAGIC, &[self.total])
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Ledger, DecodeError> {
-        let [total] = decode_counts(bytes, LEDGER_MAGIC)?;
-        Ok(Ledger { total })
-    }
-}
-
-/// What the organisations whose tags share one slot of the share table hold: records (live or
-/// not yet reclaimed), and bytes of stored responses.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Share {
-    pub records: u64,
-    pub bytes: u64,
-}
-
-impl Share {
-    pub fn encode(&self) -> Vec<u8> {
-        encode_counts(SHARE_MAGIC, &[self.records, self.bytes])
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Share, DecodeError> {
-        let [records, bytes] = decode_counts(bytes, SHARE_MAGIC)?;
-        Ok(Share { records, bytes })
-    }
-}
-
-/// Lease windows a [`Written`] remembers: more than the thirteen that the etcd store counts as
-/// possibly live (a record lease is `ttl` and one window long, a window `ttl / 8` or longer).
-const WRITTEN_WINDOWS: usize = 16;
-
-/// The bytes an organisation (all those whose tags share one slot) wrote into etcd through this
-/// Envoy, by the lease window they were written in: what has expired drops out without a sweep.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Written {
-    /// (window, bytes), at `window % WRITTEN_WINDOWS`.
-    windows: [(u64, u64); WRITTEN_WINDOWS],
-}
-
-impl Written {
-    /// Bytes written in window `oldest` or later.
-    pub fn since(&self, oldest: u64) -> u64 {
-        self.windows
-            .iter()
-            .filter(|(window, _)| *window >= oldest)
-            .map(|(_, bytes)| bytes)
-            .sum()
-    }
-
-    /// Adds `bytes` to `window`, reusing the slot of a window long past.
-    pub fn add(&mut self, window: u64, bytes: u64) {
-        let slot = &mut self.windows[window as usize % WRITTEN_WINDOWS];
-        if slot.0 != window {
-            *slot = (window, 0);
-        }
-        slot.1 = slot.1.saturating_add(bytes);
-    }
-
-    pub fn encode(&self) -> Vec<u8> {
-        let counts: Vec<u64> = self.windows.iter().flat_map(|(w, b)| [*w, *b]).collect();
-        encode_counts(WRITTEN_MAGIC, &counts)
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Written, DecodeError> {
-        let counts: [u64; 2 * WRITTEN_WINDOWS] = decode_counts(bytes, WRITTEN_MAGIC)?;
-        let mut written = Written::default();
-        for (slot, pair) in written.windows.iter_mut().zip(counts.chunks_exact(2)) {
-            *slot = (pair[0], pair[1]);
-        }
-        Ok(written)
-    }
-}
-
 /// A counter record: the header, then `N` little-endian `u64`s and nothing else.
-fn encode_counts(magic: [u8; 2], counts: &[u64]) -> Vec<u8> {
+pub(crate) fn encode_counts(magic: [u8; 2], counts: &[u64]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + 8 * counts.len());
     out.extend_from_slice(&magic);
     out.push(VERSION);
@@ -389,7 +235,10 @@ fn encode_counts(magic: [u8; 2], counts: &[u64]) -> Vec<u8> {
     out
 }
 
-fn decode_counts<const N: usize>(bytes: &[u8], magic: [u8; 2]) -> Result<[u64; N], DecodeError> {
+pub(crate) fn decode_counts<const N: usize>(
+    bytes: &[u8],
+    magic: [u8; 2],
+) -> Result<[u64; N], DecodeError> {
     let mut reader = Reader::new(bytes);
     check_header(&mut reader, magic, VERSION)?;
     reader.u8()?;
@@ -403,7 +252,11 @@ fn decode_counts<const N: usize>(bytes: &[u8], magic: [u8; 2]) -> Result<[u64; N
     Ok(counts)
 }
 
-fn check_header(reader: &mut Reader, magic: [u8; 2], version: u8) -> Result<(), DecodeError> {
+pub(crate) fn check_header(
+    reader: &mut Reader,
+    magic: [u8; 2],
+    version: u8,
+) -> Result<(), DecodeError> {
     if reader.take(2)? != magic {
         return Err(DecodeError::Malformed);
     }
@@ -413,16 +266,16 @@ fn check_header(reader: &mut Reader, magic: [u8; 2], version: u8) -> Result<(), 
     }
 }
 
-struct Reader<'a> {
+pub(crate) struct Reader<'a> {
     bytes: &'a [u8],
 }
 
 impl<'a> Reader<'a> {
-    fn new(bytes: &'a [u8]) -> Self {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
         Reader { bytes }
     }
 
-    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if self.bytes.len() < n {
             return Err(DecodeError::Malformed);
         }
@@ -435,11 +288,11 @@ impl<'a> Reader<'a> {
         self.take(N)?.try_into().map_err(|_| DecodeError::Malformed)
     }
 
-    fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.array::<1>()?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_le_bytes(self.array()?))
     }
 
@@ -447,7 +300,7 @@ impl<'a> Reader<'a> {
         Ok(u32::from_le_bytes(self.array()?))
     }
 
-    fn u64(&mut self) -> Result<u64, DecodeError> {
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
@@ -459,7 +312,7 @@ impl<'a> Reader<'a> {
         String::from_utf8(self.take(n)?.to_vec()).map_err(|_| DecodeError::Malformed)
     }
 
-    fn rest(&mut self) -> &'a [u8] {
+    pub(crate) fn rest(&mut self) -> &'a [u8] {
         std::mem::take(&mut self.bytes)
     }
 }
@@ -479,4 +332,4 @@ pub fn incompressible(len: usize) -> Vec<u8> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

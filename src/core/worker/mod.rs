@@ -14,7 +14,9 @@ use crate::core::lifecycle::{Ending, Verdict};
 use crate::core::metrics::{self, Counter, Gauge, Histogram};
 use crate::core::problem::LocalReply;
 use crate::core::route::{Routed, Routes};
-use crate::core::store::{Answer, CallId, CallResponse, ClaimReply, Resumed, Store, StoreError};
+use crate::core::store::{
+    Answer, CallId, CallResponse, ClaimReply, Remote, Resumed, Store, StoreError,
+};
 use crate::core::Millis;
 use log::Level;
 use std::cell::{Cell, RefCell};
@@ -246,10 +248,20 @@ impl<H: Host> Worker<H> {
             }
         }
         self.observe_store();
-        if self.store.borrow().wants_root() {
+        self.wake_root_if_wanted();
+        flow
+    }
+
+    /// Wakes the root context if a remote store has what waits for it to send.
+    fn wake_root_if_wanted(&self) {
+        if self.remote(|remote| remote.wants_root()) == Some(true) {
             self.wake_root();
         }
-        flow
+    }
+
+    /// What `act` does with the store's remote part, if it has one.
+    fn remote<T>(&self, act: impl FnOnce(&mut dyn Remote) -> T) -> Option<T> {
+        self.store.borrow_mut().remote().map(act)
     }
 
     /// Asks the root context to wake soon ([`Worker::on_wake`]): one wake-up does all that waits.
@@ -273,14 +285,12 @@ impl<H: Host> Worker<H> {
     /// A remote store's call was answered, in the callback of the context that made it.
     pub fn on_call_response(&self, call: CallId, response: CallResponse) {
         let now = self.host.now();
-        let resumed = self.store.borrow_mut().resume(call, response, now);
-        if let Some(resumed) = resumed {
+        let resumed = self.remote(|remote| remote.resume(call, response, now));
+        if let Some(resumed) = resumed.flatten() {
             self.carried_on(call, resumed, now);
         }
         self.moved_on(now);
-        if self.store.borrow().wants_root() {
-            self.wake_root();
-        }
+        self.wake_root_if_wanted();
     }
 
     fn carried_on(&self, call: CallId, resumed: Resumed, now: Millis) {
@@ -292,8 +302,8 @@ impl<H: Host> Worker<H> {
 
     /// Operations that waited inside the store went on: their requests hear of it.
     fn moved_on(&self, now: Millis) {
-        let moved_on = self.store.borrow_mut().take_moved_on();
-        for (call, resumed) in moved_on {
+        let moved_on = self.remote(|remote| remote.take_moved_on());
+        for (call, resumed) in moved_on.into_iter().flatten() {
             self.carried_on(call, resumed, now);
         }
     }
@@ -303,8 +313,8 @@ impl<H: Host> Worker<H> {
     pub fn on_wake(&self) {
         self.woken.set(false);
         let now = self.host.now();
-        let ended = self.store.borrow_mut().root_woke(now);
-        for resumed in ended {
+        let ended = self.remote(|remote| remote.root_woke(now));
+        for resumed in ended.into_iter().flatten() {
             self.ended(resumed);
         }
         self.moved_on(now);

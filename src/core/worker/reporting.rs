@@ -44,7 +44,8 @@ impl<H: Host> Worker<H> {
 
     /// What the store saw since last asked: its samples, and the records it evicted.
     pub(super) fn observe_store(&self) {
-        for (histogram, value) in self.store.borrow_mut().take_samples() {
+        let samples = self.remote(|remote| remote.take_samples());
+        for (histogram, value) in samples.into_iter().flatten() {
             self.host.record(histogram, value);
         }
         let ages = self.store.borrow_mut().take_evictions();

@@ -2,9 +2,9 @@
 
 use super::ops::{claim_value, Op, Pending, Sent, Step};
 use super::retry::RETRY_MILLIS;
-use super::{wire, Etcd, MAX_ROUNDS};
-use crate::core::lifecycle::{self, Claim, Ending, Finished, Room, Verdict};
-use crate::core::record::{Bucket, Entry, StoredResponse};
+use super::{value, wire, Etcd, MAX_ROUNDS};
+use crate::core::lifecycle::{self, Claim, Decision, Ending, Finished, Verdict};
+use crate::core::record::StoredResponse;
 use crate::core::store::{
     Answer, CallId, CallResponse, ClaimReply, Handle, Replay, Resumed, StoreError, Ticket,
 };
@@ -57,7 +57,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                         return Some(self.advance(op, now));
                     }
                 }
-                let refused = failed.refused();
+                let refused = wire::refused(&failed);
                 let error = StoreError::Remote(format!("etcd answered {failed}"));
                 self.call_failed(pending, error, !refused, now)
             }
@@ -125,24 +125,18 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             // No record (or it went away between compare and read): claim again.
             return self.retry_claim(claim, rounds, Step::Create, now);
         };
-        let (entry, response) = match Entry::decode_remote(&value) {
+        let (entry, response) = match value::decode(&value) {
             Ok(decoded) => decoded,
             Err(error) => {
                 let error = StoreError::Unreadable(format!("etcd record: {error:?}"));
                 return Resumed::Claim(Answer::Now(Err(error)));
             }
         };
-        let mut bucket = Bucket::empty();
-        bucket.entries[0] = entry;
-        let room = Room {
-            usable: 1,
-            evict: None,
-        };
-        let reply = match lifecycle::claim(&mut bucket, &claim, room, now) {
-            Verdict::Claimed(_) => {
+        let reply = match lifecycle::decide(&entry, &claim, now) {
+            Decision::Take => {
                 return self.retry_claim(claim, rounds, Step::Takeover(revision), now)
             }
-            Verdict::Replay(found) => match StoredResponse::decode(response, found.token) {
+            Decision::Replay => match StoredResponse::decode(response, entry.token) {
                 Ok(response) => {
                     if let Err(error) = self.cache.remember(&claim, &response, entry.deadline, now)
                     {
@@ -158,7 +152,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     return Resumed::Claim(Answer::Now(Err(error)));
                 }
             },
-            Verdict::Blocked(block) => Verdict::Blocked(block),
+            Decision::Block(block) => Verdict::Blocked(block),
         };
         Resumed::Claim(Answer::Now(Ok(reply)))
     }

@@ -222,7 +222,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     ) {
         let answers = match response {
             Ok(message) => wire::batch_answer(&message, batch.members.len()),
-            Err(failed) if failed.refused() => {
+            Err(failed) if wire::refused(&failed) => {
                 for member in batch.members {
                     let resumed = self.send_one(member.op, now);
                     self.moved_on.push((member.waiter.unwrap_or(call), resumed));

@@ -276,7 +276,7 @@ impl World {
 
     /// etcd answers the last call made; the answer reaches `store` if `delivered`, else the
     /// store learns only that the call failed.
-    pub fn answer_last<S: Store>(
+    pub fn answer_last<S: Store + Remote>(
         &mut self,
         store: &mut S,
         delivered: bool,
@@ -291,7 +291,7 @@ impl World {
 
     /// A tick of `store`, with the lease grants it sends answered: what waited for them goes
     /// on. What the tick ended, and what went on.
-    pub fn tick_granting<S: Store>(
+    pub fn tick_granting<S: Store + Remote>(
         &mut self,
         store: &mut S,
         now: Millis,
@@ -325,7 +325,7 @@ impl World {
 
     /// The operation waiting under `call` inside `store`, once it went on: after a tick has
     /// granted its lease, or sent it in a batch of claims that etcd answers.
-    fn went_on<S: Store>(&mut self, store: &mut S, call: CallId, now: Millis) -> Resumed {
+    fn went_on<S: Store + Remote>(&mut self, store: &mut S, call: CallId, now: Millis) -> Resumed {
         if let Some(resumed) = self.moved.remove(&call) {
             return resumed;
         }
@@ -351,7 +351,7 @@ impl World {
     }
 
     /// Answers every call made so far, feeding answers back until the operation settles.
-    pub fn settle<S: Store>(
+    pub fn settle<S: Store + Remote>(
         &mut self,
         store: &mut S,
         mut resumed: Resumed,

@@ -2,9 +2,9 @@
 
 use super::leases::LeaseKind;
 use super::ops::Op;
-use super::{wire, Etcd};
+use super::{value, wire, Etcd};
 use crate::core::lifecycle::{Claim, Ending};
-use crate::core::record::{Entry, State, StoredResponse, REMOTE_ENTRY_LEN};
+use crate::core::record::{Entry, State, StoredResponse};
 use crate::core::Millis;
 use crate::stores::{Caller, Kv};
 
@@ -46,19 +46,19 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     return self.finish_op(claim, revision, unstored, now);
                 }
                 let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-                let written = REMOTE_ENTRY_LEN + bytes.len();
+                let written = value::ENTRY_LEN + bytes.len();
                 let (lease, expires) = self.record_lease(&claim, written, now);
-                let value = entry(State::Complete, expires, len).encode_remote(Some(&bytes));
+                let value = value::encode(&entry(State::Complete, expires, len), Some(&bytes));
                 op(Some(value), lease, Some((response, expires)))
             }
             Ending::Unstored { .. } => {
-                let (lease, expires) = self.record_lease(&claim, REMOTE_ENTRY_LEN, now);
-                let value = entry(State::Unstored, expires, 0).encode_remote(None);
+                let (lease, expires) = self.record_lease(&claim, value::ENTRY_LEN, now);
+                let value = value::encode(&entry(State::Unstored, expires, 0), None);
                 op(Some(value), lease, None)
             }
             Ending::Released => op(None, LeaseKind::Claim, None),
             Ending::Held => {
-                let value = entry(State::Held, now + claim.lease, 0).encode_remote(None);
+                let value = value::encode(&entry(State::Held, now + claim.lease, 0), None);
                 op(Some(value), LeaseKind::Claim, None)
             }
         }

@@ -8,13 +8,61 @@
 //! context's tick, so that requests seldom wait for a grant.
 
 use crate::core::config::{Config, EtcdConfig};
-use crate::core::record::Written;
+use crate::core::record::{decode_counts, encode_counts, DecodeError};
 use crate::core::Millis;
 use crate::stores::{table, Kv};
 
 /// Organisations' tags map onto this many counters of written bytes (a collision can only
 /// over-count).
 const SHARE_SLOTS: u16 = 4096;
+
+const WRITTEN_MAGIC: [u8; 2] = *b"IW";
+
+/// Lease windows a [`Written`] remembers: more than the thirteen that the etcd store counts as
+/// possibly live (a record lease is `ttl` and one window long, a window `ttl / 8` or longer).
+const WRITTEN_WINDOWS: usize = 16;
+
+/// The bytes an organisation (all those whose tags share one slot) wrote into etcd through this
+/// Envoy, by the lease window they were written in: what has expired drops out without a sweep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Written {
+    /// (window, bytes), at `window % WRITTEN_WINDOWS`.
+    windows: [(u64, u64); WRITTEN_WINDOWS],
+}
+
+impl Written {
+    /// Bytes written in window `oldest` or later.
+    pub fn since(&self, oldest: u64) -> u64 {
+        self.windows
+            .iter()
+            .filter(|(window, _)| *window >= oldest)
+            .map(|(_, bytes)| bytes)
+            .sum()
+    }
+
+    /// Adds `bytes` to `window`, reusing the slot of a window long past.
+    pub fn add(&mut self, window: u64, bytes: u64) {
+        let slot = &mut self.windows[window as usize % WRITTEN_WINDOWS];
+        if slot.0 != window {
+            *slot = (window, 0);
+        }
+        slot.1 = slot.1.saturating_add(bytes);
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let counts: Vec<u64> = self.windows.iter().flat_map(|(w, b)| [*w, *b]).collect();
+        encode_counts(WRITTEN_MAGIC, &counts)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Written, DecodeError> {
+        let counts: [u64; 2 * WRITTEN_WINDOWS] = decode_counts(bytes, WRITTEN_MAGIC)?;
+        let mut written = Written::default();
+        for (slot, pair) in written.windows.iter_mut().zip(counts.chunks_exact(2)) {
+            *slot = (pair[0], pair[1]);
+        }
+        Ok(written)
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LeaseKind {
@@ -126,5 +174,41 @@ impl<K: Kv> Leases<K> {
             log::warn!("counting an organisation's share of etcd failed: {error}");
             true
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_bytes_drop_out_with_their_window_and_round_trip() {
+        let mut written = Written::default();
+        written.add(100, 10);
+        written.add(100, 5);
+        written.add(105, 1);
+        assert_eq!(written.since(100), 16);
+        assert_eq!(written.since(101), 1);
+        // Window 116 takes window 100's slot: what was written then is gone.
+        written.add(116, 7);
+        assert_eq!(written.since(0), 8);
+        assert_eq!(Written::decode(&written.encode()), Ok(written));
+        let mut long = written.encode();
+        long.push(0);
+        assert_eq!(Written::decode(&long), Err(DecodeError::Malformed));
+    }
+
+    #[test]
+    fn written_bytes_refuse_garbage_without_panicking() {
+        use crate::core::garbage;
+        let mut written = Written::default();
+        written.add(3, 900);
+        let sample = written.encode();
+        garbage::run("written bytes", |g| {
+            let input = g.input(&[&sample], 512);
+            if let Ok(read) = Written::decode(&input) {
+                assert_eq!(Written::decode(&read.encode()), Ok(read));
+            }
+        });
     }
 }

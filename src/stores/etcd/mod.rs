@@ -49,11 +49,12 @@ mod batching;
 pub(crate) mod fake;
 mod finishes;
 mod grants;
-mod leases;
+pub(crate) mod leases;
 mod ops;
 mod retry;
 #[cfg(test)]
 mod tests;
+pub(crate) mod value;
 pub(crate) mod wire;
 
 pub use wire::Method;
@@ -63,8 +64,8 @@ use crate::core::lifecycle::{Claim, Ending, Finished};
 use crate::core::metrics::{Gauge, Histogram};
 use crate::core::record::StoredResponse;
 use crate::core::store::{
-    Answer, CallFailed, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError,
-    Ticket,
+    Answer, CallFailed, CallId, CallResponse, ClaimReply, Handle, Remote, Resumed, Store,
+    StoreError, Ticket,
 };
 use crate::core::Millis;
 use crate::stores::table::Table;
@@ -392,16 +393,44 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
         Answer::Queued
     }
 
-    fn resume(&mut self, call: CallId, response: CallResponse, now: Millis) -> Option<Resumed> {
-        let resumed = self.resume_call(call, response, now);
-        self.release_followers(now);
-        resumed
-    }
-
     fn tick(&mut self, now: Millis) -> Vec<Resumed> {
         let ended = self.tick_calls(now);
         self.release_followers(now);
         ended
+    }
+
+    /// This worker's queues and calls; the records are etcd's, and etcd's own metrics count them.
+    fn levels(&mut self, _now: Millis) -> Vec<(Gauge, u64)> {
+        let parked_claims = self
+            .parked
+            .iter()
+            .filter(|p| matches!(p.op, Op::Claim { .. }));
+        let claims = self.waiting.len() + parked_claims.count() + self.followers.len();
+        let finishes = self.queued.len() + self.retries.finishes();
+        let calls = self.pending.len() + self.batches.len() + self.grants.len();
+        vec![
+            (Gauge::EtcdClaimsQueued, claims as u64),
+            (Gauge::EtcdFinishesQueued, finishes as u64),
+            (Gauge::EtcdCallsInFlight, calls as u64),
+        ]
+    }
+
+    /// The local copies' evictions are not the records' (etcd still holds those): dropped.
+    fn take_evictions(&mut self) -> Vec<Millis> {
+        self.cache.take_evictions();
+        std::mem::take(&mut self.evictions)
+    }
+
+    fn remote(&mut self) -> Option<&mut dyn Remote> {
+        Some(self)
+    }
+}
+
+impl<C: Caller, K: Kv> Remote for Etcd<C, K> {
+    fn resume(&mut self, call: CallId, response: CallResponse, now: Millis) -> Option<Resumed> {
+        let resumed = self.resume_call(call, response, now);
+        self.release_followers(now);
+        resumed
     }
 
     /// Claims that wait while batches of claims have room, and finishes while none is in
@@ -428,28 +457,6 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
 
     fn take_samples(&mut self) -> Vec<(Histogram, u64)> {
         std::mem::take(&mut self.samples)
-    }
-
-    /// This worker's queues and calls; the records are etcd's, and etcd's own metrics count them.
-    fn levels(&mut self, _now: Millis) -> Vec<(Gauge, u64)> {
-        let parked_claims = self
-            .parked
-            .iter()
-            .filter(|p| matches!(p.op, Op::Claim { .. }));
-        let claims = self.waiting.len() + parked_claims.count() + self.followers.len();
-        let finishes = self.queued.len() + self.retries.finishes();
-        let calls = self.pending.len() + self.batches.len() + self.grants.len();
-        vec![
-            (Gauge::EtcdClaimsQueued, claims as u64),
-            (Gauge::EtcdFinishesQueued, finishes as u64),
-            (Gauge::EtcdCallsInFlight, calls as u64),
-        ]
-    }
-
-    /// The local copies' evictions are not the records' (etcd still holds those): dropped.
-    fn take_evictions(&mut self) -> Vec<Millis> {
-        self.cache.take_evictions();
-        std::mem::take(&mut self.evictions)
     }
 }
 

@@ -1,9 +1,10 @@
 //! What an operation is, what it waits for, and what a claim asks etcd next.
 
 use super::leases::LeaseKind;
+use super::value;
 use super::wire::{self, Method};
-use crate::core::lifecycle::{Claim, Finished};
-use crate::core::record::{Entry, State, StoredResponse};
+use crate::core::lifecycle::{self, Claim, Finished};
+use crate::core::record::StoredResponse;
 use crate::core::store::{Answer, CallId, Resumed};
 use crate::core::Millis;
 
@@ -122,17 +123,7 @@ impl Op {
 
 /// What a claim writes: an entry in flight until `now` + its lease.
 pub(super) fn claim_value(claim: &Claim, now: Millis) -> Vec<u8> {
-    let entry = Entry {
-        state: State::InFlight,
-        tuple: claim.tuple,
-        fingerprint: claim.fingerprint,
-        token: claim.token,
-        deadline: now + claim.lease,
-        response_len: 0,
-        org: claim.org,
-        stored: 0,
-    };
-    entry.encode_remote(None)
+    value::encode(&lifecycle::claimed(claim, now), None)
 }
 
 pub(super) struct Pending {

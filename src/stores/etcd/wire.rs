@@ -1,7 +1,7 @@
 //! etcd's v3 gRPC API on the wire: the few messages of `etcdserverpb` the store sends and reads,
 //! with the fields it uses (protobuf skips the others), and the calls that carry them.
 
-use crate::core::store::StoreError;
+use crate::core::store::{CallFailed, StoreError};
 use crate::core::Millis;
 use prost::Message;
 
@@ -11,6 +11,14 @@ pub type Method = (&'static str, &'static str);
 pub const GRANT: Method = ("etcdserverpb.Lease", "LeaseGrant");
 pub const RANGE: Method = ("etcdserverpb.KV", "Range");
 pub const TXN: Method = ("etcdserverpb.KV", "Txn");
+
+/// Whether etcd refused a call before applying it (out of space, too large, denied, an unknown
+/// lease) rather than its fate being unknown (unavailable, a timeout, a reset).
+pub fn refused(failed: &CallFailed) -> bool {
+    // INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, PERMISSION_DENIED, RESOURCE_EXHAUSTED,
+    // FAILED_PRECONDITION, OUT_OF_RANGE, UNIMPLEMENTED, UNAUTHENTICATED.
+    matches!(failed.status, 3 | 5 | 6 | 7 | 8 | 9 | 11 | 12 | 16)
+}
 
 /// The records' keys live under this, after `key_prefix`: a filter with another record format
 /// never meets the records of this one (as the table's format is in its keys too).

@@ -11,9 +11,9 @@
 use super::{audit, claim_of, explore, response, tick_clock};
 use crate::core::garbage::Garbage;
 use crate::core::lifecycle::{Block, Ending, Verdict};
-use crate::core::record::{Entry, State, StoredResponse};
+use crate::core::record::{State, StoredResponse};
 use crate::core::store::{
-    Answer, CallId, CallResponse, ClaimReply, Handle, Resumed, Store, StoreError, Ticket,
+    Answer, CallId, CallResponse, ClaimReply, Handle, Remote, Resumed, Store, StoreError, Ticket,
 };
 use crate::core::Millis;
 use crate::stores::etcd::fake::{cache_of, lost, parked, Calls, Envoy, FakeEtcd, World};
@@ -165,7 +165,7 @@ impl Run {
         if before != after {
             let decode = |v: &Option<(Vec<u8>, u64)>| {
                 v.as_ref().map(|(bytes, _)| {
-                    let (entry, response) = Entry::decode_remote(bytes).unwrap();
+                    let (entry, response) = crate::stores::etcd::value::decode(bytes).unwrap();
                     (entry, response.to_vec())
                 })
             };

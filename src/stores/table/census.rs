@@ -2,8 +2,9 @@
 //! adds what its own bucket writes changed to one shared census key, once a second, so that the
 //! total is the whole table's whichever worker reads it.
 
+use super::bucket::Bucket;
 use super::{Table, INSERT_IF_ABSENT, MAX_ATTEMPTS};
-use crate::core::record::{Bucket, State};
+use crate::core::record::State;
 use crate::core::store::StoreError;
 use crate::stores::Kv;
 

@@ -12,18 +12,19 @@
 //! `Sweeping`) writes its response key, so that write needs no compare-and-swap of its own; the
 //! ledger and share counters are shared and do ([`tally`]).
 
+pub mod bucket;
 mod census;
 mod room;
-mod tally;
+pub(crate) mod tally;
 
 use crate::core::config::{Config, WhenFull, LEDGER_SHARDS};
-use crate::core::lifecycle::Room;
-use crate::core::lifecycle::{self, Block, Claim, Ending, Finished, Taken, Verdict};
+use crate::core::lifecycle::{Block, Claim, Ending, Finished, Verdict};
 use crate::core::metrics::Gauge;
-use crate::core::record::{Bucket, DecodeError, State, StoredResponse, BUCKET_ENTRIES};
+use crate::core::record::{DecodeError, State, StoredResponse};
 use crate::core::store::{Answer, ClaimReply, Handle, Replay, Resumed, Store, StoreError, Ticket};
 use crate::core::Millis;
 use crate::stores::Kv;
+use bucket::{Bucket, Room, Taken, BUCKET_ENTRIES};
 pub(crate) use census::Census;
 use std::cell::Cell;
 pub use tally::{count, Amount, Tally};
@@ -80,7 +81,7 @@ pub struct Table<K: Kv> {
     shares: bool,
     /// A full bucket makes way for a new record by evicting its completed record nearest expiry.
     evict: bool,
-    /// How long a new record is safe from eviction ([`lifecycle::evictable`]).
+    /// How long a new record is safe from eviction ([`bucket::evictable`]).
     grace: Millis,
     /// Stored responses are compressed where that saves space.
     compress: bool,
@@ -251,7 +252,7 @@ impl<K: Kv> Table<K> {
         let bucket = self.bucket_of(&claim.tuple);
         let room = self.room(bucket);
         let verdict = self.update(bucket, |entries| {
-            let verdict = lifecycle::claim(entries, claim, room, now);
+            let verdict = bucket::claim(entries, claim, room, now);
             (verdict, verdict.writes())
         })?;
         let global = |slot: usize| bucket * BUCKET_ENTRIES as u64 + slot as u64;
@@ -308,7 +309,7 @@ impl<K: Kv> Table<K> {
         let bucket = owner.slot / BUCKET_ENTRIES as u64;
         let slot = (owner.slot % BUCKET_ENTRIES as u64) as usize;
         self.update(bucket, |entries| {
-            let finished = lifecycle::finish(entries, slot, owner.claim.token, ending, ttl, now);
+            let finished = bucket::finish(entries, slot, owner.claim.token, ending, ttl, now);
             (finished, finished != Finished::Lost)
         })
     }
@@ -402,13 +403,13 @@ impl<K: Kv> Table<K> {
     /// Gives back what the expired records of one bucket held; returns how many.
     pub fn sweep(&self, bucket: u64, now: Millis) -> Result<usize, StoreError> {
         let bucket = bucket % self.buckets;
-        let expired: Vec<usize> = lifecycle::reclaimable(&self.read_bucket(bucket)?, now).collect();
+        let expired: Vec<usize> = bucket::reclaimable(&self.read_bucket(bucket)?, now).collect();
         let (token, until) = (self.sweep_token, now + SWEEP_LEASE);
         let mut swept = 0;
         for slot in expired {
             let taken = self.update(bucket, |entries| {
-                let still_expired = lifecycle::reclaimable(entries, now).any(|at| at == slot);
-                let taken = still_expired.then(|| lifecycle::take(entries, slot, token, until));
+                let still_expired = bucket::reclaimable(entries, now).any(|at| at == slot);
+                let taken = still_expired.then(|| bucket::take(entries, slot, token, until));
                 (taken, taken.is_some())
             })?;
             if let Some(record) = taken {

@@ -1,10 +1,11 @@
 //! Room for a record: the byte ledger, its organisation's share, and eviction within its bucket.
 
+use super::bucket::{self, BUCKET_ENTRIES};
 use super::tally::{self, Amount, Tally};
 use super::{Owner, Table, SHARE_PROBES, SHARE_SLOTS, SWEEP_LEASE};
 use crate::core::config::LEDGER_SHARDS;
-use crate::core::lifecycle::{self, Ending};
-use crate::core::record::{Entry, State, BUCKET_ENTRIES};
+use crate::core::lifecycle::Ending;
+use crate::core::record::{Entry, State};
 use crate::core::store::StoreError;
 use crate::core::Millis;
 use crate::stores::Kv;
@@ -81,10 +82,10 @@ impl<K: Kv> Table<K> {
         let usable = self.usable(bucket);
         let (token, until) = (self.sweep_token, now + SWEEP_LEASE);
         let grace = self.grace;
-        let which = |e: &Entry| lifecycle::evictable(e, grace, now) && which(e);
+        let which = |e: &Entry| bucket::evictable(e, grace, now) && which(e);
         let taken = self.update(bucket, |entries| {
-            let taken = lifecycle::victim(entries, usable, now, which)
-                .map(|slot| (slot, lifecycle::take(entries, slot, token, until)));
+            let taken = bucket::victim(entries, usable, now, which)
+                .map(|slot| (slot, bucket::take(entries, slot, token, until)));
             (taken, taken.is_some())
         })?;
         let Some((slot, record)) = taken else {
@@ -95,7 +96,7 @@ impl<K: Kv> Table<K> {
         Ok(Some(record))
     }
 
-    /// Gives back a record `lifecycle::take` took out of `slot`, and ends the sweep that holds it.
+    /// Gives back a record `bucket::take` took out of `slot`, and ends the sweep that holds it.
     pub(super) fn release_taken(
         &self,
         bucket: u64,
@@ -107,7 +108,7 @@ impl<K: Kv> Table<K> {
         if record.state == State::Complete {
             let token = self.sweep_token;
             self.update(bucket, |entries| {
-                ((), lifecycle::end_sweep(entries, slot, token))
+                ((), bucket::end_sweep(entries, slot, token))
             })?;
         }
         Ok(())

@@ -10,11 +10,51 @@
 //! straight to the counter, and a reserve unused for `RESERVE_IDLE` goes back from the tick.
 
 use super::{unreadable, INSERT_IF_ABSENT, MAX_ATTEMPTS};
-use crate::core::record::{DecodeError, Ledger, Share};
+use crate::core::record::{decode_counts, encode_counts, DecodeError};
 use crate::core::store::StoreError;
 use crate::core::Millis;
 use crate::stores::Kv;
 use std::collections::HashMap;
+
+const LEDGER_MAGIC: [u8; 2] = *b"IL";
+const SHARE_MAGIC: [u8; 2] = *b"IS";
+
+/// The response bytes one ledger shard accounts for. Bytes are added before a response is
+/// written and taken off after it is cleared, so an interrupted owner can only over-count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ledger {
+    pub total: u64,
+}
+
+impl Ledger {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_counts(LEDGER_MAGIC, &[self.total])
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Ledger, DecodeError> {
+        let [total] = decode_counts(bytes, LEDGER_MAGIC)?;
+        Ok(Ledger { total })
+    }
+}
+
+/// What the organisations whose tags share one slot of the share table hold: records (live or
+/// not yet reclaimed), and bytes of stored responses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Share {
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl Share {
+    pub fn encode(&self) -> Vec<u8> {
+        encode_counts(SHARE_MAGIC, &[self.records, self.bytes])
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Share, DecodeError> {
+        let [records, bytes] = decode_counts(bytes, SHARE_MAGIC)?;
+        Ok(Share { records, bytes })
+    }
+}
 
 /// A reserve is at most this part of its counter's limit, so limits too small to part keep
 /// exact counts.
@@ -238,5 +278,49 @@ impl Reserves {
             share_block: Amount { records, bytes },
             ..self
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ledgers_and_shares_round_trip_and_check_their_length() {
+        let ledger = Ledger { total: 123_456 };
+        assert_eq!(Ledger::decode(&ledger.encode()), Ok(ledger));
+        let mut long = ledger.encode();
+        long.push(0);
+        assert_eq!(Ledger::decode(&long), Err(DecodeError::Malformed));
+        let share = Share {
+            records: 7,
+            bytes: 1 << 40,
+        };
+        assert_eq!(Share::decode(&share.encode()), Ok(share));
+        let mut long = share.encode();
+        long.push(0);
+        assert_eq!(Share::decode(&long), Err(DecodeError::Malformed));
+    }
+
+    #[test]
+    fn counters_refuse_garbage_without_panicking() {
+        use crate::core::garbage;
+        let samples = [
+            Ledger { total: 5 }.encode(),
+            Share {
+                records: 2,
+                bytes: 900,
+            }
+            .encode(),
+        ];
+        garbage::run("counters", |g| {
+            let input = g.input(&samples, 64);
+            if let Ok(ledger) = Ledger::decode(&input) {
+                assert_eq!(Ledger::decode(&ledger.encode()), Ok(ledger));
+            }
+            if let Ok(share) = Share::decode(&input) {
+                assert_eq!(Share::decode(&share.encode()), Ok(share));
+            }
+        });
     }
 }

@@ -322,7 +322,7 @@ fn a_full_waiting_room_answers_at_once_and_a_request_that_ended_is_never_acted_f
 /// says so, else a conflict. With `batching`, as etcd's past their calls, claims wait for the
 /// root context to wake and send them (here it only counts them).
 #[derive(Default)]
-struct Remote {
+struct Calling {
     calls: u32,
     /// The endings of the finishes asked for.
     finished: Rc<RefCell<Vec<String>>>,
@@ -331,7 +331,7 @@ struct Remote {
     sent_from_root: Rc<Cell<u32>>,
 }
 
-impl Store for Remote {
+impl Store for Calling {
     fn claim(&mut self, _: &Claim, _: Millis) -> Answer<Result<ClaimReply, StoreError>> {
         if self.batching {
             self.waiting += 1;
@@ -339,16 +339,6 @@ impl Store for Remote {
         }
         self.calls += 1;
         Answer::Later(self.calls)
-    }
-
-    fn wants_root(&self) -> bool {
-        self.waiting > 0
-    }
-
-    fn root_woke(&mut self, _: Millis) -> Vec<Resumed> {
-        let sent = &self.sent_from_root;
-        sent.set(sent.get() + std::mem::take(&mut self.waiting));
-        Vec::new()
     }
 
     fn poll(
@@ -372,6 +362,24 @@ impl Store for Remote {
         Answer::Queued
     }
 
+    fn tick(&mut self, _: Millis) -> Vec<Resumed> {
+        Vec::new()
+    }
+
+    fn take_evictions(&mut self) -> Vec<Millis> {
+        Vec::new()
+    }
+
+    fn levels(&mut self, _: Millis) -> Vec<(Gauge, u64)> {
+        Vec::new()
+    }
+
+    fn remote(&mut self) -> Option<&mut dyn Remote> {
+        Some(self)
+    }
+}
+
+impl Remote for Calling {
     fn resume(&mut self, call: CallId, response: CallResponse, _: Millis) -> Option<Resumed> {
         let reply = response
             .map(|message| match &message[..] {
@@ -392,14 +400,28 @@ impl Store for Remote {
         (call <= self.calls).then_some(Resumed::Claim(Answer::Now(reply)))
     }
 
-    fn tick(&mut self, _: Millis) -> Vec<Resumed> {
+    fn wants_root(&self) -> bool {
+        self.waiting > 0
+    }
+
+    fn root_woke(&mut self, _: Millis) -> Vec<Resumed> {
+        let sent = &self.sent_from_root;
+        sent.set(sent.get() + std::mem::take(&mut self.waiting));
+        Vec::new()
+    }
+
+    fn take_moved_on(&mut self) -> Vec<(CallId, Resumed)> {
+        Vec::new()
+    }
+
+    fn take_samples(&mut self) -> Vec<(Histogram, u64)> {
         Vec::new()
     }
 }
 
 #[test]
 fn a_remote_store_s_answer_reaches_the_request_whose_call_it_is() {
-    let mut run = Run::new(DEFAULTS, |_| Box::<Remote>::default());
+    let mut run = Run::new(DEFAULTS, |_| Box::<Calling>::default());
     assert_eq!(run.arrive("a"), (1, Flow::Pause));
     assert_eq!(run.arrive("b"), (2, Flow::Pause));
     // Call 2 is answered first (in request 2's callback): a conflict for request 2 only.
@@ -414,7 +436,7 @@ fn a_remote_store_s_answer_reaches_the_request_whose_call_it_is() {
 
 #[test]
 fn a_claim_answered_after_its_request_left_is_released() {
-    let remote = Remote::default();
+    let remote = Calling::default();
     let finished = Rc::clone(&remote.finished);
     let mut run = Run::new(DEFAULTS, |_| Box::new(remote));
     assert_eq!(run.arrive("a"), (1, Flow::Pause));
@@ -517,9 +539,9 @@ fn a_listener_without_route_metadata_never_reads_a_route() {
 
 #[test]
 fn operations_waiting_for_the_root_context_wake_it_once_and_go_out_when_it_wakes() {
-    let store = Remote {
+    let store = Calling {
         batching: true,
-        ..Remote::default()
+        ..Calling::default()
     };
     let sent = Rc::clone(&store.sent_from_root);
     let mut run = Run::new(DEFAULTS, |_| Box::new(store));

@@ -81,7 +81,7 @@ fn each_request_s_outcome_and_a_replay_s_record_age_are_marked_on_its_own_stream
 
 #[test]
 fn store_failures_are_logged_once_a_second_and_counted_every_time() {
-    let mut run = Run::new(DEFAULTS, |_| Box::<Remote>::default());
+    let mut run = Run::new(DEFAULTS, |_| Box::<Calling>::default());
     for n in 0..3 {
         let (context, _) = run.arrive(&format!("k{n}"));
         run.host.acting.set(context);

@@ -1,7 +1,6 @@
 use super::fake::*;
 use super::*;
 use crate::core::lifecycle::{Block, Verdict};
-use crate::core::record::Entry;
 use crate::core::store::CallFailed;
 
 #[test]
@@ -69,7 +68,7 @@ fn past_its_share_an_organisation_s_records_live_a_lease_and_count_as_evicted() 
         let reply = finish(world, &mut envoy, ticket, Ending::Stored(response()), now);
         assert_eq!(reply, Finished::Recorded(Ending::Stored(())));
         let key = envoy.key(&claim.tuple);
-        let (entry, _) = Entry::decode_remote(&world.etcd.keys[&key].0).unwrap();
+        let (entry, _) = crate::stores::etcd::value::decode(&world.etcd.keys[&key].0).unwrap();
         (entry.deadline - now, envoy.take_evictions())
     };
     let (hour, lease) = (3_600_000, 10_000);
@@ -97,7 +96,7 @@ fn a_route_s_own_ttl_and_lease_decide_its_records_deadlines() {
     let mut envoy = world.envoy(r#"{"ttl": "1h", "lease": "10s", "etcd": {"cluster": "etcd"}}"#);
     let deadline = |world: &World, envoy: &Envoy, claim: &Claim| {
         let key = envoy.key(&claim.tuple);
-        Entry::decode_remote(&world.etcd.keys[&key].0)
+        crate::stores::etcd::value::decode(&world.etcd.keys[&key].0)
             .unwrap()
             .0
             .deadline
@@ -447,7 +446,7 @@ fn etcd_errors_fail_the_operation() {
 fn garbage_answers_from_etcd_fail_the_claim_without_panicking() {
     use crate::core::garbage;
     use crate::core::record::{Entry, State};
-    let record = Entry {
+    let entry = Entry {
         state: State::Complete,
         tuple: [1; 32],
         fingerprint: [1; 16],
@@ -456,8 +455,8 @@ fn garbage_answers_from_etcd_fail_the_claim_without_panicking() {
         response_len: 0,
         org: 1,
         stored: 0,
-    }
-    .encode_remote(Some(&response().encode(9, true)));
+    };
+    let record = super::value::encode(&entry, Some(&response().encode(9, true)));
     use super::wire::{KeyValue, RangeResponse, Response, ResponseOp, TxnResponse};
     use prost::Message;
     let answer = |succeeded: bool, value: Vec<u8>| {

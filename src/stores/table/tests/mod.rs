@@ -1,6 +1,6 @@
 use super::tally::RESERVE_IDLE;
 use super::*;
-use crate::core::record::{Ledger, Share};
+use crate::stores::table::tally::{Ledger, Share};
 use crate::stores::testkit::{config, MemoryKv};
 
 /// With the default TTL, how long a record is safe from eviction.
