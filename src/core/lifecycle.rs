@@ -43,7 +43,7 @@ pub enum Block {
     /// Same request, ended without a known outcome; held for `remaining`.
     Held { remaining: Millis },
     /// The work ran, but its response is not kept.
-    NotStored,
+    Unstored,
     /// No entry free for this tuple.
     Full,
     /// The organisation holds its share of the store, and none of its records could make way.
@@ -74,7 +74,7 @@ pub fn decide(entry: &Entry, claim: &Claim, now: Millis) -> Decision {
         State::InFlight => Decision::Block(Block::InFlight { remaining }),
         State::Held => Decision::Block(Block::Held { remaining }),
         State::Complete => Decision::Replay,
-        State::Unstored | State::Empty | State::Sweeping => Decision::Block(Block::NotStored),
+        State::Unstored | State::Empty | State::Sweeping => Decision::Block(Block::Unstored),
     }
 }
 

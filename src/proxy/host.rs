@@ -2,7 +2,7 @@
 //! rest of the glue never meets a host `Status` (the SDK's trait helpers would panic on one).
 
 use crate::core::config::EtcdConfig;
-use crate::core::exchange::{Answered, Outgoing, StreamEnd};
+use crate::core::exchange::{Answered, RootRequest, StreamEnd};
 use crate::core::metrics::{Counter, Gauge, Histogram};
 use crate::core::problem::LocalReply;
 use crate::core::store::{CallFailed, CallId, CallResponse, StoreError};
@@ -351,7 +351,7 @@ impl Host for Proxy {
         }
     }
 
-    fn send(&self, request: &Outgoing) -> Result<CallId, StoreError> {
+    fn send(&self, request: &RootRequest) -> Result<CallId, StoreError> {
         let headers = request
             .headers
             .iter()

@@ -54,7 +54,7 @@ pub trait Kv {
 }
 
 /// Makes a unary gRPC call to etcd (service, method, message); the answer comes to
-/// [`Store::resume`] under the returned id.
+/// [`Remote::resume`] under the returned id.
 pub trait Caller {
     fn call(&self, method: etcd::Method, message: &[u8]) -> Result<CallId, StoreError>;
     /// The host's clock in microseconds, to time calls by: a round trip on loopback is tens of

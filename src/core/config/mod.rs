@@ -42,7 +42,7 @@ pub enum WhenFull {
     Pass,
 }
 
-/// The listener's fields; its policy's are [`Policy`]'s, in the same document.
+/// The listener's fields; its policy's are `Policy`'s, in the same document.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default)]
 pub struct Config {

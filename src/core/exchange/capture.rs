@@ -36,7 +36,7 @@ pub(super) struct Capture {
     pub(super) body: Vec<u8>,
     pub(super) complete: bool,
     /// The body went past `max_response_body_bytes`, or a header could not be stored.
-    pub(super) unstorable: bool,
+    pub(super) ends_unstored: bool,
     /// Headers arrived, but from Envoy rather than the upstream.
     pub(super) local_reply: bool,
     /// The upstream said `content-length: 0`: kept for an empty body, which Envoy's local-reply
@@ -64,7 +64,7 @@ impl Capture {
                 match String::from_utf8(value.clone()) {
                     Ok(value) => self.headers.push((name.clone(), value)),
                     // Local replies carry text headers only: such a response cannot be replayed.
-                    Err(_) => self.unstorable = true,
+                    Err(_) => self.ends_unstored = true,
                 }
             }
         }
@@ -74,7 +74,7 @@ impl Capture {
     /// One more chunk, unless the body would pass `max` (then none of it is kept).
     pub(super) fn body(&mut self, chunk: &[u8], max: usize) {
         if self.body.len() + chunk.len() > max {
-            self.unstorable = true;
+            self.ends_unstored = true;
             self.body = Vec::new();
         } else {
             self.body.extend_from_slice(chunk);
@@ -105,7 +105,7 @@ impl Exchange {
     pub fn wants_response_body(&self) -> bool {
         matches!(self.phase, Phase::Owner { .. })
             && self.capture.status.is_some()
-            && !self.capture.unstorable
+            && !self.capture.ends_unstored
     }
 
     /// One chunk of the response body, as it streams to the client.
@@ -128,7 +128,7 @@ impl Exchange {
         let outcome = match capture.status {
             Some(status) if !self.policy.stores_status(status) => Ending::Released,
             Some(_) if !capture.complete => Ending::Held,
-            Some(_) if capture.unstorable => Ending::Unstored { no_room: false },
+            Some(_) if capture.ends_unstored => Ending::Unstored { no_room: false },
             Some(status) => {
                 let mut headers = capture.headers;
                 if capture.declared_empty && capture.body.is_empty() {

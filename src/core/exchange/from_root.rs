@@ -10,7 +10,7 @@ use crate::core::Millis;
 /// A covered request as the root context sends it: to the route's cluster, with the client's
 /// headers (less the hop-by-hop ones) and body, under the attempt's timeout.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Outgoing {
+pub struct RootRequest {
     pub cluster: String,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -123,7 +123,7 @@ impl Exchange {
             Answered::TooLarge { headers } => {
                 self.capture
                     .headers(&headers, !is_envoy_reply(&headers), false);
-                self.capture.unstorable = true;
+                self.capture.ends_unstored = true;
                 self.capture.complete = true;
                 let detail = format!(
                     "the upstream answered with more than {} bytes, more than a request sent \

@@ -25,7 +25,7 @@ mod waiting;
 
 use capture::Capture;
 use from_root::sendable;
-pub use from_root::{Answered, Outgoing};
+pub use from_root::{Answered, RootRequest};
 
 /// What the glue must do next.
 #[derive(Debug, PartialEq, Eq)]
@@ -40,7 +40,7 @@ pub enum Step {
     Forward,
     /// Send the request upstream as the record's owner, from the root context, so that the
     /// attempt outlives its client; hand the answer to [`Exchange::on_upstream_answer`].
-    SendFromRoot(Outgoing),
+    SendFromRoot(RootRequest),
     /// Hold the request; ask the store again (with the same claim) on the next poll.
     Wait,
     /// Answer locally; nothing reaches the upstream.
@@ -120,7 +120,7 @@ pub struct Exchange {
     /// Where the request goes if it is sent from the root context, once the glue says so.
     route: Option<(String, Millis)>,
     /// The request to send from the root context, gathered as it arrives.
-    outgoing: Option<Outgoing>,
+    outgoing: Option<RootRequest>,
     /// The answer for the client of a request sent from the root context, if it is still there.
     client_reply: Option<LocalReply>,
     /// The client's stream ended. Envoy may still know its context for a while, but a reply to
@@ -252,7 +252,7 @@ impl Exchange {
             },
         };
         if let Some((cluster, timeout)) = self.route.take() {
-            self.outgoing = sendable(headers).map(|headers| Outgoing {
+            self.outgoing = sendable(headers).map(|headers| RootRequest {
                 cluster,
                 headers,
                 body: Vec::new(),
@@ -514,7 +514,7 @@ impl Exchange {
                     Some(whole_seconds(remaining)),
                 ),
             ),
-            Verdict::Blocked(Block::NotStored) => self.answer(
+            Verdict::Blocked(Block::Unstored) => self.answer(
                 Counter::ResponseNotStored,
                 Problem::ResponseNotStored.reply(
                     "the request with this Idempotency-Key ran, but its response was too large to store",

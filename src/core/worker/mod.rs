@@ -9,7 +9,7 @@
 //! glue (the reply's own response callbacks, the stream's end) before the send returns.
 
 use crate::core::config::Config;
-use crate::core::exchange::{self, Answered, Exchange, Outgoing, Step};
+use crate::core::exchange::{self, Answered, Exchange, RootRequest, Step};
 use crate::core::lifecycle::{Ending, Verdict};
 use crate::core::metrics::{self, Counter, Gauge, Histogram};
 use crate::core::problem::LocalReply;
@@ -55,7 +55,7 @@ pub trait Host {
     fn wake(&self);
     /// Sends a request upstream from the root context (the only caller); the answer comes to
     /// [`Worker::on_upstream_answer`] under the returned id.
-    fn send(&self, request: &Outgoing) -> Result<CallId, StoreError>;
+    fn send(&self, request: &RootRequest) -> Result<CallId, StoreError>;
 }
 
 /// What a callback answers the host.
@@ -82,7 +82,7 @@ pub struct Worker<H: Host> {
     /// Requests whose claim waits for a remote store's answer, by call.
     awaiting: RefCell<HashMap<CallId, Waiter>>,
     /// Requests to send upstream from the root context when it wakes.
-    outgoing: RefCell<Vec<(Waiter, Outgoing)>>,
+    root_requests: RefCell<Vec<(Waiter, RootRequest)>>,
     /// Requests sent upstream from the root context, by call, whether or not their client is
     /// still there.
     sent: RefCell<HashMap<CallId, Waiter>>,
@@ -121,7 +121,7 @@ impl<H: Host> Worker<H> {
             attempts: Cell::new(0),
             waiting: RefCell::new(Vec::new()),
             awaiting: RefCell::new(HashMap::new()),
-            outgoing: RefCell::new(Vec::new()),
+            root_requests: RefCell::new(Vec::new()),
             sent: RefCell::new(HashMap::new()),
             ticks: Cell::new(0),
             poll_every,
@@ -196,7 +196,7 @@ impl<H: Host> Worker<H> {
                         context,
                         exchange: Rc::clone(exchange),
                     };
-                    self.outgoing.borrow_mut().push((waiter, request));
+                    self.root_requests.borrow_mut().push((waiter, request));
                     self.wake_root();
                     break Flow::Pause;
                 }
@@ -318,9 +318,9 @@ impl<H: Host> Worker<H> {
             self.ended(resumed);
         }
         self.moved_on(now);
-        let outgoing = std::mem::take(&mut *self.outgoing.borrow_mut());
+        let root_requests = std::mem::take(&mut *self.root_requests.borrow_mut());
         let mut unsent = Vec::new();
-        for (sent, request) in outgoing {
+        for (sent, request) in root_requests {
             match self.host.send(&request) {
                 Ok(call) => {
                     self.sent.borrow_mut().insert(call, sent);
@@ -344,7 +344,7 @@ impl<H: Host> Worker<H> {
             .outlive_client
             .as_ref()
             .map_or(0, |o| o.max_in_flight);
-        let room = self.sent.borrow().len() + self.outgoing.borrow().len() < max;
+        let room = self.sent.borrow().len() + self.root_requests.borrow().len() < max;
         if !room {
             self.store_pressure(
                 "outlive_client.max_in_flight requests are in flight from the root context: \

@@ -23,7 +23,7 @@ impl<H: Host> Worker<H> {
     /// Sets the gauges: the store's levels, and this worker's own.
     pub(super) fn report_levels(&self, now: Millis) {
         let mut levels = self.store.borrow_mut().levels(now);
-        let sent = self.sent.borrow().len() + self.outgoing.borrow().len();
+        let sent = self.sent.borrow().len() + self.root_requests.borrow().len();
         levels.extend([
             (Gauge::ClaimsInFlight, self.owners.get()),
             (Gauge::Waiting, self.waiting.borrow().len() as u64),

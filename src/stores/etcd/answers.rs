@@ -13,7 +13,7 @@ use crate::stores::{Caller, Kv};
 use wire::{Decoded, Txn};
 
 impl<C: Caller, K: Kv> Etcd<C, K> {
-    /// A call's answer, for [`Store::resume`].
+    /// A call's answer, for [`Remote::resume`].
     pub(super) fn resume_call(
         &mut self,
         call: CallId,
@@ -25,7 +25,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             // Batches go out from the root context, so their answers come back to it: what
             // the claims that waited send now will not end with some request.
             self.batch_answered(call, batch, response, now);
-            self.send_waiting(now);
+            self.send_queued_claims(now);
             return Some(Resumed::Nothing);
         }
         if let Some((kind, window, _)) = self.grants.remove(&call) {

@@ -53,7 +53,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
         let claims = |op: &Op| matches!(op, Op::Claim { .. }) && op.tuple() == tuple;
         self.pending.values().any(|p| claims(&p.op))
             || (self.batches.values()).any(|b| b.members.iter().any(|m| claims(&m.op)))
-            || self.waiting.iter().any(|(_, op)| claims(op))
+            || self.queued_claims.iter().any(|(_, op)| claims(op))
             || self.parked.iter().any(|p| claims(&p.op))
     }
 
@@ -131,12 +131,12 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     /// request that leaves takes its call with it, unanswered, and the claims after it must not
     /// wait for that. Claims that read first go in batches of their own, which etcd serves
     /// without a raft round.
-    pub(super) fn send_waiting(&mut self, now: Millis) {
-        while self.claim_batches() < CLAIM_CALLS && !self.waiting.is_empty() {
-            let reading = self.waiting.first().is_some_and(|(_, op)| op.reads());
+    pub(super) fn send_queued_claims(&mut self, now: Millis) {
+        while self.claim_batches() < CLAIM_CALLS && !self.queued_claims.is_empty() {
+            let reading = self.queued_claims.first().is_some_and(|(_, op)| op.reads());
             let mut batching = Batching::default();
             let mut next = Vec::new();
-            for (id, op) in std::mem::take(&mut self.waiting) {
+            for (id, op) in std::mem::take(&mut self.queued_claims) {
                 // A claim's request is small: only the count and the keys limit a batch.
                 if op.reads() != reading || !batching.fits(op.tuple(), 0, usize::MAX) {
                     next.push((id, op));
@@ -150,7 +150,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                     Err(resumed) => self.moved_on.push((id, resumed)),
                 }
             }
-            self.waiting = next;
+            self.queued_claims = next;
             self.send_batch(batching, now);
         }
     }

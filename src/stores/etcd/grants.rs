@@ -88,7 +88,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
 
     /// Keeps `op` until a lease of `kind` is granted (or its grant fails).
     pub(super) fn park(&mut self, kind: LeaseKind, op: Op) -> Resumed {
-        let id = self.waiting_id();
+        let id = self.queued_claim_id();
         let resumed = later(&op, id);
         self.parked.push(Parked { id, kind, op });
         resumed

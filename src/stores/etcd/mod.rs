@@ -41,7 +41,7 @@
 //! - Complete records never change until they expire, so replays are served from a copy in this
 //!   Envoy's shared data after the first fetch.
 //!
-//! Every operation goes out as calls; their answers come back through [`Store::resume`].
+//! Every operation goes out as calls; their answers come back through [`Remote::resume`].
 
 mod answers;
 mod batching;
@@ -107,12 +107,13 @@ pub struct Etcd<C: Caller, K: Kv> {
     /// The window each kind of lease was last used in, by kind.
     used: [Option<u64>; 2],
     parked: Vec<Parked>,
-    /// Claims waiting for a claim call to end, under ids of their own.
-    waiting: Vec<(CallId, Op)>,
+    /// Claims queued for a batch (while claim calls are out), under ids of their own.
+    queued_claims: Vec<(CallId, Op)>,
     last_parked: CallId,
-    /// Parked operations that went on, under their ids, for [`Store::take_moved_on`].
+    /// Parked operations that went on, under their ids, for [`Remote::take_moved_on`].
     moved_on: Vec<(CallId, Resumed)>,
-    queued: Vec<Op>,
+    /// Finishes waiting for the root context to send them.
+    queued_finishes: Vec<Op>,
     retries: Retries,
     /// Ages the records stored since [`Store::take_evictions`] was last asked will be evicted
     /// at: those of organisations past their share.
@@ -124,7 +125,7 @@ pub struct Etcd<C: Caller, K: Kv> {
     lately: Lately,
     /// When each call in flight was made, in microseconds.
     dispatched: HashMap<CallId, u64>,
-    /// Call latencies and batch sizes, for [`Store::take_samples`].
+    /// Call latencies and batch sizes, for [`Remote::take_samples`].
     samples: Vec<(Histogram, u64)>,
 }
 
@@ -149,10 +150,10 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
             grant_failures: 0,
             used: [None; 2],
             parked: Vec::new(),
-            waiting: Vec::new(),
+            queued_claims: Vec::new(),
             last_parked: 3,
             moved_on: Vec::new(),
-            queued: Vec::new(),
+            queued_finishes: Vec::new(),
             retries: Retries::default(),
             evictions: Vec::new(),
             followers: Vec::new(),
@@ -219,9 +220,9 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     /// claim waits while the worker has `CLAIM_CALLS` claim calls in flight.
     fn advance(&mut self, op: Op, now: Millis) -> Resumed {
         if matches!(op, Op::Claim { .. }) && self.claim_calls() >= CLAIM_CALLS {
-            let id = self.waiting_id();
+            let id = self.queued_claim_id();
             let resumed = later(&op, id);
-            self.waiting.push((id, op));
+            self.queued_claims.push((id, op));
             return resumed;
         }
         self.send_one(op, now)
@@ -323,8 +324,8 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
                 self.granted(kind, Err(error), now);
             }
         }
-        self.send_waiting(now);
-        let mut queued = std::mem::take(&mut self.queued);
+        self.send_queued_claims(now);
+        let mut queued = std::mem::take(&mut self.queued_finishes);
         queued.extend(self.retries.due(now));
         ended.extend(self.send_finishes(queued, now));
         self.grant_wanted(now);
@@ -333,7 +334,7 @@ impl<C: Caller, K: Kv> Etcd<C, K> {
     }
 
     /// An id for an operation that waits inside the store: one no Envoy call has.
-    fn waiting_id(&mut self) -> CallId {
+    fn queued_claim_id(&mut self) -> CallId {
         self.last_parked = self.last_parked.wrapping_add(4);
         self.last_parked
     }
@@ -345,7 +346,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             return Answer::Now(Ok(reply));
         }
         if self.asking(&claim.tuple) {
-            let id = self.waiting_id();
+            let id = self.queued_claim_id();
             self.followers.push((id, *claim));
             return Answer::Later(id);
         }
@@ -389,7 +390,7 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             return Answer::Now(Err(StoreError::Host(error)));
         };
         let op = self.finish_op(ticket.claim, revision, ending, now);
-        self.queued.push(op);
+        self.queued_finishes.push(op);
         Answer::Queued
     }
 
@@ -405,8 +406,8 @@ impl<C: Caller, K: Kv> Store for Etcd<C, K> {
             .parked
             .iter()
             .filter(|p| matches!(p.op, Op::Claim { .. }));
-        let claims = self.waiting.len() + parked_claims.count() + self.followers.len();
-        let finishes = self.queued.len() + self.retries.finishes();
+        let claims = self.queued_claims.len() + parked_claims.count() + self.followers.len();
+        let finishes = self.queued_finishes.len() + self.retries.finishes();
         let calls = self.pending.len() + self.batches.len() + self.grants.len();
         vec![
             (Gauge::EtcdClaimsQueued, claims as u64),
@@ -437,17 +438,17 @@ impl<C: Caller, K: Kv> Remote for Etcd<C, K> {
     /// flight, go out as soon as the root context can send them: under load they gather while
     /// the calls before them are out, and a lone one never waits for a tick.
     fn wants_root(&self) -> bool {
-        let claims = !self.waiting.is_empty() && self.claim_batches() < CLAIM_CALLS;
-        claims || (!self.queued.is_empty() && self.finish_calls() == 0)
+        let claims = !self.queued_claims.is_empty() && self.claim_batches() < CLAIM_CALLS;
+        claims || (!self.queued_finishes.is_empty() && self.finish_calls() == 0)
     }
 
     fn root_woke(&mut self, now: Millis) -> Vec<Resumed> {
         self.release_followers(now);
-        self.send_waiting(now);
+        self.send_queued_claims(now);
         if self.finish_calls() > 0 {
             return Vec::new();
         }
-        let queued = std::mem::take(&mut self.queued);
+        let queued = std::mem::take(&mut self.queued_finishes);
         self.send_finishes(queued, now)
     }
 

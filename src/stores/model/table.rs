@@ -124,7 +124,7 @@ impl Model {
                 response: response.clone(),
                 expires: *until,
             })),
-            Some(Record::Unstored { .. }) => Some(Verdict::Blocked(Block::NotStored)),
+            Some(Record::Unstored { .. }) => Some(Verdict::Blocked(Block::Unstored)),
         };
         let fits = match (&expected, reply) {
             (None, Verdict::Claimed(_)) => true,

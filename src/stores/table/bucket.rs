@@ -481,7 +481,7 @@ mod tests {
         finish(&mut bucket, slot, 10, unstored, TTL, 10);
         assert_eq!(
             claim_in(&mut bucket, &request(1, 1, 11), BUCKET_ENTRIES, 20),
-            Verdict::Blocked(Block::NotStored)
+            Verdict::Blocked(Block::Unstored)
         );
         assert_eq!(
             claim_in(&mut bucket, &request(1, 2, 11), BUCKET_ENTRIES, 20),

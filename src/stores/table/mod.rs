@@ -164,7 +164,7 @@ impl<K: Kv> Table<K> {
     #[cfg(test)]
     pub(crate) fn reserving(self, records: u64, bytes: u64) -> Self {
         Table {
-            reserves: self.reserves.with_blocks(records, bytes),
+            reserves: self.reserves.with_top_ups(records, bytes),
             ..self
         }
     }
@@ -232,7 +232,7 @@ impl<K: Kv> Table<K> {
     }
 
     /// Whether the table keeps the counter: with `max_share` 1 a share can never bind before the
-    /// store's own limits do, and counting it would only let blocks held elsewhere refuse early.
+    /// store's own limits do, and counting it would only let reserves held elsewhere refuse early.
     pub(crate) fn counts(&self, tally: Tally) -> bool {
         self.shares || matches!(tally, Tally::Ledger(_))
     }

@@ -2,11 +2,11 @@
 //! worker holds of them ahead of need.
 //!
 //! Every record counts in its organisation's share and every stored response in a ledger shard,
-//! each by a compare-and-swap on a key all workers write. A worker that must count takes a block
+//! each by a compare-and-swap on a key all workers write. A worker that must count takes a top-up
 //! more than it needs (a 256th of the counter's limit) and counts its next claims and stores out
 //! of that reserve, touching no shared counter. A counter then holds what its records hold plus
 //! every worker's reserve: never more than its limit, and more than its records by at most a
-//! block per worker, so a limit can refuse or evict that much early. Whatever is given back goes
+//! top-up per worker, so a limit can refuse or evict that much early. Whatever is given back goes
 //! straight to the counter, and a reserve unused for `RESERVE_IDLE` goes back from the tick.
 
 use super::{unreadable, INSERT_IF_ABSENT, MAX_ATTEMPTS};
@@ -58,9 +58,9 @@ impl Share {
 
 /// A reserve is at most this part of its counter's limit, so limits too small to part keep
 /// exact counts.
-const BLOCK_PART: u64 = 256;
-const MAX_BLOCK_RECORDS: u64 = 64;
-const MAX_BLOCK_BYTES: u64 = 256 << 10;
+const TOP_UP_PART: u64 = 256;
+const MAX_TOP_UP_RECORDS: u64 = 64;
+const MAX_TOP_UP_BYTES: u64 = 256 << 10;
 /// A reserve untouched this long goes back. A VM that stops (a trap, or torn down within this
 /// of its last request) leaves its reserves counted until Envoy restarts.
 pub const RESERVE_IDLE: Millis = 1_000;
@@ -108,12 +108,12 @@ impl Amount {
         }
     }
 
-    /// `self` and a block more, in what `self` has any of.
-    fn ahead(self, block: Amount) -> Amount {
-        let more = |short: u64, block: u64| if short > 0 { short + block } else { 0 };
+    /// `self` and a top-up more, in what `self` has any of.
+    fn ahead(self, top_up: Amount) -> Amount {
+        let more = |short: u64, top_up: u64| if short > 0 { short + top_up } else { 0 };
         Amount {
-            records: more(self.records, block.records),
-            bytes: more(self.bytes, block.bytes),
+            records: more(self.records, top_up.records),
+            bytes: more(self.bytes, top_up.bytes),
         }
     }
 }
@@ -187,26 +187,26 @@ struct Reserve {
 /// This worker's reserves, at most one per counter.
 #[derive(Debug)]
 pub struct Reserves {
-    ledger_block: Amount,
-    share_block: Amount,
+    ledger_top_up: Amount,
+    share_top_up: Amount,
     held: HashMap<Tally, Reserve>,
 }
 
 impl Reserves {
     pub fn new(limits: &Limits) -> Reserves {
-        let part = |limit: u64, max: u64| (limit / BLOCK_PART).min(max);
+        let part = |limit: u64, max: u64| (limit / TOP_UP_PART).min(max);
         Reserves {
-            ledger_block: Amount::bytes(part(limits.shard_bytes, MAX_BLOCK_BYTES)),
-            share_block: Amount {
-                records: part(limits.share.records, MAX_BLOCK_RECORDS),
-                bytes: part(limits.share.bytes, MAX_BLOCK_BYTES),
+            ledger_top_up: Amount::bytes(part(limits.shard_bytes, MAX_TOP_UP_BYTES)),
+            share_top_up: Amount {
+                records: part(limits.share.records, MAX_TOP_UP_RECORDS),
+                bytes: part(limits.share.bytes, MAX_TOP_UP_BYTES),
             },
             held: HashMap::new(),
         }
     }
 
     /// Counts `need` in `tally`: out of the reserve where it covers it, else by `add` to the
-    /// shared counter (false: refused past its limit), a block ahead where the limit allows.
+    /// shared counter (false: refused past its limit), a top-up ahead where the limit allows.
     /// False when the counter cannot take `need`.
     pub fn take<E>(
         &mut self,
@@ -215,9 +215,9 @@ impl Reserves {
         now: Millis,
         mut add: impl FnMut(Amount) -> Result<bool, E>,
     ) -> Result<bool, E> {
-        let block = match tally {
-            Tally::Ledger(_) => self.ledger_block,
-            Tally::Share(_) => self.share_block,
+        let top_up = match tally {
+            Tally::Ledger(_) => self.ledger_top_up,
+            Tally::Share(_) => self.share_top_up,
         };
         let reserve = self.held.entry(tally).or_insert(Reserve {
             held: Amount::default(),
@@ -226,7 +226,7 @@ impl Reserves {
         let held = &mut reserve.held;
         let short = held.short_of(need);
         if short != Amount::default() {
-            let ahead = short.ahead(block);
+            let ahead = short.ahead(top_up);
             let got = if ahead != short && add(ahead)? {
                 ahead
             } else if add(short)? {
@@ -270,12 +270,12 @@ impl Reserves {
             .map_or_else(Amount::default, |r| r.held)
     }
 
-    /// Blocks of `records` and `bytes` for every counter, whatever its limit.
+    /// Top-ups of `records` and `bytes` for every counter, whatever its limit.
     #[cfg(test)]
-    pub fn with_blocks(self, records: u64, bytes: u64) -> Reserves {
+    pub fn with_top_ups(self, records: u64, bytes: u64) -> Reserves {
         Reserves {
-            ledger_block: Amount::bytes(bytes),
-            share_block: Amount { records, bytes },
+            ledger_top_up: Amount::bytes(bytes),
+            share_top_up: Amount { records, bytes },
             ..self
         }
     }

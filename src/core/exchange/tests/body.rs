@@ -180,7 +180,7 @@ fn a_body_held_to_be_read_is_the_one_sent_from_the_root_context() {
     );
     let step = exchange.on_request_body(body.len(), true, |from| body[from..].to_vec());
     match run.settle(&mut exchange, step) {
-        Step::SendFromRoot(outgoing) => assert_eq!(outgoing.body, body, "as the client sent it"),
+        Step::SendFromRoot(request) => assert_eq!(request.body, body, "as the client sent it"),
         other => panic!("expected a send from the root context, got {other:?}"),
     }
 }

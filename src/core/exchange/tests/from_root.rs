@@ -7,7 +7,7 @@ const OUTLIVE: &str = r#"{"outlive_client": {"timeout": "20s"}}"#;
 
 impl Run {
     /// A request routed to be sent from the root context, claimed: what it asks to send.
-    fn sent_from_root(&mut self, exchange: &mut Exchange, body: &[u8]) -> Outgoing {
+    fn sent_from_root(&mut self, exchange: &mut Exchange, body: &[u8]) -> RootRequest {
         exchange.send_from_root("app".into(), 20_000);
         let mut pairs = POST_HEADERS.to_vec();
         pairs.extend([
@@ -23,7 +23,7 @@ impl Run {
         assert_eq!(step, Step::Buffer);
         let step = exchange.on_request_body(body.len(), true, |from| body[from..].to_vec());
         match self.settle(exchange, step) {
-            Step::SendFromRoot(outgoing) => outgoing,
+            Step::SendFromRoot(request) => request,
             other => panic!("expected a send from the root context, got {other:?}"),
         }
     }
@@ -58,13 +58,10 @@ const FROM_UPSTREAM: (&str, &[u8]) = ("x-envoy-upstream-service-time", b"3");
 fn a_request_sent_from_the_root_context_carries_the_client_s_request_less_hop_by_hop_headers() {
     let mut run = Run::new(OUTLIVE);
     let mut exchange = run.exchange();
-    let outgoing = run.sent_from_root(&mut exchange, b"{}");
-    assert_eq!(
-        (outgoing.cluster.as_str(), outgoing.timeout),
-        ("app", 20_000)
-    );
-    assert_eq!(outgoing.body, b"{}");
-    let names: Vec<_> = outgoing.headers.iter().map(|(n, _)| n.as_str()).collect();
+    let request = run.sent_from_root(&mut exchange, b"{}");
+    assert_eq!((request.cluster.as_str(), request.timeout), ("app", 20_000));
+    assert_eq!(request.body, b"{}");
+    let names: Vec<_> = request.headers.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(
         names,
         [

@@ -24,7 +24,7 @@ struct FakeHost {
     logs: RefCell<Vec<(Level, String)>>,
     wakes: Cell<u32>,
     /// Requests sent upstream, with the context the host acted for when each was sent.
-    sent: RefCell<Vec<(u32, Outgoing)>>,
+    sent: RefCell<Vec<(u32, RootRequest)>>,
 }
 
 /// The root context's id, as far as these tests go.
@@ -88,7 +88,7 @@ impl Host for Rc<FakeHost> {
         self.wakes.set(self.wakes.get() + 1);
     }
 
-    fn send(&self, request: &Outgoing) -> Result<CallId, StoreError> {
+    fn send(&self, request: &RootRequest) -> Result<CallId, StoreError> {
         let mut sent = self.sent.borrow_mut();
         sent.push((self.acting.get(), request.clone()));
         Ok(100 + sent.len() as CallId)

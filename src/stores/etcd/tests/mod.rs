@@ -416,7 +416,7 @@ fn a_value_over_the_limit_keeps_the_record_without_its_response() {
     let retry = Resumed::Claim(store.claim(&claim_of(1, 11), 2));
     assert_eq!(
         world.settle(&mut store, retry, 2),
-        Resumed::Claim(Answer::Now(Ok(Verdict::Blocked(Block::NotStored))))
+        Resumed::Claim(Answer::Now(Ok(Verdict::Blocked(Block::Unstored))))
     );
 }
 

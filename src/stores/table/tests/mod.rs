@@ -120,7 +120,7 @@ fn a_response_that_does_not_fit_keeps_the_record_without_it() {
     );
     assert_eq!(
         claim_now(&mut table, &request(1, 1, 11), 2),
-        Verdict::Blocked(Block::NotStored)
+        Verdict::Blocked(Block::Unstored)
     );
 }
 
